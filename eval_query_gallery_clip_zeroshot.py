@@ -1,0 +1,94 @@
+"""Zero-shot CLIP baseline for hand identification: rank every split's gallery for its queries by the
+cosine similarity of CLIP image embeddings, over all Monte-Carlo splits of a split root.
+
+    python eval_query_gallery_clip_zeroshot.py --test_dir ./11k/train_val_test_split_dorsal_r \
+        --f_name ./model_eval --backbone_name ViT-B/16
+
+Writes <f_name>/clip_zero_shot/<backbone>/: result_split{i}.mat (and result_split{i}_all.mat for
+11k's gallery{i}_all), results.json, results.csv and config.json.
+"""
+import argparse
+import os
+
+import clip
+import utils
+
+
+def backbone_folder_name(backbone_name):
+    """Output folder for a backbone: 'ViT-B/16' -> 'ViT-B-16'; a checkpoint path -> its file stem."""
+    if backbone_name in clip.available_models():
+        return backbone_name.replace("/", "-")
+    return os.path.splitext(os.path.basename(os.path.normpath(backbone_name)))[0]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--test_dir", default="./11k/train_val_test_split_dorsal_r",
+                        help="split root made by a prepare script (holds query{i}/, gallery{i}/, splits.json)")
+    parser.add_argument("--f_name", default="./model_eval", help="output root")
+    parser.add_argument("--backbone_name", default="ViT-B/16",
+                        help=f"official CLIP name {clip.available_models()} or a local checkpoint path")
+    parser.add_argument("--download_root", default="~/.cache/clip", help="where official weights are cached")
+    parser.add_argument("--pretrained", choices=["true", "false"], default=None,
+                        help="record whether the checkpoint holds pretrained weights (default: true for "
+                             "official names, unknown for local files)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
+                        help="images are resized (bicubic, no crop) to H x W (default 224 224)")
+    parser.add_argument("--flip", action="store_true", help="feature = f(image) + f(mirrored image)")
+    parser.add_argument("--gallery", choices=["own", "all", "both"], default="both",
+                        help="own: gallery{i}; all: gallery{i}_all with the other aspects as distractors "
+                             "(11k only); both (default): every variant the split root has")
+    parser.add_argument("--max_rank", type=int, default=50, help="length of the stored CMC curves")
+    parser.add_argument("--amp", choices=["fp16", "bf16", "off"], default="fp16",
+                        help="autocast dtype on CUDA (ignored on CPU)")
+    parser.add_argument("--force", action="store_true", help="overwrite an earlier result in the output folder")
+    utils.add_common_args(parser)
+    args = parser.parse_args(argv)
+    if min(args.input_size) < 1 or args.batch_size < 1 or args.max_rank < 1 or args.num_workers < 0:
+        parser.error("--input_size, --batch_size and --max_rank must be positive, --num_workers >= 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    utils.set_seed(args.seed)
+    out_dir = os.path.join(args.f_name, "clip_zero_shot", backbone_folder_name(args.backbone_name))
+    if os.path.exists(os.path.join(out_dir, "results.json")) and not args.force:
+        raise SystemExit(f"{out_dir} already holds results; pass --force to overwrite them")
+    try:
+        utils.read_split_layout(args.test_dir)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    official = args.backbone_name in clip.available_models()
+    pretrained = {"true": True, "false": False}.get(args.pretrained, True if official else None)
+
+    try:
+        model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
+                             input_size=tuple(args.input_size))
+    except RuntimeError as e:
+        raise SystemExit(f"cannot load --backbone_name {args.backbone_name}: {e}") from None
+    model.eval()
+    extra = {"backbone": args.backbone_name, "pretrained": pretrained, "feature": "CLIP encode_image",
+             "preprocessing": "bicubic resize to H x W (no crop), CLIP mean/std"}
+    try:
+        results = utils.evaluate_query_gallery(
+            model.encode_image, args.test_dir, out_dir, gallery=args.gallery,
+            method_name=f"CLIP {args.backbone_name} zero-shot" if official
+            else f"CLIP zero-shot ({os.path.basename(args.backbone_name)})",
+            input_size=tuple(args.input_size), batch_size=args.batch_size, num_workers=args.num_workers,
+            device=args.device, flip=args.flip, amp=args.amp, max_rank=args.max_rank, overwrite=args.force,
+            extra=extra)
+    except (ValueError, FileExistsError) as e:
+        raise SystemExit(str(e)) from None
+    utils.write_run_config(out_dir, args, extra=extra)
+    own = results["summary"][results["gallery_variants"][0]]["mean"]
+    print(f"Wrote results.json, results.csv and {len(results['rows'])} result_split*.mat for "
+          f"{results['num_splits']} split(s) to {out_dir} ({results['gallery_variants'][0]} gallery: "
+          f"Rank-1 {100 * own['rank1']:.2f}%, mAP {100 * own['mAP_hand']:.2f}%)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Evaluate a trained model (train_finetune.py, and the CLIP-ReID / PromptSG trainers) on the
+query/gallery Monte-Carlo splits of a split root, with the same protocol and outputs as the
+zero-shot evaluator.
+
+The model is rebuilt from the run's config.json and net_<which_epoch>.pth alone (no pretrained
+download). --test_dir may be another split root than the training one (cross-domain: e.g. a
+dorsal-right model on 11k dorsal-left or on HD).
+
+    python eval_query_gallery_finetune.py --f_name ./model_11k_d_r --m_name clip_hand_vit \
+        --test_dir ./11k/train_val_test_split_dorsal_r --which_epoch best --flip
+
+Writes <f_name>/<m_name>/eval_<which_epoch>_<test set>[_flip][_<feature>][_rerank][_composed]/ (or --out_dir):
+result_split{i}.mat (+ result_split{i}_all.mat), results.json, results.csv and config.json.
+"""
+import argparse
+import inspect
+import os
+
+import models
+import utils
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--test_dir", default="./11k/train_val_test_split_dorsal_r",
+                   help="split root made by a prepare script (query{i}/, gallery{i}/, splits.json)")
+    p.add_argument("--f_name", default="./model_11k_d_r", help="output root of the training run")
+    p.add_argument("--m_name", default="clip_hand_vit", help="run folder inside --f_name")
+    p.add_argument("--which_epoch", default="best", help="best, last or an epoch number N (net_N.pth)")
+    p.add_argument("--feature", default=None,
+                   choices=list(dict.fromkeys(models.FEATURE_CHOICES + models.PROMPTSG_FEATURES)),
+                   help="retrieval feature (default: the run's --feature; concat = both features before BN); "
+                        "PromptSG runs: fused, fused_bn, concat (CLIP feature + fused) or proj")
+    p.add_argument("--inference_prompt", default=None, choices=models.INFERENCE_PROMPTS,
+                   help="PromptSG runs: the prompt that guides the attention, fixed (encoded once) or composed "
+                        "(each image's own pseudo-word); default: the run's --inference_prompt")
+    p.add_argument("--flip", action="store_true", help="feature = f(image) + f(mirrored image)")
+    p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (Zhong et al. 2017)")
+    p.add_argument("--k1", type=int, default=20, help="re-ranking k1")
+    p.add_argument("--k2", type=int, default=6, help="re-ranking k2")
+    p.add_argument("--lambda_value", type=float, default=0.3, help="re-ranking weight of the original distance")
+    p.add_argument("--gallery", choices=["own", "all", "both"], default="both",
+                   help="own: gallery{i}; all: gallery{i}_all (11k, other aspects as distractors); both")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--max_rank", type=int, default=50, help="length of the stored CMC curves")
+    p.add_argument("--amp", choices=["fp16", "bf16", "off"], default="bf16", help="autocast on CUDA (ignored on CPU)")
+    p.add_argument("--out_dir", default=None, help="output folder (default: inside the run folder, see above)")
+    p.add_argument("--force", action="store_true", help="overwrite earlier results in the output folder")
+    utils.add_common_args(p)
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.max_rank < 1 or args.num_workers < 0:
+        p.error("--batch_size and --max_rank must be positive, --num_workers >= 0")
+    if args.rerank and (args.k1 < 1 or args.k2 < 1 or not 0 <= args.lambda_value <= 1):
+        p.error("--k1 and --k2 must be positive and --lambda_value in [0, 1]")
+    return args
+
+
+def default_out_dir(run_dir, args, feature, run_feature):
+    test_name = "-".join(os.path.normpath(os.path.abspath(args.test_dir)).split(os.sep)[-2:])
+    name = f"eval_{args.which_epoch}_{test_name}"
+    if args.flip:
+        name += "_flip"
+    if feature != run_feature:
+        name += f"_{feature}"
+    if args.rerank:
+        name += "_rerank"
+    if args.inference_prompt == "composed":
+        name += "_composed"
+    return os.path.join(run_dir, name)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    utils.set_seed(args.seed)
+    run_dir = os.path.join(args.f_name, args.m_name)
+    try:
+        utils.read_split_layout(args.test_dir)
+        model, config, checkpoint = models.load_trained_model(run_dir, args.which_epoch, device=args.device)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    run_feature = getattr(model, "feature", None)
+    feature = args.feature or run_feature
+    if args.feature is not None:
+        if not hasattr(model, "feature"):
+            raise SystemExit(f"error: the {config['model'].get('kind')} model of {run_dir} has no --feature choice")
+        try:
+            model.check_feature(args.feature)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        model.feature = args.feature
+    if args.inference_prompt is not None:
+        if not hasattr(model, "inference_prompt"):
+            raise SystemExit(f"error: --inference_prompt applies to PromptSG runs; {run_dir} holds a "
+                             f"{config['model'].get('kind')} model")
+        model.inference_prompt = args.inference_prompt
+    out_dir = args.out_dir or default_out_dir(run_dir, args, feature, run_feature)
+    if os.path.exists(os.path.join(out_dir, "results.json")) and not args.force:
+        raise SystemExit(f"error: {out_dir} already holds results; pass --force to overwrite them")
+
+    backbone = config["model"]["backbone"]
+    input_size = tuple(backbone["input_size"])
+    rerank = {"k1": args.k1, "k2": args.k2, "lambda_value": args.lambda_value} if args.rerank else None
+    extra = {"run_dir": os.path.abspath(run_dir), "model_kind": config["model"].get("kind", "finetune"),
+             "which_epoch": str(args.which_epoch), "epoch": checkpoint.get("epoch"), "backbone": backbone["name"],
+             "feature": feature, "rerank": rerank, "inference_prompt": getattr(model, "inference_prompt", None),
+             "trained_on": config.get("args", {}).get("data_dir"),
+             "preprocessing": "bicubic resize to the training input size (no crop), CLIP mean/std"}
+    kwargs = {}
+    if rerank is not None:
+        if "rerank" not in inspect.signature(utils.evaluate_query_gallery).parameters:
+            raise SystemExit("error: --rerank needs utils.evaluate_query_gallery(rerank=...), which this version "
+                             "of utils.py lacks")
+        kwargs["rerank"] = rerank
+    method = f"{args.m_name} ({extra['model_kind']}, net_{args.which_epoch})" + (" + RK" if rerank else "")
+    try:
+        results = utils.evaluate_query_gallery(
+            model, args.test_dir, out_dir, gallery=args.gallery, method_name=method, input_size=input_size,
+            batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, flip=args.flip,
+            amp=args.amp, max_rank=args.max_rank, overwrite=args.force, extra=extra, **kwargs)
+    except (ValueError, FileExistsError) as err:
+        raise SystemExit(f"error: {err}") from None
+    utils.write_run_config(out_dir, args, extra=extra)
+    variant = results["gallery_variants"][0]
+    mean = results["summary"][variant]["mean"]
+    print(f"Wrote results.json, results.csv and {len(results['rows'])} result_split*.mat for "
+          f"{results['num_splits']} split(s) to {out_dir} ({variant} gallery: Rank-1 {100 * mean['rank1']:.2f}%, "
+          f"mAP {100 * mean['mAP_hand']:.2f}%)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,765 @@
+"""Hand re-identification models built on the image encoder of a `clip/` backbone.
+
+Every trainer saves a `config.json` whose "model" entry says how to rebuild its model
+(`build_model_from_config`) and checkpoints that hold only the image side (no text tower), so the
+evaluator can rebuild any trained model without downloading pretrained weights.
+Sections: FINE-TUNE (CLIP-HandID baseline), CLIP-REID, PROMPTSG.
+"""
+import torch
+import torch.nn as nn
+
+import clip
+from clip.model import CLIP, build_model, infer_config, random_state_dict
+from losses import ArcFace
+
+# Retrieval features a model can return at evaluation time (see HandReIDModel.retrieval_feature).
+FEATURE_CHOICES = ("concat", "concat_bn", "proj", "proj_bn", "pre_proj", "pre_proj_bn")
+DEFAULT_FEATURE = "concat"
+
+MODEL_BUILDERS = {}
+
+
+def register_model(kind):
+    """Decorator: `build(model_config, num_classes)` builds the model of a config's "model" entry."""
+    def wrap(build):
+        MODEL_BUILDERS[kind] = build
+        return build
+    return wrap
+
+
+def build_model_from_config(config):
+    """Rebuild a trained model from a run's config.json dict, with UNINITIALISED image-encoder
+    weights: load a checkpoint's "model" state dict into it right afterwards (load_trained_model)."""
+    model_config = config["model"]
+    kind = model_config.get("kind", "finetune")
+    if kind not in MODEL_BUILDERS:
+        raise ValueError(f"config.json names model kind '{kind}', which this version of models.py does "
+                         f"not know (known: {sorted(MODEL_BUILDERS)})")
+    return MODEL_BUILDERS[kind](model_config, config["num_classes"])
+
+
+def backbone_signature(spec):
+    """What must agree between a checkpoint and the model it is loaded into."""
+    return {"arch": spec.get("arch"), "input_size": list(spec["input_size"]),
+            "patch_stride": spec.get("patch_stride"), "last_stride": spec.get("last_stride")}
+
+
+def describe_backbone(spec):
+    return (f"{spec.get('name')} (input_size {list(spec['input_size'])}, patch_stride {spec.get('patch_stride')}, "
+            f"last_stride {spec.get('last_stride')})")
+
+
+def check_same_backbone(expected_spec, found_spec, where):
+    """Raise ValueError naming `where` if two backbone specs describe different encoders."""
+    if backbone_signature(expected_spec) != backbone_signature(found_spec):
+        raise ValueError(f"{where} holds a model of backbone {describe_backbone(found_spec)}, but "
+                         f"{describe_backbone(expected_spec)} was expected; use the checkpoint of a run with "
+                         f"the same backbone (see its config.json)")
+
+
+def load_model_weights(model, state_dict, where):
+    """Strict load with an error that names the checkpoint instead of a long key listing."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    if missing or unexpected or wrong:
+        details = "; ".join(f"{label}: {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+                            for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                                ("shape differs", wrong)) if keys)
+        raise ValueError(f"{where} does not fit the model rebuilt from config.json ({details}); was it written "
+                         f"by another backbone or model kind?")
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def image_side_state_dict(model):
+    """Everything a trained model needs at test time; text towers are never part of these models."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def load_trained_model(run_dir, which_epoch="best", device="cpu"):
+    """Rebuild the model of a run folder (config.json + net_<which_epoch>.pth) without any pretrained
+    download. Returns (model in eval mode on device, config dict, checkpoint dict without weights)."""
+    import json
+    import os
+    config_file = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(f"{config_file} does not exist: --f_name/--m_name must name a folder written by a "
+                         f"CLIP-FH trainer")
+    with open(config_file) as f:
+        config = json.load(f)
+    which = str(which_epoch)
+    if which not in ("best", "last") and not which.isdigit():
+        raise ValueError(f"--which_epoch must be best, last or an epoch number, got {which!r}")
+    path = os.path.join(run_dir, f"net_{which}.pth")
+    if not os.path.isfile(path):
+        saved = sorted(n for n in os.listdir(run_dir) if n.startswith("net_") and n.endswith(".pth"))
+        raise ValueError(f"{path} does not exist; this run has {saved or 'no checkpoints'}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from None
+    if "model" not in checkpoint:
+        raise ValueError(f"{path} is not a CLIP-FH checkpoint (no 'model' entry)")
+    if "backbone" in checkpoint:
+        check_same_backbone(config["model"]["backbone"], checkpoint["backbone"], path)
+    model = build_model_from_config(config)
+    load_model_weights(model, checkpoint.pop("model"), path)
+    return model.to(device).eval(), config, checkpoint
+
+
+# ---- backbones ----
+
+def backbone_spec(name, input_size=(224, 224), patch_stride=16, last_stride=1):
+    """How to build a backbone: the `clip.load` name or checkpoint path and the input geometry.
+    patch_stride applies to ViTs only, last_stride to ResNets only (1: layer4 at 1/16 of the input,
+    as in CLIP-HandID). load_backbone fills "arch" (the CLIP constructor arguments) so the model
+    can be rebuilt without the pretrained file."""
+    return {"name": name, "input_size": [int(s) for s in input_size],
+            "patch_stride": None if patch_stride is None else int(patch_stride),
+            "last_stride": int(last_stride), "arch": None}
+
+
+def is_resnet_arch(arch):
+    return isinstance(arch["vision_layers"], (tuple, list))
+
+
+def _geometry(spec, arch):
+    if is_resnet_arch(arch):
+        return dict(input_size=tuple(spec["input_size"]), patch_stride=None, last_stride=spec["last_stride"])
+    return dict(input_size=tuple(spec["input_size"]), patch_stride=spec["patch_stride"], last_stride=2)
+
+
+def _jsonable_arch(arch):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()}
+
+
+def load_backbone(spec, weights="pretrained", download_root=None):
+    """The image encoder (a `clip` model's `.visual`, fp32) described by `spec`.
+
+    weights="pretrained": from clip.load(spec["name"]) (an official name, downloaded if needed, or a
+      checkpoint path); records the architecture in spec["arch"].
+    weights="random": CLIP-style random weights built from spec["arch"] (no file needed).
+    weights="empty": uninitialised tensors shaped from spec["arch"], fast; only for loading a
+      checkpoint that holds every image-encoder weight right afterwards (strict load)."""
+    if weights == "pretrained":
+        kwargs = {"download_root": download_root} if download_root else {}
+        clip_model, _ = clip.load(spec["name"], device="cpu", jit=False, **kwargs)
+        state_dict = clip_model.state_dict()
+        del clip_model
+        spec["arch"] = _jsonable_arch(infer_config(state_dict))
+    elif not spec.get("arch"):
+        raise ValueError(f"backbone '{spec['name']}' has no recorded architecture ('arch'); cannot "
+                         f"rebuild it without its pretrained weights")
+    geometry = _geometry(spec, spec["arch"])
+    if weights == "empty":
+        arch = dict(spec["arch"], vision_layers=tuple(spec["arch"]["vision_layers"])
+                    if is_resnet_arch(spec["arch"]) else spec["arch"]["vision_layers"])
+        with torch.device("meta"):
+            visual = CLIP(**arch, **geometry).visual
+        return visual.to_empty(device="cpu")
+    if weights == "random":
+        state_dict = random_state_dict(spec["arch"], seed=0)
+    elif weights != "pretrained":
+        raise ValueError(f"weights must be pretrained, random or empty, got {weights!r}")
+    visual = build_model(state_dict, **geometry).visual.float()
+    del state_dict  # and with it the text tower
+    return visual
+
+
+# ==== SECTION FINE-TUNE ========================================================================
+
+def bnneck(dim):
+    """BatchNorm1d with weight 1 and a frozen zero bias (BNNeck, Luo et al. 2019)."""
+    bn = nn.BatchNorm1d(dim)
+    nn.init.constant_(bn.weight, 1.0)
+    nn.init.constant_(bn.bias, 0.0)
+    bn.bias.requires_grad_(False)
+    return bn
+
+
+def linear_classifier(dim, num_classes):
+    classifier = nn.Linear(dim, num_classes, bias=False)
+    nn.init.normal_(classifier.weight, std=0.001)
+    return classifier
+
+
+class HandReIDModel(nn.Module):
+    """CLIP image encoder + two BNNeck heads (CLIP-HandID / CLIP-ReID baseline).
+
+    Heads sit on the pre-projection feature (ViT: CLS after ln_post; RN: pooled layer4) and on the
+    projected CLIP embedding. Training forward: (scores, features) where scores = [logits on
+    BN(pre_proj), logits on BN(proj)] and features = every pre-BN feature of the encoder's
+    forward_features (e.g. "penultimate"/"layer3", "pre_proj", "proj", "tokens").
+    Eval forward: the retrieval feature named by `self.feature` (FEATURE_CHOICES).
+    """
+
+    def __init__(self, visual, num_classes, feature=DEFAULT_FEATURE, classifier="linear",
+                 arcface_s=30.0, arcface_m=0.5):
+        super().__init__()
+        self.visual = visual
+        dims = visual.feature_dims
+        self.in_planes, self.in_planes_proj = dims["pre_proj"], dims["proj"]
+        self.num_classes = num_classes
+        self.bottleneck = bnneck(self.in_planes)
+        self.bottleneck_proj = bnneck(self.in_planes_proj)
+        if classifier == "linear":
+            self.classifier = linear_classifier(self.in_planes, num_classes)
+            self.classifier_proj = linear_classifier(self.in_planes_proj, num_classes)
+        elif classifier == "arcface":
+            self.classifier = ArcFace(self.in_planes, num_classes, s=arcface_s, m=arcface_m)
+            self.classifier_proj = ArcFace(self.in_planes_proj, num_classes, s=arcface_s, m=arcface_m)
+        else:
+            raise ValueError(f"unknown classifier '{classifier}' (linear or arcface)")
+        self.classifier_kind = classifier
+        self.feature = feature
+        self.check_feature(feature)
+
+    @staticmethod
+    def check_feature(feature):
+        if feature not in FEATURE_CHOICES:
+            raise ValueError(f"--feature '{feature}' is not one of {', '.join(FEATURE_CHOICES)}")
+
+    def feature_dim(self, feature=None):
+        feature = feature or self.feature
+        if feature.startswith("concat"):
+            return self.in_planes + self.in_planes_proj
+        return self.in_planes_proj if feature.startswith("proj") else self.in_planes
+
+    def classify(self, f_bn, f_proj_bn, labels=None):
+        if self.classifier_kind == "arcface":
+            return [self.classifier(f_bn, labels), self.classifier_proj(f_proj_bn, labels)]
+        return [self.classifier(f_bn), self.classifier_proj(f_proj_bn)]
+
+    def retrieval_feature(self, features, feature=None):
+        """Pick the retrieval feature from forward_features' output (BN applied in eval mode)."""
+        feature = feature or self.feature
+        f, f_proj = features["pre_proj"], features["proj"]
+        if feature.endswith("_bn"):
+            f, f_proj = self.bottleneck(f), self.bottleneck_proj(f_proj)
+        if feature.startswith("concat"):
+            return torch.cat([f, f_proj], dim=1)
+        return f_proj if feature.startswith("proj") else f
+
+    def forward(self, images, labels=None):
+        features = self.visual.forward_features(images)
+        if not self.training:
+            return self.retrieval_feature(features)
+        f_bn = self.bottleneck(features["pre_proj"])
+        f_proj_bn = self.bottleneck_proj(features["proj"])
+        return self.classify(f_bn, f_proj_bn, labels), features
+
+    @torch.no_grad()
+    def predict_logits(self, images):
+        """Closed-set logits of both heads in eval mode (ArcFace heads without margin)."""
+        features = self.visual.forward_features(images)
+        f_bn = self.bottleneck(features["pre_proj"])
+        f_proj_bn = self.bottleneck_proj(features["proj"])
+        return self.classify(f_bn, f_proj_bn)
+
+
+def finetune_model_config(spec, classifier="linear", feature=DEFAULT_FEATURE, arcface_s=30.0, arcface_m=0.5):
+    return {"kind": "finetune", "backbone": spec, "classifier": classifier, "feature": feature,
+            "arcface_s": arcface_s, "arcface_m": arcface_m}
+
+
+@register_model("finetune")
+def build_finetune_model(model_config, num_classes, visual=None):
+    """`visual` given (pretrained encoder) or None (random weights rebuilt from the recorded arch)."""
+    if visual is None:
+        visual = load_backbone(model_config["backbone"], weights="empty")
+    return HandReIDModel(visual, num_classes, feature=model_config.get("feature", DEFAULT_FEATURE),
+                         classifier=model_config.get("classifier", "linear"),
+                         arcface_s=model_config.get("arcface_s", 30.0),
+                         arcface_m=model_config.get("arcface_m", 0.5))
+
+
+# ==== SECTION CLIP-REID ========================================================================
+# CLIP-ReID (Li et al., AAAI 2023): per-identity learnable text tokens spliced into a template
+# (stage 1), then the frozen text features of every identity guide image-encoder fine-tuning
+# (stage 2). The stage-2 model is a HandReIDModel, optionally with a side-information embedding.
+
+DEFAULT_PROMPT_TEMPLATE = "A photo of a X X X X hand."
+PLACEHOLDER_WORD = "X"
+
+
+def parse_prompt_template(template, context_length=77):
+    """Tokenize a prompt template. Returns (tokens (context_length,) LongTensor, positions of the
+    placeholder tokens, index of the end token). Each standalone X becomes one learnable token."""
+    try:
+        tokens = clip.tokenize(template, context_length=context_length)[0]
+    except RuntimeError:
+        raise ValueError(f"--prompt_template {template!r} is longer than the text tower's "
+                         f"{context_length} tokens; shorten it") from None
+    placeholder_id = int(clip.tokenize(PLACEHOLDER_WORD)[0, 1])
+    positions = (tokens == placeholder_id).nonzero().flatten().tolist()
+    if not positions:
+        raise ValueError(f"--prompt_template {template!r} has no placeholder: write one standalone "
+                         f"{PLACEHOLDER_WORD} per learnable token, e.g. {DEFAULT_PROMPT_TEMPLATE!r}")
+    return tokens, positions, int(tokens.argmax())
+
+
+class PromptLearner(nn.Module):
+    """Learnable per-identity tokens in place of the template's placeholders.
+
+    forward(labels) returns token embeddings (B, eot_index + 1, width), before the positional
+    embedding: the frozen embedding of the template with cls_ctx[label] at the placeholder
+    positions. Positions after the end token are not kept: the causal text tower never lets them
+    influence the end token. full_length=True keeps all context_length positions (the reference
+    layout, only for timing comparisons)."""
+
+    def __init__(self, num_classes, template, token_embedding, context_length=77, full_length=False):
+        super().__init__()
+        tokens, positions, eot_index = parse_prompt_template(template, context_length)
+        length = context_length if full_length else eot_index + 1
+        with torch.no_grad():
+            embeds = token_embedding(tokens[None, :length].to(token_embedding.weight.device)).float()
+        self.template = template
+        self.eot_index = eot_index
+        self.register_buffer("template_embeds", embeds)
+        self.register_buffer("ctx_positions", torch.tensor(positions, dtype=torch.long))
+        self.cls_ctx = nn.Parameter(torch.randn(num_classes, len(positions), embeds.shape[-1]) * 0.02)
+
+    @property
+    def num_classes(self):
+        return self.cls_ctx.shape[0]
+
+    def forward(self, labels):
+        embeds = self.template_embeds.expand(len(labels), -1, -1).clone()
+        embeds[:, self.ctx_positions] = self.cls_ctx[labels].to(embeds.dtype)
+        return embeds
+
+
+def freeze(module):
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
+
+
+class PromptTextEncoder(nn.Module):
+    """The frozen CLIP text tower fed with learnable identity prompts: forward(labels) -> (B, embed)
+    text features (end-token pooling + text_projection, no normalisation, as in CLIP-ReID).
+
+    Gradients reach only prompt_learner.cls_ctx; every text-tower weight has requires_grad False.
+    `clip_model` is a clip.model.CLIP; its image tower is dropped to save memory."""
+
+    def __init__(self, clip_model, num_classes, template=DEFAULT_PROMPT_TEMPLATE, full_length=False):
+        super().__init__()
+        clip_model.visual = None
+        self.clip_model = freeze(clip_model).eval()
+        self.full_length = full_length
+        self.prompt_learner = PromptLearner(num_classes, template, clip_model.token_embedding,
+                                            clip_model.context_length, full_length)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.clip_model.eval()  # frozen tower (it has no dropout or batch norm either)
+        return self
+
+    def encode_embeddings(self, embeds):
+        eot_index = torch.full((embeds.shape[0],), self.prompt_learner.eot_index, device=embeds.device)
+        if self.full_length:
+            return encode_text_full_length(self.clip_model, embeds, eot_index)
+        return self.clip_model.encode_text_embeddings(embeds, eot_index)
+
+    def forward(self, labels):
+        return self.encode_embeddings(self.prompt_learner(labels))
+
+    @torch.no_grad()
+    def all_class_features(self, batch_size=64):
+        """Text features of every identity, (num_classes, embed), fp32."""
+        device = self.prompt_learner.cls_ctx.device
+        labels = torch.arange(self.prompt_learner.num_classes, device=device)
+        return torch.cat([self(chunk).float() for chunk in labels.split(batch_size)])
+
+
+def encode_text_full_length(clip_model, embeds, eot_index):
+    """The text tower on every position of `embeds` (N, context_length, width), like the reference
+    and OpenAI's encode_text; the same result as encode_text_embeddings, at full cost."""
+    x = embeds + clip_model.positional_embedding[:embeds.shape[1]].to(embeds.dtype)
+    x = clip_model.transformer(x)
+    x = x[torch.arange(x.shape[0], device=x.device), eot_index]
+    return clip_model.ln_final(x) @ clip_model.text_projection
+
+
+def load_clip_towers(spec, download_root=None):
+    """Both towers of a pretrained CLIP from one file: (image encoder built for spec's input
+    geometry, whole CLIP model at the pre-training geometry for the text side). Fills spec["arch"]."""
+    kwargs = {"download_root": download_root} if download_root else {}
+    clip_model, _ = clip.load(spec["name"], device="cpu", jit=False, **kwargs)
+    state_dict = clip_model.state_dict()
+    spec["arch"] = _jsonable_arch(infer_config(state_dict))
+    visual = build_model(state_dict, **_geometry(spec, spec["arch"])).visual.float()
+    return visual, clip_model
+
+
+class ClipReIDModel(HandReIDModel):
+    """HandReIDModel with an optional side-information embedding (SIE) of the hand aspect.
+
+    As CLIP-ReID does with camera ids, sie_coe * sie_embed[aspect] is added to the ViT class token
+    (before ln_pre; adding it before or after the positional embedding is the same). In training
+    the aspect of each image comes from its label (class_aspect: aspect index of every class). In
+    evaluation it is `test_aspect` (set_test_aspect / set_test_dir); an unknown aspect uses the
+    mean of the learned embeddings."""
+
+    def __init__(self, visual, num_classes, feature=DEFAULT_FEATURE, sie_aspects=None, class_aspect=None,
+                 sie_coe=1.0):
+        super().__init__(visual, num_classes, feature=feature)
+        self.sie_aspects = list(sie_aspects or [])
+        self.sie_coe = float(sie_coe)
+        self.test_aspect = None
+        self._sie_rows = None
+        if not self.sie_aspects:
+            return
+        if not hasattr(visual, "ln_pre"):
+            raise ValueError("--sie needs a ViT backbone: the side-information embedding is added to the class "
+                             "token, which ResNets do not have")
+        if class_aspect is None or len(class_aspect) != num_classes:
+            raise ValueError("--sie needs the aspect index of every class (class_aspect)")
+        self.sie_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(len(self.sie_aspects),
+                                                                        visual.class_embedding.shape[0]), std=0.02))
+        self.register_buffer("class_aspect", torch.as_tensor(class_aspect, dtype=torch.long))
+        visual.ln_pre.register_forward_pre_hook(self._add_sie)
+
+    def _add_sie(self, module, inputs):
+        x = inputs[0]
+        if self._sie_rows is not None:
+            bias = self.sie_embed[self._sie_rows]
+        elif self.test_aspect is not None:
+            bias = self.sie_embed[self.test_aspect].expand(x.shape[0], -1)
+        else:
+            bias = self.sie_embed.mean(dim=0).expand(x.shape[0], -1)
+        cls = x[:, :1] + self.sie_coe * bias[:, None].to(x.dtype)
+        return (torch.cat([cls, x[:, 1:]], dim=1),)
+
+    def set_test_aspect(self, aspect):
+        """Aspect name of the images to encode in eval mode; None or an unknown name: the mean SIE."""
+        if not self.sie_aspects:
+            return None
+        self.test_aspect = self.sie_aspects.index(aspect) if aspect in self.sie_aspects else None
+        return self.test_aspect
+
+    def set_test_dir(self, test_dir):
+        """Pick the SIE aspect from a split root's splits.json ("aspect"); returns a note for the log."""
+        if not self.sie_aspects:
+            return None
+        import json
+        import os
+        aspect = None
+        manifest = os.path.join(test_dir, "splits.json")
+        if os.path.isfile(manifest):
+            with open(manifest) as f:
+                aspect = json.load(f).get("aspect")
+        if self.set_test_aspect(aspect) is None:
+            return (f"side-information embedding: aspect {aspect!r} of {test_dir} was not trained "
+                    f"({self.sie_aspects}); using the mean embedding")
+        return f"side-information embedding: aspect {aspect!r}"
+
+    def forward(self, images, labels=None):
+        if self.sie_aspects and self.training and labels is not None:
+            self._sie_rows = self.class_aspect[labels]
+        try:
+            return super().forward(images, labels)
+        finally:
+            self._sie_rows = None
+
+
+def clipreid_model_config(spec, feature=DEFAULT_FEATURE, sie_aspects=None, class_aspect=None, sie_coe=1.0):
+    sie = {"aspects": list(sie_aspects), "class_aspect": [int(a) for a in class_aspect], "coe": float(sie_coe)} \
+        if sie_aspects else None
+    return {"kind": "clipreid", "backbone": spec, "feature": feature, "sie": sie}
+
+
+@register_model("clipreid")
+def build_clipreid_model(model_config, num_classes, visual=None):
+    """`visual` given (pretrained encoder) or None (uninitialised, for loading a checkpoint)."""
+    if visual is None:
+        visual = load_backbone(model_config["backbone"], weights="empty")
+    sie = model_config.get("sie") or {}
+    return ClipReIDModel(visual, num_classes, feature=model_config.get("feature", DEFAULT_FEATURE),
+                         sie_aspects=sie.get("aspects"), class_aspect=sie.get("class_aspect"),
+                         sie_coe=sie.get("coe", 1.0))
+
+
+
+# ==== SECTION PROMPTSG =========================================================================
+import math  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from clip.model import LayerNorm, ModifiedResNet, ResidualAttentionBlock  # noqa: E402
+
+# PromptSG (Yang et al., CVPR 2024): an inversion network turns each image's global CLIP feature into
+# a pseudo-word S*, the frozen text tower encodes "A photo of a S* hand.", and that text feature is
+# the query of a cross-attention over the image's global + patch tokens (then 2 transformer blocks).
+# Unlike the CLIP-FH thesis code, the pseudo-token sits inside the token sequence and the attention
+# has many keys, so the text really steers the visual feature (tests/test_promptsg.py checks this).
+
+PROMPTSG_PLACEHOLDER = "S*"
+PROMPTSG_TEMPLATE = "A photo of a S* hand."
+PROMPTSG_FIXED_PROMPT = "A photo of a hand."
+PROMPTSG_FEATURES = ("fused", "fused_bn", "concat", "proj")
+INFERENCE_PROMPTS = ("fixed", "composed")
+
+
+def _inner_token_ids(text):
+    """BPE ids of `text` without the start and end tokens."""
+    ids = clip.tokenize([text], context_length=len(text.encode()) + 2)[0]  # long enough for any text
+    eot_id = int(clip.tokenize([""])[0, 1])
+    return ids[1:int((ids == eot_id).nonzero()[0])]
+
+
+def composed_prompt_tokens(template, context_length=77):
+    """Token ids (context_length,) of `template` with its one "S*" replaced by a single placeholder
+    token, the position of that token and the position of the end token."""
+    if template.count(PROMPTSG_PLACEHOLDER) != 1:
+        raise ValueError(f"--prompt_template must contain '{PROMPTSG_PLACEHOLDER}' exactly once (where the "
+                         f"pseudo-word goes), got {template!r}")
+    prefix, suffix = template.split(PROMPTSG_PLACEHOLDER)
+    sot_id, eot_id = (int(t) for t in clip.tokenize([""])[0, :2])
+    placeholder_id = _inner_token_ids("x")[:1]
+    ids = torch.cat([torch.tensor([sot_id]), _inner_token_ids(prefix), placeholder_id,
+                     _inner_token_ids(suffix), torch.tensor([eot_id])])
+    if len(ids) > context_length:
+        raise ValueError(f"--prompt_template {template!r} is {len(ids)} tokens long, more than the text tower's "
+                         f"context length {context_length}")
+    tokens = torch.zeros(context_length, dtype=torch.long)
+    tokens[:len(ids)] = ids
+    return tokens, 1 + len(_inner_token_ids(prefix)), len(ids) - 1
+
+
+class InversionNetwork(nn.Module):
+    """Image global feature -> one pseudo-word embedding: 3-layer MLP (512-d hidden layers) with a
+    BatchNorm after the last layer. The BN scale starts at the spread of the real word embeddings so
+    the pseudo-word begins on their scale (weight 1 would make it ~50x larger than any word)."""
+
+    def __init__(self, in_dim, token_dim, hidden=512, token_std=1.0):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, token_dim))
+        self.bn = nn.BatchNorm1d(token_dim)
+        nn.init.constant_(self.bn.weight, float(token_std))
+        nn.init.zeros_(self.bn.bias)
+
+    def forward(self, image_feature):
+        return self.bn(self.mlp(image_feature.float()))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries (N, Lq, D) over keys/values (N, Lk, D), batch first."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def split_heads(self, x):
+        batch, length, width = x.shape
+        return x.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
+
+    def forward(self, queries, keys_values, return_weights=False):
+        q = self.split_heads(self.q_proj(queries))
+        k = self.split_heads(self.k_proj(keys_values))
+        v = self.split_heads(self.v_proj(keys_values))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        if not return_weights:
+            return self.out_proj(out)
+        weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1).mean(dim=1)
+        return self.out_proj(out), weights
+
+
+class MultimodalInteraction(nn.Module):
+    """Text feature (query) attends over visual tokens (keys/values: global + patch tokens), with a
+    residual; then `num_blocks` pre-LN transformer blocks. Returns the language-guided visual
+    feature (N, width)."""
+
+    def __init__(self, width, heads, num_blocks=2):
+        super().__init__()
+        self.ln_query = LayerNorm(width)
+        self.ln_tokens = LayerNorm(width)
+        self.cross_attn = CrossAttention(width, heads)
+        self.blocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(num_blocks)])
+        self.ln_post = LayerNorm(width)
+
+    def forward(self, text_feature, visual_tokens, return_weights=False):
+        query = text_feature[:, None].to(visual_tokens.dtype)
+        attended = self.cross_attn(self.ln_query(query), self.ln_tokens(visual_tokens), return_weights)
+        attended, weights = attended if return_weights else (attended, None)
+        fused = self.ln_post(self.blocks(query + attended))[:, 0]
+        return (fused, weights) if return_weights else fused
+
+
+class PromptSGModel(nn.Module):
+    """CLIP image encoder (trained) + inversion network + frozen text tower + multimodal interaction
+    + BNNeck classifier on the fused feature.
+
+    Training forward: (scores, features) like HandReIDModel: scores = [logits on BN(fused)],
+    features = {"fused", "image" (global CLIP feature, also the inversion input), "text"
+    (composed-prompt feature), "pseudo_token"}. Eval forward: the retrieval feature `self.feature`
+    (PROMPTSG_FEATURES) guided by the fixed prompt (encoded once, a buffer) or the composed one
+    (`self.inference_prompt`).
+    """
+
+    def __init__(self, clip_model, num_classes, prompt_template=PROMPTSG_TEMPLATE,
+                 fixed_prompt=PROMPTSG_FIXED_PROMPT, feature="fused", inference_prompt="fixed", num_blocks=2):
+        super().__init__()
+        self.visual = clip_model.visual
+        del clip_model.visual  # what remains is the text tower; CLIP.encode_text_embeddings runs on it
+        self.text = clip_model.requires_grad_(False)
+        self.is_vit = not isinstance(self.visual, ModifiedResNet)
+        dims = self.visual.feature_dims
+        self.width = dims["proj"]
+        token_dim = self.text.token_embedding.weight.shape[1]
+        token_std = self.text.token_embedding.weight.detach().float().std()
+        self.inversion = InversionNetwork(self.width, token_dim, token_std=token_std)
+        if not self.is_vit:  # layer4 spatial tokens -> the width of the global feature
+            self.token_proj = nn.Linear(dims["pre_proj"], self.width)
+        heads = max(1, self.width // 64)
+        self.interaction = MultimodalInteraction(self.width, heads, num_blocks)
+        self.bottleneck = bnneck(self.width)
+        self.classifier = linear_classifier(self.width, num_classes)
+        self.num_classes = num_classes
+
+        self.prompt_template, self.fixed_prompt = prompt_template, fixed_prompt
+        tokens, self.pseudo_index, eot_index = composed_prompt_tokens(prompt_template, self.text.context_length)
+        self.register_buffer("prompt_tokens", tokens[:eot_index + 1], persistent=False)
+        self.register_buffer("fixed_text_feature", self.encode_fixed_prompt(fixed_prompt))
+        self.feature, self.inference_prompt = feature, inference_prompt
+        self.check_feature(feature)
+        self.check_inference_prompt(inference_prompt)
+
+    @staticmethod
+    def check_feature(feature):
+        if feature not in PROMPTSG_FEATURES:
+            raise ValueError(f"--feature '{feature}' is not one of {', '.join(PROMPTSG_FEATURES)} (PromptSG model)")
+
+    @staticmethod
+    def check_inference_prompt(inference_prompt):
+        if inference_prompt not in INFERENCE_PROMPTS:
+            raise ValueError(f"--inference_prompt must be one of {', '.join(INFERENCE_PROMPTS)}, "
+                             f"got {inference_prompt!r}")
+
+    def feature_dim(self, feature=None):
+        return 2 * self.width if (feature or self.feature) == "concat" else self.width
+
+    def clip_temperature(self, as_tensor=False):
+        """CLIP's own contrastive temperature 1 / exp(logit_scale) (0.01 for OpenAI's models)."""
+        temperature = self.text.logit_scale.detach().float().exp().reciprocal()
+        return temperature if as_tensor else float(temperature)
+
+    @torch.no_grad()
+    def encode_fixed_prompt(self, text):
+        tokens = clip.tokenize([text], context_length=self.text.context_length)
+        tokens = tokens.to(self.text.token_embedding.weight.device)
+        return self.text.encode_text(tokens)[0].float()
+
+    def compose_prompt_embeddings(self, pseudo_tokens):
+        """(N, L, token_dim) embedded template with the pseudo-tokens at the S* position."""
+        embeds = self.text.token_embedding(self.prompt_tokens).to(pseudo_tokens.dtype)
+        embeds = embeds.expand(pseudo_tokens.shape[0], -1, -1)
+        return torch.cat([embeds[:, :self.pseudo_index], pseudo_tokens[:, None],
+                          embeds[:, self.pseudo_index + 1:]], dim=1)
+
+    def encode_composed_prompt(self, image_feature):
+        """Composed-prompt text features (N, width) and the pseudo-tokens (N, token_dim)."""
+        pseudo_tokens = self.inversion(image_feature)
+        embeds = self.compose_prompt_embeddings(pseudo_tokens)
+        eot_index = torch.full((embeds.shape[0],), embeds.shape[1] - 1, device=embeds.device)
+        return self.text.encode_text_embeddings(embeds, eot_index), pseudo_tokens
+
+    def visual_tokens(self, features):
+        """Keys/values of the interaction: [global CLIP feature, patch tokens] at the feature width.
+        ViT patch tokens go through CLIP's own projection; RN layer4 tokens through token_proj."""
+        patches = features["tokens"][:, 1:]
+        patches = patches @ self.visual.proj if self.is_vit else self.token_proj(patches)
+        return torch.cat([features["proj"][:, None], patches.to(features["proj"].dtype)], dim=1)
+
+    def fuse(self, features, text_feature, return_weights=False):
+        return self.interaction(text_feature, self.visual_tokens(features), return_weights)
+
+    def forward(self, images, labels=None):
+        features = self.visual.forward_features(images)
+        if not self.training:
+            return self.retrieval_feature(features)
+        text_feature, pseudo_tokens = self.encode_composed_prompt(features["proj"])
+        fused = self.fuse(features, text_feature)
+        logits = self.classifier(self.bottleneck(fused))
+        return [logits], {"fused": fused, "image": features["proj"], "text": text_feature,
+                          "pseudo_token": pseudo_tokens}
+
+    def guiding_text(self, features, inference_prompt=None):
+        if (inference_prompt or self.inference_prompt) == "composed":
+            return self.encode_composed_prompt(features["proj"])[0]
+        return self.fixed_text_feature.expand(features["proj"].shape[0], -1)
+
+    def retrieval_feature(self, features, feature=None, inference_prompt=None):
+        feature = feature or self.feature
+        if feature == "proj":
+            return features["proj"]
+        fused = self.fuse(features, self.guiding_text(features, inference_prompt))
+        if feature == "fused_bn":
+            return self.bottleneck(fused)
+        return torch.cat([features["proj"], fused], dim=1) if feature == "concat" else fused
+
+    @torch.no_grad()
+    def predict_logits(self, images):
+        """Closed-set logits in eval mode, guided by the inference prompt."""
+        features = self.visual.forward_features(images)
+        return [self.classifier(self.bottleneck(self.fuse(features, self.guiding_text(features))))]
+
+
+def load_clip_model(spec, weights="pretrained", download_root=None):
+    """The whole CLIP model (image and text towers, fp32) described by `spec`; like load_backbone
+    (same `weights` choices, records spec["arch"]) but keeping the text tower."""
+    if weights == "pretrained":
+        kwargs = {"download_root": download_root} if download_root else {}
+        clip_model, _ = clip.load(spec["name"], device="cpu", jit=False, **kwargs)
+        state_dict = clip_model.state_dict()
+        del clip_model
+        spec["arch"] = _jsonable_arch(infer_config(state_dict))
+    elif not spec.get("arch"):
+        raise ValueError(f"backbone '{spec['name']}' has no recorded architecture ('arch'); cannot "
+                         f"rebuild it without its pretrained weights")
+    geometry = _geometry(spec, spec["arch"])
+    arch = dict(spec["arch"])
+    if is_resnet_arch(arch):
+        arch["vision_layers"] = tuple(arch["vision_layers"])
+    if weights == "empty":
+        with torch.device("meta"):
+            model = CLIP(**arch, **geometry)
+        return model.to_empty(device="cpu").eval()
+    if weights == "random":
+        state_dict = random_state_dict(arch, seed=0)
+    elif weights != "pretrained":
+        raise ValueError(f"weights must be pretrained, random or empty, got {weights!r}")
+    return build_model(state_dict, **geometry).float()
+
+
+def promptsg_model_config(spec, prompt_template=PROMPTSG_TEMPLATE, fixed_prompt=PROMPTSG_FIXED_PROMPT,
+                          feature="fused", inference_prompt="fixed", num_blocks=2):
+    return {"kind": "promptsg", "backbone": spec, "prompt_template": prompt_template,
+            "fixed_prompt": fixed_prompt, "feature": feature, "inference_prompt": inference_prompt,
+            "num_blocks": num_blocks}
+
+
+@register_model("promptsg")
+def build_promptsg_model(model_config, num_classes, clip_model=None):
+    """`clip_model` given (pretrained, both towers) or None (uninitialised, for a strict checkpoint
+    load right afterwards; the checkpoint holds the text tower and the cached fixed-prompt feature)."""
+    if clip_model is None:
+        clip_model = load_clip_model(model_config["backbone"], weights="empty")
+        # uninitialised weights could hold NaNs; the real text tower comes with the checkpoint
+        for tensor in clip_model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.zero_()
+    return PromptSGModel(clip_model, num_classes,
+                         prompt_template=model_config.get("prompt_template", PROMPTSG_TEMPLATE),
+                         fixed_prompt=model_config.get("fixed_prompt", PROMPTSG_FIXED_PROMPT),
+                         feature=model_config.get("feature", "fused"),
+                         inference_prompt=model_config.get("inference_prompt", "fixed"),
+                         num_blocks=model_config.get("num_blocks", 2))

@@ -1,0 +1,91 @@
+"""Prepare the HD (PolyU Hand Dorsal) splits of the MBA-Net protocol, seeded and with a manifest.
+
+Images of "<data_dir>/Original Images/1-501/<id>_<n>.jpg" with id <= 447 are train identities, the
+rest test identities. Every image of "Original Images/502-712" joins every gallery{i} as a
+distractor labelled id + 1000. Output: <data_dir>/train_val_test_split/ with train_all/ train/ val/
+test/ query{i}/ gallery{i}/ (layout <set>/<id>/<file>), splits.json and prepare_config.json.
+
+    python prepare_train_val_test_hd.py --data_dir ./HD --num_splits 10 --seed 0
+"""
+import argparse
+import os
+
+import numpy as np
+
+import utils
+from utils import (HD_DISTRACTOR_FOLDER, HD_DISTRACTOR_OFFSET, HD_IMAGE_DIR, HD_LAST_TRAIN_ID,
+                   HD_SUBJECT_FOLDER, SplitInputError)
+
+SPLIT_ROOT = "train_val_test_split"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_dir", default="./HD", help="folder holding 'Original Images/' (default ./HD)")
+    parser.add_argument("--num_splits", type=int, default=10, help="number of query/gallery splits (default 10)")
+    parser.add_argument("--link", choices=["copy", "hardlink", "symlink"], default="hardlink",
+                        help="how split folders refer to the images (default hardlink; copies where "
+                             "the filesystem refuses hard links)")
+    parser.add_argument("--force", action="store_true", help="replace an existing split folder")
+    utils.add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def images_by_subject(data_dir, folder):
+    """{id: [source, ...]} for the *.jpg files of 'Original Images/<folder>'; id = text before the first '_'."""
+    path = os.path.join(data_dir, HD_IMAGE_DIR, folder)
+    if not os.path.isdir(path):
+        raise SplitInputError(f"image folder {path} not found; --data_dir must hold "
+                              f"'{HD_IMAGE_DIR}/{HD_SUBJECT_FOLDER}' and '{HD_IMAGE_DIR}/{HD_DISTRACTOR_FOLDER}'")
+    images = {}
+    for name in sorted(os.listdir(path)):
+        if not name.lower().endswith(".jpg") or not os.path.isfile(os.path.join(path, name)):
+            continue
+        label = name.split("_", 1)[0].strip()
+        if "_" not in name or not label.isdigit():
+            raise SplitInputError(f"{os.path.join(path, name)}: HD file names must be <subject id>_<n>.jpg")
+        images.setdefault(label, []).append(f"{HD_IMAGE_DIR}/{folder}/{name}")
+    if not images:
+        raise SplitInputError(f"no .jpg images in {path}")
+    return images
+
+
+def build_sets(data_dir, num_splits, seed):
+    subjects = images_by_subject(data_dir, HD_SUBJECT_FOLDER)
+    distractors = utils.flatten_by_id(images_by_subject(data_dir, HD_DISTRACTOR_FOLDER))
+    train, test = utils.split_by_last_train_id(subjects, HD_LAST_TRAIN_ID)
+    origin = os.path.join(data_dir, HD_IMAGE_DIR, HD_SUBJECT_FOLDER)
+    if not train or not test:
+        raise SplitInputError(f"{origin} has {len(train)} train and {len(test)} test identities "
+                              f"(threshold id <= {HD_LAST_TRAIN_ID}); both must be non-empty")
+    sets = utils.make_split_sets(train, test, num_splits, np.random.default_rng(seed), origin)
+    for i in range(num_splits):
+        sets[f"gallery{i}"] = sorted(sets[f"gallery{i}"] + utils.relabel(distractors, HD_DISTRACTOR_OFFSET))
+    return sets
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if not os.path.isdir(args.data_dir):
+            raise SplitInputError(f"--data_dir {args.data_dir} is not a folder; it must hold '{HD_IMAGE_DIR}/'")
+        utils.check_split_roots_free([os.path.join(args.data_dir, SPLIT_ROOT)], args.force)
+        linker = utils.FileLinker(args.link)
+        sets = build_sets(args.data_dir, args.num_splits, args.seed)
+        manifest = utils.split_manifest(
+            sets, dataset="HD", aspect=None, seed=args.seed, num_splits=args.num_splits,
+            thresholds={"last_train_id": HD_LAST_TRAIN_ID},
+            distractor_offsets={HD_DISTRACTOR_FOLDER: HD_DISTRACTOR_OFFSET},
+            gallery_variants=["own"], source_root="..")
+        counts = {"HD": utils.split_counts(sets)}
+        root = utils.write_split_root(args.data_dir, SPLIT_ROOT, manifest, linker, args,
+                                      extra={"dataset": "HD", "counts": counts["HD"]})
+    except SplitInputError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(utils.format_split_counts(counts, first_column="dataset"))
+    print(f"Wrote {args.num_splits} query/gallery splits (files by {linker.mode}) to {os.path.abspath(root)}")
+    return counts
+
+
+if __name__ == "__main__":
+    main()

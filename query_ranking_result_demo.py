@@ -1,0 +1,129 @@
+"""Ranking figure from an evaluator's result_split{i}.mat: one row per query, the query image then its
+top-k gallery images with a green border for a correct match and a red one for a wrong match. The
+images are read from the paths stored in the .mat, so they always belong to the split of the features.
+
+    python query_ranking_result_demo.py --mat ./model_eval/clip_zero_shot/ViT-B-16/result_split0.mat \
+        --num_queries 4 --top_k 10 --out ranking.png
+
+Writes the PNG and a PDF (same name, .pdf) for papers.
+"""
+import argparse
+import os
+
+import numpy as np
+
+import utils
+
+CORRECT, WRONG = "#1a9641", "#d7191c"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mat", required=True, help="result_split{i}.mat written by an eval_query_gallery_*.py script")
+    parser.add_argument("--query_index", type=int, nargs="+", default=None,
+                        help="query row(s) to show (0-based); default: --num_queries random queries")
+    parser.add_argument("--num_queries", type=int, default=4, help="random queries to show when --query_index is not given")
+    parser.add_argument("--top_k", type=int, default=10, help="gallery images per row")
+    parser.add_argument("--out", default="ranking.png", help="output PNG; a PDF is written next to it")
+    parser.add_argument("--seed", type=int, default=0, help="picks the random queries")
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or args.num_queries < 1:
+        parser.error("--top_k and --num_queries must be at least 1")
+    return args
+
+
+def rank_gallery(result, query_index):
+    """Gallery indices as the evaluator ranked them (cosine similarity, or the re-ranked distance when
+    the .mat holds one; ties by gallery order), and whether each is a true match."""
+    if result.get("rerank_dist") is not None:
+        scores = -result["rerank_dist"][query_index]
+    else:
+        scores = result["gallery_f"] @ result["query_f"][query_index]
+    order = np.argsort(-scores, kind="stable")
+    return order, result["gallery_label"][order] == result["query_label"][query_index]
+
+
+def choose_queries(args, num_queries):
+    if args.query_index is not None:
+        bad = [i for i in args.query_index if not 0 <= i < num_queries]
+        if bad:
+            raise SystemExit(f"--query_index {bad[0]} is out of range: {args.mat} has {num_queries} queries "
+                             f"(valid indices 0..{num_queries - 1})")
+        return list(args.query_index)
+    rng = np.random.default_rng(args.seed)
+    return sorted(rng.choice(num_queries, size=min(args.num_queries, num_queries), replace=False).tolist())
+
+
+def draw_figure(result, query_indices, top_k, out_png):
+    """Draw the ranking rows and save PNG + PDF. Returns the PDF path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top_k = min(top_k, len(result["gallery_label"]))
+    fig = plt.figure(figsize=(1.6 * (top_k + 1), 1.9 * len(query_indices)), layout="constrained")
+    rows = fig.subfigures(len(query_indices), 1, squeeze=False)[:, 0]
+    for subfig, q in zip(rows, query_indices):
+        order, is_match = rank_gallery(result, q)
+        hits = np.flatnonzero(is_match)
+        first = f"first correct match at rank {hits[0] + 1}" if len(hits) else "no correct match in the gallery"
+        subfig.suptitle(f"query {q}, identity {result['query_label'][q]}: {first}", fontsize=10, x=0.01, ha="left")
+        panels = [(result["query_path"][q], "query", "black")]
+        panels += [(result["gallery_path"][g], str(rank + 1), CORRECT if is_match[rank] else WRONG)
+                   for rank, g in enumerate(order[:top_k])]
+        for ax, (path, title, color) in zip(subfig.subplots(1, top_k + 1), panels):
+            img = utils.load_image(path)
+            img.thumbnail((400, 400))  # keeps the aspect; full-size photos would bloat the PDF
+            ax.imshow(img)
+            ax.set_title(title, color=color, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor(color)
+                spine.set_linewidth(3 if color != "black" else 1)
+    pdf = os.path.splitext(out_png)[0] + ".pdf"
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    for path in (out_png, pdf):
+        tmp = f"{path}.tmp"
+        try:
+            fig.savefig(tmp, format=os.path.splitext(path)[1][1:], dpi=150)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    plt.close(fig)
+    return pdf
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        result = utils.load_result_mat(args.mat)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if result["query_path"] is None or result["gallery_path"] is None:
+        raise SystemExit(f"{args.mat} stores no image paths (query_path / gallery_path); re-run the evaluator "
+                         f"of this repository to write them")
+    if not args.out.lower().endswith(".png"):
+        raise SystemExit(f"--out must name a .png file, got {args.out}")
+    queries = choose_queries(args, len(result["query_label"]))
+    needed = [result["query_path"][q] for q in queries]
+    for q in queries:
+        order, _ = rank_gallery(result, q)
+        needed += [result["gallery_path"][g] for g in order[:args.top_k]]
+    missing = [p for p in needed if not os.path.isfile(p)]
+    if missing:
+        raise SystemExit(f"image {missing[0]} named in {args.mat} does not exist ({len(missing)} missing); "
+                         f"the split folders moved or were deleted since the evaluation")
+    for q in queries:
+        order, is_match = rank_gallery(result, q)
+        hits = np.flatnonzero(is_match)
+        print(f"query {q} ({result['query_path'][q]}), identity {result['query_label'][q]}: first correct match "
+              f"at rank {hits[0] + 1 if len(hits) else 'none'}")
+    pdf = draw_figure(result, queries, args.top_k, args.out)
+    print(f"Wrote ranking figure for {len(queries)} quer{'y' if len(queries) == 1 else 'ies'} to {args.out} and {pdf}")
+    return args.out, pdf
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,866 @@
+"""CLIP-ReID for hands (Li et al., AAAI 2023): two-stage training of a CLIP image encoder.
+
+Stage 1 learns per-identity text tokens: the X placeholders of --prompt_template become learnable
+vectors, trained with image->text + text->image supervised contrastive losses against image
+features computed once (no augmentation); both CLIP towers stay frozen. Stage 2 computes the text
+features of every identity once, freezes them and fine-tunes the image encoder with ID losses on
+two BNNeck heads, a triplet loss on three pre-BN features and an image->text cross entropy against
+all identities' text features. Validation uses only training identities; net_best is the epoch with
+the best val mAP. Writes <f_name>/<m_name>/: config.json, train.log, stage1_metrics.csv,
+stage1_curve.png, prompts.pth, metrics.csv, training_curve.png, net_last.pth, net_best.pth,
+net_<epoch>.pth and final_test/ (net_best on the test splits of --data_dir).
+
+    python train_clipreid.py --data_dir ./11k/train_val_test_split_dorsal_r --f_name ./model_11k_d_r \
+        --m_name clipreid_vit --backbone_name ViT-B/16
+    python train_clipreid.py ... --stage 1                  (stage 1 only: <run>/prompts.pth)
+    python train_clipreid.py ... --stage 2 --prompts ./model_11k_d_r/clipreid_vit/prompts.pth --m_name s2
+    python train_clipreid.py --data_dir ./11k/train_val_test_split_dorsal_r ./11k/train_val_test_split_dorsal_l \
+        --sie ...                                           (several aspects, aspect embedding)
+    torchrun --nproc_per_node 4 train_clipreid.py ...       (DDP in stage 2; --batch_size is per GPU)
+"""
+import argparse
+import math
+import os
+import shutil
+import sys
+
+import torch
+import torch.nn as nn
+
+import models
+import utils
+from losses import CrossEntropyLabelSmooth, SupConLoss, TripletLoss, cross_entropy_label_smooth
+
+RUN_FILES = ("config.json", "train.log", "metrics.csv", "training_curve.png", "net_last.pth", "net_best.pth",
+             "stage1_metrics.csv", "stage1_curve.png", "stage1_last.pth", "stage1_features.pth", "prompts.pth")
+
+# Reference values per backbone (CLIP-ReID configs vit_clipreid.yml / cnn_clipreid.yml); a flag left
+# at None takes the value of the backbone's kind.
+BACKBONE_DEFAULTS = {
+    "vit": dict(stage1_epochs=120, lr=5e-6, weight_decay=1e-4, epochs=60, warmup_factor=0.1,
+                milestones=[30, 50], id_weight=0.25),
+    "rn": dict(stage1_epochs=60, lr=3.5e-4, weight_decay=5e-4, epochs=120, warmup_factor=0.01,
+               milestones=[40, 70], id_weight=1.0),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data_dir", nargs="+", default=["./11k/train_val_test_split_dorsal_r"],
+                   help="split root(s) holding train/ (or train_all/) and val/; several roots train one model on "
+                        "several aspects (each root's identities are separate classes)")
+    g.add_argument("--f_name", default="./model_11k_d_r", help="output root")
+    g.add_argument("--m_name", default="clipreid_vit", help="run folder inside --f_name")
+    g.add_argument("--data_type", default="11k", choices=["11k", "HD"], help="dataset kind (recorded in config.json)")
+    g.add_argument("--backbone_name", default="ViT-B/16",
+                   help="CLIP model name (ViT-B/16, RN50, ...) or path to an OpenAI-format checkpoint")
+    g.add_argument("--train_all", action="store_true",
+                   help="train on train_all (train + val); val then overlaps training, so net_best = last epoch")
+    g.add_argument("--download_root", default=None, help="where pretrained CLIP weights are cached (~/.cache/clip)")
+    g.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    g = p.add_argument_group("method")
+    g.add_argument("--stage", default="both", choices=["1", "2", "both"],
+                   help="1: learn and save the prompts only; 2: fine-tune from --prompts; both: 1 then 2")
+    g.add_argument("--prompts", default=None, help="prompts.pth of a stage-1 run (with --stage 2)")
+    g.add_argument("--prompt_template", default=models.DEFAULT_PROMPT_TEMPLATE,
+                   help="each standalone X becomes one learnable token per identity")
+    g.add_argument("--sie", action="store_true",
+                   help="side-information embedding of the hand aspect (split root) added to the ViT class token")
+    g.add_argument("--sie_coe", type=float, default=1.0, help="scale of the side-information embedding")
+    g.add_argument("--full_text_length", action="store_true",
+                   help="run the text tower on all 77 positions as the reference does (same result, slower; "
+                        "for timing comparisons)")
+    g = p.add_argument_group("stage 1 (prompt learning on cached image features)")
+    g.add_argument("--stage1_epochs", type=int, default=None, help="default 120 (ViT) / 60 (ResNet)")
+    g.add_argument("--stage1_lr", type=float, default=3.5e-4, help="Adam learning rate of the prompt tokens")
+    g.add_argument("--stage1_batch_size", type=int, default=64)
+    g.add_argument("--stage1_weight_decay", type=float, default=1e-4)
+    g.add_argument("--stage1_warmup_epochs", type=int, default=5, help="linear warm-up from --stage1_warmup_lr")
+    g.add_argument("--stage1_warmup_lr", type=float, default=1e-5)
+    g.add_argument("--stage1_min_lr", type=float, default=1e-6, help="end of the cosine decay")
+    g = p.add_argument_group("stage 2: batching")
+    g.add_argument("--batch_size", type=int, default=64, help="images per batch (per process under DDP)")
+    g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
+    g.add_argument("--sampler", default="pk", choices=["pk", "random"])
+    g.add_argument("--num_instances", type=int, default=4, help="K images per identity with --sampler pk")
+    g = p.add_argument_group("stage 2: optimisation")
+    g.add_argument("--lr", type=float, default=None, help="base learning rate; default 5e-6 (ViT) / 3.5e-4 (ResNet)")
+    g.add_argument("--bias_lr_factor", type=float, default=2.0, help="learning-rate multiplier of biases")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
+    g.add_argument("--weight_decay", type=float, default=None, help="default 1e-4 (ViT) / 5e-4 (ResNet)")
+    g.add_argument("--epochs", type=int, default=None, help="default 60 (ViT) / 120 (ResNet)")
+    g.add_argument("--warmup_epochs", type=int, default=10)
+    g.add_argument("--warmup_factor", type=float, default=None, help="warm-up start factor; 0.1 (ViT) / 0.01 (ResNet)")
+    g.add_argument("--milestones", type=int, nargs="*", default=None,
+                   help="epochs where lr is multiplied by --gamma; default 30 50 (ViT) / 40 70 (ResNet)")
+    g.add_argument("--gamma", type=float, default=0.1)
+    g.add_argument("--ls", type=float, default=0.1, help="label smoothing of the ID and image->text losses")
+    g.add_argument("--id_weight", type=float, default=None, help="ID loss weight; default 0.25 (ViT) / 1.0 (ResNet)")
+    g.add_argument("--triplet_weight", type=float, default=1.0)
+    g.add_argument("--i2t_weight", type=float, default=1.0, help="image->text cross-entropy weight")
+    g.add_argument("--margin", type=float, default=0.3, help="triplet margin")
+    g = p.add_argument_group("augmentation and input")
+    g.add_argument("--erasing_p", type=float, default=0.5, help="random erasing probability")
+    g.add_argument("--padding", type=int, default=10, help="zero padding before the random crop")
+    g.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    g.add_argument("--stride", type=int, default=16, help="ViT patch stride (12: overlapping patches, OLP)")
+    g.add_argument("--last_stride", type=int, default=1, choices=[1, 2], help="ResNet layer4 stride")
+    g.add_argument("--cache_resized", nargs="?", const="", default=None, metavar="DIR",
+                   help="decode and resize every photo once into a uint8 cache (default DIR: "
+                        "<first data_dir>/.cache_resized) so epochs skip JPEG decoding")
+    g.add_argument("--feature", default=models.DEFAULT_FEATURE, choices=models.FEATURE_CHOICES,
+                   help="retrieval feature for validation (and the default of the evaluator)")
+    g = p.add_argument_group("run control")
+    g.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"], help="default: bf16 on CUDA, none on CPU")
+    g.add_argument("--grad_clip", type=float, default=0.0, help="max gradient norm (0: off); applied before the step")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in <f_name>/<m_name> (in stage 1 or stage 2, wherever it stopped)")
+    g.add_argument("--save_every", type=int, default=10, help="also keep net_<epoch>.pth every N epochs (0: never)")
+    g.add_argument("--eval_every", type=int, default=5, help="validate every N epochs (and after the last)")
+    g.add_argument("--final_test", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate net_best on the query/gallery splits of --data_dir at the end")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    utils.add_common_args(g)
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    problems = []
+    for flag in ("batch_size", "stage1_batch_size", "epochs", "stage1_epochs", "eval_every"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            problems.append(f"--{flag} must be positive, got {value}")
+    if args.stage1_batch_size < 2:
+        problems.append(f"--stage1_batch_size must be at least 2 for the contrastive loss, got {args.stage1_batch_size}")
+    for flag in ("lr", "stage1_lr"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            problems.append(f"--{flag} must be positive, got {value}")
+    if not 0 <= args.ls < 1:
+        problems.append(f"--ls must be in [0, 1), got {args.ls}")
+    if not 0 <= args.erasing_p <= 1:
+        problems.append(f"--erasing_p must be in [0, 1], got {args.erasing_p}")
+    if args.save_every < 0 or args.padding < 0 or args.warmup_epochs < 0 or args.stage1_warmup_epochs < 0:
+        problems.append("--save_every, --padding, --warmup_epochs and --stage1_warmup_epochs must not be negative")
+    if min(args.input_size) < 1 or args.stride < 1:
+        problems.append(f"--input_size and --stride must be positive, got {args.input_size} and {args.stride}")
+    if min(args.triplet_weight, args.i2t_weight, args.grad_clip) < 0 or (args.id_weight or 0) < 0:
+        problems.append("--id_weight, --triplet_weight, --i2t_weight and --grad_clip must not be negative")
+    if args.stage == "2" and not args.prompts and not args.resume:
+        problems.append("--stage 2 needs --prompts PATH (the prompts.pth of a stage-1 run)")
+    if args.prompts and args.stage != "2":
+        problems.append(f"--prompts is only used with --stage 2 (got --stage {args.stage})")
+    if args.prompts and not os.path.isfile(args.prompts):
+        problems.append(f"--prompts {args.prompts} does not exist; give the prompts.pth of a stage-1 run")
+    roots = [os.path.abspath(d) for d in args.data_dir]
+    if len(set(roots)) != len(roots):
+        problems.append(f"--data_dir lists a split root twice: {args.data_dir}")
+    if problems:
+        raise utils.TrainingInputError("; ".join(problems))
+
+
+def resolve_backbone_defaults(args, spec):
+    """Fill the flags left at None with the reference values of the backbone's kind."""
+    kind = "rn" if models.is_resnet_arch(spec["arch"]) else "vit"
+    for name, value in BACKBONE_DEFAULTS[kind].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if list(args.milestones) != sorted(args.milestones):
+        raise utils.TrainingInputError(f"--milestones must be increasing, got {args.milestones}")
+    if args.sie and kind == "rn":
+        raise utils.TrainingInputError("--sie needs a ViT backbone: the side-information embedding is added to the "
+                                       "class token, which ResNets do not have")
+    return kind
+
+
+# ---- data ----
+
+def split_root_key(data_dir):
+    """Name of a split root's aspect: splits.json "aspect" (11k), else its dataset (HD), else the folder."""
+    import json
+    manifest = os.path.join(data_dir, "splits.json")
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            info = json.load(f)
+        if info.get("aspect") or info.get("dataset"):
+            return info.get("aspect") or info.get("dataset")
+    return os.path.basename(os.path.normpath(data_dir))
+
+
+def load_training_data(data_dirs, train_all):
+    """Train/val items of one or several split roots. With several roots each (root, identity) is a
+    class of its own, named "<aspect>/<identity>". Returns the load_train_val dict plus "roots":
+    [{"dir", "key", "train", "val"}] (items with global labels) and "class_aspect"."""
+    parts = [utils.load_train_val(d, train_all) for d in data_dirs]
+    keys = [split_root_key(d) for d in data_dirs]
+    if len(set(keys)) != len(keys):
+        raise utils.TrainingInputError(f"--data_dir roots {data_dirs} do not have distinct aspects ({keys}); "
+                                       f"train on one root per aspect")
+    class_names, class_aspect, roots = [], [], []
+    for index, (data_dir, key, part) in enumerate(zip(data_dirs, keys, parts)):
+        offset = len(class_names)
+        if len(parts) == 1:
+            class_names += part["class_names"]
+        else:
+            class_names += [f"{key}/{name}" for name in part["class_names"]]
+        class_aspect += [index] * len(part["class_names"])
+        roots.append({"dir": data_dir, "key": key,
+                      "train": [(p, label + offset) for p, label in part["train"]],
+                      "val": [(p, label + offset) for p, label in part["val"]]})
+    return {"train": [item for root in roots for item in root["train"]],
+            "val": [item for root in roots for item in root["val"]],
+            "class_names": class_names, "class_aspect": class_aspect, "aspects": keys, "roots": roots,
+            "train_split": parts[0]["train_split"]}
+
+
+def cross_root_identity_overlap(data_dirs):
+    """Identities that are training identities of one root and test identities of another (11k
+    thresholds differ per aspect); evaluating on such a root's test set is not identity-disjoint."""
+    overlaps = []
+    for a in data_dirs:
+        train = {identity for _, identity in utils.scan_identity_folder(os.path.join(a, "train_all"))} \
+            if os.path.isdir(os.path.join(a, "train_all")) else set()
+        for b in data_dirs:
+            test_dir = os.path.join(b, "test")
+            if a == b or not os.path.isdir(test_dir):
+                continue
+            shared = train & {identity for _, identity in utils.scan_identity_folder(test_dir)}
+            if shared:
+                overlaps.append((a, b, sorted(shared)))
+    return overlaps
+
+
+def clipreid_train_transform(input_size, padding=10, erasing_p=0.5):
+    """CLIP-ReID's augmentation on an image already resized (bicubic) to input_size: horizontal flip,
+    zero padding + random crop back to input_size, CLIP mean/std, random erasing with per-pixel
+    N(0, 1) noise (timm's 'pixel' mode: area 2-33 %, aspect 0.3-3.3)."""
+    import torchvision.transforms as T
+    ops = [T.RandomHorizontalFlip()]
+    if padding:
+        ops += [T.Pad(padding), T.RandomCrop(tuple(input_size))]
+    ops += [T.ToTensor(), T.Normalize(utils.CLIP_MEAN, utils.CLIP_STD)]
+    if erasing_p > 0:
+        ops.append(T.RandomErasing(p=erasing_p, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), value="random"))
+    return T.Compose(ops)
+
+
+def build_datasets(args, data, input_size, dist_info):
+    """Stage-2 train set, stage-1 feature set (train images, no augmentation) and per-root (val,
+    gallery) sets for validation; every image is read at input_size (optionally from one cache)."""
+    galleries = []
+    for root in data["roots"]:
+        gallery = root["train"]
+        if args.train_all:  # train_all contains the val images: keep them out of the val gallery
+            val_files = {(os.path.basename(p), label) for p, label in root["val"]}
+            gallery = [(p, label) for p, label in root["train"] if (os.path.basename(p), label) not in val_files]
+        galleries.append(gallery)
+    cache = None
+    if args.cache_resized is not None:
+        cache_dir = args.cache_resized or os.path.join(args.data_dir[0], ".cache_resized")
+        paths = sorted({p for p, _ in data["train"] + data["val"]})
+        for turn in ("main", "others"):  # rank 0 builds the cache file, the other ranks then open it
+            if (turn == "main") == dist_info.is_main:
+                cache = utils.ResizedImageCache(paths, input_size, cache_dir,
+                                                desc=f"caching images at {input_size[0]}x{input_size[1]}")
+            utils.barrier(dist_info)
+    eval_tf = utils.eval_transform(input_size)
+
+    def dataset(items, transform):
+        return utils.LabeledImageDataset(items, input_size, transform, SubsetCache.of(cache, items))
+
+    train_set = dataset(data["train"], clipreid_train_transform(input_size, args.padding, args.erasing_p))
+    feature_set = dataset(data["train"], eval_tf)
+    val_sets = [(root["key"], dataset(root["val"], eval_tf), dataset(gallery, eval_tf))
+                for root, gallery in zip(data["roots"], galleries)]
+    return train_set, feature_set, val_sets
+
+
+class SubsetCache:
+    """A view of a ResizedImageCache for a subset of its images, in the subset's order."""
+
+    def __init__(self, cache, paths):
+        position = {p: i for i, p in enumerate(cache.paths)}
+        self.cache, self.paths, self.size = cache, list(paths), cache.size
+        self.rows = [position[p] for p in self.paths]
+
+    @classmethod
+    def of(cls, cache, items):
+        return None if cache is None else cls(cache, [p for p, _ in items])
+
+    def image(self, index):
+        return self.cache.image(self.rows[index])
+
+
+def make_sampler(args, train_set, dist_info, log):
+    if args.sampler == "pk":
+        sampler = utils.PKSampler(train_set.labels, args.batch_size, args.num_instances, seed=args.seed,
+                                  rank=dist_info.rank, world_size=dist_info.world_size)
+        if sampler.rare_labels:
+            log.warning(f"--sampler pk: {len(sampler.rare_labels)} identities have fewer than --num_instances "
+                        f"{args.num_instances} training images; their images are drawn again (with replacement) "
+                        f"to fill {args.num_instances} instances per batch")
+    else:
+        sampler = utils.ShuffleSampler(len(train_set), args.batch_size, seed=args.seed, rank=dist_info.rank,
+                                       world_size=dist_info.world_size)
+    if len(sampler) == 0:
+        raise utils.TrainingInputError(
+            f"the training set ({len(train_set)} images) does not fill one batch of {args.batch_size} per process "
+            f"x {dist_info.world_size} process(es) with --sampler {args.sampler}; lower --batch_size")
+    return sampler
+
+
+# ---- stage 1 ----
+
+class Stage1CosineLR(torch.optim.lr_scheduler.LRScheduler):
+    """CLIP-ReID's stage-1 schedule per epoch n = 1..epochs (timm CosineLRScheduler, t = n): linear
+    warm-up warmup_lr + n (base - warmup_lr) / warmup_epochs for n < warmup_epochs, then
+    min_lr + (base - min_lr)(1 + cos(pi n / epochs)) / 2, and min_lr at n = epochs. Call step() once
+    after every epoch."""
+
+    def __init__(self, optimizer, epochs, warmup_epochs=5, warmup_lr=1e-5, min_lr=1e-6, last_epoch=-1):
+        self.epochs, self.warmup_epochs = int(epochs), int(warmup_epochs)
+        self.warmup_lr, self.min_lr = float(warmup_lr), float(min_lr)
+        super().__init__(optimizer, last_epoch)
+
+    def lr_at(self, number, base_lr):
+        if number < self.warmup_epochs:
+            return self.warmup_lr + number * (base_lr - self.warmup_lr) / self.warmup_epochs
+        if number >= self.epochs:
+            return self.min_lr
+        return self.min_lr + 0.5 * (base_lr - self.min_lr) * (1 + math.cos(math.pi * number / self.epochs))
+
+    def get_lr(self):
+        return [self.lr_at(self.last_epoch + 1, base_lr) for base_lr in self.base_lrs]
+
+
+def stage1_batches(features, labels, batch_size, seed, epoch):
+    """A random permutation of the cached features per (seed, epoch), in chunks of batch_size; the
+    last, smaller chunk is kept when there is one (never an empty batch)."""
+    generator = torch.Generator().manual_seed(utils.epoch_seed(seed, epoch))
+    order = torch.randperm(len(labels), generator=generator).to(labels.device)
+    return [(features[idx], labels[idx]) for idx in order.split(batch_size)]
+
+
+@torch.no_grad()
+def cache_image_features(visual, feature_set, args, device, amp):
+    """Projected CLIP embeddings (== encode_image) of every training image, with the eval transform,
+    the encoder in eval mode; (N, embed) fp32 and labels (N,), on `device`."""
+    loader = torch.utils.data.DataLoader(feature_set, batch_size=max(args.batch_size, 64), shuffle=False,
+                                         num_workers=args.num_workers, pin_memory=str(device).startswith("cuda"))
+    was_training = visual.training
+    visual.eval()
+    features, labels = utils.collect_outputs(visual, loader, device, amp, progress=args.progress,
+                                             desc="stage 1: caching image features")
+    visual.train(was_training)
+    return features.to(device), labels.to(device)
+
+
+@torch.no_grad()
+def text_accuracy(text_encoder, features, labels):
+    """Fraction of cached image features whose most similar identity text is their own."""
+    text = text_encoder.all_class_features()
+    return ((features.float() @ text.t()).argmax(dim=1) == labels).float().mean().item()
+
+
+def prompts_record(text_encoder, class_names, spec, epoch, text_features):
+    learner = text_encoder.prompt_learner
+    return {"format": 1, "kind": "clipreid_prompts", "template": learner.template,
+            "cls_ctx": learner.cls_ctx.detach().cpu().float(), "class_names": list(class_names),
+            "backbone": spec, "epoch": epoch, "text_features": text_features.detach().cpu().float()}
+
+
+def run_stage1(args, run, visual, clip_model, feature_set, log):
+    """Learn the identity prompts; writes prompts.pth and returns the PromptTextEncoder."""
+    out_dir, device, amp = run["out_dir"], run["device"], run["amp"]
+    data = run["data"]
+    last_path = os.path.join(out_dir, "stage1_last.pth")
+    features_path = os.path.join(out_dir, "stage1_features.pth")
+    resuming = args.resume and os.path.isfile(last_path)
+    visual.to(device)
+    if resuming and os.path.isfile(features_path):
+        cached = utils.load_checkpoint(features_path, map_location=device)
+        features, labels = cached["features"].to(device), cached["labels"].to(device)
+    else:
+        features, labels = cache_image_features(visual, feature_set, args, device, amp)
+        utils.save_checkpoint(features_path, {"features": features.cpu(), "labels": labels.cpu()})
+    if len(labels) != len(data["train"]):
+        raise utils.TrainingInputError(f"{features_path} holds {len(labels)} cached features but the training set "
+                                       f"has {len(data['train'])} images; start a new run")
+
+    utils.set_seed(args.seed)  # the same prompt initialisation whether or not the run resumes
+    text_encoder = models.PromptTextEncoder(clip_model, len(data["class_names"]), args.prompt_template,
+                                            full_length=args.full_text_length).to(device)
+    params = [text_encoder.prompt_learner.cls_ctx]
+    optimizer = utils.make_optimizer("adam", [{"params": params, "lr": args.stage1_lr,
+                                               "weight_decay": args.stage1_weight_decay, "name": "prompts"}],
+                                     args.stage1_lr, args.stage1_weight_decay)
+    scheduler = Stage1CosineLR(optimizer, args.stage1_epochs, args.stage1_warmup_epochs, args.stage1_warmup_lr,
+                               args.stage1_min_lr)
+    scaler = utils.make_grad_scaler(amp, device)
+    supcon = SupConLoss(temperature=1.0)
+    history, start_epoch = [], 0
+    if resuming:
+        state = utils.load_checkpoint(last_path)
+        if state.get("template") != args.prompt_template or tuple(state["cls_ctx_shape"]) != tuple(params[0].shape):
+            raise utils.TrainingInputError(f"{last_path} was written with another --prompt_template or other "
+                                           f"identities; resume with the run's own settings")
+        text_encoder.prompt_learner.load_state_dict(state["prompt_learner"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history, start_epoch = list(state["history"]), int(state["epoch"])
+        log.info(f"stage 1: resumed from {last_path} after epoch {start_epoch}")
+
+    def compute_loss(encoder, image_features, batch_labels):
+        text_features = encoder(batch_labels)
+        loss_i2t = supcon(image_features, text_features, batch_labels, batch_labels)
+        loss_t2i = supcon(text_features, image_features, batch_labels, batch_labels)
+        return loss_i2t + loss_t2i, {"loss_i2t": loss_i2t, "loss_t2i": loss_t2i}, None
+
+    log.info(f"stage 1: {len(labels)} cached image features, {len(data['class_names'])} identities x "
+             f"{params[0].shape[1]} tokens of width {params[0].shape[2]} ({args.prompt_template!r}); text tower "
+             f"on {text_encoder.prompt_learner.template_embeds.shape[1]} positions; {args.stage1_epochs} epochs, "
+             f"batch {args.stage1_batch_size}")
+    for epoch in range(start_epoch, args.stage1_epochs):
+        number = epoch + 1
+        lr = optimizer.param_groups[0]["lr"]
+        batches = stage1_batches(features, labels, args.stage1_batch_size, args.seed, epoch)
+        try:
+            result = utils.train_one_epoch(text_encoder, batches, compute_loss, [optimizer], scaler, amp, device,
+                                           number, grad_clip=args.grad_clip, progress=False)
+        except utils.NonFiniteLossError as err:
+            kept = last_path if os.path.exists(last_path) else "none (no stage-1 epoch finished)"
+            log.error(f"stage 1: {err}; stopped. Last good checkpoint: {kept}")
+            raise utils.NonFiniteLossError(f"stage 1: {err}; training stopped, last good checkpoint: {kept}") from None
+        scheduler.step()
+        row = {"epoch": number, "lr": lr, **result.losses, "train_acc": None,
+               "features_per_s": result.images_per_s, "epoch_seconds": result.seconds}
+        if number % args.eval_every == 0 or number == args.stage1_epochs:
+            row["train_acc"] = text_accuracy(text_encoder, features, labels)
+        history.append(row)
+        utils.save_checkpoint(last_path, {
+            "epoch": number, "template": args.prompt_template, "cls_ctx_shape": list(params[0].shape),
+            "prompt_learner": text_encoder.prompt_learner.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history})
+        utils.write_metrics_csv(os.path.join(out_dir, "stage1_metrics.csv"), history)
+        if row["train_acc"] is not None:  # plotting costs more than a stage-1 epoch: only now and then
+            utils.plot_training_curve(os.path.join(out_dir, "stage1_curve.png"), history)
+        acc = f" | text acc {row['train_acc']:.4f}" if row["train_acc"] is not None else ""
+        log.info(f"stage 1 epoch {number}/{args.stage1_epochs} lr {lr:.3g} | "
+                 + ", ".join(f"{k} {v:.4f}" for k, v in result.losses.items())
+                 + f"{acc} | {result.seconds:.2f} s")
+    text_encoder.eval()
+    text_features = text_encoder.all_class_features()
+    record = prompts_record(text_encoder, data["class_names"], run["spec"], args.stage1_epochs, text_features)
+    utils.save_checkpoint(os.path.join(out_dir, "prompts.pth"), record)
+    log.info(f"stage 1: wrote the prompts of {len(data['class_names'])} identities to "
+             f"{os.path.join(out_dir, 'prompts.pth')}")
+    return text_encoder
+
+
+def load_prompts(path, class_names, spec, clip_model, device):
+    """PromptTextEncoder holding the prompts of a stage-1 run; checks identities and backbone."""
+    record = utils.load_checkpoint(path)
+    if record.get("kind") != "clipreid_prompts":
+        raise utils.TrainingInputError(f"{path} is not a prompts file written by train_clipreid.py stage 1")
+    if record["class_names"] != list(class_names):
+        raise utils.TrainingInputError(
+            f"{path} holds prompts of {len(record['class_names'])} other identities than the {len(class_names)} of "
+            f"--data_dir; stage 2 needs the prompts learned on the same training identities")
+    if record["backbone"]["name"] != spec["name"] or record["backbone"].get("arch") != spec.get("arch"):
+        raise utils.TrainingInputError(f"{path} was learned with the text tower of {record['backbone']['name']}, "
+                                       f"not {spec['name']}; use the prompts of a run with the same --backbone_name")
+    text_encoder = models.PromptTextEncoder(clip_model, len(class_names), record["template"])
+    if tuple(record["cls_ctx"].shape) != tuple(text_encoder.prompt_learner.cls_ctx.shape):
+        raise utils.TrainingInputError(f"{path}: prompt tokens of shape {tuple(record['cls_ctx'].shape)} do not "
+                                       f"fit template {record['template']!r}")
+    text_encoder.prompt_learner.cls_ctx.data.copy_(record["cls_ctx"])
+    return text_encoder.to(device).eval()
+
+
+# ---- stage 2 ----
+
+class ClipReIDLoss(nn.Module):
+    """The stage-2 model plus its objective (one module, for DDP):
+    id_weight * [LS-CE(BN pre_proj head) + LS-CE(BN proj head)]
+    + triplet_weight * [Tri(penultimate | layer3) + Tri(pre_proj) + Tri(proj)]   (pre-BN features)
+    + i2t_weight * LS-CE(proj feature @ text_features^T)   (all identities' frozen text features)."""
+
+    def __init__(self, model, text_features, ls=0.1, id_weight=0.25, triplet_weight=1.0, i2t_weight=1.0,
+                 margin=0.3):
+        super().__init__()
+        self.model = model
+        self.register_buffer("text_features", text_features.detach().float().clone())
+        self.ls, self.id_weight, self.triplet_weight, self.i2t_weight = ls, id_weight, triplet_weight, i2t_weight
+        self.id_loss = CrossEntropyLabelSmooth(ls)
+        self.triplet = TripletLoss(margin)
+        first = "layer3" if "layer3" in model.visual.feature_dims else "penultimate"
+        self.triplet_keys = (first, "pre_proj", "proj")
+
+    def forward(self, images, labels):
+        scores, features = self.model(images, labels)
+        i2t_logits = features["proj"].float() @ self.text_features.t()
+        terms = {"loss_id": self.id_loss(scores[0], labels) + self.id_loss(scores[1], labels),
+                 "loss_triplet": sum(self.triplet(features[k], labels) for k in self.triplet_keys),
+                 "loss_i2t": cross_entropy_label_smooth(i2t_logits, labels, self.ls)}
+        total = (self.id_weight * terms["loss_id"] + self.triplet_weight * terms["loss_triplet"]
+                 + self.i2t_weight * terms["loss_i2t"])
+        return total, terms, i2t_logits
+
+
+def stage2_param_groups(model, lr, weight_decay, bias_lr_factor=2.0):
+    """Every trainable parameter at lr, biases (names containing "bias") at bias_lr_factor x lr, as in
+    CLIP-ReID's make_optimizer_2stage; frozen parameters (the BNNeck biases) are left out."""
+    weights, biases = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (biases if "bias" in name else weights).append(param)
+    groups = [{"params": weights, "lr": lr, "weight_decay": weight_decay, "name": "weights"},
+              {"params": biases, "lr": lr * bias_lr_factor, "weight_decay": weight_decay, "name": "biases"}]
+    return [g for g in groups if g["params"]]
+
+
+def checkpoint_record(model, spec, epoch, metrics):
+    return {"format": 1, "kind": "clipreid", "epoch": epoch, "backbone": spec,
+            "model": models.image_side_state_dict(model), "metrics": metrics}
+
+
+def validate(model, val_sets, args, device, amp):
+    """Per split root (with its SIE aspect): val images as queries against that root's train images;
+    the metrics are averaged over roots weighted by their number of val images."""
+    totals, count = {}, 0
+    for key, val_set, gallery_set in val_sets:
+        model.set_test_aspect(key)
+        metrics = utils.validate(lambda x: model(x), lambda x: model.predict_logits(x)[1], val_set, gallery_set,
+                                 device, amp, batch_size=max(args.batch_size, 64), num_workers=args.num_workers)
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + value * len(val_set)
+        count += len(val_set)
+    model.set_test_aspect(None)
+    return {name: value / count for name, value in totals.items()}
+
+
+def run_final_test(model, args, out_dir, best_path, amp, device, log):
+    """net_best on the query/gallery splits of every --data_dir, with the shared evaluation pipeline."""
+    checkpoint = utils.load_checkpoint(best_path)
+    models.load_model_weights(model, checkpoint["model"], best_path)
+    model.eval()
+    results = {}
+    for data_dir in args.data_dir:
+        try:
+            utils.read_split_layout(data_dir)
+        except ValueError as err:
+            log.info(f"final test skipped: {err}")
+            continue
+        note = model.set_test_dir(data_dir)
+        if note:
+            log.info(note)
+        name = "final_test" if len(args.data_dir) == 1 else os.path.join(
+            "final_test", os.path.basename(os.path.normpath(data_dir)))
+        results[data_dir] = utils.evaluate_query_gallery(
+            model, data_dir, os.path.join(out_dir, name), method_name=f"{args.m_name} (CLIP-ReID, net_best)",
+            input_size=tuple(args.input_size), batch_size=max(args.batch_size, 64), num_workers=args.num_workers,
+            device=device, amp="off" if amp == "none" else amp, overwrite=True,
+            extra={"which_epoch": "best", "epoch": checkpoint["epoch"], "feature": model.feature})
+        variant = results[data_dir]["gallery_variants"][-1]
+        mean = results[data_dir]["summary"][variant]["mean"]
+        log.info(f"final test on {data_dir} (net_best, gallery {variant}): Rank-1 {100 * mean['rank1']:.2f} "
+                 f"mAP {100 * mean['mAP_hand']:.2f} -> {os.path.join(out_dir, name)}")
+    model.set_test_aspect(None)
+    return results
+
+
+def run_stage2(args, run, model, text_features, train_set, val_sets, log):
+    out_dir, device, amp, dist_info = run["out_dir"], run["device"], run["amp"], run["dist_info"]
+    spec = run["spec"]
+    criterion = ClipReIDLoss(model, text_features, args.ls, args.id_weight, args.triplet_weight, args.i2t_weight,
+                             args.margin).to(device)
+    sampler = make_sampler(args, train_set, dist_info, log)
+    optimizer = utils.make_optimizer(args.optimizer, stage2_param_groups(model, args.lr, args.weight_decay,
+                                                                         args.bias_lr_factor),
+                                     args.lr, args.weight_decay)
+    scheduler = utils.WarmupMultiStepLR(optimizer, args.milestones, args.gamma, args.warmup_epochs,
+                                        args.warmup_factor)
+    scaler = utils.make_grad_scaler(amp, device)
+
+    history, best, start_epoch = [], {"epoch": None, "val_mAP": -1.0}, 0
+    last_path, best_path = os.path.join(out_dir, "net_last.pth"), os.path.join(out_dir, "net_best.pth")
+    if run["stage2_state"] is not None:
+        state = run["stage2_state"]
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        sampler.load_state_dict(state["sampler"])
+        utils.restore_rng_state(state["rng"])
+        history, best, start_epoch = list(state["history"]), dict(state["best"]), int(state["epoch"])
+        log.info(f"stage 2: resumed from {last_path} after epoch {start_epoch}")
+
+    train_module = criterion
+    if dist_info.distributed:
+        train_module = nn.parallel.DistributedDataParallel(
+            criterion, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None)
+
+    def compute_loss(module, images, labels):
+        return module(images, labels)
+
+    log.info(f"stage 2: {len(train_set)} images, {args.epochs} epochs, lr {args.lr:g} (biases x{args.bias_lr_factor:g}), "
+             f"weight decay {args.weight_decay:g}, warm-up {args.warmup_epochs} epochs from x{args.warmup_factor:g}, "
+             f"x{args.gamma:g} at {args.milestones}; loss {args.id_weight:g} ID + {args.triplet_weight:g} triplet + "
+             f"{args.i2t_weight:g} image->text")
+    for epoch in range(start_epoch, args.epochs):
+        number = epoch + 1
+        utils.set_seed(utils.epoch_seed(args.seed, epoch))
+        sampler.set_epoch(epoch)
+        loader = utils.make_loader(train_set, args.batch_size, sampler, args.num_workers, args.seed, epoch, device,
+                                   drop_last=True)
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        try:
+            result = utils.train_one_epoch(train_module, loader, compute_loss, [optimizer], scaler, amp, device,
+                                           number, grad_clip=args.grad_clip, dist_info=dist_info,
+                                           progress=args.progress and dist_info.is_main)
+        except utils.NonFiniteLossError as err:
+            kept = f"{last_path} (after epoch {history[-1]['epoch'] if history else start_epoch})" \
+                if os.path.exists(last_path) else "none (no stage-2 epoch finished)"
+            log.error(f"stage 2: {err}; stopped. Last good checkpoint: {kept}")
+            raise utils.NonFiniteLossError(f"stage 2: {err}; training stopped, last good checkpoint: {kept}") from None
+        scheduler.step()
+        row = {"epoch": number, "lr": lrs[0], "lr_bias": lrs[-1], **result.losses, "train_acc": result.accuracy,
+               "val_acc": None, "val_rank1": None, "val_mAP": None,
+               "images_per_s": result.images_per_s, "epoch_seconds": result.seconds}
+        improved = False
+        if (number % args.eval_every == 0 or number == args.epochs) and dist_info.is_main:
+            model.eval()
+            row.update(validate(model, val_sets, args, device, amp))
+            model.train()
+            improved = args.train_all or row["val_mAP"] >= best["val_mAP"]  # ties go to the later epoch
+            if improved:
+                best = {"epoch": number, "val_mAP": row["val_mAP"], "val_rank1": row["val_rank1"]}
+        history.append(row)
+        if dist_info.is_main:
+            record = checkpoint_record(model, spec, number, row)
+            if improved:
+                utils.save_checkpoint(best_path, record)
+            if args.save_every and number % args.save_every == 0:
+                utils.save_checkpoint(os.path.join(out_dir, f"net_{number}.pth"), record)
+            utils.save_checkpoint(last_path, dict(
+                record, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(), rng=utils.capture_rng_state(), sampler=sampler.state_dict(),
+                history=history, best=best, world_size=dist_info.world_size,
+                text_features=criterion.text_features.cpu()))
+            utils.write_metrics_csv(os.path.join(out_dir, "metrics.csv"), history)
+            if row["val_mAP"] is not None:
+                utils.plot_training_curve(os.path.join(out_dir, "training_curve.png"), history)
+            losses = ", ".join(f"{k} {v:.4f}" for k, v in result.losses.items())
+            val = (f" | val acc {row['val_acc']:.4f} Rank-1 {row['val_rank1']:.4f} mAP {row['val_mAP']:.4f}"
+                   + (" (best)" if improved else "")) if row["val_mAP"] is not None else ""
+            log.info(f"stage 2 epoch {number}/{args.epochs} lr {lrs[0]:.3g} | {losses} | i2t acc "
+                     f"{result.accuracy:.4f}{val} | {result.images_per_s:.1f} img/s")
+        utils.barrier(dist_info)
+    return best
+
+
+# ---- run folder ----
+
+def read_config(out_dir):
+    import json
+    with open(os.path.join(out_dir, "config.json")) as f:
+        return json.load(f)
+
+
+def prepare_run_folder(out_dir, args):
+    """Refuse to overwrite a run without --force; --resume needs a run that can be continued."""
+    if args.resume:
+        if not os.path.isfile(os.path.join(out_dir, "config.json")):
+            raise utils.TrainingInputError(f"--resume: {out_dir} holds no run (no config.json); start the run "
+                                           f"without --resume")
+        return
+    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+    if existing and not args.force:
+        raise utils.TrainingInputError(f"{out_dir} already holds a run ({', '.join(existing)}); pass --resume to "
+                                       f"continue it, --force to overwrite it, or choose another --m_name")
+
+
+def clear_run_folder(out_dir):
+    for name in os.listdir(out_dir):
+        if name in RUN_FILES or (name.startswith("net_") and name.endswith(".pth")):
+            os.remove(os.path.join(out_dir, name))
+    if os.path.isdir(os.path.join(out_dir, "final_test")):
+        shutil.rmtree(os.path.join(out_dir, "final_test"))
+
+
+def resume_point(out_dir, args):
+    """Where a resumed run continues: "stage2" (net_last.pth), "stage2_start" (prompts.pth, stage 2 not
+    begun) or "stage1" (stage1_last.pth or nothing yet)."""
+    if os.path.isfile(os.path.join(out_dir, "net_last.pth")):
+        point = "stage2"
+    elif os.path.isfile(os.path.join(out_dir, "prompts.pth")):
+        point = "stage2_start"
+    else:
+        point = "stage1"
+    if args.stage == "1" and point != "stage1":
+        raise utils.TrainingInputError(f"--resume --stage 1: stage 1 of {out_dir} is finished (prompts.pth exists); "
+                                       f"resume with --stage both to run stage 2")
+    if args.stage == "2" and point == "stage1":
+        raise utils.TrainingInputError(f"--resume --stage 2: {out_dir} has no prompts.pth; resume stage 1 with "
+                                       f"--stage both or --stage 1")
+    return point
+
+
+def check_resumed_run(out_dir, args, data):
+    """The run being resumed must have the same backbone, geometry and identities as this command."""
+    config = read_config(out_dir)
+    spec = config["model"]["backbone"]
+    wanted = models.backbone_spec(args.backbone_name, args.input_size, args.stride, args.last_stride)
+    if spec["name"] != wanted["name"] or models.backbone_signature(dict(spec, arch=None)) != \
+            models.backbone_signature(wanted):
+        raise utils.TrainingInputError(
+            f"{out_dir} was trained with backbone {models.describe_backbone(spec)} but this command asks for "
+            f"{models.describe_backbone(wanted)}; resume with the run's own settings or start a new --m_name")
+    if config.get("class_names") != data["class_names"]:
+        raise utils.TrainingInputError(f"{args.data_dir} has other training identities than the run being resumed "
+                                       f"in {out_dir}")
+    if bool(config["model"].get("sie")) != args.sie:
+        raise utils.TrainingInputError(f"{out_dir} was trained {'with' if config['model'].get('sie') else 'without'} "
+                                       f"--sie; resume with the same setting")
+    return spec, config
+
+
+# ---- main ----
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (utils.TrainingInputError, utils.NonFiniteLossError) as err:
+        raise SystemExit(f"error: {err}") from None
+    except ValueError as err:  # from clip / models / image loading: always a message naming the cause
+        raise SystemExit(f"error: {err}") from None
+
+
+def train(args):
+    check_args(args)
+    dist_info = utils.setup_distributed(args.device)
+    try:
+        return _train(args, dist_info)
+    finally:
+        utils.cleanup_distributed(dist_info)
+
+
+def _train(args, dist_info):
+    device = dist_info.device
+    amp = utils.resolve_amp(args.amp, device)
+    input_size = tuple(args.input_size)
+    out_dir = os.path.join(args.f_name, args.m_name)
+    data = load_training_data(args.data_dir, args.train_all)
+    num_classes = len(data["class_names"])
+    prepare_run_folder(out_dir, args)
+    point = resume_point(out_dir, args) if args.resume else "stage1" if args.stage != "2" else "stage2_start"
+    utils.barrier(dist_info)
+    if dist_info.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        if args.force and not args.resume:
+            clear_run_folder(out_dir)
+    utils.barrier(dist_info)
+    log = utils.setup_logger(out_dir, dist_info.is_main)
+    log.info("command: " + " ".join(sys.argv))
+    utils.set_seed(args.seed)
+
+    # the image encoder (and the text tower when prompts must be learned or read)
+    clip_model, stage2_state, old_config = None, None, None
+    if args.resume:
+        spec, old_config = check_resumed_run(out_dir, args, data)
+    else:
+        spec = models.backbone_spec(args.backbone_name, input_size, args.stride, args.last_stride)
+    if point == "stage2":
+        last_path = os.path.join(out_dir, "net_last.pth")
+        stage2_state = utils.load_checkpoint(last_path)
+        models.check_same_backbone(spec, stage2_state["backbone"], last_path)
+        if stage2_state.get("world_size", 1) != dist_info.world_size:
+            raise utils.TrainingInputError(f"{last_path} was written by a run with {stage2_state.get('world_size', 1)} "
+                                           f"process(es); resume it with the same number ({dist_info.world_size} now)")
+        visual = models.load_backbone(spec, weights="empty")
+    else:
+        for turn in ("main", "others"):  # rank 0 downloads first
+            if (turn == "main") == dist_info.is_main:
+                visual, clip_model = models.load_clip_towers(spec, args.download_root)
+            utils.barrier(dist_info)
+    if args.resume:  # flags left at their backbone default take the resumed run's values
+        for name in BACKBONE_DEFAULTS["vit"]:
+            if getattr(args, name) is None and old_config["args"].get(name) is not None:
+                setattr(args, name, old_config["args"][name])
+    kind = resolve_backbone_defaults(args, spec)
+
+    train_set, feature_set, val_sets = build_datasets(args, data, input_size, dist_info)
+    sie_aspects = data["aspects"] if args.sie else None
+    model_config = models.clipreid_model_config(spec, args.feature, sie_aspects, data["class_aspect"], args.sie_coe)
+    run = {"out_dir": out_dir, "device": device, "amp": amp, "dist_info": dist_info, "spec": spec, "data": data,
+           "stage2_state": stage2_state}
+    if dist_info.is_main:
+        extra = {"method": "clipreid", "model": model_config, "num_classes": num_classes,
+                 "class_names": data["class_names"], "aspects": data["aspects"], "backbone_kind": kind,
+                 "feature_dims": dict(visual.feature_dims), "amp": amp, "world_size": dist_info.world_size,
+                 "effective_batch_size": args.batch_size * dist_info.world_size, "train_split": data["train_split"],
+                 "num_train_images": len(train_set), "num_val_images": len(data["val"]),
+                 "recipe_notes": ["CLIP mean/std in both stages and at test time (the reference used 0.5/0.5 "
+                                  "for ViT and ImageNet statistics for RN50, by accident)",
+                                  "stage-1 text tower runs only up to the end token (identical output)",
+                                  "validation and net_best use only training identities (val vs train)"]}
+        if args.resume:
+            extra["resumed"] = old_config.get("resumed", []) + [point]
+        utils.write_run_config(out_dir, args, extra=extra)
+    for a, b, shared in cross_root_identity_overlap(args.data_dir) if len(args.data_dir) > 1 else []:
+        log.warning(f"{len(shared)} training identities of {a} are test identities of {b} (e.g. {shared[:3]}); "
+                    f"results of this model on {b}'s test splits are not identity-disjoint")
+    log.info(f"{num_classes} identities from {len(args.data_dir)} split root(s) {data['aspects']}, "
+             f"{len(train_set)} train / {len(data['val'])} val images; backbone {models.describe_backbone(spec)}; "
+             f"stage {args.stage}; amp {amp}; device {device}")
+
+    # stage 1 (rank 0 only; the other ranks get the text features by broadcast)
+    text_features = None
+    if point == "stage1":
+        if dist_info.is_main:
+            text_encoder = run_stage1(args, run, visual, clip_model, feature_set, log)
+            text_features = text_encoder.all_class_features().cpu()  # once, frozen for all of stage 2
+            del text_encoder
+        if args.stage == "1":
+            summary = f"Wrote the stage-1 prompts of {num_classes} identities to {os.path.join(out_dir, 'prompts.pth')}"
+            log.info(summary)
+            utils.close_logger(log)
+            return {"out_dir": out_dir, "prompts": os.path.join(out_dir, "prompts.pth")}
+    elif point == "stage2_start":
+        prompts = os.path.join(out_dir, "prompts.pth") if args.resume else args.prompts
+        if dist_info.is_main:
+            text_encoder = load_prompts(prompts, data["class_names"], spec, clip_model, device)
+            text_features = text_encoder.all_class_features().cpu()  # once, frozen for all of stage 2
+            del text_encoder
+            if not args.resume:
+                shutil.copyfile(prompts, os.path.join(out_dir, ".prompts.pth.tmp"))
+                os.replace(os.path.join(out_dir, ".prompts.pth.tmp"), os.path.join(out_dir, "prompts.pth"))
+            log.info(f"stage 2 starts from the prompts in {prompts}")
+    else:
+        text_features = stage2_state["text_features"]
+    clip_model = None  # the text tower is not needed any more
+    text_features = utils.broadcast_object(text_features, dist_info)
+
+    # stage 2 (seeded here, so the heads start alike after stage 1, from --prompts or on resume)
+    utils.set_seed(args.seed)
+    model = models.build_clipreid_model(model_config, num_classes, visual=visual)
+    if stage2_state is not None:
+        models.load_model_weights(model, stage2_state["model"], os.path.join(out_dir, "net_last.pth"))
+    model.to(device)
+    best = run_stage2(args, run, model, text_features, train_set, val_sets, log)
+
+    best_path = os.path.join(out_dir, "net_best.pth")
+    summary = f"Wrote the CLIP-ReID model (net_best: epoch {best['epoch']}) to {out_dir}"
+    if dist_info.is_main:
+        if args.final_test and os.path.isfile(best_path):
+            run_final_test(model, args, out_dir, best_path, amp, device, log)
+        log.info(summary)
+        utils.close_logger(log)
+    return {"out_dir": out_dir, "best": best}
+
+
+if __name__ == "__main__":
+    main()
