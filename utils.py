@@ -1557,7 +1557,7 @@ class EpochResult:
 
 
 def _first_bad(values, epoch, offset, names, dist_info):
-    """Raise NonFiniteLossError if any recorded loss is NaN/inf (on any rank)."""
+    """Raise NonFiniteLossError if any recorded loss is NaN/inf (on any rank); batches count from 1."""
     stacked = torch.stack(values)  # (steps, terms)
     finite = torch.isfinite(stacked).all(dim=1)
     bad = (~finite).any().float()
@@ -1569,8 +1569,9 @@ def _first_bad(values, epoch, offset, names, dist_info):
     if steps:
         step = steps[0]
         terms = {n: float(v) for n, v in zip(names, stacked[step].tolist())}
-        raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, batch {offset + step}: {terms}")
-    raise NonFiniteLossError(f"non-finite loss on another rank at epoch {epoch}, batches {offset}..{offset + len(values) - 1}")
+        raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, batch {offset + step + 1}: {terms}")
+    raise NonFiniteLossError(f"non-finite loss on another rank at epoch {epoch}, batches "
+                             f"{offset + 1}..{offset + len(values)}")
 
 
 def train_one_epoch(model, loader, compute_loss, optimizers, scaler, amp, device, epoch, grad_clip=None,

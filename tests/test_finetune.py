@@ -67,7 +67,9 @@ def test_bnneck_and_classifier_initialisation(tiny_vit_checkpoint):
     for classifier in (model.classifier, model.classifier_proj):
         assert classifier.bias is None
         assert 0.0008 < classifier.weight.std().item() < 0.0012
-    assert spec["arch"]["vision_patch_size"] == 8  # recorded so the model can be rebuilt offline
+    # the architecture is recorded so the model can be rebuilt without the checkpoint file
+    arch = clip.model.infer_config(torch.load(tiny_vit_checkpoint, weights_only=True))
+    assert spec["arch"] == models._jsonable_arch(arch)
 
 
 def test_train_and_eval_outputs(tiny_vit_checkpoint):
@@ -168,8 +170,8 @@ def test_finetuning_beats_zero_shot(finetuned, hand_data, tiny_vit_checkpoint, t
     tuned = read_json(os.path.join(finetuned["run_dir"], "final_test", "results.json"))
     for variant in ("own", "all"):
         zs, ft = zero_shot["summary"][variant]["mean"], tuned["summary"][variant]["mean"]
-        # seeds 0, 1, 2 of checkpoint and training gave margins of 0.11-0.14 (own) and 0.05-0.09 (all)
-        margin = 0.06 if variant == "own" else 0.03
+        # seeds 0, 1, 2 (checkpoint and training) gave margins of 0.16-0.20 (own) and 0.09-0.13 (all)
+        margin = 0.08 if variant == "own" else 0.04
         assert ft["mAP_hand"] > zs["mAP_hand"] + margin, (variant, zs["mAP_hand"], ft["mAP_hand"])
 
 
@@ -180,7 +182,7 @@ def test_run_folder_contents(finetuned):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     config = read_json(os.path.join(run_dir, "config.json"))
     assert config["num_classes"] == 12 == len(config["class_names"])
-    assert config["args"]["lr"] == 3e-4 and config["seed"] if "seed" in config else config["args"]["seed"] == 0
+    assert config["args"]["lr"] == 3e-4 and config["args"]["seed"] == 0 and config["git_commit"]
     assert config["model"]["backbone"]["arch"]["vision_width"] == 64
     assert config["retrieval_feature_dim"] == 64 + 32 and config["effective_batch_size"] == 16
     rows = read_metrics(run_dir)
@@ -256,8 +258,9 @@ def test_data_dir_without_train_or_val(hand_data, tiny_vit_checkpoint, tmp_path)
     shutil.rmtree(root / "val")
     with pytest.raises(SystemExit, match=r"no val/ folder"):
         run_train(str(root), tmp_path / "out", "x", tiny_vit_checkpoint, *SIZE)
-    with pytest.raises(SystemExit, match=r"no train_all/ or val/"):
-        run_train(str(root), tmp_path / "out", "x", tiny_vit_checkpoint, *SIZE, "--train_all")
+    shutil.rmtree(root / "train")
+    with pytest.raises(SystemExit, match=r"no train/ or val/ folder"):
+        run_train(str(root), tmp_path / "out", "x", tiny_vit_checkpoint, *SIZE)
 
 
 def test_val_identity_missing_from_train(hand_data, tiny_vit_checkpoint, tmp_path):
@@ -322,12 +325,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(hand_data, tiny_vit_check
     def poisoned(self, images, labels):
         total, terms, logits = forward(self, images, labels)
         calls["n"] += 1
-        if calls["n"] == 5:  # epoch 2 (4 batches of 16 from 62 images per epoch... -> 3), second batch
+        if calls["n"] == 5:  # 3 full batches of 16 per epoch: call 5 is epoch 2, batch 2
             total = total * float("nan")
         return total, terms, logits
 
     monkeypatch.setattr(train_finetune.FinetuneLoss, "forward", poisoned)
-    with pytest.raises(SystemExit, match=r"non-finite loss at epoch 2, batch 1.*last good checkpoint: .*net_last.pth "
+    with pytest.raises(SystemExit, match=r"non-finite loss at epoch 2, batch 2.*last good checkpoint: .*net_last.pth "
                                          r"\(after epoch 1\)"):
         run_train(hand_data, tmp_path, "nan", tiny_vit_checkpoint, "--input_size", "32", "32", "--stride", "8",
                   "--epochs", "3", "--batch_size", "16", "--no-final_test")

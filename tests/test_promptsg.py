@@ -3,8 +3,10 @@
 The first tests check what the CLIP-FH thesis code got wrong: the pseudo-word sits inside the
 token sequence, the prompt feature changes the fused output (the attention has many keys), and the
 losses train the inversion network and the cross-attention's query path."""
+import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -31,10 +33,20 @@ def build_model(checkpoint, kind, num_classes=4, seed=0, **kwargs):
     return model
 
 
+@pytest.fixture(scope="module")
+def prototypes(tiny_vit_checkpoint, tiny_rn_checkpoint):
+    return {"vit": build_model(tiny_vit_checkpoint, "vit"), "rn": build_model(tiny_rn_checkpoint, "rn")}
+
+
 @pytest.fixture(params=["vit", "rn"])
-def tiny_model(request, tiny_vit_checkpoint, tiny_rn_checkpoint):
-    checkpoint = tiny_vit_checkpoint if request.param == "vit" else tiny_rn_checkpoint
-    return build_model(checkpoint, request.param), request.param
+def tiny_model(request, prototypes):
+    """(fresh copy of a tiny PromptSG model, "vit" | "rn")."""
+    return copy.deepcopy(prototypes[request.param]), request.param
+
+
+@pytest.fixture
+def vit_model(prototypes):
+    return copy.deepcopy(prototypes["vit"])
 
 
 def batch(kind, n=8, seed=0):
@@ -62,8 +74,8 @@ def test_bad_template_is_refused(template):
         models.composed_prompt_tokens(template)
 
 
-def test_pseudo_token_sits_at_s_star_and_end_token_survives(tiny_vit_checkpoint):
-    model = build_model(tiny_vit_checkpoint, "vit").eval()
+def test_pseudo_token_sits_at_s_star_and_end_token_survives(vit_model):
+    model = vit_model.eval()
     text = model.text
     template = text.token_embedding(clip.tokenize("A photo of a x hand.")[0, :9])
     pseudo = torch.randn(3, template.shape[1])
@@ -83,8 +95,8 @@ def test_pseudo_token_sits_at_s_star_and_end_token_survives(tiny_vit_checkpoint)
     torch.testing.assert_close(composed, reference)
 
 
-def test_fixed_prompt_is_encoded_once(tiny_vit_checkpoint, monkeypatch):
-    model = build_model(tiny_vit_checkpoint, "vit").eval()
+def test_fixed_prompt_is_encoded_once(vit_model, monkeypatch):
+    model = vit_model.eval()
     with torch.no_grad():
         expected = model.text.encode_text(clip.tokenize("A photo of a hand."))[0]
     torch.testing.assert_close(model.fixed_text_feature, expected)
@@ -145,8 +157,8 @@ def test_losses_train_inversion_and_query_path(tiny_model, lambda_sc):
     assert all(p.grad is None for p in model.text.parameters())  # the text tower is frozen
 
 
-def test_contrastive_loss_alone_trains_the_inversion_network(tiny_vit_checkpoint):
-    model = build_model(tiny_vit_checkpoint, "vit").train()
+def test_contrastive_loss_alone_trains_the_inversion_network(vit_model):
+    model = vit_model.train()
     images, labels = batch("vit")
     _, features = model(images, labels)
     train_promptsg.symmetric_supcon(features["image"], features["text"], labels, 0.07).backward()
@@ -165,3 +177,114 @@ def test_model_rebuilds_from_config_and_state_dict(tiny_model):
         for prompt in models.INFERENCE_PROMPTS:
             model.inference_prompt = rebuilt.inference_prompt = prompt
             torch.testing.assert_close(rebuilt(images), model(images))
+
+
+# ---- train_promptsg.py and the evaluator on the synthetic 11k data ----
+
+def train_args(synthetic_11k, f_name, m_name, checkpoint, *extra):
+    return ["--data_dir", os.path.join(synthetic_11k, "train_val_test_split_dorsal_r"), "--f_name", str(f_name),
+            "--m_name", m_name, "--backbone_name", checkpoint, "--input_size", "32", "32", "--stride", "8",
+            "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--no-progress", *extra]
+
+
+def own_gallery_map(results):
+    return results["summary"]["own"]["mean"]["mAP_hand"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_11k, tiny_vit_checkpoint, tmp_path_factory):
+    """A short PromptSG run (net_best on val, final test with both prompts) and the zero-shot results
+    of the same tiny checkpoint."""
+    import eval_query_gallery_clip_zeroshot
+    root = tmp_path_factory.mktemp("promptsg_runs")
+    out = train_promptsg.main(train_args(synthetic_11k, root, "psg", tiny_vit_checkpoint, "--epochs", "12",
+                                         "--lr", "1e-3", "--milestones", "9", "--eval_every", "6",
+                                         "--save_every", "6"))
+    zero_shot = eval_query_gallery_clip_zeroshot.main([
+        "--test_dir", os.path.join(synthetic_11k, "train_val_test_split_dorsal_r"), "--f_name", str(root / "zs"),
+        "--backbone_name", tiny_vit_checkpoint, "--input_size", "32", "32", "--num_workers", "0", "--device", "cpu"])
+    return {"root": root, "out": out, "zero_shot": zero_shot}
+
+
+def test_training_beats_zero_shot(trained_run):
+    out, zero_shot = trained_run["out"], trained_run["zero_shot"]
+    fixed, composed = (own_gallery_map(out["final_test"][p]) for p in ("fixed", "composed"))
+    assert fixed > own_gallery_map(zero_shot) + 0.05, (fixed, own_gallery_map(zero_shot))
+    assert composed > own_gallery_map(zero_shot) + 0.05, (composed, own_gallery_map(zero_shot))
+    run_dir = out["out_dir"]
+    for name in ("config.json", "train.log", "metrics.csv", "training_curve.png", "net_last.pth", "net_best.pth",
+                 "net_6.pth", "net_12.pth", "final_test/results.json", "final_test_composed/results.json"):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    assert config["method"] == "promptsg" and config["model"]["kind"] == "promptsg"
+    assert config["model"]["prompt_template"] == "A photo of a S* hand." and config["args"]["lambda_sc"] == 0.5
+    assert config["sc_temperature_used"] == pytest.approx(0.07, rel=1e-3)  # the tiny checkpoint's logit scale
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        header = f.readline().strip().split(",")
+    assert {"loss_id", "loss_triplet", "loss_supcon", "val_mAP", "lr_heads"} <= set(header)
+    assert out["history"][0]["lr_heads"] == pytest.approx(10 * out["history"][0]["lr"])
+    assert out["best"]["epoch"] in (6, 12)
+
+
+@pytest.mark.parametrize("prompt", ["fixed", "composed"])
+def test_evaluator_reproduces_the_final_test(trained_run, synthetic_11k, prompt):
+    import eval_query_gallery_finetune
+    out = trained_run["out"]
+    results = eval_query_gallery_finetune.main([
+        "--f_name", str(trained_run["root"]), "--m_name", "psg", "--which_epoch", "best",
+        "--test_dir", os.path.join(synthetic_11k, "train_val_test_split_dorsal_r"), "--num_workers", "0",
+        "--device", "cpu", "--inference_prompt", prompt])
+    assert results["inference_prompt"] == prompt
+    for variant in ("own", "all"):
+        expected = out["final_test"][prompt]["summary"][variant]["mean"]
+        for metric in ("rank1", "mAP_hand"):
+            assert results["summary"][variant]["mean"][metric] == pytest.approx(expected[metric], abs=1e-6)
+
+
+def test_evaluator_refuses_a_feature_the_model_lacks(trained_run, synthetic_11k):
+    import eval_query_gallery_finetune
+    with pytest.raises(SystemExit, match="pre_proj"):
+        eval_query_gallery_finetune.main([
+            "--f_name", str(trained_run["root"]), "--m_name", "psg", "--feature", "pre_proj",
+            "--test_dir", os.path.join(synthetic_11k, "train_val_test_split_dorsal_r"), "--device", "cpu"])
+
+
+def test_resume_gives_the_same_weights(synthetic_11k, tiny_vit_checkpoint, tmp_path):
+    common = ["--epochs", "2", "--lr", "1e-3", "--eval_every", "1", "--save_every", "0", "--no-final_test"]
+    train_promptsg.main(train_args(synthetic_11k, tmp_path, "straight", tiny_vit_checkpoint, *common))
+    stopped = train_args(synthetic_11k, tmp_path, "resumed", tiny_vit_checkpoint, *common)
+    stopped[stopped.index("--epochs") + 1] = "1"
+    train_promptsg.main(stopped)
+    train_promptsg.main(train_args(synthetic_11k, tmp_path, "resumed", tiny_vit_checkpoint, *common, "--resume"))
+    straight = torch.load(tmp_path / "straight" / "net_last.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "net_last.pth", weights_only=True)
+    assert resumed["epoch"] == straight["epoch"] == 2
+    for key, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=key)
+    assert resumed["history"][-1]["loss"] == straight["history"][-1]["loss"]
+    # a resumed run keeps its model: another prompt template is refused
+    with pytest.raises(SystemExit, match="prompt_template"):
+        train_promptsg.main(train_args(synthetic_11k, tmp_path, "resumed", tiny_vit_checkpoint, *common, "--resume",
+                                       "--prompt_template", "A picture of S*."))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompt_template", "A photo of a hand."], "S\\*"),
+    (["--lambda_sc", "-1"], "--lambda_sc"),
+    (["--sc_temperature", "0"], "--sc_temperature"),
+    (["--batch_size", "1"], "--batch_size"),
+    (["--inference_prompt", "simplified"], "--inference_prompt"),
+])
+def test_bad_flags_stop_with_a_clear_error(synthetic_11k, tiny_vit_checkpoint, tmp_path, extra, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        train_promptsg.main(train_args(synthetic_11k, tmp_path, "bad", tiny_vit_checkpoint, *extra))
+    text = str(info.value) + capsys.readouterr().err
+    assert re.search(message, text), text
+    assert not os.path.exists(tmp_path / "bad" / "net_last.pth")
+
+
+def test_data_dir_without_train_folder_is_refused(tiny_vit_checkpoint, tmp_path):
+    args = train_args(str(tmp_path), tmp_path, "bad", tiny_vit_checkpoint)
+    with pytest.raises(SystemExit, match="train"):
+        train_promptsg.main(args)
