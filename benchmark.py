@@ -10,6 +10,14 @@ Parts:
   metrics  the vectorised evaluation (utils.query_gallery_metrics: CMC, mAP in both conventions, mINP)
            against a straightforward per-query Python loop, on a 2,000 x 10,000 score matrix.
            Target: >= 5x.
+  train    training images/s of the fine-tuning step (train_finetune.py's: two LS-CE heads, Adam,
+           train_one_epoch) and
+  infer    inference images/s (retrieval feature), each for --backbones (random weights) at --input_size,
+           with AMP off and on (--amps), from in-memory tensors ("memory"), from JPEG photos on disk
+           decoded by DataLoader workers ("jpeg") and from the --cache_resized uint8 cache ("cache"),
+           next to the FLOP ceiling: images/s = peak FLOP/s / FLOPs per image (x3 for training);
+           peaks --peak_tflops (H100 dense bf16 990 SXM / 790). Targets on one H100: ViT-B/16 bf16
+           training >= 2,500 img/s, inference >= 8,000 img/s, and the data paths keeping up.
 """
 import argparse
 import json
@@ -135,7 +143,154 @@ def bench_metrics(args):
     return figures
 
 
-PARTS = {"decode": bench_decode, "metrics": bench_metrics}
+# ---- training / inference throughput ----------------------------------------------------------
+
+def image_flops(visual, input_size):
+    """FLOPs of one image through the encoder (linear, conv and attention matmuls; 1 MAC = 2 FLOPs),
+    counted on the meta device."""
+    import copy
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    meta = copy.deepcopy(visual).to("meta")
+    with FlopCounterMode(display=False) as counter:
+        meta.forward_features(torch.zeros(1, 3, *input_size, device="meta"))
+    return counter.get_total_flops()
+
+
+def throughput_model(backbone, args, num_classes):
+    """A random-weight fine-tuning model (models.HandReIDModel) and its loss (train_finetune.FinetuneLoss)."""
+    import clip
+    import models
+    import train_finetune
+    spec = models.backbone_spec(backbone, tuple(args.input_size), args.stride, args.last_stride)
+    spec["arch"] = dict(clip.model.MODEL_CONFIGS[backbone])
+    model = models.HandReIDModel(models.load_backbone(spec, weights="random"), num_classes)
+    return model, train_finetune.FinetuneLoss(model, ls=0.1)
+
+
+def benchmark_photos(args, folder):
+    """(paths, labels) of --bench_photos generated photos (the 11k size), written once into `folder`."""
+    count = args.bench_photos
+    marker = os.path.join(folder, f"photos_{count}_{args.photo_size[0]}x{args.photo_size[1]}.json")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            paths = json.load(f)
+    else:
+        paths = write_test_photos(folder, count, tuple(args.photo_size), args.seed)
+        utils.atomic_write_json(marker, paths)
+    return paths, [i % 72 for i in range(len(paths))]
+
+
+def batches_source(kind, dataset, batch_size, steps, args, device):
+    """An iterable of `steps` (images, labels) batches: the same tensors on the device ("memory"),
+    or a DataLoader reading `dataset` with --bench_workers workers (samples drawn with replacement)."""
+    import torch
+    if kind == "memory":
+        images = torch.randn(batch_size, 3, *args.input_size, device=device)
+        labels = torch.arange(batch_size, device=device) % 72
+        return [(images, labels)] * steps
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batch_size * steps)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=args.bench_workers,
+                                       pin_memory=device.startswith("cuda"), drop_last=True,
+                                       persistent_workers=False, prefetch_factor=4 if args.bench_workers else None)
+
+
+def throughput_datasets(args, folder, train):
+    """{"jpeg": ..., "cache": ...} datasets of the benchmark photos with the training or eval pipeline."""
+    paths, labels = benchmark_photos(args, folder)
+    size = utils.train_load_size(args.input_size) if train else tuple(args.input_size)
+    transform = utils.build_train_transform(args.input_size) if train else utils.eval_transform(args.input_size)
+    items = list(zip(paths, labels))
+    cache = utils.ResizedImageCache(paths, size, os.path.join(folder, "cache"), desc="building the resized cache")
+    return {"jpeg": utils.LabeledImageDataset(items, size, transform),
+            "cache": utils.LabeledImageDataset(items, size, transform, cache=cache)}
+
+
+def time_training(loss_module, source_fn, args, device, amp):
+    model = loss_module.model
+    optimizer = utils.make_optimizer("adam", utils.param_groups(model, 5e-6, 5e-4), 5e-6, 5e-4)
+    scaler = utils.make_grad_scaler(amp, device)
+
+    def step(module, images, labels):
+        return module(images, labels)
+
+    utils.train_one_epoch(loss_module, source_fn(args.warmup), step, [optimizer], scaler, amp, device, 0,
+                          progress=False)
+    result = utils.train_one_epoch(loss_module, source_fn(args.iters), step, [optimizer], scaler, amp, device, 1,
+                                   progress=False)
+    return result.images_per_s
+
+
+def time_inference(model, source_fn, args, device, amp):
+    import torch
+    model.eval()
+
+    def run(source):
+        seen = 0
+        start = time.perf_counter()
+        with torch.no_grad(), utils.autocast(amp, device):
+            for images, _ in source:
+                model(images.to(device, non_blocking=True))
+                seen += images.shape[0]
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        return seen / (time.perf_counter() - start)
+
+    run(source_fn(args.warmup))
+    return run(source_fn(args.iters))
+
+
+def bench_throughput(args, train):
+    import torch
+    device = args.device
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # as train_finetune.py on CUDA
+    mode = "train" if train else "infer"
+    batch_size = args.train_batch if train else args.infer_batch
+    if batch_size is None:
+        batch_size = (128 if train else 512) if device.startswith("cuda") else 4
+    amps = args.amps or (["none", "bf16"] if device.startswith("cuda") else ["none"])
+    figures = {"device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+               "batch_size": batch_size, "input_size": list(args.input_size), "iters": args.iters,
+               "workers": args.bench_workers, "peak_tflops": args.peak_tflops}
+    folder = args.photo_dir or os.path.join(tempfile.gettempdir(), "clipfh_benchmark_photos")
+    os.makedirs(folder, exist_ok=True)
+    datasets = throughput_datasets(args, folder, train) if set(args.data_paths) - {"memory"} else {}
+    for backbone in args.backbones:
+        model, loss_module = throughput_model(backbone, args, num_classes=72)
+        flops = image_flops(model.visual, args.input_size) * (3 if train else 1)
+        ceilings = {f"{peak:g}": peak * 1e12 / flops for peak in args.peak_tflops}
+        model.to(device)
+        loss_module.to(device)
+        entry = {"gflop_per_image": flops / 1e9, "ceiling_images_per_s": ceilings}
+        for amp in amps:
+            for kind in args.data_paths:
+                def source_fn(steps, kind=kind):
+                    return batches_source(kind, datasets.get(kind), batch_size, steps, args, device)
+                if train:
+                    rate = time_training(loss_module, source_fn, args, device, amp)
+                else:
+                    rate = time_inference(model, source_fn, args, device, amp)
+                entry[f"{amp}/{kind}"] = rate
+                share = ", ".join(f"{c:,.0f} at {p} TF/s ({100 * rate / c:.2f}%)" for p, c in ceilings.items())
+                print(f"{mode} {backbone} {args.input_size[0]}x{args.input_size[1]} amp {amp:4s} {kind:6s}: "
+                      f"{rate:10.1f} img/s (batch {batch_size}); ceiling img/s {share}")
+        figures[backbone] = entry
+        del model, loss_module
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return figures
+
+
+def bench_train(args):
+    return bench_throughput(args, train=True)
+
+
+def bench_infer(args):
+    return bench_throughput(args, train=False)
+
+
+PARTS = {"decode": bench_decode, "metrics": bench_metrics, "train": bench_train, "infer": bench_infer}
 
 
 def parse_args(argv=None):
@@ -150,6 +305,22 @@ def parse_args(argv=None):
     parser.add_argument("--metrics_shape", type=int, nargs=2, default=[2000, 10000], metavar=("Q", "G"))
     parser.add_argument("--matches_per_query", type=int, nargs="+", default=[1, 5],
                         help="gallery images per identity in the metrics part (1 = the hand protocol)")
+    g = parser.add_argument_group("train / infer throughput")
+    g.add_argument("--backbones", nargs="+", default=["ViT-B/16", "RN50"], help="official names, random weights")
+    g.add_argument("--amps", nargs="+", choices=["none", "bf16", "fp16"], default=None,
+                   help="AMP settings to time (default: none and bf16 on CUDA, none on CPU)")
+    g.add_argument("--data_paths", nargs="+", choices=["memory", "jpeg", "cache"], default=["memory", "jpeg", "cache"])
+    g.add_argument("--iters", type=int, default=30, help="timed batches per measurement")
+    g.add_argument("--warmup", type=int, default=5, help="untimed batches before each measurement")
+    g.add_argument("--train_batch", type=int, default=None, help="default 128 on CUDA, 4 on CPU")
+    g.add_argument("--infer_batch", type=int, default=None, help="default 512 on CUDA, 4 on CPU")
+    g.add_argument("--bench_workers", type=int, default=min(16, os.cpu_count() or 1), help="DataLoader workers")
+    g.add_argument("--bench_photos", type=int, default=64, help="generated photos for the jpeg/cache paths")
+    g.add_argument("--photo_dir", default=None, help="where the photos and their cache go (default: a temp folder)")
+    g.add_argument("--stride", type=int, default=16, help="ViT patch stride")
+    g.add_argument("--last_stride", type=int, default=1, choices=[1, 2], help="RN layer4 stride (1 as in training)")
+    g.add_argument("--peak_tflops", type=float, nargs="+", default=[990.0, 790.0],
+                   help="peak FLOP/s (TFLOP/s) for the ceilings; H100 SXM dense bf16 = 990")
     utils.add_common_args(parser)
     return parser.parse_args(argv)
 

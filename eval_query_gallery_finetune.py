@@ -13,7 +13,6 @@ Writes <f_name>/<m_name>/eval_<which_epoch>_<test set>[_flip][_<feature>][_reran
 result_split{i}.mat (+ result_split{i}_all.mat), results.json, results.csv and config.json.
 """
 import argparse
-import inspect
 import os
 
 import models
@@ -79,6 +78,10 @@ def main(argv=None):
         model, config, checkpoint = models.load_trained_model(run_dir, args.which_epoch, device=args.device)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    if hasattr(model, "set_test_dir"):  # models with per-aspect parts (CLIP-ReID --sie) pick the test aspect
+        note = model.set_test_dir(args.test_dir)
+        if note:
+            print(note)
     run_feature = getattr(model, "feature", None)
     feature = args.feature or run_feature
     if args.feature is not None:
@@ -106,18 +109,12 @@ def main(argv=None):
              "feature": feature, "rerank": rerank, "inference_prompt": getattr(model, "inference_prompt", None),
              "trained_on": config.get("args", {}).get("data_dir"),
              "preprocessing": "bicubic resize to the training input size (no crop), CLIP mean/std"}
-    kwargs = {}
-    if rerank is not None:
-        if "rerank" not in inspect.signature(utils.evaluate_query_gallery).parameters:
-            raise SystemExit("error: --rerank needs utils.evaluate_query_gallery(rerank=...), which this version "
-                             "of utils.py lacks")
-        kwargs["rerank"] = rerank
     method = f"{args.m_name} ({extra['model_kind']}, net_{args.which_epoch})" + (" + RK" if rerank else "")
     try:
         results = utils.evaluate_query_gallery(
             model, args.test_dir, out_dir, gallery=args.gallery, method_name=method, input_size=input_size,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, flip=args.flip,
-            amp=args.amp, max_rank=args.max_rank, overwrite=args.force, extra=extra, **kwargs)
+            amp=args.amp, max_rank=args.max_rank, rerank=rerank, overwrite=args.force, extra=extra)
     except (ValueError, FileExistsError) as err:
         raise SystemExit(f"error: {err}") from None
     utils.write_run_config(out_dir, args, extra=extra)

@@ -45,8 +45,11 @@ def backbone_signature(spec):
 
 
 def describe_backbone(spec):
-    return (f"{spec.get('name')} (input_size {list(spec['input_size'])}, patch_stride {spec.get('patch_stride')}, "
-            f"last_stride {spec.get('last_stride')})")
+    arch = spec.get("arch")
+    strides = [f"patch_stride {spec.get('patch_stride')}", f"last_stride {spec.get('last_stride')}"]
+    if arch:  # only the stride that applies to this architecture
+        strides = strides[1:] if is_resnet_arch(arch) else strides[:1]
+    return f"{spec.get('name')} (input_size {list(spec['input_size'])}, {', '.join(strides)})"
 
 
 def check_same_backbone(expected_spec, found_spec, where):
@@ -532,7 +535,7 @@ def composed_prompt_tokens(template, context_length=77):
 class InversionNetwork(nn.Module):
     """Image global feature -> one pseudo-word embedding: 3-layer MLP (512-d hidden layers) with a
     BatchNorm after the last layer. The BN scale starts at the spread of the real word embeddings so
-    the pseudo-word begins on their scale (weight 1 would make it ~50x larger than any word)."""
+    the pseudo-word begins on their scale (weight 1 would make it tens of times larger than a word)."""
 
     def __init__(self, in_dim, token_dim, hidden=512, token_std=1.0):
         super().__init__()

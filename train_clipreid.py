@@ -372,7 +372,8 @@ def prompts_record(text_encoder, class_names, spec, epoch, text_features):
 
 
 def run_stage1(args, run, visual, clip_model, feature_set, log):
-    """Learn the identity prompts; writes prompts.pth and returns the PromptTextEncoder."""
+    """Learn the identity prompts; writes prompts.pth and returns the text features of every
+    identity (computed once here, frozen for all of stage 2)."""
     out_dir, device, amp = run["out_dir"], run["device"], run["amp"]
     data = run["data"]
     last_path = os.path.join(out_dir, "stage1_last.pth")
@@ -457,22 +458,27 @@ def run_stage1(args, run, visual, clip_model, feature_set, log):
     utils.save_checkpoint(os.path.join(out_dir, "prompts.pth"), record)
     log.info(f"stage 1: wrote the prompts of {len(data['class_names'])} identities to "
              f"{os.path.join(out_dir, 'prompts.pth')}")
-    return text_encoder
+    return text_features.cpu()
 
 
-def load_prompts(path, class_names, spec, clip_model, device):
-    """PromptTextEncoder holding the prompts of a stage-1 run; checks identities and backbone."""
+def read_prompts(path, class_names):
+    """The record of a stage-1 prompts.pth, checked against this run's training identities."""
     record = utils.load_checkpoint(path)
-    if record.get("kind") != "clipreid_prompts":
+    if not isinstance(record, dict) or record.get("kind") != "clipreid_prompts":
         raise utils.TrainingInputError(f"{path} is not a prompts file written by train_clipreid.py stage 1")
     if record["class_names"] != list(class_names):
         raise utils.TrainingInputError(
             f"{path} holds prompts of {len(record['class_names'])} other identities than the {len(class_names)} of "
             f"--data_dir; stage 2 needs the prompts learned on the same training identities")
+    return record
+
+
+def prompt_text_encoder(record, path, spec, clip_model, device):
+    """PromptTextEncoder holding the prompts of a stage-1 record, on the same backbone's text tower."""
     if record["backbone"]["name"] != spec["name"] or record["backbone"].get("arch") != spec.get("arch"):
         raise utils.TrainingInputError(f"{path} was learned with the text tower of {record['backbone']['name']}, "
                                        f"not {spec['name']}; use the prompts of a run with the same --backbone_name")
-    text_encoder = models.PromptTextEncoder(clip_model, len(class_names), record["template"])
+    text_encoder = models.PromptTextEncoder(clip_model, len(record["class_names"]), record["template"])
     if tuple(record["cls_ctx"].shape) != tuple(text_encoder.prompt_learner.cls_ctx.shape):
         raise utils.TrainingInputError(f"{path}: prompt tokens of shape {tuple(record['cls_ctx'].shape)} do not "
                                        f"fit template {record['template']!r}")
@@ -658,6 +664,11 @@ def run_stage2(args, run, model, text_features, train_set, val_sets, log):
             log.info(f"stage 2 epoch {number}/{args.epochs} lr {lrs[0]:.3g} | {losses} | i2t acc "
                      f"{result.accuracy:.4f}{val} | {result.images_per_s:.1f} img/s")
         utils.barrier(dist_info)
+    if dist_info.distributed:
+        agree = utils.ranks_agree(model, dist_info)
+        log.info(f"model weights {'identical' if agree else 'DIFFERENT'} on all {dist_info.world_size} ranks")
+        if not agree:
+            raise RuntimeError("DDP ranks ended with different weights; the saved checkpoint is rank 0's")
     return best
 
 
@@ -757,6 +768,15 @@ def _train(args, dist_info):
     num_classes = len(data["class_names"])
     prepare_run_folder(out_dir, args)
     point = resume_point(out_dir, args) if args.resume else "stage1" if args.stage != "2" else "stage2_start"
+    prompts_path = (os.path.join(out_dir, "prompts.pth") if args.resume else args.prompts) \
+        if point == "stage2_start" else None
+    if prompts_path:
+        if not args.resume and os.path.abspath(prompts_path) == os.path.abspath(os.path.join(out_dir, "prompts.pth")):
+            raise utils.TrainingInputError(f"--prompts {prompts_path} is the prompts.pth of this run folder; continue "
+                                           f"the run with --resume --stage both, or choose another --m_name")
+        prompts = read_prompts(prompts_path, data["class_names"])
+        if prompts["template"] != args.prompt_template:
+            args.prompt_template = prompts["template"]  # recorded in config.json as used
     utils.barrier(dist_info)
     if dist_info.is_main:
         os.makedirs(out_dir, exist_ok=True)
@@ -821,24 +841,20 @@ def _train(args, dist_info):
     text_features = None
     if point == "stage1":
         if dist_info.is_main:
-            text_encoder = run_stage1(args, run, visual, clip_model, feature_set, log)
-            text_features = text_encoder.all_class_features().cpu()  # once, frozen for all of stage 2
-            del text_encoder
+            text_features = run_stage1(args, run, visual, clip_model, feature_set, log)
         if args.stage == "1":
             summary = f"Wrote the stage-1 prompts of {num_classes} identities to {os.path.join(out_dir, 'prompts.pth')}"
             log.info(summary)
             utils.close_logger(log)
             return {"out_dir": out_dir, "prompts": os.path.join(out_dir, "prompts.pth")}
     elif point == "stage2_start":
-        prompts = os.path.join(out_dir, "prompts.pth") if args.resume else args.prompts
         if dist_info.is_main:
-            text_encoder = load_prompts(prompts, data["class_names"], spec, clip_model, device)
+            text_encoder = prompt_text_encoder(prompts, prompts_path, spec, clip_model, device)
             text_features = text_encoder.all_class_features().cpu()  # once, frozen for all of stage 2
             del text_encoder
             if not args.resume:
-                shutil.copyfile(prompts, os.path.join(out_dir, ".prompts.pth.tmp"))
-                os.replace(os.path.join(out_dir, ".prompts.pth.tmp"), os.path.join(out_dir, "prompts.pth"))
-            log.info(f"stage 2 starts from the prompts in {prompts}")
+                utils.save_checkpoint(os.path.join(out_dir, "prompts.pth"), prompts)
+            log.info(f"stage 2 starts from the prompts in {prompts_path}")
     else:
         text_features = stage2_state["text_features"]
     clip_model = None  # the text tower is not needed any more

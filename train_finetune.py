@@ -49,7 +49,8 @@ def parse_args(argv=None):
     g.add_argument("--weight_decay", type=float, default=5e-4)
     g.add_argument("--epochs", type=int, default=70)
     g.add_argument("--warmup_epochs", type=int, default=10, help="linear warm-up from 0.01 x lr")
-    g.add_argument("--milestones", type=int, nargs="*", default=[40, 60], help="epochs where lr is multiplied by --gamma")
+    g.add_argument("--milestones", type=int, nargs="*", default=[40, 60],
+                   help="epochs where lr is multiplied by --gamma")
     g.add_argument("--gamma", type=float, default=0.5)
     g.add_argument("--ls", type=float, default=0.1, help="label smoothing of the ID losses (0 disables)")
     g = p.add_argument_group("augmentation and input")
@@ -120,8 +121,10 @@ class FinetuneLoss(nn.Module):
         self.id_loss = CrossEntropyLabelSmooth(ls)
         self.triplet_weight, self.center_weight = triplet_weight, center_weight
         self.triplet = TripletLoss(triplet_margin) if triplet_weight > 0 else None
-        self.centers = nn.ModuleList([CenterLoss(model.num_classes, model.in_planes),
-                                      CenterLoss(model.num_classes, model.in_planes_proj)]) if center_weight > 0 else None
+        self.centers = None
+        if center_weight > 0:
+            self.centers = nn.ModuleList([CenterLoss(model.num_classes, model.in_planes),
+                                          CenterLoss(model.num_classes, model.in_planes_proj)])
 
     def forward(self, images, labels):
         scores, features = self.model(images, labels)
@@ -213,7 +216,7 @@ def make_sampler(args, train_set, dist_info, log):
         sampler = utils.PKSampler(train_set.labels, args.batch_size, args.num_instances, seed=args.seed,
                                   rank=dist_info.rank, world_size=dist_info.world_size)
         if sampler.rare_labels:
-            log.warning(f"--sampler pk: {len(sampler.rare_labels)} identities have fewer than --num_instances "
+            log.warning(f"warning: --sampler pk: {len(sampler.rare_labels)} identities have fewer than --num_instances "
                         f"{args.num_instances} training images; their images are drawn again (with replacement) "
                         f"to fill {args.num_instances} instances per batch")
     else:
@@ -286,6 +289,8 @@ def _train(args, dist_info):
     log = utils.setup_logger(out_dir, dist_info.is_main)
     log.info("command: " + " ".join(sys.argv))
     utils.set_seed(args.seed)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
 
     # model: pretrained weights for a new run, the run's own architecture when resuming
     if args.resume:
@@ -349,6 +354,9 @@ def _train(args, dist_info):
         if args.resume:
             extra["resumed_after_epochs"] = read_config(out_dir).get("resumed_after_epochs", []) + [start_epoch]
         utils.write_run_config(out_dir, args, extra=extra)
+    if args.train_all:
+        log.warning("warning: --train_all: the val images are part of training, so val metrics are optimistic and "
+                    "net_best is the last validated epoch")
     log.info(f"{num_classes} identities, {len(train_set)} train / {len(val_set)} val images; backbone "
              f"{models.describe_backbone(spec)}; retrieval feature {args.feature} ({model.feature_dim()}-d); "
              f"batch {args.batch_size} x {dist_info.world_size} process(es) = effective batch {effective_batch}; "
@@ -382,7 +390,7 @@ def _train(args, dist_info):
         except utils.NonFiniteLossError as err:
             kept = f"{last_path} (after epoch {start_epoch if not history else history[-1]['epoch']})" \
                 if os.path.exists(last_path) else "none (no epoch finished)"
-            log.error(f"{err}; stopped. Last good checkpoint: {kept}")
+            log.error(f"error: {err}; stopped. Last good checkpoint: {kept}")
             raise utils.NonFiniteLossError(f"{err}; training stopped, last good checkpoint: {kept}") from None
         scheduler.step()
         row = {"epoch": number, "lr": lrs[0], "lr_heads": lrs[-1], **result.losses, "train_acc": result.accuracy,

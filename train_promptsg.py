@@ -19,7 +19,6 @@ import argparse
 import os
 import sys
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -53,8 +52,10 @@ def parse_args(argv=None):
     g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
     g.add_argument("--weight_decay", type=float, default=5e-4)
     g.add_argument("--epochs", type=int, default=60)
-    g.add_argument("--warmup_epochs", type=int, default=0, help="linear warm-up from 0.01 x lr (PromptSG: none)")
-    g.add_argument("--milestones", type=int, nargs="*", default=[20, 40], help="epochs where lr is multiplied by --gamma")
+    g.add_argument("--warmup_epochs", type=int, default=0,
+                   help="linear warm-up from 0.01 x lr (0: the paper's plain step schedule)")
+    g.add_argument("--milestones", type=int, nargs="*", default=[20, 40],
+                   help="epochs where lr is multiplied by --gamma")
     g.add_argument("--gamma", type=float, default=0.1)
     g.add_argument("--ls", type=float, default=0.1, help="label smoothing of the ID loss (0 disables)")
     g = p.add_argument_group("augmentation and input")

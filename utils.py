@@ -1211,7 +1211,6 @@ def evaluate_query_gallery(encode_fn, test_dir, out_dir, *, gallery=None, method
 # with resume, metrics/log writers and DDP set-up.
 import bisect  # noqa: E402
 import logging  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
@@ -1736,8 +1735,10 @@ def setup_logger(out_dir, is_main=True, name="clipfh.train", filename="train.log
     logger = get_logger(out_dir, name)
     close_logger(logger)
     logger.propagate = False
-    logger.setLevel(logging.INFO if is_main else logging.WARNING)
-    if is_main:
+    logger.setLevel(logging.INFO)
+    if not is_main:
+        logger.addHandler(logging.NullHandler())  # (without a handler Python prints warnings to stderr)
+    else:
         formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
         for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(out_dir, filename))):
             handler.setFormatter(formatter)

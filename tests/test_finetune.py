@@ -82,8 +82,9 @@ def test_train_and_eval_outputs(tiny_vit_checkpoint):
     model.eval()
     dims = model.visual.feature_dims
     with torch.no_grad():
-        for feature, dim in [("concat", dims["pre_proj"] + dims["proj"]), ("concat_bn", dims["pre_proj"] + dims["proj"]),
-                             ("proj", dims["proj"]), ("proj_bn", dims["proj"]), ("pre_proj", dims["pre_proj"])]:
+        both = dims["pre_proj"] + dims["proj"]
+        for feature, dim in [("concat", both), ("concat_bn", both), ("proj", dims["proj"]), ("proj_bn", dims["proj"]),
+                             ("pre_proj", dims["pre_proj"])]:
             model.feature = feature
             assert model(images).shape == (4, dim) and model.feature_dim() == dim
         model.feature = "proj"
@@ -219,6 +220,10 @@ def test_eval_options_and_cross_domain(finetuned, hand_data):
     assert plain["summary"] != flipped["summary"]
     assert os.path.isdir(os.path.join(finetuned["run_dir"],
                                       "eval_5_11k-train_val_test_split_palmar_l_flip_proj_bn"))
+    reranked = eval_query_gallery_finetune.main(base + ["--test_dir", other_aspect, "--which_epoch", "5", "--rerank"])
+    assert reranked["rerank"] == {"k1": 20, "k2": 6, "lambda_value": 0.3}
+    assert reranked["summary"] != plain["summary"]
+    assert os.path.isdir(os.path.join(finetuned["run_dir"], "eval_5_11k-train_val_test_split_palmar_l_rerank"))
     with pytest.raises(SystemExit, match="already holds results"):
         eval_query_gallery_finetune.main(base + ["--test_dir", other_aspect, "--which_epoch", "5"])
     with pytest.raises(SystemExit, match="net_7.pth does not exist"):

@@ -209,8 +209,10 @@ def trained_run(synthetic_11k, tiny_vit_checkpoint, tmp_path_factory):
 def test_training_beats_zero_shot(trained_run):
     out, zero_shot = trained_run["out"], trained_run["zero_shot"]
     fixed, composed = (own_gallery_map(out["final_test"][p]) for p in ("fixed", "composed"))
-    assert fixed > own_gallery_map(zero_shot) + 0.05, (fixed, own_gallery_map(zero_shot))
-    assert composed > own_gallery_map(zero_shot) + 0.05, (composed, own_gallery_map(zero_shot))
+    # mAP on the own gallery (8 test identities): zero-shot 0.30; this recipe gave 0.36 to 0.48 (fixed)
+    # and 0.39 to 0.53 (composed) over --seed 0..3
+    assert fixed > own_gallery_map(zero_shot) + 0.04, (fixed, own_gallery_map(zero_shot))
+    assert composed > own_gallery_map(zero_shot) + 0.04, (composed, own_gallery_map(zero_shot))
     run_dir = out["out_dir"]
     for name in ("config.json", "train.log", "metrics.csv", "training_curve.png", "net_last.pth", "net_best.pth",
                  "net_6.pth", "net_12.pth", "final_test/results.json", "final_test_composed/results.json"):
