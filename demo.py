@@ -25,6 +25,8 @@ import clip
 import utils
 
 ASPECT = "dorsal_r"
+# the synthetic training set has about a dozen identities: PK batches of 8 identities x 4 images
+PK_BATCH = ["--batch_size", "32", "--num_instances", "4"]
 
 
 def parse_args(argv=None):
@@ -163,11 +165,11 @@ def run_method(method, train_common, epochs, args):
         import train_clipreid
         m_name = "clipreid"
         train_clipreid.main([*train_common, "--m_name", m_name, "--eval_every", str(epochs),
-                             "--stage1_epochs", str(max(epochs, 10))])
+                             "--stage1_epochs", str(max(epochs, 10)), *PK_BATCH])
         return m_name, "CLIP-ReID (two-stage)"
     import train_promptsg
     m_name = "promptsg"
-    train_promptsg.main([*train_common, "--m_name", m_name, "--eval_every", str(epochs)])
+    train_promptsg.main([*train_common, "--m_name", m_name, "--eval_every", str(epochs), *PK_BATCH])
     return m_name, "PromptSG"
 
 

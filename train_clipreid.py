@@ -6,9 +6,12 @@ features computed once (no augmentation); both CLIP towers stay frozen. Stage 2 
 features of every identity once, freezes them and fine-tunes the image encoder with ID losses on
 two BNNeck heads, a triplet loss on three pre-BN features and an image->text cross entropy against
 all identities' text features. Validation uses only training identities; net_best is the epoch with
-the best val mAP. Writes <f_name>/<m_name>/: config.json, train.log, stage1_metrics.csv,
-stage1_curve.png, prompts.pth, metrics.csv, training_curve.png, net_last.pth, net_best.pth,
-net_<epoch>.pth and final_test/ (net_best on the test splits of --data_dir).
+the best val mAP. Images are normalised with CLIP's mean/std everywhere (the reference used 0.5/0.5
+for ViT and ImageNet statistics for RN50, by accident).
+
+Writes <f_name>/<m_name>/: config.json, train.log, stage1_metrics.csv, stage1_curve.png,
+prompts.pth, metrics.csv, training_curve.png, net_last.pth, net_best.pth, net_<epoch>.pth and
+final_test/ (net_best on the test splits of --data_dir).
 
     python train_clipreid.py --data_dir ./11k/train_val_test_split_dorsal_r --f_name ./model_11k_d_r \
         --m_name clipreid_vit --backbone_name ViT-B/16
@@ -133,7 +136,8 @@ def check_args(args):
         if value is not None and value < 1:
             problems.append(f"--{flag} must be positive, got {value}")
     if args.stage1_batch_size < 2:
-        problems.append(f"--stage1_batch_size must be at least 2 for the contrastive loss, got {args.stage1_batch_size}")
+        problems.append(f"--stage1_batch_size must be at least 2 for the contrastive loss, got "
+                        f"{args.stage1_batch_size}")
     for flag in ("lr", "stage1_lr"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
@@ -578,12 +582,11 @@ def run_final_test(model, args, out_dir, best_path, amp, device, log):
     return results
 
 
-def run_stage2(args, run, model, text_features, train_set, val_sets, log):
+def run_stage2(args, run, model, text_features, train_set, sampler, val_sets, log):
     out_dir, device, amp, dist_info = run["out_dir"], run["device"], run["amp"], run["dist_info"]
     spec = run["spec"]
     criterion = ClipReIDLoss(model, text_features, args.ls, args.id_weight, args.triplet_weight, args.i2t_weight,
                              args.margin).to(device)
-    sampler = make_sampler(args, train_set, dist_info, log)
     optimizer = utils.make_optimizer(args.optimizer, stage2_param_groups(model, args.lr, args.weight_decay,
                                                                          args.bias_lr_factor),
                                      args.lr, args.weight_decay)
@@ -611,10 +614,10 @@ def run_stage2(args, run, model, text_features, train_set, val_sets, log):
     def compute_loss(module, images, labels):
         return module(images, labels)
 
-    log.info(f"stage 2: {len(train_set)} images, {args.epochs} epochs, lr {args.lr:g} (biases x{args.bias_lr_factor:g}), "
-             f"weight decay {args.weight_decay:g}, warm-up {args.warmup_epochs} epochs from x{args.warmup_factor:g}, "
-             f"x{args.gamma:g} at {args.milestones}; loss {args.id_weight:g} ID + {args.triplet_weight:g} triplet + "
-             f"{args.i2t_weight:g} image->text")
+    log.info(f"stage 2: {len(train_set)} images, {args.epochs} epochs, lr {args.lr:g} "
+             f"(biases x{args.bias_lr_factor:g}), weight decay {args.weight_decay:g}, warm-up {args.warmup_epochs} "
+             f"epochs from x{args.warmup_factor:g}, x{args.gamma:g} at {args.milestones}; loss {args.id_weight:g} ID "
+             f"+ {args.triplet_weight:g} triplet + {args.i2t_weight:g} image->text")
     for epoch in range(start_epoch, args.epochs):
         number = epoch + 1
         utils.set_seed(utils.epoch_seed(args.seed, epoch))
@@ -813,14 +816,20 @@ def _train(args, dist_info):
     kind = resolve_backbone_defaults(args, spec)
 
     train_set, feature_set, val_sets = build_datasets(args, data, input_size, dist_info)
+    # stage 2's sampler before stage 1, so that a batch the data cannot fill is refused at once
+    sampler = make_sampler(args, train_set, dist_info, log) if args.stage != "1" else None
     sie_aspects = data["aspects"] if args.sie else None
     model_config = models.clipreid_model_config(spec, args.feature, sie_aspects, data["class_aspect"], args.sie_coe)
     run = {"out_dir": out_dir, "device": device, "amp": amp, "dist_info": dist_info, "spec": spec, "data": data,
            "stage2_state": stage2_state}
+    dims = visual.feature_dims
+    retrieval_dim = (dims["pre_proj"] + dims["proj"] if args.feature.startswith("concat")
+                     else dims["proj"] if args.feature.startswith("proj") else dims["pre_proj"])
     if dist_info.is_main:
         extra = {"method": "clipreid", "model": model_config, "num_classes": num_classes,
                  "class_names": data["class_names"], "aspects": data["aspects"], "backbone_kind": kind,
-                 "feature_dims": dict(visual.feature_dims), "amp": amp, "world_size": dist_info.world_size,
+                 "feature_dims": dict(visual.feature_dims), "retrieval_feature_dim": retrieval_dim, "amp": amp,
+                 "world_size": dist_info.world_size,
                  "effective_batch_size": args.batch_size * dist_info.world_size, "train_split": data["train_split"],
                  "num_train_images": len(train_set), "num_val_images": len(data["val"]),
                  "recipe_notes": ["CLIP mean/std in both stages and at test time (the reference used 0.5/0.5 "
@@ -866,7 +875,7 @@ def _train(args, dist_info):
     if stage2_state is not None:
         models.load_model_weights(model, stage2_state["model"], os.path.join(out_dir, "net_last.pth"))
     model.to(device)
-    best = run_stage2(args, run, model, text_features, train_set, val_sets, log)
+    best = run_stage2(args, run, model, text_features, train_set, sampler, val_sets, log)
 
     best_path = os.path.join(out_dir, "net_best.pth")
     summary = f"Wrote the CLIP-ReID model (net_best: epoch {best['epoch']}) to {out_dir}"

@@ -396,9 +396,15 @@ class CLIP(nn.Module):
             std = pool.c_proj.in_features ** -0.5
             for linear in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
                 nn.init.normal_(linear.weight, std=std)
+            for module in self.visual.modules():
+                if isinstance(module, nn.Conv2d):  # keeps activations at unit scale through the random stem
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            for linear in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+                nn.init.zeros_(linear.bias)
             for name, param in self.visual.named_parameters():
-                if name.endswith("bn3.weight"):
-                    nn.init.zeros_(param)  # residual branches start as identity
+                # residual branches start as identity; the stem's own bn3 must stay non-zero
+                if name.startswith("layer") and name.endswith("bn3.weight"):
+                    nn.init.zeros_(param)
         width, layers = self.transformer.width, self.transformer.layers
         proj_std = width ** -0.5 * (2 * layers) ** -0.5
         attn_std = width ** -0.5

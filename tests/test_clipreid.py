@@ -113,6 +113,32 @@ def test_text_tower_is_frozen_and_only_prompts_get_gradients(tiny_vit_checkpoint
     assert encoder.clip_model.visual is None
 
 
+def test_stage1_schedule_matches_the_reference():
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=3.5e-4)
+    scheduler = train_clipreid.Stage1CosineLR(optimizer, epochs=120, warmup_epochs=5, warmup_lr=1e-5, min_lr=1e-6)
+    lrs = []
+    for _ in range(120):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # epochs 1..4 warm up linearly from 1e-5; the cosine clock starts at 0, so epoch 5 is ~3.49e-4
+    assert lrs[:4] == pytest.approx([7.8e-5, 1.46e-4, 2.14e-4, 2.82e-4], rel=1e-9)
+    assert lrs[4] == pytest.approx(1e-6 + 0.5 * (3.5e-4 - 1e-6) * (1 + math.cos(math.pi * 5 / 120)), rel=1e-9)
+    assert lrs[59] == pytest.approx(1e-6 + 0.5 * (3.5e-4 - 1e-6), rel=1e-9) and lrs[119] == 1e-6
+
+
+def test_stage2_optimizer_groups_double_the_bias_lr(tiny_vit_checkpoint):
+    spec = models.backbone_spec(tiny_vit_checkpoint, (32, 32), 8)
+    model = models.build_clipreid_model(models.clipreid_model_config(spec), 5, visual=models.load_backbone(spec))
+    groups = train_clipreid.stage2_param_groups(model, 5e-6, 1e-4, bias_lr_factor=2.0)
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [("weights", 5e-6, 1e-4),
+                                                                         ("biases", 1e-5, 1e-4)]
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    for name, param in model.named_parameters():  # everything trainable, the frozen BNNeck biases left out
+        assert (id(param) in in_groups) == param.requires_grad, name
+    assert not model.bottleneck.bias.requires_grad and id(model.visual.conv1.weight) in in_groups
+
+
 # ---- training runs ----
 
 @pytest.fixture(scope="module")
@@ -192,6 +218,7 @@ def test_run_folder_and_evaluator(clipreid_run, hand_data, tmp_path):
     config = read_json(os.path.join(run_dir, "config.json"))
     assert config["method"] == "clipreid" and config["model"]["kind"] == "clipreid"
     assert config["num_classes"] == 12 and config["args"]["stage1_lr"] == 1e-2
+    assert config["retrieval_feature_dim"] == 96 and config["feature_dims"]["penultimate"] == 64
     assert config["args"]["weight_decay"] == 1e-4 and config["args"]["warmup_factor"] == 0.1  # ViT reference values
     rows = read_csv(os.path.join(run_dir, "metrics.csv"))
     assert [int(r["epoch"]) for r in rows] == list(range(1, 11))
@@ -335,8 +362,8 @@ def test_multi_aspect_training_with_side_information(hand_data, tiny_vit_checkpo
 
 def test_identities_shared_between_roots_are_reported(tmp_path):
     # 11k's train/test thresholds differ per aspect: a person can train in one root and test in another
-    for root, split, identity in [("a", "train_all", "0001040"), ("a", "test", "0001060"), ("b", "train_all", "0001030"),
-                                  ("b", "test", "0001040")]:
+    for root, split, identity in [("a", "train_all", "0001040"), ("a", "test", "0001060"),
+                                  ("b", "train_all", "0001030"), ("b", "test", "0001040")]:
         os.makedirs(tmp_path / root / split / identity)
         (tmp_path / root / split / identity / "x.jpg").write_bytes(b"")
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -370,6 +397,7 @@ def test_resnet_backbone_uses_its_reference_defaults(hand_data, tiny_rn_checkpoi
 def test_bad_input_is_refused_with_a_clear_message(hand_data, tiny_vit_checkpoint, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
         run_train(hand_data, tmp_path, "bad", tiny_vit_checkpoint, *SMALL, *extra)
+    assert not os.path.exists(tmp_path / "bad" / "prompts.pth")  # refused before any training
 
 
 def test_prompts_of_other_identities_or_backbone_are_refused(clipreid_run, hand_data, tiny_vit_checkpoint,
