@@ -15,11 +15,13 @@ Parts:
   infer    inference images/s (retrieval feature), each for --backbones (random weights) at --input_size,
            with AMP off and on (--amps), from in-memory tensors ("memory"), from JPEG photos on disk
            decoded by DataLoader workers ("jpeg") and from the --cache_resized uint8 cache ("cache"),
+           with --compile each case also with forward_features torch.compiled (CUDA only),
            next to the FLOP ceiling: images/s = peak FLOP/s / FLOPs per image (x3 for training);
            peaks --peak_tflops (H100 dense bf16 990 SXM / 790). Targets on one H100: ViT-B/16 bf16
            training >= 2,500 img/s, inference >= 8,000 img/s, and the data paths keeping up.
 """
 import argparse
+import itertools
 import json
 import os
 import tempfile
@@ -27,6 +29,7 @@ import time
 
 import numpy as np
 
+import models
 import utils
 
 
@@ -160,7 +163,6 @@ def image_flops(visual, input_size):
 def throughput_model(backbone, args, num_classes):
     """A random-weight fine-tuning model (models.HandReIDModel) and its loss (train_finetune.FinetuneLoss)."""
     import clip
-    import models
     import train_finetune
     spec = models.backbone_spec(backbone, tuple(args.input_size), args.stride, args.last_stride)
     spec["arch"] = dict(clip.model.MODEL_CONFIGS[backbone])
@@ -250,6 +252,9 @@ def bench_throughput(args, train):
     if batch_size is None:
         batch_size = (128 if train else 512) if device.startswith("cuda") else 4
     amps = args.amps or (["none", "bf16"] if device.startswith("cuda") else ["none"])
+    compile_modes = [False, True] if args.compile and device.startswith("cuda") else [False]
+    if args.compile and not device.startswith("cuda"):
+        print("--compile ignored: torch.compile of the encoder is only timed on CUDA")
     figures = {"device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
                "batch_size": batch_size, "input_size": list(args.input_size), "iters": args.iters,
                "workers": args.bench_workers, "peak_tflops": args.peak_tflops}
@@ -262,19 +267,23 @@ def bench_throughput(args, train):
         ceilings = {f"{peak:g}": peak * 1e12 / flops for peak in args.peak_tflops}
         model.to(device)
         loss_module.to(device)
+        models.speed_up_image_encoder(model.visual, device)  # channels_last for ResNets, as the trainers
         entry = {"gflop_per_image": flops / 1e9, "ceiling_images_per_s": ceilings}
-        for amp in amps:
-            for kind in args.data_paths:
+        for compiled in compile_modes:
+            if compiled:
+                models.speed_up_image_encoder(model.visual, device, compile=True)
+            for amp, kind in itertools.product(amps, args.data_paths):
                 def source_fn(steps, kind=kind):
                     return batches_source(kind, datasets.get(kind), batch_size, steps, args, device)
                 if train:
                     rate = time_training(loss_module, source_fn, args, device, amp)
                 else:
                     rate = time_inference(model, source_fn, args, device, amp)
-                entry[f"{amp}/{kind}"] = rate
+                entry[f"{amp}/{kind}" + ("/compiled" if compiled else "")] = rate
                 share = ", ".join(f"{c:,.0f} at {p} TF/s ({100 * rate / c:.2f}%)" for p, c in ceilings.items())
-                print(f"{mode} {backbone} {args.input_size[0]}x{args.input_size[1]} amp {amp:4s} {kind:6s}: "
-                      f"{rate:10.1f} img/s (batch {batch_size}); ceiling img/s {share}")
+                print(f"{mode} {backbone} {args.input_size[0]}x{args.input_size[1]} amp {amp:4s} {kind:6s} "
+                      f"compile {'on ' if compiled else 'off'}: {rate:10.1f} img/s (batch {batch_size}); "
+                      f"ceiling img/s {share}")
         figures[backbone] = entry
         del model, loss_module
         if device.startswith("cuda"):
@@ -309,6 +318,8 @@ def parse_args(argv=None):
     g.add_argument("--backbones", nargs="+", default=["ViT-B/16", "RN50"], help="official names, random weights")
     g.add_argument("--amps", nargs="+", choices=["none", "bf16", "fp16"], default=None,
                    help="AMP settings to time (default: none and bf16 on CUDA, none on CPU)")
+    g.add_argument("--compile", action="store_true",
+                   help="also time every case with the image encoder's forward_features torch.compiled (CUDA only)")
     g.add_argument("--data_paths", nargs="+", choices=["memory", "jpeg", "cache"], default=["memory", "jpeg", "cache"])
     g.add_argument("--iters", type=int, default=30, help="timed batches per measurement")
     g.add_argument("--warmup", type=int, default=5, help="untimed batches before each measurement")

@@ -37,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--download_root", default="~/.cache/clip", help="where official weights are cached")
     p.add_argument("--random_init", action="store_true",
                    help="use randomly initialised weights even if pretrained ones are available")
-    p.add_argument("--num_ids", type=int, default=24, help="synthetic identities per hand aspect")
+    p.add_argument("--num_ids", type=int, default=24,
+                   help="synthetic identities per hand aspect (at least 16: half of them train)")
     p.add_argument("--num_splits", type=int, default=10, help="Monte-Carlo query/gallery splits")
     p.add_argument("--input_size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="default 224 224 on CUDA, 112 112 on CPU")
@@ -58,7 +59,13 @@ def banner(lines):
 
 
 def resolve_backbone(args):
-    """Returns (backbone argument for the scripts, pretrained flag). Falls back to random weights, loudly."""
+    """Returns (backbone argument for the scripts, pretrained flag). Falls back to random weights, loudly.
+    A local checkpoint path is used as it is; whether it holds pretrained weights is then unknown (None)."""
+    if args.backbone_name not in clip.available_models():
+        if not os.path.isfile(args.backbone_name):
+            raise SystemExit(f"--backbone_name {args.backbone_name} is neither an official CLIP name "
+                             f"{clip.available_models()} nor a checkpoint file")
+        return args.backbone_name, None
     if args.random_init:
         reason = "--random_init was given"
     else:
@@ -67,8 +74,6 @@ def resolve_backbone(args):
             return args.backbone_name, True
         except (RuntimeError, OSError) as err:
             reason = str(err).splitlines()[0]
-    if args.backbone_name not in clip.available_models():
-        raise SystemExit(f"--backbone_name {args.backbone_name} could not be loaded: {reason}")
     path = os.path.join(args.out, f"random_init_{args.backbone_name.replace('/', '-')}_seed{args.seed}.pt")
     if not os.path.isfile(path):
         os.makedirs(args.out, exist_ok=True)
@@ -95,6 +100,8 @@ def table_rows(results, name):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.num_ids < 16:
+        raise SystemExit("--num_ids must be at least 16: the PK batches need 8 training identities")
     start = time.time()
     on_cuda = args.device.startswith("cuda")
     input_size = args.input_size or ([224, 224] if on_cuda else [112, 112])
@@ -115,7 +122,7 @@ def main(argv=None):
     split_root = os.path.join(data_11k, f"train_val_test_split_{ASPECT}")
 
     backbone, pretrained = resolve_backbone(args)
-    pretrained_flag = ["--pretrained", "true" if pretrained else "false"]
+    pretrained_flag = [] if pretrained is None else ["--pretrained", "true" if pretrained else "false"]
     print("[3/6] zero-shot CLIP", flush=True)
     zs = zeroshot.main(["--test_dir", split_root, "--f_name", args.out, "--backbone_name", backbone,
                         "--download_root", args.download_root, "--force", *size_args, *common,
@@ -131,7 +138,8 @@ def main(argv=None):
     print(f"[5/6] training: {', '.join(args.methods) or 'nothing'}", flush=True)
     import eval_query_gallery_finetune as eval_finetune
     train_common = ["--data_dir", split_root, "--f_name", args.out, "--backbone_name", backbone,
-                    "--epochs", str(epochs), "--warmup_epochs", "1", "--force", "--no-final_test", *size_args, *common]
+                    "--epochs", str(epochs), "--warmup_epochs", "1", "--force", "--no-final_test", *size_args, *common,
+                    *pretrained_flag]
     if args.download_root:
         train_common += ["--download_root", args.download_root]
     for method in args.methods:
@@ -142,8 +150,9 @@ def main(argv=None):
         rows.append(table_rows(results, name))
 
     print("[6/6] summary", flush=True)
-    title = (f"Synthetic 11k {ASPECT}, {args.num_splits} splits, backbone {args.backbone_name} "
-             f"({'pretrained' if pretrained else 'RANDOM INIT'}), input {input_size[0]}x{input_size[1]}")
+    weights = {True: "pretrained", False: "RANDOM INIT", None: "local checkpoint"}[pretrained]
+    title = (f"Synthetic 11k {ASPECT}, {args.num_splits} splits, backbone {args.backbone_name} ({weights}), "
+             f"input {input_size[0]}x{input_size[1]}")
     table = utils.format_results_table(rows, title=title)
     print(table)
     utils.atomic_write_text(os.path.join(args.out, "summary.txt"), table + "\n")
@@ -159,7 +168,7 @@ def run_method(method, train_common, epochs, args):
     if method == "finetune":
         import train_finetune
         m_name = "finetune"
-        train_finetune.main([*train_common, "--m_name", m_name, "--eval_every", str(epochs)])
+        train_finetune.main([*train_common, "--m_name", m_name, "--eval_every", str(epochs), "--batch_size", "16"])
         return m_name, "fine-tuned (CLIP-HandID recipe)"
     if method == "clipreid":
         import train_clipreid

@@ -41,8 +41,8 @@ def parse_args(argv=None):
                         help="own: gallery{i}; all: gallery{i}_all with the other aspects as distractors "
                              "(11k only); both (default): every variant the split root has")
     parser.add_argument("--max_rank", type=int, default=50, help="length of the stored CMC curves")
-    parser.add_argument("--amp", choices=["fp16", "bf16", "off"], default="fp16",
-                        help="autocast dtype on CUDA (ignored on CPU)")
+    parser.add_argument("--amp", choices=utils.AMP_CHOICES, default=None,
+                        help="autocast on CUDA (default: bf16 on CUDA, none on CPU)")
     parser.add_argument("--force", action="store_true", help="overwrite an earlier result in the output folder")
     utils.add_common_args(parser)
     args = parser.parse_args(argv)
@@ -78,8 +78,8 @@ def main(argv=None):
             method_name=f"CLIP {args.backbone_name} zero-shot" if official
             else f"CLIP zero-shot ({os.path.basename(args.backbone_name)})",
             input_size=tuple(args.input_size), batch_size=args.batch_size, num_workers=args.num_workers,
-            device=args.device, flip=args.flip, amp=args.amp, max_rank=args.max_rank, overwrite=args.force,
-            extra=extra)
+            device=args.device, flip=args.flip, amp=utils.resolve_amp(args.amp, args.device), max_rank=args.max_rank,
+            overwrite=args.force, extra=extra)
     except (ValueError, FileExistsError) as e:
         raise SystemExit(str(e)) from None
     utils.write_run_config(out_dir, args, extra=extra)

@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--max_rank", type=int, default=50, help="length of the stored CMC curves")
-    p.add_argument("--amp", choices=["fp16", "bf16", "off"], default="bf16", help="autocast on CUDA (ignored on CPU)")
+    p.add_argument("--amp", choices=utils.AMP_CHOICES, default=None,
+                   help="autocast on CUDA (default: bf16 on CUDA, none on CPU)")
     p.add_argument("--out_dir", default=None, help="output folder (default: inside the run folder, see above)")
     p.add_argument("--force", action="store_true", help="overwrite earlier results in the output folder")
     utils.add_common_args(p)
@@ -107,14 +108,15 @@ def main(argv=None):
     extra = {"run_dir": os.path.abspath(run_dir), "model_kind": config["model"].get("kind", "finetune"),
              "which_epoch": str(args.which_epoch), "epoch": checkpoint.get("epoch"), "backbone": backbone["name"],
              "feature": feature, "rerank": rerank, "inference_prompt": getattr(model, "inference_prompt", None),
-             "trained_on": config.get("args", {}).get("data_dir"),
+             "trained_on": config.get("args", {}).get("data_dir"), "pretrained": config.get("pretrained"),
              "preprocessing": "bicubic resize to the training input size (no crop), CLIP mean/std"}
     method = f"{args.m_name} ({extra['model_kind']}, net_{args.which_epoch})" + (" + RK" if rerank else "")
     try:
         results = utils.evaluate_query_gallery(
             model, args.test_dir, out_dir, gallery=args.gallery, method_name=method, input_size=input_size,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, flip=args.flip,
-            amp=args.amp, max_rank=args.max_rank, rerank=rerank, overwrite=args.force, extra=extra)
+            amp=utils.resolve_amp(args.amp, args.device), max_rank=args.max_rank, rerank=rerank, overwrite=args.force,
+            extra=extra)
     except (ValueError, FileExistsError) as err:
         raise SystemExit(f"error: {err}") from None
     utils.write_run_config(out_dir, args, extra=extra)

@@ -5,11 +5,14 @@ Every trainer saves a `config.json` whose "model" entry says how to rebuild its 
 evaluator can rebuild any trained model without downloading pretrained weights.
 Sections: FINE-TUNE (CLIP-HandID baseline), CLIP-REID, PROMPTSG.
 """
+import os
+
 import torch
 import torch.nn as nn
 
 import clip
-from clip.model import CLIP, build_model, infer_config, random_state_dict
+import utils
+from clip.model import CLIP, ModifiedResNet, build_model, infer_config, random_state_dict
 from losses import ArcFace
 
 # Retrieval features a model can return at evaluation time (see HandReIDModel.retrieval_feature).
@@ -84,14 +87,11 @@ def image_side_state_dict(model):
 def load_trained_model(run_dir, which_epoch="best", device="cpu"):
     """Rebuild the model of a run folder (config.json + net_<which_epoch>.pth) without any pretrained
     download. Returns (model in eval mode on device, config dict, checkpoint dict without weights)."""
-    import json
-    import os
     config_file = os.path.join(run_dir, "config.json")
     if not os.path.isfile(config_file):
         raise ValueError(f"{config_file} does not exist: --f_name/--m_name must name a folder written by a "
                          f"CLIP-FH trainer")
-    with open(config_file) as f:
-        config = json.load(f)
+    config = utils.read_config(run_dir)
     which = str(which_epoch)
     if which not in ("best", "last") and not which.isdigit():
         raise ValueError(f"--which_epoch must be best, last or an epoch number, got {which!r}")
@@ -138,14 +138,14 @@ def _jsonable_arch(arch):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()}
 
 
-def load_backbone(spec, weights="pretrained", download_root=None):
-    """The image encoder (a `clip` model's `.visual`, fp32) described by `spec`.
+def load_clip_model(spec, weights="pretrained", download_root=None, text_tower=True):
+    """The CLIP model (fp32) described by `spec`, or with text_tower=False only its image encoder.
 
     weights="pretrained": from clip.load(spec["name"]) (an official name, downloaded if needed, or a
       checkpoint path); records the architecture in spec["arch"].
     weights="random": CLIP-style random weights built from spec["arch"] (no file needed).
     weights="empty": uninitialised tensors shaped from spec["arch"], fast; only for loading a
-      checkpoint that holds every image-encoder weight right afterwards (strict load)."""
+      checkpoint that holds every weight right afterwards (strict load)."""
     if weights == "pretrained":
         kwargs = {"download_root": download_root} if download_root else {}
         clip_model, _ = clip.load(spec["name"], device="cpu", jit=False, **kwargs)
@@ -156,19 +156,85 @@ def load_backbone(spec, weights="pretrained", download_root=None):
         raise ValueError(f"backbone '{spec['name']}' has no recorded architecture ('arch'); cannot "
                          f"rebuild it without its pretrained weights")
     geometry = _geometry(spec, spec["arch"])
+    arch = dict(spec["arch"])
+    if is_resnet_arch(arch):
+        arch["vision_layers"] = tuple(arch["vision_layers"])
     if weights == "empty":
-        arch = dict(spec["arch"], vision_layers=tuple(spec["arch"]["vision_layers"])
-                    if is_resnet_arch(spec["arch"]) else spec["arch"]["vision_layers"])
         with torch.device("meta"):
-            visual = CLIP(**arch, **geometry).visual
-        return visual.to_empty(device="cpu")
+            model = CLIP(**arch, **geometry)
+        if not text_tower:
+            return model.visual.to_empty(device="cpu")
+        return model.to_empty(device="cpu").eval()
     if weights == "random":
-        state_dict = random_state_dict(spec["arch"], seed=0)
+        state_dict = random_state_dict(arch, seed=0)
     elif weights != "pretrained":
         raise ValueError(f"weights must be pretrained, random or empty, got {weights!r}")
-    visual = build_model(state_dict, **geometry).visual.float()
-    del state_dict  # and with it the text tower
-    return visual
+    model = build_model(state_dict, **geometry).float()
+    return model if text_tower else model.visual
+
+
+def load_backbone(spec, weights="pretrained", download_root=None):
+    """The image encoder alone (see load_clip_model)."""
+    return load_clip_model(spec, weights, download_root, text_tower=False)
+
+
+def load_pretrained(spec, download_root, dist_info, text_tower=True):
+    """load_clip_model(spec, "pretrained") in every process of a run; rank 0 first, so that only it
+    downloads."""
+    for turn in ("main", "others"):
+        if (turn == "main") == dist_info.is_main:
+            model = load_clip_model(spec, "pretrained", download_root, text_tower)
+        utils.barrier(dist_info)
+    return model
+
+
+def resumed_run(out_dir, args, class_names, where):
+    """(backbone spec, config.json) of the run being resumed in out_dir; refuses another
+    --backbone_name, input geometry or set of training identities."""
+    config = utils.read_config(out_dir)
+    spec = config["model"]["backbone"]
+    wanted = backbone_spec(args.backbone_name, args.input_size, args.stride, args.last_stride)
+    if spec["name"] != wanted["name"] or backbone_signature(dict(spec, arch=None)) != backbone_signature(wanted):
+        raise ValueError(f"{where} was trained with backbone {describe_backbone(spec)} but this command asks for "
+                         f"{describe_backbone(wanted)}; resume with the run's own settings or start a new --m_name")
+    if config.get("class_names") != list(class_names):
+        raise ValueError(f"{args.data_dir} has other training identities than the run being resumed in {out_dir}")
+    return spec, config
+
+
+def read_run_checkpoint(spec, path, dist_info):
+    """net_last.pth of the run being resumed, checked against this run's backbone and process count."""
+    state = utils.load_checkpoint(path)
+    check_same_backbone(spec, state["backbone"], path)
+    utils.check_world_size(state, dist_info, path)
+    return state
+
+
+def resume_from_last(args, out_dir, model, spec, dist_info, log, optimizer, scheduler, scaler, sampler):
+    """With --resume: weights and training state from <out_dir>/net_last.pth; returns (its state,
+    history, best, epochs done). Without: (None, [], None, 0)."""
+    if not args.resume:
+        return None, [], None, 0
+    path = os.path.join(out_dir, "net_last.pth")
+    state = read_run_checkpoint(spec, path, dist_info)
+    load_model_weights(model, state["model"], path)
+    return (state, *utils.restore_training_state(state, optimizer, scheduler, scaler, sampler, log, path))
+
+
+def speed_up_image_encoder(visual, device, compile=False):
+    """On CUDA: channels_last weights for ResNets (cuDNN's fastest convolutions) and, with compile,
+    torch.compile of forward_features. The bound method is compiled, not the module, so state-dict
+    keys stay unchanged. Returns what was done, for the log."""
+    if not str(device).startswith("cuda"):
+        return "--compile ignored: it needs CUDA" if compile else ""
+    done = []
+    if isinstance(visual, ModifiedResNet):
+        visual.to(memory_format=torch.channels_last)
+        done.append("channels_last")
+    if compile:
+        visual.forward_features = torch.compile(visual.forward_features)
+        done.append("torch.compile(forward_features)")
+    return ", ".join(done)
 
 
 # ==== SECTION FINE-TUNE ========================================================================
@@ -386,17 +452,6 @@ def encode_text_full_length(clip_model, embeds, eot_index):
     return clip_model.ln_final(x) @ clip_model.text_projection
 
 
-def load_clip_towers(spec, download_root=None):
-    """Both towers of a pretrained CLIP from one file: (image encoder built for spec's input
-    geometry, whole CLIP model at the pre-training geometry for the text side). Fills spec["arch"]."""
-    kwargs = {"download_root": download_root} if download_root else {}
-    clip_model, _ = clip.load(spec["name"], device="cpu", jit=False, **kwargs)
-    state_dict = clip_model.state_dict()
-    spec["arch"] = _jsonable_arch(infer_config(state_dict))
-    visual = build_model(state_dict, **_geometry(spec, spec["arch"])).visual.float()
-    return visual, clip_model
-
-
 class ClipReIDModel(HandReIDModel):
     """HandReIDModel with an optional side-information embedding (SIE) of the hand aspect.
 
@@ -491,7 +546,7 @@ import math  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
-from clip.model import LayerNorm, ModifiedResNet, ResidualAttentionBlock  # noqa: E402
+from clip.model import LayerNorm, ResidualAttentionBlock  # noqa: E402
 
 # PromptSG (Yang et al., CVPR 2024): an inversion network turns each image's global CLIP feature into
 # a pseudo-word S*, the frozen text tower encodes "A photo of a S* hand.", and that text feature is
@@ -714,33 +769,6 @@ class PromptSGModel(nn.Module):
         """Closed-set logits in eval mode, guided by the inference prompt."""
         features = self.visual.forward_features(images)
         return [self.classifier(self.bottleneck(self.fuse(features, self.guiding_text(features))))]
-
-
-def load_clip_model(spec, weights="pretrained", download_root=None):
-    """The whole CLIP model (image and text towers, fp32) described by `spec`; like load_backbone
-    (same `weights` choices, records spec["arch"]) but keeping the text tower."""
-    if weights == "pretrained":
-        kwargs = {"download_root": download_root} if download_root else {}
-        clip_model, _ = clip.load(spec["name"], device="cpu", jit=False, **kwargs)
-        state_dict = clip_model.state_dict()
-        del clip_model
-        spec["arch"] = _jsonable_arch(infer_config(state_dict))
-    elif not spec.get("arch"):
-        raise ValueError(f"backbone '{spec['name']}' has no recorded architecture ('arch'); cannot "
-                         f"rebuild it without its pretrained weights")
-    geometry = _geometry(spec, spec["arch"])
-    arch = dict(spec["arch"])
-    if is_resnet_arch(arch):
-        arch["vision_layers"] = tuple(arch["vision_layers"])
-    if weights == "empty":
-        with torch.device("meta"):
-            model = CLIP(**arch, **geometry)
-        return model.to_empty(device="cpu").eval()
-    if weights == "random":
-        state_dict = random_state_dict(arch, seed=0)
-    elif weights != "pretrained":
-        raise ValueError(f"weights must be pretrained, random or empty, got {weights!r}")
-    return build_model(state_dict, **geometry).float()
 
 
 def promptsg_model_config(spec, prompt_template=PROMPTSG_TEMPLATE, fixed_prompt=PROMPTSG_FIXED_PROMPT,

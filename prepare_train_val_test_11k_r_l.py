@@ -8,7 +8,6 @@ plus splits.json (every file and label; same seed -> same bytes) and prepare_con
 
     python prepare_train_val_test_11k_r_l.py --data_dir ./11k --num_splits 10 --seed 0
 """
-import argparse
 import csv
 import os
 import sys
@@ -23,16 +22,10 @@ REQUIRED_COLUMNS = ("id", "accessories", "aspectOfHand", "imageName")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_dir", default="./11k", help="folder with HandInfo.csv and Hands/ (default ./11k)")
-    parser.add_argument("--num_splits", type=int, default=10, help="number of query/gallery splits (default 10)")
-    parser.add_argument("--link", choices=["copy", "hardlink", "symlink"], default="hardlink",
-                        help="how split folders refer to the images (default hardlink; copies where "
-                             "the filesystem refuses hard links)")
-    parser.add_argument("--force", action="store_true", help="replace existing split folders")
+    parser = utils.split_script_parser(__doc__, "./11k", "folder with HandInfo.csv and Hands/ (default ./11k)",
+                                       "replace existing split folders")
     parser.add_argument("--skip_missing", action="store_true",
                         help="skip images listed in HandInfo.csv but missing from Hands/ (default: error)")
-    utils.add_common_args(parser)
     return parser.parse_args(argv)
 
 

@@ -7,7 +7,6 @@ test/ query{i}/ gallery{i}/ (layout <set>/<id>/<file>), splits.json and prepare_
 
     python prepare_train_val_test_hd.py --data_dir ./HD --num_splits 10 --seed 0
 """
-import argparse
 import os
 
 import numpy as np
@@ -20,14 +19,8 @@ SPLIT_ROOT = "train_val_test_split"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_dir", default="./HD", help="folder holding 'Original Images/' (default ./HD)")
-    parser.add_argument("--num_splits", type=int, default=10, help="number of query/gallery splits (default 10)")
-    parser.add_argument("--link", choices=["copy", "hardlink", "symlink"], default="hardlink",
-                        help="how split folders refer to the images (default hardlink; copies where "
-                             "the filesystem refuses hard links)")
-    parser.add_argument("--force", action="store_true", help="replace an existing split folder")
-    utils.add_common_args(parser)
+    parser = utils.split_script_parser(__doc__, "./HD", "folder holding 'Original Images/' (default ./HD)",
+                                       "replace an existing split folder")
     return parser.parse_args(argv)
 
 

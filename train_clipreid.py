@@ -21,11 +21,8 @@ final_test/ (net_best on the test splits of --data_dir).
         --sie ...                                           (several aspects, aspect embedding)
     torchrun --nproc_per_node 4 train_clipreid.py ...       (DDP in stage 2; --batch_size is per GPU)
 """
-import argparse
 import math
 import os
-import shutil
-import sys
 
 import torch
 import torch.nn as nn
@@ -34,8 +31,8 @@ import models
 import utils
 from losses import CrossEntropyLabelSmooth, SupConLoss, TripletLoss, cross_entropy_label_smooth
 
-RUN_FILES = ("config.json", "train.log", "metrics.csv", "training_curve.png", "net_last.pth", "net_best.pth",
-             "stage1_metrics.csv", "stage1_curve.png", "stage1_last.pth", "stage1_features.pth", "prompts.pth")
+RUN_FILES = utils.RUN_FILES + ("stage1_metrics.csv", "stage1_curve.png", "stage1_last.pth", "stage1_features.pth",
+                               "prompts.pth")
 
 # Reference values per backbone (CLIP-ReID configs vit_clipreid.yml / cnn_clipreid.yml); a flag left
 # at None takes the value of the backbone's kind.
@@ -48,21 +45,7 @@ BACKBONE_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data and output")
-    g.add_argument("--data_dir", nargs="+", default=["./11k/train_val_test_split_dorsal_r"],
-                   help="split root(s) holding train/ (or train_all/) and val/; several roots train one model on "
-                        "several aspects (each root's identities are separate classes)")
-    g.add_argument("--f_name", default="./model_11k_d_r", help="output root")
-    g.add_argument("--m_name", default="clipreid_vit", help="run folder inside --f_name")
-    g.add_argument("--data_type", default="11k", choices=["11k", "HD"], help="dataset kind (recorded in config.json)")
-    g.add_argument("--backbone_name", default="ViT-B/16",
-                   help="CLIP model name (ViT-B/16, RN50, ...) or path to an OpenAI-format checkpoint")
-    g.add_argument("--train_all", action="store_true",
-                   help="train on train_all (train + val); val then overlaps training, so net_best = last epoch")
-    g.add_argument("--download_root", default=None, help="where pretrained CLIP weights are cached (~/.cache/clip)")
-    g.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    p = utils.trainer_parser(__doc__, m_name="clipreid_vit", several_roots=True)
     g = p.add_argument_group("method")
     g.add_argument("--stage", default="both", choices=["1", "2", "both"],
                    help="1: learn and save the prompts only; 2: fine-tune from --prompts; both: 1 then 2")
@@ -83,75 +66,45 @@ def parse_args(argv=None):
     g.add_argument("--stage1_warmup_epochs", type=int, default=5, help="linear warm-up from --stage1_warmup_lr")
     g.add_argument("--stage1_warmup_lr", type=float, default=1e-5)
     g.add_argument("--stage1_min_lr", type=float, default=1e-6, help="end of the cosine decay")
-    g = p.add_argument_group("stage 2: batching")
-    g.add_argument("--batch_size", type=int, default=64, help="images per batch (per process under DDP)")
-    g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
-    g.add_argument("--sampler", default="pk", choices=["pk", "random"])
-    g.add_argument("--num_instances", type=int, default=4, help="K images per identity with --sampler pk")
-    g = p.add_argument_group("stage 2: optimisation")
-    g.add_argument("--lr", type=float, default=None, help="base learning rate; default 5e-6 (ViT) / 3.5e-4 (ResNet)")
+    g = utils.add_batching_args(p, batch_size=64, title="stage 2: batching")
+    utils.add_sampler_args(g, sampler="pk")
+    g = utils.add_optimisation_args(
+        p, lr=None, epochs=None, warmup_epochs=10, milestones=None, gamma=0.1, weight_decay=None,
+        title="stage 2: optimisation",
+        helps={"lr": "base learning rate; default 5e-6 (ViT) / 3.5e-4 (ResNet)",
+               "weight_decay": "default 1e-4 (ViT) / 5e-4 (ResNet)", "epochs": "default 60 (ViT) / 120 (ResNet)",
+               "warmup_epochs": "linear warm-up from --warmup_factor x lr",
+               "milestones": "epochs where lr is multiplied by --gamma; default 30 50 (ViT) / 40 70 (ResNet)",
+               "ls": "label smoothing of the ID and image->text losses"})
     g.add_argument("--bias_lr_factor", type=float, default=2.0, help="learning-rate multiplier of biases")
-    g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
-    g.add_argument("--weight_decay", type=float, default=None, help="default 1e-4 (ViT) / 5e-4 (ResNet)")
-    g.add_argument("--epochs", type=int, default=None, help="default 60 (ViT) / 120 (ResNet)")
-    g.add_argument("--warmup_epochs", type=int, default=10)
     g.add_argument("--warmup_factor", type=float, default=None, help="warm-up start factor; 0.1 (ViT) / 0.01 (ResNet)")
-    g.add_argument("--milestones", type=int, nargs="*", default=None,
-                   help="epochs where lr is multiplied by --gamma; default 30 50 (ViT) / 40 70 (ResNet)")
-    g.add_argument("--gamma", type=float, default=0.1)
-    g.add_argument("--ls", type=float, default=0.1, help="label smoothing of the ID and image->text losses")
     g.add_argument("--id_weight", type=float, default=None, help="ID loss weight; default 0.25 (ViT) / 1.0 (ResNet)")
     g.add_argument("--triplet_weight", type=float, default=1.0)
     g.add_argument("--i2t_weight", type=float, default=1.0, help="image->text cross-entropy weight")
     g.add_argument("--margin", type=float, default=0.3, help="triplet margin")
-    g = p.add_argument_group("augmentation and input")
-    g.add_argument("--erasing_p", type=float, default=0.5, help="random erasing probability")
+    g = utils.add_input_args(p, erasing_p=0.5, cache_root="<first data_dir>", color_jitter=False)
     g.add_argument("--padding", type=int, default=10, help="zero padding before the random crop")
-    g.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
-    g.add_argument("--stride", type=int, default=16, help="ViT patch stride (12: overlapping patches, OLP)")
-    g.add_argument("--last_stride", type=int, default=1, choices=[1, 2], help="ResNet layer4 stride")
-    g.add_argument("--cache_resized", nargs="?", const="", default=None, metavar="DIR",
-                   help="decode and resize every photo once into a uint8 cache (default DIR: "
-                        "<first data_dir>/.cache_resized) so epochs skip JPEG decoding")
     g.add_argument("--feature", default=models.DEFAULT_FEATURE, choices=models.FEATURE_CHOICES,
                    help="retrieval feature for validation (and the default of the evaluator)")
-    g = p.add_argument_group("run control")
-    g.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"], help="default: bf16 on CUDA, none on CPU")
-    g.add_argument("--grad_clip", type=float, default=0.0, help="max gradient norm (0: off); applied before the step")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in <f_name>/<m_name> (in stage 1 or stage 2, wherever it stopped)")
-    g.add_argument("--save_every", type=int, default=10, help="also keep net_<epoch>.pth every N epochs (0: never)")
-    g.add_argument("--eval_every", type=int, default=5, help="validate every N epochs (and after the last)")
-    g.add_argument("--final_test", action=argparse.BooleanOptionalAction, default=True,
-                   help="evaluate net_best on the query/gallery splits of --data_dir at the end")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
-    utils.add_common_args(g)
+    utils.add_run_control_args(
+        p, resume_help="continue the run in <f_name>/<m_name> (in stage 1 or stage 2, wherever it stopped)",
+        final_test_help="evaluate net_best on the query/gallery splits of --data_dir at the end")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    problems = []
-    for flag in ("batch_size", "stage1_batch_size", "epochs", "stage1_epochs", "eval_every"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            problems.append(f"--{flag} must be positive, got {value}")
+    problems = utils.common_arg_problems(args)
+    if args.stage1_epochs is not None and args.stage1_epochs < 1:
+        problems.append(f"--stage1_epochs must be positive, got {args.stage1_epochs}")
     if args.stage1_batch_size < 2:
         problems.append(f"--stage1_batch_size must be at least 2 for the contrastive loss, got "
                         f"{args.stage1_batch_size}")
-    for flag in ("lr", "stage1_lr"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            problems.append(f"--{flag} must be positive, got {value}")
-    if not 0 <= args.ls < 1:
-        problems.append(f"--ls must be in [0, 1), got {args.ls}")
-    if not 0 <= args.erasing_p <= 1:
-        problems.append(f"--erasing_p must be in [0, 1], got {args.erasing_p}")
-    if args.save_every < 0 or args.padding < 0 or args.warmup_epochs < 0 or args.stage1_warmup_epochs < 0:
-        problems.append("--save_every, --padding, --warmup_epochs and --stage1_warmup_epochs must not be negative")
-    if min(args.input_size) < 1 or args.stride < 1:
-        problems.append(f"--input_size and --stride must be positive, got {args.input_size} and {args.stride}")
-    if min(args.triplet_weight, args.i2t_weight, args.grad_clip) < 0 or (args.id_weight or 0) < 0:
-        problems.append("--id_weight, --triplet_weight, --i2t_weight and --grad_clip must not be negative")
+    if args.stage1_lr <= 0:
+        problems.append(f"--stage1_lr must be positive, got {args.stage1_lr}")
+    if args.padding < 0 or args.stage1_warmup_epochs < 0:
+        problems.append("--padding and --stage1_warmup_epochs must not be negative")
+    if min(args.triplet_weight, args.i2t_weight) < 0 or (args.id_weight or 0) < 0:
+        problems.append("--id_weight, --triplet_weight and --i2t_weight must not be negative")
     if args.stage == "2" and not args.prompts and not args.resume:
         problems.append("--stage 2 needs --prompts PATH (the prompts.pth of a stage-1 run)")
     if args.prompts and args.stage != "2":
@@ -297,24 +250,6 @@ class SubsetCache:
         return self.cache.image(self.rows[index])
 
 
-def make_sampler(args, train_set, dist_info, log):
-    if args.sampler == "pk":
-        sampler = utils.PKSampler(train_set.labels, args.batch_size, args.num_instances, seed=args.seed,
-                                  rank=dist_info.rank, world_size=dist_info.world_size)
-        if sampler.rare_labels:
-            log.warning(f"--sampler pk: {len(sampler.rare_labels)} identities have fewer than --num_instances "
-                        f"{args.num_instances} training images; their images are drawn again (with replacement) "
-                        f"to fill {args.num_instances} instances per batch")
-    else:
-        sampler = utils.ShuffleSampler(len(train_set), args.batch_size, seed=args.seed, rank=dist_info.rank,
-                                       world_size=dist_info.world_size)
-    if len(sampler) == 0:
-        raise utils.TrainingInputError(
-            f"the training set ({len(train_set)} images) does not fill one batch of {args.batch_size} per process "
-            f"x {dist_info.world_size} process(es) with --sampler {args.sampler}; lower --batch_size")
-    return sampler
-
-
 # ---- stage 1 ----
 
 class Stage1CosineLR(torch.optim.lr_scheduler.LRScheduler):
@@ -436,9 +371,8 @@ def run_stage1(args, run, visual, clip_model, feature_set, log):
             result = utils.train_one_epoch(text_encoder, batches, compute_loss, [optimizer], scaler, amp, device,
                                            number, grad_clip=args.grad_clip, progress=False)
         except utils.NonFiniteLossError as err:
-            kept = last_path if os.path.exists(last_path) else "none (no stage-1 epoch finished)"
-            log.error(f"stage 1: {err}; stopped. Last good checkpoint: {kept}")
-            raise utils.NonFiniteLossError(f"stage 1: {err}; training stopped, last good checkpoint: {kept}") from None
+            raise utils.stopped_by_nonfinite_loss(err, log, last_path, history[-1]["epoch"] if history else start_epoch,
+                                                  "stage 1") from None
         scheduler.step()
         row = {"epoch": number, "lr": lr, **result.losses, "train_acc": None,
                "features_per_s": result.images_per_s, "epoch_seconds": result.seconds}
@@ -559,32 +493,21 @@ def run_final_test(model, args, out_dir, best_path, amp, device, log):
     model.eval()
     results = {}
     for data_dir in args.data_dir:
-        try:
-            utils.read_split_layout(data_dir)
-        except ValueError as err:
-            log.info(f"final test skipped: {err}")
-            continue
         note = model.set_test_dir(data_dir)
         if note:
             log.info(note)
-        name = "final_test" if len(args.data_dir) == 1 else os.path.join(
+        folder = "final_test" if len(args.data_dir) == 1 else os.path.join(
             "final_test", os.path.basename(os.path.normpath(data_dir)))
-        results[data_dir] = utils.evaluate_query_gallery(
-            model, data_dir, os.path.join(out_dir, name), method_name=f"{args.m_name} (CLIP-ReID, net_best)",
-            input_size=tuple(args.input_size), batch_size=max(args.batch_size, 64), num_workers=args.num_workers,
-            device=device, amp="off" if amp == "none" else amp, overwrite=True,
-            extra={"which_epoch": "best", "epoch": checkpoint["epoch"], "feature": model.feature})
-        variant = results[data_dir]["gallery_variants"][-1]
-        mean = results[data_dir]["summary"][variant]["mean"]
-        log.info(f"final test on {data_dir} (net_best, gallery {variant}): Rank-1 {100 * mean['rank1']:.2f} "
-                 f"mAP {100 * mean['mAP_hand']:.2f} -> {os.path.join(out_dir, name)}")
+        results[data_dir] = utils.final_test(
+            model, args, data_dir, out_dir, folder, f"{args.m_name} (CLIP-ReID, net_best)", amp, device, log,
+            extra={"which_epoch": "best", "epoch": checkpoint["epoch"], "feature": model.feature},
+            what=f"net_best on {data_dir}")
     model.set_test_aspect(None)
     return results
 
 
 def run_stage2(args, run, model, text_features, train_set, sampler, val_sets, log):
     out_dir, device, amp, dist_info = run["out_dir"], run["device"], run["amp"], run["dist_info"]
-    spec = run["spec"]
     criterion = ClipReIDLoss(model, text_features, args.ls, args.id_weight, args.triplet_weight, args.i2t_weight,
                              args.margin).to(device)
     optimizer = utils.make_optimizer(args.optimizer, stage2_param_groups(model, args.lr, args.weight_decay,
@@ -594,115 +517,28 @@ def run_stage2(args, run, model, text_features, train_set, sampler, val_sets, lo
                                         args.warmup_factor)
     scaler = utils.make_grad_scaler(amp, device)
 
-    history, best, start_epoch = [], {"epoch": None, "val_mAP": -1.0}, 0
-    last_path, best_path = os.path.join(out_dir, "net_last.pth"), os.path.join(out_dir, "net_best.pth")
+    history, best, start_epoch = [], None, 0
     if run["stage2_state"] is not None:
-        state = run["stage2_state"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        sampler.load_state_dict(state["sampler"])
-        utils.restore_rng_state(state["rng"])
-        history, best, start_epoch = list(state["history"]), dict(state["best"]), int(state["epoch"])
-        log.info(f"stage 2: resumed from {last_path} after epoch {start_epoch}")
-
-    train_module = criterion
-    if dist_info.distributed:
-        train_module = nn.parallel.DistributedDataParallel(
-            criterion, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None)
-
-    def compute_loss(module, images, labels):
-        return module(images, labels)
+        history, best, start_epoch = utils.restore_training_state(run["stage2_state"], optimizer, scheduler, scaler,
+                                                                  sampler, log, os.path.join(out_dir, "net_last.pth"),
+                                                                  "stage 2")
 
     log.info(f"stage 2: {len(train_set)} images, {args.epochs} epochs, lr {args.lr:g} "
              f"(biases x{args.bias_lr_factor:g}), weight decay {args.weight_decay:g}, warm-up {args.warmup_epochs} "
              f"epochs from x{args.warmup_factor:g}, x{args.gamma:g} at {args.milestones}; loss {args.id_weight:g} ID "
              f"+ {args.triplet_weight:g} triplet + {args.i2t_weight:g} image->text")
-    for epoch in range(start_epoch, args.epochs):
-        number = epoch + 1
-        utils.set_seed(utils.epoch_seed(args.seed, epoch))
-        sampler.set_epoch(epoch)
-        loader = utils.make_loader(train_set, args.batch_size, sampler, args.num_workers, args.seed, epoch, device,
-                                   drop_last=True)
-        lrs = [group["lr"] for group in optimizer.param_groups]
-        try:
-            result = utils.train_one_epoch(train_module, loader, compute_loss, [optimizer], scaler, amp, device,
-                                           number, grad_clip=args.grad_clip, dist_info=dist_info,
-                                           progress=args.progress and dist_info.is_main)
-        except utils.NonFiniteLossError as err:
-            kept = f"{last_path} (after epoch {history[-1]['epoch'] if history else start_epoch})" \
-                if os.path.exists(last_path) else "none (no stage-2 epoch finished)"
-            log.error(f"stage 2: {err}; stopped. Last good checkpoint: {kept}")
-            raise utils.NonFiniteLossError(f"stage 2: {err}; training stopped, last good checkpoint: {kept}") from None
-        scheduler.step()
-        row = {"epoch": number, "lr": lrs[0], "lr_bias": lrs[-1], **result.losses, "train_acc": result.accuracy,
-               "val_acc": None, "val_rank1": None, "val_mAP": None,
-               "images_per_s": result.images_per_s, "epoch_seconds": result.seconds}
-        improved = False
-        if (number % args.eval_every == 0 or number == args.epochs) and dist_info.is_main:
-            model.eval()
-            row.update(validate(model, val_sets, args, device, amp))
-            model.train()
-            improved = args.train_all or row["val_mAP"] >= best["val_mAP"]  # ties go to the later epoch
-            if improved:
-                best = {"epoch": number, "val_mAP": row["val_mAP"], "val_rank1": row["val_rank1"]}
-        history.append(row)
-        if dist_info.is_main:
-            record = checkpoint_record(model, spec, number, row)
-            if improved:
-                utils.save_checkpoint(best_path, record)
-            if args.save_every and number % args.save_every == 0:
-                utils.save_checkpoint(os.path.join(out_dir, f"net_{number}.pth"), record)
-            utils.save_checkpoint(last_path, dict(
-                record, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict(), rng=utils.capture_rng_state(), sampler=sampler.state_dict(),
-                history=history, best=best, world_size=dist_info.world_size,
-                text_features=criterion.text_features.cpu()))
-            utils.write_metrics_csv(os.path.join(out_dir, "metrics.csv"), history)
-            if row["val_mAP"] is not None:
-                utils.plot_training_curve(os.path.join(out_dir, "training_curve.png"), history)
-            losses = ", ".join(f"{k} {v:.4f}" for k, v in result.losses.items())
-            val = (f" | val acc {row['val_acc']:.4f} Rank-1 {row['val_rank1']:.4f} mAP {row['val_mAP']:.4f}"
-                   + (" (best)" if improved else "")) if row["val_mAP"] is not None else ""
-            log.info(f"stage 2 epoch {number}/{args.epochs} lr {lrs[0]:.3g} | {losses} | i2t acc "
-                     f"{result.accuracy:.4f}{val} | {result.images_per_s:.1f} img/s")
-        utils.barrier(dist_info)
-    if dist_info.distributed:
-        agree = utils.ranks_agree(model, dist_info)
-        log.info(f"model weights {'identical' if agree else 'DIFFERENT'} on all {dist_info.world_size} ranks")
-        if not agree:
-            raise RuntimeError("DDP ranks ended with different weights; the saved checkpoint is rank 0's")
+    loop = {"model": model, "train_module": utils.wrap_ddp(criterion, dist_info),
+            "optimizers": [optimizer], "scheduler": scheduler, "scaler": scaler, "sampler": sampler,
+            "train_set": train_set, "validate": lambda: validate(model, val_sets, args, device, amp),
+            "record": lambda epoch, row: checkpoint_record(model, run["spec"], epoch, row),
+            "extra_state": lambda: {"text_features": criterion.text_features.cpu()},
+            "out_dir": out_dir, "dist_info": dist_info, "device": device, "amp": amp}
+    best, _ = utils.run_epochs(args, loop, log, history, best, start_epoch, stage="stage 2",
+                               lr_names=("lr", "lr_bias"), accuracy_name="i2t acc")
     return best
 
 
 # ---- run folder ----
-
-def read_config(out_dir):
-    import json
-    with open(os.path.join(out_dir, "config.json")) as f:
-        return json.load(f)
-
-
-def prepare_run_folder(out_dir, args):
-    """Refuse to overwrite a run without --force; --resume needs a run that can be continued."""
-    if args.resume:
-        if not os.path.isfile(os.path.join(out_dir, "config.json")):
-            raise utils.TrainingInputError(f"--resume: {out_dir} holds no run (no config.json); start the run "
-                                           f"without --resume")
-        return
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
-    if existing and not args.force:
-        raise utils.TrainingInputError(f"{out_dir} already holds a run ({', '.join(existing)}); pass --resume to "
-                                       f"continue it, --force to overwrite it, or choose another --m_name")
-
-
-def clear_run_folder(out_dir):
-    for name in os.listdir(out_dir):
-        if name in RUN_FILES or (name.startswith("net_") and name.endswith(".pth")):
-            os.remove(os.path.join(out_dir, name))
-    if os.path.isdir(os.path.join(out_dir, "final_test")):
-        shutil.rmtree(os.path.join(out_dir, "final_test"))
-
 
 def resume_point(out_dir, args):
     """Where a resumed run continues: "stage2" (net_last.pth), "stage2_start" (prompts.pth, stage 2 not
@@ -724,17 +560,7 @@ def resume_point(out_dir, args):
 
 def check_resumed_run(out_dir, args, data):
     """The run being resumed must have the same backbone, geometry and identities as this command."""
-    config = read_config(out_dir)
-    spec = config["model"]["backbone"]
-    wanted = models.backbone_spec(args.backbone_name, args.input_size, args.stride, args.last_stride)
-    if spec["name"] != wanted["name"] or models.backbone_signature(dict(spec, arch=None)) != \
-            models.backbone_signature(wanted):
-        raise utils.TrainingInputError(
-            f"{out_dir} was trained with backbone {models.describe_backbone(spec)} but this command asks for "
-            f"{models.describe_backbone(wanted)}; resume with the run's own settings or start a new --m_name")
-    if config.get("class_names") != data["class_names"]:
-        raise utils.TrainingInputError(f"{args.data_dir} has other training identities than the run being resumed "
-                                       f"in {out_dir}")
+    spec, config = models.resumed_run(out_dir, args, data["class_names"], out_dir)
     if bool(config["model"].get("sie")) != args.sie:
         raise utils.TrainingInputError(f"{out_dir} was trained {'with' if config['model'].get('sie') else 'without'} "
                                        f"--sie; resume with the same setting")
@@ -744,32 +570,16 @@ def check_resumed_run(out_dir, args, data):
 # ---- main ----
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return train(args)
-    except (utils.TrainingInputError, utils.NonFiniteLossError) as err:
-        raise SystemExit(f"error: {err}") from None
-    except ValueError as err:  # from clip / models / image loading: always a message naming the cause
-        raise SystemExit(f"error: {err}") from None
+    return utils.run_training(parse_args(argv), check_args, train)
 
 
-def train(args):
-    check_args(args)
-    dist_info = utils.setup_distributed(args.device)
-    try:
-        return _train(args, dist_info)
-    finally:
-        utils.cleanup_distributed(dist_info)
-
-
-def _train(args, dist_info):
-    device = dist_info.device
-    amp = utils.resolve_amp(args.amp, device)
+def train(args, dist_info):
+    device, amp = dist_info.device, utils.resolve_amp(args.amp, dist_info.device)
     input_size = tuple(args.input_size)
     out_dir = os.path.join(args.f_name, args.m_name)
     data = load_training_data(args.data_dir, args.train_all)
     num_classes = len(data["class_names"])
-    prepare_run_folder(out_dir, args)
+    utils.prepare_run_folder(out_dir, args, RUN_FILES, resume_file="config.json")
     point = resume_point(out_dir, args) if args.resume else "stage1" if args.stage != "2" else "stage2_start"
     prompts_path = (os.path.join(out_dir, "prompts.pth") if args.resume else args.prompts) \
         if point == "stage2_start" else None
@@ -780,15 +590,10 @@ def _train(args, dist_info):
         prompts = read_prompts(prompts_path, data["class_names"])
         if prompts["template"] != args.prompt_template:
             args.prompt_template = prompts["template"]  # recorded in config.json as used
-    utils.barrier(dist_info)
-    if dist_info.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        if args.force and not args.resume:
-            clear_run_folder(out_dir)
-    utils.barrier(dist_info)
-    log = utils.setup_logger(out_dir, dist_info.is_main)
-    log.info("command: " + " ".join(sys.argv))
+    log = utils.open_run_folder(out_dir, args, dist_info, RUN_FILES)
     utils.set_seed(args.seed)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
 
     # the image encoder (and the text tower when prompts must be learned or read)
     clip_model, stage2_state, old_config = None, None, None
@@ -798,17 +603,11 @@ def _train(args, dist_info):
         spec = models.backbone_spec(args.backbone_name, input_size, args.stride, args.last_stride)
     if point == "stage2":
         last_path = os.path.join(out_dir, "net_last.pth")
-        stage2_state = utils.load_checkpoint(last_path)
-        models.check_same_backbone(spec, stage2_state["backbone"], last_path)
-        if stage2_state.get("world_size", 1) != dist_info.world_size:
-            raise utils.TrainingInputError(f"{last_path} was written by a run with {stage2_state.get('world_size', 1)} "
-                                           f"process(es); resume it with the same number ({dist_info.world_size} now)")
+        stage2_state = models.read_run_checkpoint(spec, last_path, dist_info)
         visual = models.load_backbone(spec, weights="empty")
     else:
-        for turn in ("main", "others"):  # rank 0 downloads first
-            if (turn == "main") == dist_info.is_main:
-                visual, clip_model = models.load_clip_towers(spec, args.download_root)
-            utils.barrier(dist_info)
+        clip_model = models.load_pretrained(spec, args.download_root, dist_info)
+        visual = clip_model.visual
     if args.resume:  # flags left at their backbone default take the resumed run's values
         for name in BACKBONE_DEFAULTS["vit"]:
             if getattr(args, name) is None and old_config["args"].get(name) is not None:
@@ -817,7 +616,7 @@ def _train(args, dist_info):
 
     train_set, feature_set, val_sets = build_datasets(args, data, input_size, dist_info)
     # stage 2's sampler before stage 1, so that a batch the data cannot fill is refused at once
-    sampler = make_sampler(args, train_set, dist_info, log) if args.stage != "1" else None
+    sampler = utils.make_sampler(args, train_set, dist_info, log) if args.stage != "1" else None
     sie_aspects = data["aspects"] if args.sie else None
     model_config = models.clipreid_model_config(spec, args.feature, sie_aspects, data["class_aspect"], args.sie_coe)
     run = {"out_dir": out_dir, "device": device, "amp": amp, "dist_info": dist_info, "spec": spec, "data": data,
@@ -826,16 +625,14 @@ def _train(args, dist_info):
     retrieval_dim = (dims["pre_proj"] + dims["proj"] if args.feature.startswith("concat")
                      else dims["proj"] if args.feature.startswith("proj") else dims["pre_proj"])
     if dist_info.is_main:
-        extra = {"method": "clipreid", "model": model_config, "num_classes": num_classes,
-                 "class_names": data["class_names"], "aspects": data["aspects"], "backbone_kind": kind,
-                 "feature_dims": dict(visual.feature_dims), "retrieval_feature_dim": retrieval_dim, "amp": amp,
-                 "world_size": dist_info.world_size,
-                 "effective_batch_size": args.batch_size * dist_info.world_size, "train_split": data["train_split"],
-                 "num_train_images": len(train_set), "num_val_images": len(data["val"]),
-                 "recipe_notes": ["CLIP mean/std in both stages and at test time (the reference used 0.5/0.5 "
-                                  "for ViT and ImageNet statistics for RN50, by accident)",
-                                  "stage-1 text tower runs only up to the end token (identical output)",
-                                  "validation and net_best use only training identities (val vs train)"]}
+        extra = utils.training_config(
+            args, "clipreid", data, amp, dist_info, len(train_set), len(data["val"]), model=model_config,
+            aspects=data["aspects"], backbone_kind=kind, feature_dims=dict(visual.feature_dims),
+            retrieval_feature_dim=retrieval_dim,
+            recipe_notes=["CLIP mean/std in both stages and at test time (the reference used 0.5/0.5 for ViT and "
+                          "ImageNet statistics for RN50, by accident)",
+                          "stage-1 text tower runs only up to the end token (identical output)",
+                          "validation and net_best use only training identities (val vs train)"])
         if args.resume:
             extra["resumed"] = old_config.get("resumed", []) + [point]
         utils.write_run_config(out_dir, args, extra=extra)
@@ -854,7 +651,6 @@ def _train(args, dist_info):
         if args.stage == "1":
             summary = f"Wrote the stage-1 prompts of {num_classes} identities to {os.path.join(out_dir, 'prompts.pth')}"
             log.info(summary)
-            utils.close_logger(log)
             return {"out_dir": out_dir, "prompts": os.path.join(out_dir, "prompts.pth")}
     elif point == "stage2_start":
         if dist_info.is_main:
@@ -875,6 +671,9 @@ def _train(args, dist_info):
     if stage2_state is not None:
         models.load_model_weights(model, stage2_state["model"], os.path.join(out_dir, "net_last.pth"))
     model.to(device)
+    speed_note = models.speed_up_image_encoder(model.visual, device, args.compile)
+    if speed_note:
+        log.info(f"stage 2 image encoder: {speed_note}")
     best = run_stage2(args, run, model, text_features, train_set, sampler, val_sets, log)
 
     best_path = os.path.join(out_dir, "net_best.pth")
@@ -883,7 +682,6 @@ def _train(args, dist_info):
         if args.final_test and os.path.isfile(best_path):
             run_final_test(model, args, out_dir, best_path, amp, device, log)
         log.info(summary)
-        utils.close_logger(log)
     return {"out_dir": out_dir, "best": best}
 
 

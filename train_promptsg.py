@@ -15,62 +15,26 @@ as train_finetune.py; evaluate with eval_query_gallery_finetune.py [--inference_
     python train_promptsg.py --data_dir ./11k/train_val_test_split_dorsal_r --f_name ./model_11k_d_r \
         --m_name clip_promptsg_vit --backbone_name ViT-B/16
 """
-import argparse
 import os
-import sys
 
 import torch.nn as nn
 import torch.nn.functional as F
 
 import models
-import train_finetune
 import utils
 from losses import CrossEntropyLabelSmooth, TripletLoss, supcon_loss
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data and output")
-    g.add_argument("--data_dir", default="./11k/train_val_test_split_dorsal_r",
-                   help="split root holding train/ (or train_all/) and val/")
-    g.add_argument("--f_name", default="./model_11k_d_r", help="output root")
-    g.add_argument("--m_name", default="clip_promptsg_vit", help="run folder inside --f_name")
-    g.add_argument("--data_type", default="11k", choices=["11k", "HD"], help="dataset kind (recorded in config.json)")
-    g.add_argument("--backbone_name", default="ViT-B/16",
-                   help="CLIP model name (ViT-B/16, RN50, ...) or path to an OpenAI-format checkpoint")
-    g.add_argument("--train_all", action="store_true",
-                   help="train on train_all (train + val); val then overlaps training, so net_best = last epoch")
-    g.add_argument("--download_root", default=None, help="where pretrained CLIP weights are cached (~/.cache/clip)")
-    g.add_argument("--force", action="store_true", help="overwrite an existing run folder")
-    g = p.add_argument_group("batching")
-    g.add_argument("--batch_size", type=int, default=64, help="images per batch (per process under DDP)")
-    g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=5e-6,
-                   help="learning rate of the image encoder; the new modules (inversion, interaction, head) get 10x")
-    g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
-    g.add_argument("--weight_decay", type=float, default=5e-4)
-    g.add_argument("--epochs", type=int, default=60)
-    g.add_argument("--warmup_epochs", type=int, default=0,
-                   help="linear warm-up from 0.01 x lr (0: the paper's plain step schedule)")
-    g.add_argument("--milestones", type=int, nargs="*", default=[20, 40],
-                   help="epochs where lr is multiplied by --gamma")
-    g.add_argument("--gamma", type=float, default=0.1)
-    g.add_argument("--ls", type=float, default=0.1, help="label smoothing of the ID loss (0 disables)")
-    g = p.add_argument_group("augmentation and input")
-    g.add_argument("--erasing_p", type=float, default=0.0, help="random erasing probability")
-    g.add_argument("--color_jitter", action="store_true")
-    g.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
-    g.add_argument("--stride", type=int, default=16, help="ViT patch stride (< patch size: overlapping patches)")
-    g.add_argument("--last_stride", type=int, default=1, choices=[1, 2],
-                   help="ResNet layer4 stride (1: 14x14 map at 224)")
-    g.add_argument("--cache_resized", nargs="?", const="", default=None, metavar="DIR",
-                   help="decode and resize every photo once into a uint8 cache (default DIR: "
-                        "<data_dir>/.cache_resized) so epochs skip JPEG decoding")
+    p = utils.trainer_parser(__doc__, m_name="clip_promptsg_vit")
+    utils.add_batching_args(p, batch_size=64)
+    utils.add_optimisation_args(
+        p, lr=5e-6, epochs=60, warmup_epochs=0, milestones=[20, 40], gamma=0.1,
+        helps={"lr": "learning rate of the image encoder; the new modules (inversion, interaction, head) get 10x",
+               "warmup_epochs": "linear warm-up from 0.01 x lr (0: the paper's plain step schedule)"})
+    utils.add_input_args(p)
     g = p.add_argument_group("sampling and losses")
-    g.add_argument("--sampler", default="pk", choices=["random", "pk"])
-    g.add_argument("--num_instances", type=int, default=4, help="K images per identity with --sampler pk")
+    utils.add_sampler_args(g, sampler="pk")
     g.add_argument("--triplet_weight", type=float, default=1.0, help="batch-hard triplet (margin 0.3) weight")
     g.add_argument("--lambda_sc", type=float, default=0.5,
                    help="weight of the symmetric image<->composed-prompt supervised contrastive loss")
@@ -88,23 +52,16 @@ def parse_args(argv=None):
     g.add_argument("--feature", default="fused", choices=models.PROMPTSG_FEATURES,
                    help="retrieval feature: fused (language-guided feature before BN), fused_bn, concat "
                         "(global CLIP feature + fused) or proj (global CLIP feature alone)")
-    g = p.add_argument_group("run control")
-    g.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"], help="default: bf16 on CUDA, none on CPU")
-    g.add_argument("--grad_clip", type=float, default=0.0, help="max gradient norm (0: off); applied before the step")
-    g.add_argument("--resume", action="store_true", help="continue the run in <f_name>/<m_name> from net_last.pth")
-    g.add_argument("--save_every", type=int, default=10, help="also keep net_<epoch>.pth every N epochs (0: never)")
-    g.add_argument("--eval_every", type=int, default=5, help="validate every N epochs (and after the last)")
-    g.add_argument("--final_test", action=argparse.BooleanOptionalAction, default=True,
-                   help="evaluate net_best on the query/gallery splits of --data_dir at the end (fixed and "
-                        "composed prompt)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
-    utils.add_common_args(g)
+    utils.add_run_control_args(p, resume_help="continue the run in <f_name>/<m_name> from net_last.pth",
+                               final_test_help="evaluate net_best on the query/gallery splits of --data_dir at the "
+                                               "end (fixed and composed prompt)")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    train_finetune.check_args(argparse.Namespace(**vars(args), center_weight=0.0))
-    problems = []
+    problems = utils.common_arg_problems(args)
+    if args.triplet_weight < 0:
+        problems.append(f"--triplet_weight must not be negative, got {args.triplet_weight}")
     if args.lambda_sc < 0:
         problems.append(f"--lambda_sc must not be negative, got {args.lambda_sc}")
     if args.sc_temperature is not None and args.sc_temperature <= 0:
@@ -186,11 +143,6 @@ def checkpoint_record(model, spec, epoch, metrics):
 def run_final_tests(model, args, out_dir, best_path, amp, device, log):
     """net_best on the query/gallery splits of --data_dir, guided by each inference prompt:
     final_test/ (the run's --inference_prompt) and final_test_<other prompt>/."""
-    try:
-        utils.read_split_layout(args.data_dir)
-    except ValueError as err:
-        log.info(f"final test skipped: {err}")
-        return {}
     checkpoint = utils.load_checkpoint(best_path)
     models.load_model_weights(model, checkpoint["model"], best_path)
     model.eval()
@@ -199,197 +151,89 @@ def run_final_tests(model, args, out_dir, best_path, amp, device, log):
     for prompt in prompts:
         model.inference_prompt = prompt
         folder = "final_test" if prompt == args.inference_prompt else f"final_test_{prompt}"
-        results[prompt] = utils.evaluate_query_gallery(
-            model, args.data_dir, os.path.join(out_dir, folder),
-            method_name=f"{args.m_name} (net_best, {prompt} prompt)", input_size=tuple(args.input_size),
-            batch_size=max(args.batch_size, 64), num_workers=args.num_workers, device=device,
-            amp="off" if amp == "none" else amp, overwrite=True,
-            extra={"which_epoch": "best", "epoch": checkpoint["epoch"], "feature": model.feature,
-                   "inference_prompt": prompt})
-        variant = results[prompt]["gallery_variants"][-1]
-        mean = results[prompt]["summary"][variant]["mean"]
-        log.info(f"final test (net_best, {prompt} prompt, gallery {variant}): Rank-1 {100 * mean['rank1']:.2f} "
-                 f"mAP {100 * mean['mAP_hand']:.2f} -> {os.path.join(out_dir, folder)}")
+        found = utils.final_test(model, args, args.data_dir, out_dir, folder,
+                                 f"{args.m_name} (net_best, {prompt} prompt)", amp, device, log,
+                                 extra={"which_epoch": "best", "epoch": checkpoint["epoch"], "feature": model.feature,
+                                        "inference_prompt": prompt}, what=f"net_best, {prompt} prompt")
+        if found is None:
+            break
+        results[prompt] = found
     model.inference_prompt = args.inference_prompt
     return results
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return train(args)
-    except (utils.TrainingInputError, utils.NonFiniteLossError) as err:
-        raise SystemExit(f"error: {err}") from None
-    except ValueError as err:  # from clip / models / image loading: always a message naming the cause
-        raise SystemExit(f"error: {err}") from None
-
-
-def train(args):
-    check_args(args)
-    dist_info = utils.setup_distributed(args.device)
-    try:
-        return _train(args, dist_info)
-    finally:
-        utils.cleanup_distributed(dist_info)
+    return utils.run_training(parse_args(argv), check_args, train)
 
 
 def build_model(args, out_dir, num_classes, class_names, dist_info):
     """(model, model_config, spec): pretrained CLIP for a new run, the run's own model when resuming."""
     if args.resume:
-        spec, old_config = train_finetune.resumed_spec(out_dir, args)
-        if old_config["num_classes"] != num_classes or old_config.get("class_names") != class_names:
-            raise utils.TrainingInputError(f"{args.data_dir} has other training identities than the run being resumed "
-                                           f"in {out_dir}")
+        spec, old_config = models.resumed_run(out_dir, args, class_names, os.path.join(out_dir, "net_last.pth"))
         check_resumable(old_config["model"], args, os.path.join(out_dir, "net_last.pth"))
         model_config = model_config_from_args(args, spec)
         return models.build_promptsg_model(model_config, num_classes), model_config, spec
     spec = models.backbone_spec(args.backbone_name, tuple(args.input_size), args.stride, args.last_stride)
-    for turn in ("main", "others"):  # rank 0 downloads first
-        if (turn == "main") == dist_info.is_main:
-            clip_model = models.load_clip_model(spec, weights="pretrained", download_root=args.download_root)
-        utils.barrier(dist_info)
+    clip_model = models.load_pretrained(spec, args.download_root, dist_info)
     model_config = model_config_from_args(args, spec)
     return models.build_promptsg_model(model_config, num_classes, clip_model=clip_model), model_config, spec
 
 
-def _train(args, dist_info):
-    device = dist_info.device
-    amp = utils.resolve_amp(args.amp, device)
-    input_size = tuple(args.input_size)
-    out_dir = os.path.join(args.f_name, args.m_name)
+def train(args, dist_info):
+    device, amp = dist_info.device, utils.resolve_amp(args.amp, dist_info.device)
     data = utils.load_train_val(args.data_dir, args.train_all)
     num_classes = len(data["class_names"])
-    train_finetune.prepare_run_folder(out_dir, args)
-    utils.barrier(dist_info)
-    if dist_info.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        if args.force and not args.resume:
-            train_finetune.clear_run_folder(out_dir)
-    utils.barrier(dist_info)
-    log = utils.setup_logger(out_dir, dist_info.is_main)
-    log.info("command: " + " ".join(sys.argv))
-    utils.set_seed(args.seed)
+    out_dir, log = utils.start_run(args, dist_info, utils.RUN_FILES)
 
     model, model_config, spec = build_model(args, out_dir, num_classes, data["class_names"], dist_info)
     model.to(device)
+    speed_note = models.speed_up_image_encoder(model.visual, device, args.compile)
     criterion = PromptSGLoss(model, args.ls, args.triplet_weight, args.lambda_sc, args.sc_temperature)
 
-    train_set, val_set, gallery_set = train_finetune.build_datasets(args, data, input_size, dist_info)
-    sampler = train_finetune.make_sampler(args, train_set, dist_info, log)
+    train_set, val_set, gallery_set = utils.build_datasets(args, data, tuple(args.input_size), dist_info)
+    sampler = utils.make_sampler(args, train_set, dist_info, log)
     # "visual." = the pretrained image encoder at --lr; inversion, interaction, BNNeck and classifier at 10x;
     # the text tower is frozen (requires_grad False) and left out
     optimizer = utils.make_optimizer(args.optimizer, utils.param_groups(model, args.lr, args.weight_decay),
                                      args.lr, args.weight_decay)
     scheduler = utils.WarmupMultiStepLR(optimizer, args.milestones, args.gamma, args.warmup_epochs, 0.01)
     scaler = utils.make_grad_scaler(amp, device)
-    effective_batch = args.batch_size * dist_info.world_size
 
-    history, best, start_epoch = [], {"epoch": None, "val_mAP": -1.0}, 0
-    last_path, best_path = os.path.join(out_dir, "net_last.pth"), os.path.join(out_dir, "net_best.pth")
-    if args.resume:
-        state = utils.load_checkpoint(last_path)
-        models.check_same_backbone(spec, state["backbone"], last_path)
-        models.load_model_weights(model, state["model"], last_path)
-        if state.get("world_size", 1) != dist_info.world_size:
-            raise utils.TrainingInputError(f"{last_path} was written by a run with {state.get('world_size', 1)} "
-                                           f"process(es); resume it with the same number ({dist_info.world_size} now)")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        sampler.load_state_dict(state["sampler"])
-        utils.restore_rng_state(state["rng"])
-        history, best, start_epoch = list(state["history"]), dict(state["best"]), int(state["epoch"])
-        log.info(f"resumed from {last_path} after epoch {start_epoch}")
+    best_path = os.path.join(out_dir, "net_best.pth")
+    _, history, best, start_epoch = models.resume_from_last(args, out_dir, model, spec, dist_info, log,
+                                                            optimizer, scheduler, scaler, sampler)
 
     if dist_info.is_main:
-        extra = {"method": "promptsg", "model": model_config, "num_classes": num_classes,
-                 "class_names": data["class_names"], "feature_dims": dict(model.visual.feature_dims),
-                 "retrieval_feature_dim": model.feature_dim(), "sc_temperature_used": criterion.temperature(),
-                 "amp": amp, "world_size": dist_info.world_size, "effective_batch_size": effective_batch,
-                 "train_split": data["train_split"], "num_train_images": len(train_set),
-                 "num_val_images": len(val_set),
-                 "recipe_notes": ["CLIP mean/std at train and test time",
-                                  "validation and net_best use only training identities (val vs train), guided "
-                                  f"by the {args.inference_prompt} prompt",
-                                  "checkpoints hold the frozen text tower too (needed by --inference_prompt "
-                                  "composed)"]}
-        if args.resume:
-            extra["resumed_after_epochs"] = train_finetune.read_config(out_dir).get("resumed_after_epochs", []) + [
-                start_epoch]
-        utils.write_run_config(out_dir, args, extra=extra)
+        extra = utils.training_config(
+            args, "promptsg", data, amp, dist_info, len(train_set), len(val_set), model=model_config,
+            feature_dims=dict(model.visual.feature_dims), retrieval_feature_dim=model.feature_dim(),
+            sc_temperature_used=criterion.temperature(),
+            recipe_notes=["CLIP mean/std at train and test time",
+                          "validation and net_best use only training identities (val vs train), guided by the "
+                          f"{args.inference_prompt} prompt",
+                          "checkpoints hold the frozen text tower too (needed by --inference_prompt composed)"])
+        utils.write_training_config(out_dir, args, extra, start_epoch)
     log.info(f"{num_classes} identities, {len(train_set)} train / {len(val_set)} val images; backbone "
              f"{models.describe_backbone(spec)}; prompt {args.prompt_template!r}, inference prompt "
-             f"{args.inference_prompt}; retrieval feature {args.feature} ({model.feature_dim()}-d); batch "
-             f"{args.batch_size} x {dist_info.world_size} process(es) = effective batch {effective_batch}; "
-             f"amp {amp}; device {device}")
+             f"{args.inference_prompt}; retrieval feature {args.feature} ({model.feature_dim()}-d); "
+             + utils.batch_summary(args, dist_info, amp, speed_note))
 
-    train_module = criterion
-    if dist_info.distributed:
-        train_module = nn.parallel.DistributedDataParallel(
-            criterion, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None)
+    def validate():
+        return utils.validate(model, lambda x: model.predict_logits(x)[0], val_set, gallery_set, device, amp,
+                              batch_size=max(args.batch_size, 64), num_workers=args.num_workers)
 
-    def compute_loss(module, images, labels):
-        return module(images, labels)
-
-    def logits_fn(images):
-        return model.predict_logits(images)[0]
-
-    for epoch in range(start_epoch, args.epochs):
-        number = epoch + 1  # epochs are numbered from 1 in logs and file names
-        utils.set_seed(utils.epoch_seed(args.seed, epoch))
-        sampler.set_epoch(epoch)
-        loader = utils.make_loader(train_set, args.batch_size, sampler, args.num_workers, args.seed, epoch, device,
-                                   drop_last=True)
-        lrs = [group["lr"] for group in optimizer.param_groups]
-        try:
-            result = utils.train_one_epoch(train_module, loader, compute_loss, [optimizer], scaler, amp, device,
-                                           number, grad_clip=args.grad_clip, dist_info=dist_info,
-                                           progress=args.progress and dist_info.is_main)
-        except utils.NonFiniteLossError as err:
-            kept = f"{last_path} (after epoch {start_epoch if not history else history[-1]['epoch']})" \
-                if os.path.exists(last_path) else "none (no epoch finished)"
-            log.error(f"{err}; stopped. Last good checkpoint: {kept}")
-            raise utils.NonFiniteLossError(f"{err}; training stopped, last good checkpoint: {kept}") from None
-        scheduler.step()
-        row = {"epoch": number, "lr": lrs[0], "lr_heads": lrs[-1], **result.losses, "train_acc": result.accuracy,
-               "val_acc": None, "val_rank1": None, "val_mAP": None,
-               "images_per_s": result.images_per_s, "epoch_seconds": result.seconds}
-        improved = False
-        if (number % args.eval_every == 0 or number == args.epochs) and dist_info.is_main:
-            model.eval()
-            row.update(utils.validate(model, logits_fn, val_set, gallery_set, device, amp,
-                                      batch_size=max(args.batch_size, 64), num_workers=args.num_workers))
-            model.train()
-            # ties go to the later epoch; with --train_all val is seen in training, so the last epoch wins
-            improved = args.train_all or row["val_mAP"] >= best["val_mAP"]
-            if improved:
-                best = {"epoch": number, "val_mAP": row["val_mAP"], "val_rank1": row["val_rank1"]}
-        history.append(row)
-        if dist_info.is_main:
-            record = checkpoint_record(model, spec, number, row)
-            if improved:
-                utils.save_checkpoint(best_path, record)
-            if args.save_every and number % args.save_every == 0:
-                utils.save_checkpoint(os.path.join(out_dir, f"net_{number}.pth"), record)
-            utils.save_checkpoint(last_path, dict(
-                record, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                rng=utils.capture_rng_state(), sampler=sampler.state_dict(), history=history, best=best,
-                world_size=dist_info.world_size))
-            utils.write_metrics_csv(os.path.join(out_dir, "metrics.csv"), history)
-            utils.plot_training_curve(os.path.join(out_dir, "training_curve.png"), history)
-            losses = ", ".join(f"{k} {v:.4f}" for k, v in result.losses.items())
-            val = (f" | val acc {row['val_acc']:.4f} Rank-1 {row['val_rank1']:.4f} mAP {row['val_mAP']:.4f}"
-                   + (" (best)" if improved else "")) if row["val_mAP"] is not None else ""
-            log.info(f"epoch {number}/{args.epochs} lr {lrs[0]:.3g} | {losses} | train acc {result.accuracy:.4f}"
-                     f"{val} | {result.images_per_s:.1f} img/s")
-        utils.barrier(dist_info)
+    loop = {"model": model, "train_module": utils.wrap_ddp(criterion, dist_info),
+            "optimizers": [optimizer], "scheduler": scheduler, "scaler": scaler, "sampler": sampler,
+            "train_set": train_set, "validate": validate,
+            "record": lambda epoch, row: checkpoint_record(model, spec, epoch, row),
+            "out_dir": out_dir, "dist_info": dist_info, "device": device, "amp": amp}
+    best, history = utils.run_epochs(args, loop, log, history, best, start_epoch)
 
     final = {}
     if dist_info.is_main:
         if args.final_test and os.path.isfile(best_path):
             final = run_final_tests(model, args, out_dir, best_path, amp, device, log)
         log.info(f"Wrote the PromptSG model (net_best: epoch {best['epoch']}) to {out_dir}")
-        utils.close_logger(log)
     return {"out_dir": out_dir, "best": best, "history": history, "final_test": final}
 
 

@@ -45,3 +45,27 @@ def synthetic_11k(tmp_path_factory):
     utils.make_synthetic_11k(str(data_dir), num_ids_per_aspect=16, seed=0)
     prepare.main(["--data_dir", str(data_dir), "--num_splits", "3", "--seed", "0"])
     return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def hand_data(tmp_path_factory):
+    """The dorsal-right split root of a synthetic 11k data set with enough identities to learn from
+    (12 train / 12 test identities per aspect, 5-7 images each) and 2 query/gallery splits; shared by
+    the training tests. Read-only."""
+    import utils
+    import prepare_train_val_test_11k_r_l as prepare
+    data_dir = tmp_path_factory.mktemp("hand_data") / "11k"
+    utils.make_synthetic_11k(str(data_dir), num_ids_per_aspect=24, images_per_id=(5, 7), image_size=(80, 60), seed=0)
+    prepare.main(["--data_dir", str(data_dir), "--num_splits", "2", "--seed", "0"])
+    return str(data_dir / "train_val_test_split_dorsal_r")
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny models run fastest on one thread: with several, OpenMP spin contention makes a busy 2-core
+    machine many times slower. Use with `pytestmark = pytest.mark.usefixtures("single_torch_thread")`."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,13 +18,7 @@ import train_clipreid
 import utils
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with several, a busy 2-core machine is 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,17 +135,6 @@ def test_stage2_optimizer_groups_double_the_bias_lr(tiny_vit_checkpoint):
 
 # ---- training runs ----
 
-@pytest.fixture(scope="module")
-def hand_data(tmp_path_factory):
-    """Synthetic 11k with 12 train / 12 test identities per aspect (the conftest data set has 4,
-    too few to learn identities from) and 2 query/gallery splits."""
-    import prepare_train_val_test_11k_r_l as prepare
-    data_dir = tmp_path_factory.mktemp("clipreid_data") / "11k"
-    utils.make_synthetic_11k(str(data_dir), num_ids_per_aspect=24, images_per_id=(5, 7), image_size=(80, 60), seed=0)
-    prepare.main(["--data_dir", str(data_dir), "--num_splits", "2", "--seed", "0"])
-    return str(data_dir / "train_val_test_split_dorsal_r")
-
-
 def run_train(data_dirs, out_root, name, checkpoint, *extra):
     data_dirs = [data_dirs] if isinstance(data_dirs, str) else data_dirs
     return train_clipreid.main(["--data_dir", *data_dirs, "--f_name", str(out_root), "--m_name", name,
@@ -217,6 +200,7 @@ def test_run_folder_and_evaluator(clipreid_run, hand_data, tmp_path):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     config = read_json(os.path.join(run_dir, "config.json"))
     assert config["method"] == "clipreid" and config["model"]["kind"] == "clipreid"
+    assert config["pretrained"] is None  # a local checkpoint file, no --pretrained
     assert config["num_classes"] == 12 and config["args"]["stage1_lr"] == 1e-2
     assert config["retrieval_feature_dim"] == 96 and config["feature_dims"]["penultimate"] == 64
     assert config["args"]["weight_decay"] == 1e-4 and config["args"]["warmup_factor"] == 0.1  # ViT reference values

@@ -22,19 +22,12 @@ SIZE = ["--input_size", "64", "64", "--stride", "8"]
 QUIET = ["--num_workers", "0", "--no-progress", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def hand_data(tmp_path_factory):
-    """Synthetic 11k with 12 train / 12 test identities per aspect and 2 query/gallery splits."""
-    import prepare_train_val_test_11k_r_l as prepare
-    data_dir = tmp_path_factory.mktemp("ft_data") / "11k"
-    utils.make_synthetic_11k(str(data_dir), num_ids_per_aspect=24, images_per_id=(5, 7), image_size=(80, 60), seed=0)
-    prepare.main(["--data_dir", str(data_dir), "--num_splits", "2", "--seed", "0"])
-    return str(data_dir / "train_val_test_split_dorsal_r")
-
-
 def run_train(data_root, out_root, name, checkpoint, *extra):
     return train_finetune.main(["--data_dir", data_root, "--f_name", str(out_root), "--m_name", name,
                                 "--backbone_name", checkpoint, *QUIET, *extra])
+
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +110,20 @@ def test_rebuilt_model_from_run_folder_matches_without_download(finetuned):
 
 
 # ---- training pieces ----
+
+def test_speed_up_keeps_state_dict_keys(tiny_rn_checkpoint):
+    spec = models.backbone_spec(tiny_rn_checkpoint, (64, 64))
+    visual = models.load_backbone(spec)
+    keys = list(visual.state_dict())
+    # device "cuda" only selects what is done; the module stays on the CPU and nothing is compiled until called
+    done = models.speed_up_image_encoder(visual, "cuda", compile=True)
+    assert done == "channels_last, torch.compile(forward_features)"
+    assert list(visual.state_dict()) == keys
+    conv = next(m for m in visual.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert models.speed_up_image_encoder(models.load_backbone(spec), "cpu", compile=True) == \
+        "--compile ignored: it needs CUDA"
+
 
 def test_lr_schedule_matches_clip_handid():
     optimizer = torch.optim.Adam(utils.param_groups(torch.nn.ModuleDict(
@@ -208,6 +215,25 @@ def test_eval_script_reproduces_training_final_numbers(finetuned, hand_data, tmp
     assert results["summary"] == final["summary"]
     assert os.path.isfile(os.path.join(out_dir, "result_split1_all.mat"))
     assert os.path.isfile(os.path.join(out_dir, "results.csv"))
+
+
+def test_pretrained_flag_is_recorded_and_carried_by_the_evaluator(finetuned, hand_data, tiny_vit_checkpoint,
+                                                                  tmp_path):
+    assert read_json(os.path.join(finetuned["run_dir"], "config.json"))["pretrained"] is None  # a local file
+    run_train(hand_data, tmp_path, "random", tiny_vit_checkpoint, "--input_size", "32", "32", "--stride", "8",
+              "--epochs", "1", "--batch_size", "16", "--no-final_test", "--pretrained", "false", "--compile")
+    run_dir = tmp_path / "random"
+    assert read_json(run_dir / "config.json")["pretrained"] is False
+    assert "--compile ignored" in (run_dir / "train.log").read_text()  # CPU: a note, no compilation
+    results = eval_query_gallery_finetune.main(
+        ["--f_name", str(tmp_path), "--m_name", "random", "--test_dir", hand_data, "--which_epoch", "last",
+         "--num_workers", "0", "--device", "cpu", "--amp", "none", "--out_dir", str(tmp_path / "eval")])
+    assert results["pretrained"] is False
+    assert read_json(tmp_path / "eval" / "config.json")["pretrained"] is False
+    for script in (eval_query_gallery_finetune, eval_query_gallery_clip_zeroshot, train_finetune):
+        assert script.parse_args(["--amp", "none"]).amp == "none"
+        with pytest.raises(SystemExit):  # every script takes none|bf16|fp16, nothing else
+            script.parse_args(["--amp", "off"])
 
 
 def test_eval_options_and_cross_domain(finetuned, hand_data):

@@ -18,6 +18,9 @@ import train_promptsg
 INPUT_SIZE = {"vit": (32, 32), "rn": (64, 64)}
 
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
 def build_model(checkpoint, kind, num_classes=4, seed=0, **kwargs):
     """A PromptSG model on a tiny checkpoint; its config.json "model" entry is model.test_config."""
     torch.manual_seed(seed)
@@ -220,6 +223,7 @@ def test_training_beats_zero_shot(trained_run):
     with open(os.path.join(run_dir, "config.json")) as f:
         config = json.load(f)
     assert config["method"] == "promptsg" and config["model"]["kind"] == "promptsg"
+    assert config["pretrained"] is None  # a local checkpoint file, no --pretrained
     assert config["model"]["prompt_template"] == "A photo of a S* hand." and config["args"]["lambda_sc"] == 0.5
     assert config["sc_temperature_used"] == pytest.approx(0.07, rel=1e-3)  # the tiny checkpoint's logit scale
     with open(os.path.join(run_dir, "metrics.csv")) as f:

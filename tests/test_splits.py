@@ -79,12 +79,15 @@ def synthetic_11k_source(tmp_path_factory):
     return str(root)
 
 
+def fresh_copy(source, folder):
+    """A copy of a module's synthetic dataset that a test may change."""
+    shutil.copytree(source, str(folder))
+    return str(folder)
+
+
 @pytest.fixture
 def synth11k(tmp_path, synthetic_11k_source):
-    """A fresh copy of the small synthetic 11k dataset that a test may change."""
-    data_dir = str(tmp_path / "11k")
-    shutil.copytree(synthetic_11k_source, data_dir)
-    return data_dir
+    return fresh_copy(synthetic_11k_source, tmp_path / "11k")
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +100,7 @@ def synthetic_hd_source(tmp_path_factory):
 
 @pytest.fixture
 def synth_hd(tmp_path, synthetic_hd_source):
-    data_dir = str(tmp_path / "HD")
-    shutil.copytree(synthetic_hd_source, data_dir)
-    return data_dir
+    return fresh_copy(synthetic_hd_source, tmp_path / "HD")
 
 
 # ---- the protocol on the real CSV ----
