@@ -161,13 +161,18 @@ def image_flops(visual, input_size):
 
 
 def throughput_model(backbone, args, num_classes):
-    """A random-weight fine-tuning model (models.HandReIDModel) and its loss (train_finetune.FinetuneLoss)."""
+    """A random-weight model of --method and its training objective (from losses.py): the fine-tuning
+    model (models.HandReIDModel) or PromptSG's (both CLIP towers, inference with the fixed prompt)."""
     import clip
-    import train_finetune
+    import losses
     spec = models.backbone_spec(backbone, tuple(args.input_size), args.stride, args.last_stride)
     spec["arch"] = dict(clip.model.MODEL_CONFIGS[backbone])
+    if args.method == "promptsg":
+        clip_model = models.load_clip_model(spec, weights="random")
+        model = models.build_promptsg_model(models.promptsg_model_config(spec), num_classes, clip_model=clip_model)
+        return model, losses.PromptSGLoss(model)
     model = models.HandReIDModel(models.load_backbone(spec, weights="random"), num_classes)
-    return model, train_finetune.FinetuneLoss(model, ls=0.1)
+    return model, losses.FinetuneLoss(model, ls=0.1)
 
 
 def benchmark_photos(args, folder):
@@ -316,6 +321,9 @@ def parse_args(argv=None):
                         help="gallery images per identity in the metrics part (1 = the hand protocol)")
     g = parser.add_argument_group("train / infer throughput")
     g.add_argument("--backbones", nargs="+", default=["ViT-B/16", "RN50"], help="official names, random weights")
+    g.add_argument("--method", choices=["finetune", "promptsg"], default="finetune",
+                   help="model and objective timed: the fine-tuning model, or PromptSG's (inference with the "
+                        "fixed prompt; compare its infer figures with finetune's for the cost ratio)")
     g.add_argument("--amps", nargs="+", choices=["none", "bf16", "fp16"], default=None,
                    help="AMP settings to time (default: none and bf16 on CUDA, none on CPU)")
     g.add_argument("--compile", action="store_true",

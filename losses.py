@@ -6,6 +6,7 @@
 - `ArcFace`: additive angular margin logits (use with a cross entropy).
 - `SupConLoss` / `supcon_loss`: supervised contrastive loss between two sets of features, e.g. images
   and text (CLIP-ReID's definition: temperature 1, all same-label candidates are positives).
+- `FinetuneLoss`, `PromptSGLoss`: the objectives of train_finetune.py and train_promptsg.py.
 Every loss returns a scalar mean over the batch. Inputs are cast to fp32 so the losses behave the same
 under autocast.
 """
@@ -140,3 +141,74 @@ class SupConLoss(nn.Module):
 
     def forward(self, anchors, candidates, anchor_labels, candidate_labels):
         return supcon_loss(anchors, anchor_labels, candidates, candidate_labels, self.temperature)
+
+
+# ---- the objectives of the trainers (model + losses in one module, so DDP wraps both) ----
+
+class FinetuneLoss(nn.Module):
+    """The model plus its training objective, one module so DDP also syncs the center-loss centres:
+    LS-CE on both heads (1:1) + triplet_weight * triplet + center_weight * center, the metric losses
+    on both pre-BN features (pre_proj and proj)."""
+
+    def __init__(self, model, ls=0.1, triplet_weight=0.0, center_weight=0.0, triplet_margin=0.3):
+        super().__init__()
+        self.model = model
+        self.id_loss = CrossEntropyLabelSmooth(ls)
+        self.triplet_weight, self.center_weight = triplet_weight, center_weight
+        self.triplet = TripletLoss(triplet_margin) if triplet_weight > 0 else None
+        self.centers = None
+        if center_weight > 0:
+            self.centers = nn.ModuleList([CenterLoss(model.num_classes, model.in_planes),
+                                          CenterLoss(model.num_classes, model.in_planes_proj)])
+
+    def forward(self, images, labels):
+        scores, features = self.model(images, labels)
+        metric_feats = (features["pre_proj"], features["proj"])
+        terms = {"loss_id": self.id_loss(scores[0], labels), "loss_id_proj": self.id_loss(scores[1], labels)}
+        total = terms["loss_id"] + terms["loss_id_proj"]
+        if self.triplet is not None:
+            terms["loss_triplet"] = sum(self.triplet(f, labels) for f in metric_feats)
+            total = total + self.triplet_weight * terms["loss_triplet"]
+        if self.centers is not None:
+            terms["loss_center"] = sum(c(f, labels) for c, f in zip(self.centers, metric_feats))
+            total = total + self.center_weight * terms["loss_center"]
+        return total, terms, scores[1]
+
+
+def symmetric_supcon(image_features, text_features, labels, temperature):
+    """i2t + t2i supervised contrastive loss on cosine similarities: every same-identity pair of the
+    batch (the own pair included) is a positive."""
+    image_features = F.normalize(image_features.float(), dim=1)
+    text_features = F.normalize(text_features.float(), dim=1)
+    i2t = supcon_loss(image_features, labels, text_features, labels, temperature)
+    t2i = supcon_loss(text_features, labels, image_features, labels, temperature)
+    return i2t + t2i
+
+
+class PromptSGLoss(nn.Module):
+    """The model plus its objective (one module, so DDP wraps both): ID (label-smoothed CE on
+    BN(fused)) + triplet_weight x batch-hard triplet on fused + lambda_sc x symmetric SupCon between
+    the global image features and the composed-prompt features."""
+
+    def __init__(self, model, ls=0.1, triplet_weight=1.0, lambda_sc=0.5, sc_temperature=None, triplet_margin=0.3):
+        super().__init__()
+        self.model = model
+        self.id_loss = CrossEntropyLabelSmooth(ls)
+        self.triplet = TripletLoss(triplet_margin)
+        self.triplet_weight, self.lambda_sc = float(triplet_weight), float(lambda_sc)
+        self.fixed_temperature = sc_temperature
+
+    def temperature(self):
+        """--sc_temperature, else the checkpoint's own (read each time: a resumed model gets its weights late)."""
+        if self.fixed_temperature:
+            return float(self.fixed_temperature)
+        return self.model.clip_temperature()
+
+    def forward(self, images, labels):
+        scores, features = self.model(images, labels)
+        temperature = self.fixed_temperature or self.model.clip_temperature(as_tensor=True)
+        terms = {"loss_id": self.id_loss(scores[0], labels),
+                 "loss_triplet": self.triplet(features["fused"], labels),
+                 "loss_supcon": symmetric_supcon(features["image"], features["text"], labels, temperature)}
+        total = terms["loss_id"] + self.triplet_weight * terms["loss_triplet"] + self.lambda_sc * terms["loss_supcon"]
+        return total, terms, scores[0]

@@ -14,11 +14,10 @@ test splits of --data_dir).
 import os
 
 import torch
-import torch.nn as nn
 
 import models
 import utils
-from losses import CenterLoss, CrossEntropyLabelSmooth, TripletLoss
+from losses import FinetuneLoss
 
 
 def parse_args(argv=None):
@@ -46,36 +45,6 @@ def check_args(args):
         problems.append("--triplet_weight and --center_weight must not be negative")
     if problems:
         raise utils.TrainingInputError("; ".join(problems))
-
-
-class FinetuneLoss(nn.Module):
-    """The model plus its training objective, one module so DDP also syncs the center-loss centres:
-    LS-CE on both heads (1:1) + triplet_weight * triplet + center_weight * center, the metric losses
-    on both pre-BN features (pre_proj and proj)."""
-
-    def __init__(self, model, ls=0.1, triplet_weight=0.0, center_weight=0.0, triplet_margin=0.3):
-        super().__init__()
-        self.model = model
-        self.id_loss = CrossEntropyLabelSmooth(ls)
-        self.triplet_weight, self.center_weight = triplet_weight, center_weight
-        self.triplet = TripletLoss(triplet_margin) if triplet_weight > 0 else None
-        self.centers = None
-        if center_weight > 0:
-            self.centers = nn.ModuleList([CenterLoss(model.num_classes, model.in_planes),
-                                          CenterLoss(model.num_classes, model.in_planes_proj)])
-
-    def forward(self, images, labels):
-        scores, features = self.model(images, labels)
-        metric_feats = (features["pre_proj"], features["proj"])
-        terms = {"loss_id": self.id_loss(scores[0], labels), "loss_id_proj": self.id_loss(scores[1], labels)}
-        total = terms["loss_id"] + terms["loss_id_proj"]
-        if self.triplet is not None:
-            terms["loss_triplet"] = sum(self.triplet(f, labels) for f in metric_feats)
-            total = total + self.triplet_weight * terms["loss_triplet"]
-        if self.centers is not None:
-            terms["loss_center"] = sum(c(f, labels) for c, f in zip(self.centers, metric_feats))
-            total = total + self.center_weight * terms["loss_center"]
-        return total, terms, scores[1]
 
 
 def checkpoint_record(model, spec, epoch, metrics):

@@ -17,12 +17,10 @@ as train_finetune.py; evaluate with eval_query_gallery_finetune.py [--inference_
 """
 import os
 
-import torch.nn as nn
-import torch.nn.functional as F
 
 import models
 import utils
-from losses import CrossEntropyLabelSmooth, TripletLoss, supcon_loss
+from losses import PromptSGLoss
 
 
 def parse_args(argv=None):
@@ -76,45 +74,6 @@ def check_args(args):
         problems.append(str(err))
     if problems:
         raise utils.TrainingInputError("; ".join(problems))
-
-
-def symmetric_supcon(image_features, text_features, labels, temperature):
-    """i2t + t2i supervised contrastive loss on cosine similarities: every same-identity pair of the
-    batch (the own pair included) is a positive."""
-    image_features = F.normalize(image_features.float(), dim=1)
-    text_features = F.normalize(text_features.float(), dim=1)
-    i2t = supcon_loss(image_features, labels, text_features, labels, temperature)
-    t2i = supcon_loss(text_features, labels, image_features, labels, temperature)
-    return i2t + t2i
-
-
-class PromptSGLoss(nn.Module):
-    """The model plus its objective (one module, so DDP wraps both): ID (label-smoothed CE on
-    BN(fused)) + triplet_weight x batch-hard triplet on fused + lambda_sc x symmetric SupCon between
-    the global image features and the composed-prompt features."""
-
-    def __init__(self, model, ls=0.1, triplet_weight=1.0, lambda_sc=0.5, sc_temperature=None, triplet_margin=0.3):
-        super().__init__()
-        self.model = model
-        self.id_loss = CrossEntropyLabelSmooth(ls)
-        self.triplet = TripletLoss(triplet_margin)
-        self.triplet_weight, self.lambda_sc = float(triplet_weight), float(lambda_sc)
-        self.fixed_temperature = sc_temperature
-
-    def temperature(self):
-        """--sc_temperature, else the checkpoint's own (read each time: a resumed model gets its weights late)."""
-        if self.fixed_temperature:
-            return float(self.fixed_temperature)
-        return self.model.clip_temperature()
-
-    def forward(self, images, labels):
-        scores, features = self.model(images, labels)
-        temperature = self.fixed_temperature or self.model.clip_temperature(as_tensor=True)
-        terms = {"loss_id": self.id_loss(scores[0], labels),
-                 "loss_triplet": self.triplet(features["fused"], labels),
-                 "loss_supcon": symmetric_supcon(features["image"], features["text"], labels, temperature)}
-        total = terms["loss_id"] + self.triplet_weight * terms["loss_triplet"] + self.lambda_sc * terms["loss_supcon"]
-        return total, terms, scores[0]
 
 
 def model_config_from_args(args, spec):

@@ -1,16 +1,25 @@
 """Shared helpers for the CLIP-FH scripts: run bookkeeping, data splits, image loading,
 evaluation and training utilities. Each script imports what it needs from here."""
 import argparse
+import bisect
+import csv
 import datetime
+import io
 import json
+import logging
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 _UMASK = os.umask(0)
@@ -129,13 +138,8 @@ def format_results_table(rows, title=None):
     return "\n".join(lines)
 
 
-# ==== SECTION SPLITS + SYNTHETIC DATA (helper DATA) ============================================
-import csv  # noqa: E402  (section-local imports)
-import io  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
+# ==== SECTION SPLITS + SYNTHETIC DATA ============================================
 
-from tqdm import tqdm  # noqa: E402
 
 # ---- protocol constants (MBA-Net, see README "Data splits") ----
 HAND_INFO_COLUMNS = ("id", "age", "gender", "skinColor", "accessories", "nailPolish", "aspectOfHand",
@@ -654,8 +658,7 @@ def make_synthetic_hd(root, num_train_ids=6, num_test_ids=6, num_distractor_ids=
     return info
 
 
-
-# ==== SECTION IMAGES + EVALUATION (helper EVAL) ================================================
+# ==== SECTION IMAGES + EVALUATION ================================================
 # ---- images ------------------------------------------------------------------------------------
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -1218,17 +1221,10 @@ def evaluate_query_gallery(encode_fn, test_dir, out_dir, *, gallery=None, method
     return results
 
 
-
-# ==== SECTION TRAINING (helper TRAIN) ==========================================================
+# ==== SECTION TRAINING ==========================================================
 # Pieces shared by train_finetune.py and the CLIP-ReID / PromptSG trainers: data sets and samplers,
 # transforms, LR schedule, optimizer groups, AMP, a generic training epoch, validation, checkpoints
 # with resume, metrics/log writers and DDP set-up.
-import bisect  # noqa: E402
-import logging  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-from tqdm import tqdm  # noqa: E402
 
 
 class TrainingInputError(ValueError):

@@ -167,8 +167,8 @@ def read_state_dict(path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise RuntimeError(f"{path} is neither a TorchScript archive nor a state dict that torch.load("
-                           f"weights_only=True) can read: {err}") from err
+        raise RuntimeError(f"{path} is neither a TorchScript archive nor a plain state dict readable with "
+                           f"weights_only=True: {err}") from err
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

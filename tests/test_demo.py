@@ -1,8 +1,6 @@
 """demo.py end to end on a tiny checkpoint, and its loud fallback to random weights."""
 import json
-import os
 
-import pytest
 
 import clip
 import demo

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import clip
+import losses
 import models
 import train_promptsg
 
@@ -141,7 +142,7 @@ def test_prompt_feature_changes_fused_output(tiny_model):
 def test_losses_train_inversion_and_query_path(tiny_model, lambda_sc):
     model, kind = tiny_model
     model.train()
-    criterion = train_promptsg.PromptSGLoss(model, lambda_sc=lambda_sc)
+    criterion = losses.PromptSGLoss(model, lambda_sc=lambda_sc)
     images, labels = batch(kind)
     loss, terms, logits = criterion(images, labels)
     assert set(terms) == {"loss_id", "loss_triplet", "loss_supcon"} and logits.shape == (8, 4)
@@ -164,7 +165,7 @@ def test_contrastive_loss_alone_trains_the_inversion_network(vit_model):
     model = vit_model.train()
     images, labels = batch("vit")
     _, features = model(images, labels)
-    train_promptsg.symmetric_supcon(features["image"], features["text"], labels, 0.07).backward()
+    losses.symmetric_supcon(features["image"], features["text"], labels, 0.07).backward()
     assert float(model.inversion.mlp[0].weight.grad.norm()) > 0
     assert model.interaction.cross_attn.q_proj.weight.grad is None  # the SupCon term does not use the fusion
 
