@@ -133,7 +133,7 @@ def main(argv=None):
     print("[4/6] ranking figure", flush=True)
     figure = os.path.join(args.out, "ranking_zero_shot.png")
     ranking.main(["--mat", os.path.join(zs_dir, "result_split0_all.mat"), "--num_queries", "4",
-                  "--top_k", "8", "--out", figure, "--seed", str(args.seed)])
+                  "--top_k", "8", "--out", figure, "--seed", str(args.seed), "--force"])
 
     print(f"[5/6] training: {', '.join(args.methods) or 'nothing'}", flush=True)
     import eval_query_gallery_finetune as eval_finetune

@@ -26,6 +26,7 @@ def parse_args(argv=None):
     parser.add_argument("--top_k", type=int, default=10, help="gallery images per row")
     parser.add_argument("--out", default="ranking.png", help="output PNG; a PDF is written next to it")
     parser.add_argument("--seed", type=int, default=0, help="picks the random queries")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --out figure (and its PDF)")
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.num_queries < 1:
         parser.error("--top_k and --num_queries must be at least 1")
@@ -106,6 +107,9 @@ def main(argv=None):
                          f"of this repository to write them")
     if not args.out.lower().endswith(".png"):
         raise SystemExit(f"--out must name a .png file, got {args.out}")
+    existing = [p for p in (args.out, os.path.splitext(args.out)[0] + ".pdf") if os.path.exists(p)]
+    if existing and not args.force:
+        raise SystemExit(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
     queries = choose_queries(args, len(result["query_label"]))
     needed = [result["query_path"][q] for q in queries]
     for q in queries:

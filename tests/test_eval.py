@@ -313,6 +313,9 @@ def test_zero_shot_end_to_end_and_ranking_figure(synthetic_11k, tiny_vit_checkpo
     with Image.open(figure) as img:
         assert img.size[0] > 2 * img.size[1] > 0  # two rows of six panels
     assert (tmp_path / "fig" / "ranking.pdf").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="--force"):
+        demo.main(["--mat", str(out_dir / "result_split2_all.mat"), "--out", str(figure)])
+    demo.main(["--mat", str(out_dir / "result_split2_all.mat"), "--out", str(figure), "--force"])
     num_queries = results["rows"][0]["num_query"]
     with pytest.raises(SystemExit, match=f"out of range.*valid indices 0..{num_queries - 1}"):
         demo.main(["--mat", str(out_dir / "result_split0.mat"), "--query_index", str(num_queries),
