@@ -84,6 +84,12 @@ def image_side_state_dict(model):
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+def checkpoint_record(kind, model, spec, epoch, metrics):
+    """What net_<epoch>.pth / net_best.pth hold: the image side of a model of `kind`, and its epoch."""
+    return {"format": 1, "kind": kind, "epoch": epoch, "backbone": spec,
+            "model": image_side_state_dict(model), "metrics": metrics}
+
+
 def load_trained_model(run_dir, which_epoch="best", device="cpu"):
     """Rebuild the model of a run folder (config.json + net_<which_epoch>.pth) without any pretrained
     download. Returns (model in eval mode on device, config dict, checkpoint dict without weights)."""

@@ -206,13 +206,7 @@ def clipreid_train_transform(input_size, padding=10, erasing_p=0.5):
 def build_datasets(args, data, input_size, dist_info):
     """Stage-2 train set, stage-1 feature set (train images, no augmentation) and per-root (val,
     gallery) sets for validation; every image is read at input_size (optionally from one cache)."""
-    galleries = []
-    for root in data["roots"]:
-        gallery = root["train"]
-        if args.train_all:  # train_all contains the val images: keep them out of the val gallery
-            val_files = {(os.path.basename(p), label) for p, label in root["val"]}
-            gallery = [(p, label) for p, label in root["train"] if (os.path.basename(p), label) not in val_files]
-        galleries.append(gallery)
+    galleries = [utils.val_gallery_items(root["train"], root["val"], args.train_all) for root in data["roots"]]
     cache = None
     if args.cache_resized is not None:
         cache_dir = args.cache_resized or os.path.join(args.data_dir[0], ".cache_resized")
@@ -466,11 +460,6 @@ def stage2_param_groups(model, lr, weight_decay, bias_lr_factor=2.0):
     return [g for g in groups if g["params"]]
 
 
-def checkpoint_record(model, spec, epoch, metrics):
-    return {"format": 1, "kind": "clipreid", "epoch": epoch, "backbone": spec,
-            "model": models.image_side_state_dict(model), "metrics": metrics}
-
-
 def validate(model, val_sets, args, device, amp):
     """Per split root (with its SIE aspect): val images as queries against that root's train images;
     the metrics are averaged over roots weighted by their number of val images."""
@@ -530,7 +519,7 @@ def run_stage2(args, run, model, text_features, train_set, sampler, val_sets, lo
     loop = {"model": model, "train_module": utils.wrap_ddp(criterion, dist_info),
             "optimizers": [optimizer], "scheduler": scheduler, "scaler": scaler, "sampler": sampler,
             "train_set": train_set, "validate": lambda: validate(model, val_sets, args, device, amp),
-            "record": lambda epoch, row: checkpoint_record(model, run["spec"], epoch, row),
+            "record": lambda epoch, row: models.checkpoint_record("clipreid", model, run["spec"], epoch, row),
             "extra_state": lambda: {"text_features": criterion.text_features.cpu()},
             "out_dir": out_dir, "dist_info": dist_info, "device": device, "amp": amp}
     best, _ = utils.run_epochs(args, loop, log, history, best, start_epoch, stage="stage 2",

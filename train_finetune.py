@@ -47,11 +47,6 @@ def check_args(args):
         raise utils.TrainingInputError("; ".join(problems))
 
 
-def checkpoint_record(model, spec, epoch, metrics):
-    return {"format": 1, "kind": "finetune", "epoch": epoch, "backbone": spec,
-            "model": models.image_side_state_dict(model), "metrics": metrics}
-
-
 def main(argv=None):
     return utils.run_training(parse_args(argv), check_args, train)
 
@@ -124,7 +119,7 @@ def train(args, dist_info):
     loop = {"model": model, "train_module": utils.wrap_ddp(criterion, dist_info),
             "optimizers": optimizers, "scheduler": scheduler, "scaler": scaler, "sampler": sampler,
             "train_set": train_set, "validate": validate, "extra_state": extra_state,
-            "record": lambda epoch, row: checkpoint_record(model, spec, epoch, row),
+            "record": lambda epoch, row: models.checkpoint_record("finetune", model, spec, epoch, row),
             "out_dir": out_dir, "dist_info": dist_info, "device": device, "amp": amp}
     best, history = utils.run_epochs(args, loop, log, history, best, start_epoch)
 

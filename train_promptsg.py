@@ -94,11 +94,6 @@ def check_resumable(old_model_config, args, path):
         raise utils.TrainingInputError(f"{path} holds a {old_model_config.get('kind')} run, not a PromptSG run")
 
 
-def checkpoint_record(model, spec, epoch, metrics):
-    return {"format": 1, "kind": "promptsg", "epoch": epoch, "backbone": spec,
-            "model": models.image_side_state_dict(model), "metrics": metrics}
-
-
 def run_final_tests(model, args, out_dir, best_path, amp, device, log):
     """net_best on the query/gallery splits of --data_dir, guided by each inference prompt:
     final_test/ (the run's --inference_prompt) and final_test_<other prompt>/."""
@@ -184,7 +179,7 @@ def train(args, dist_info):
     loop = {"model": model, "train_module": utils.wrap_ddp(criterion, dist_info),
             "optimizers": [optimizer], "scheduler": scheduler, "scaler": scaler, "sampler": sampler,
             "train_set": train_set, "validate": validate,
-            "record": lambda epoch, row: checkpoint_record(model, spec, epoch, row),
+            "record": lambda epoch, row: models.checkpoint_record("promptsg", model, spec, epoch, row),
             "out_dir": out_dir, "dist_info": dist_info, "device": device, "amp": amp}
     best, history = utils.run_epochs(args, loop, log, history, best, start_epoch)
 

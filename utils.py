@@ -2058,13 +2058,19 @@ def open_run_folder(out_dir, args, dist_info, run_files):
     return log
 
 
+def val_gallery_items(train_items, val_items, train_all):
+    """The gallery the val queries are ranked against: the training images, without the val images
+    themselves when training on train_all (which contains them)."""
+    if not train_all:
+        return train_items
+    val_files = {(os.path.basename(p), label) for p, label in val_items}
+    return [(p, label) for p, label in train_items if (os.path.basename(p), label) not in val_files]
+
+
 def build_datasets(args, data, input_size, dist_info):
     """(train set with augmentation, val set, val gallery = train images) of one split root."""
     load_size = train_load_size(input_size)
-    gallery_items = data["train"]
-    if args.train_all:  # train_all contains the val images: keep them out of the val gallery
-        val_files = {(os.path.basename(p), label) for p, label in data["val"]}
-        gallery_items = [(p, label) for p, label in data["train"] if (os.path.basename(p), label) not in val_files]
+    gallery_items = val_gallery_items(data["train"], data["val"], args.train_all)
     caches = {"train": None, "val": None, "gallery": None}
     if args.cache_resized is not None:
         cache_dir = args.cache_resized or os.path.join(args.data_dir, ".cache_resized")
