@@ -7,7 +7,7 @@
 Parts:
   decode   load_image (JPEG draft decoding + bicubic resize) against a full decode + resize, on
            generated 1600x1200 JPEGs (the size of the 11k photos). Target: >= 2.5x.
-  metrics  the vectorised evaluation (utils.query_gallery_metrics: CMC, mAP in both conventions, mINP)
+  metrics  the vectorised evaluation (metrics.query_gallery_metrics: CMC, mAP in both conventions, mINP)
            against a straightforward per-query Python loop, on a 2,000 x 10,000 score matrix.
            Target: >= 5x.
   train    training images/s of the fine-tuning step (train_finetune.py's: two LS-CE heads, Adam,
@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 import models
-import utils
+from utils import io, data, metrics, training
 
 
 def best_time(fn, repeats):
@@ -79,7 +79,7 @@ def bench_decode(args):
     with tempfile.TemporaryDirectory() as folder:
         paths = write_test_photos(folder, args.decode_images, tuple(args.photo_size), args.seed)
         full, _ = best_time(lambda: [full_decode_resize(p, size) for p in paths], args.repeats)
-        draft, _ = best_time(lambda: [utils.load_image(p, size) for p in paths], args.repeats)
+        draft, _ = best_time(lambda: [data.load_image(p, size) for p in paths], args.repeats)
         with Image.open(paths[0]) as img:
             img.draft("RGB", (size[1], size[0]))
             decoded_at = img.size
@@ -132,7 +132,7 @@ def bench_metrics(args):
         sim = rng.normal(size=(num_q, num_g)).astype(np.float32)
         sim += 1.5 * (q_labels[:, None] == g_labels[None, :])
         loop_s, expected = best_time(lambda: metrics_loop(sim, q_labels, g_labels, 50), args.repeats)
-        fast_s, got = best_time(lambda: utils.query_gallery_metrics(sim, q_labels, g_labels, 50), args.repeats)
+        fast_s, got = best_time(lambda: metrics.query_gallery_metrics(sim, q_labels, g_labels, 50), args.repeats)
         diff = max(float(np.abs(np.array(got["cmc"]) - expected["cmc"]).max()),
                    *(abs(got[k] - expected[k]) for k in ("mAP_hand", "mAP_standard", "mINP")))
         figures[f"{matches_per_query}_matches_per_query"] = {
@@ -184,7 +184,7 @@ def benchmark_photos(args, folder):
             paths = json.load(f)
     else:
         paths = write_test_photos(folder, count, tuple(args.photo_size), args.seed)
-        utils.atomic_write_json(marker, paths)
+        io.atomic_write_json(marker, paths)
     return paths, [i % 72 for i in range(len(paths))]
 
 
@@ -205,25 +205,25 @@ def batches_source(kind, dataset, batch_size, steps, args, device):
 def throughput_datasets(args, folder, train):
     """{"jpeg": ..., "cache": ...} datasets of the benchmark photos with the training or eval pipeline."""
     paths, labels = benchmark_photos(args, folder)
-    size = utils.train_load_size(args.input_size) if train else tuple(args.input_size)
-    transform = utils.build_train_transform(args.input_size) if train else utils.eval_transform(args.input_size)
+    size = data.train_load_size(args.input_size) if train else tuple(args.input_size)
+    transform = data.build_train_transform(args.input_size) if train else data.eval_transform(args.input_size)
     items = list(zip(paths, labels))
-    cache = utils.ResizedImageCache(paths, size, os.path.join(folder, "cache"), desc="building the resized cache")
-    return {"jpeg": utils.LabeledImageDataset(items, size, transform),
-            "cache": utils.LabeledImageDataset(items, size, transform, cache=cache)}
+    cache = data.ResizedImageCache(paths, size, os.path.join(folder, "cache"), desc="building the resized cache")
+    return {"jpeg": data.LabeledImageDataset(items, size, transform),
+            "cache": data.LabeledImageDataset(items, size, transform, cache=cache)}
 
 
 def time_training(loss_module, source_fn, args, device, amp):
     model = loss_module.model
-    optimizer = utils.make_optimizer("adam", utils.param_groups(model, 5e-6, 5e-4), 5e-6, 5e-4)
-    scaler = utils.make_grad_scaler(amp, device)
+    optimizer = training.make_optimizer("adam", training.param_groups(model, 5e-6, 5e-4), 5e-6, 5e-4)
+    scaler = training.make_grad_scaler(amp, device)
 
     def step(module, images, labels):
         return module(images, labels)
 
-    utils.train_one_epoch(loss_module, source_fn(args.warmup), step, [optimizer], scaler, amp, device, 0,
+    training.train_one_epoch(loss_module, source_fn(args.warmup), step, [optimizer], scaler, amp, device, 0,
                           progress=False)
-    result = utils.train_one_epoch(loss_module, source_fn(args.iters), step, [optimizer], scaler, amp, device, 1,
+    result = training.train_one_epoch(loss_module, source_fn(args.iters), step, [optimizer], scaler, amp, device, 1,
                                    progress=False)
     return result.images_per_s
 
@@ -235,7 +235,7 @@ def time_inference(model, source_fn, args, device, amp):
     def run(source):
         seen = 0
         start = time.perf_counter()
-        with torch.no_grad(), utils.autocast(amp, device):
+        with torch.no_grad(), io.autocast(amp, device):
             for images, _ in source:
                 model(images.to(device, non_blocking=True))
                 seen += images.shape[0]
@@ -340,13 +340,13 @@ def parse_args(argv=None):
     g.add_argument("--last_stride", type=int, default=1, choices=[1, 2], help="RN layer4 stride (1 as in training)")
     g.add_argument("--peak_tflops", type=float, nargs="+", default=[990.0, 790.0],
                    help="peak FLOP/s (TFLOP/s) for the ceilings; H100 SXM dense bf16 = 990")
-    utils.add_common_args(parser)
+    io.add_common_args(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    utils.set_seed(args.seed)
+    io.set_seed(args.seed)
     figures = {}
     for name in args.only:
         figures[name] = PARTS[name](args)
@@ -355,8 +355,8 @@ def main(argv=None):
         with open(args.out) as f:
             previous = json.load(f)
     previous.update(figures)
-    previous.setdefault("runs", {}).update({name: utils.run_info() for name in figures})
-    utils.atomic_write_json(args.out, previous)
+    previous.setdefault("runs", {}).update({name: io.run_info() for name in figures})
+    io.atomic_write_json(args.out, previous)
     print(f"Wrote {', '.join(figures)} benchmark figures to {args.out}")
     return figures
 

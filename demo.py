@@ -22,7 +22,7 @@ import sys
 import time
 
 import clip
-import utils
+from utils import io, synthetic
 
 ASPECT = "dorsal_r"
 # the synthetic training set has about a dozen identities: PK batches of 8 identities x 4 images
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="*", default=["finetune", "clipreid", "promptsg"],
                    choices=["finetune", "clipreid", "promptsg"], help="training methods to run after zero-shot")
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
-    utils.add_common_args(p)
+    io.add_common_args(p)
     return p.parse_args(argv)
 
 
@@ -77,7 +77,7 @@ def resolve_backbone(args):
     path = os.path.join(args.out, f"random_init_{args.backbone_name.replace('/', '-')}_seed{args.seed}.pt")
     if not os.path.isfile(path):
         os.makedirs(args.out, exist_ok=True)
-        utils.atomic_torch_save(clip.random_state_dict(args.backbone_name, seed=args.seed), path)
+        io.atomic_torch_save(clip.random_state_dict(args.backbone_name, seed=args.seed), path)
     banner([f"PRETRAINED {args.backbone_name} WEIGHTS ARE NOT AVAILABLE ({reason[:90]})",
             "This demo runs with RANDOMLY INITIALISED weights: the numbers below say nothing",
             "about CLIP. Every output records \"pretrained\": false.",
@@ -115,7 +115,7 @@ def main(argv=None):
 
     data_11k = os.path.join(args.data_dir, "11k")
     print(f"[1/6] drawing a synthetic 11k-format dataset in {data_11k}", flush=True)
-    utils.make_synthetic_11k(data_11k, num_ids_per_aspect=args.num_ids, seed=args.seed)
+    synthetic.make_synthetic_11k(data_11k, num_ids_per_aspect=args.num_ids, seed=args.seed)
     print("[2/6] preparing the MBA-Net splits", flush=True)
     prepare.main(["--data_dir", data_11k, "--num_splits", str(args.num_splits), "--seed", str(args.seed),
                   "--force"])
@@ -153,10 +153,10 @@ def main(argv=None):
     weights = {True: "pretrained", False: "RANDOM INIT", None: "local checkpoint"}[pretrained]
     title = (f"Synthetic 11k {ASPECT}, {args.num_splits} splits, backbone {args.backbone_name} ({weights}), "
              f"input {input_size[0]}x{input_size[1]}")
-    table = utils.format_results_table(rows, title=title)
+    table = io.format_results_table(rows, title=title)
     print(table)
-    utils.atomic_write_text(os.path.join(args.out, "summary.txt"), table + "\n")
-    utils.write_run_config(args.out, args, extra={"pretrained": pretrained, "backbone": backbone,
+    io.atomic_write_text(os.path.join(args.out, "summary.txt"), table + "\n")
+    io.write_run_config(args.out, args, extra={"pretrained": pretrained, "backbone": backbone,
                                                   "input_size": input_size, "epochs": epochs},
                            name="demo_config.json")
     print(f"Wrote the demo's data to {args.data_dir}, results, the ranking figure ({figure}) and summary.txt "

@@ -11,7 +11,7 @@ import argparse
 import os
 
 import clip
-import utils
+from utils import io, splits, evaluation
 
 
 def backbone_folder_name(backbone_name):
@@ -41,10 +41,10 @@ def parse_args(argv=None):
                         help="own: gallery{i}; all: gallery{i}_all with the other aspects as distractors "
                              "(11k only); both (default): every variant the split root has")
     parser.add_argument("--max_rank", type=int, default=50, help="length of the stored CMC curves")
-    parser.add_argument("--amp", choices=utils.AMP_CHOICES, default=None,
+    parser.add_argument("--amp", choices=io.AMP_CHOICES, default=None,
                         help="autocast on CUDA (default: bf16 on CUDA, none on CPU)")
     parser.add_argument("--force", action="store_true", help="overwrite an earlier result in the output folder")
-    utils.add_common_args(parser)
+    io.add_common_args(parser)
     args = parser.parse_args(argv)
     if min(args.input_size) < 1 or args.batch_size < 1 or args.max_rank < 1 or args.num_workers < 0:
         parser.error("--input_size, --batch_size and --max_rank must be positive, --num_workers >= 0")
@@ -53,12 +53,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    utils.set_seed(args.seed)
+    io.set_seed(args.seed)
     out_dir = os.path.join(args.f_name, "clip_zero_shot", backbone_folder_name(args.backbone_name))
     if os.path.exists(os.path.join(out_dir, "results.json")) and not args.force:
         raise SystemExit(f"{out_dir} already holds results; pass --force to overwrite them")
     try:
-        utils.read_split_layout(args.test_dir)
+        splits.read_split_layout(args.test_dir)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     official = args.backbone_name in clip.available_models()
@@ -73,16 +73,16 @@ def main(argv=None):
     extra = {"backbone": args.backbone_name, "pretrained": pretrained, "feature": "CLIP encode_image",
              "preprocessing": "bicubic resize to H x W (no crop), CLIP mean/std"}
     try:
-        results = utils.evaluate_query_gallery(
+        results = evaluation.evaluate_query_gallery(
             model.encode_image, args.test_dir, out_dir, gallery=args.gallery,
             method_name=f"CLIP {args.backbone_name} zero-shot" if official
             else f"CLIP zero-shot ({os.path.basename(args.backbone_name)})",
             input_size=tuple(args.input_size), batch_size=args.batch_size, num_workers=args.num_workers,
-            device=args.device, flip=args.flip, amp=utils.resolve_amp(args.amp, args.device), max_rank=args.max_rank,
+            device=args.device, flip=args.flip, amp=io.resolve_amp(args.amp, args.device), max_rank=args.max_rank,
             overwrite=args.force, extra=extra)
     except (ValueError, FileExistsError) as e:
         raise SystemExit(str(e)) from None
-    utils.write_run_config(out_dir, args, extra=extra)
+    io.write_run_config(out_dir, args, extra=extra)
     own = results["summary"][results["gallery_variants"][0]]["mean"]
     print(f"Wrote results.json, results.csv and {len(results['rows'])} result_split*.mat for "
           f"{results['num_splits']} split(s) to {out_dir} ({results['gallery_variants'][0]} gallery: "

@@ -16,7 +16,7 @@ import argparse
 import os
 
 import models
-import utils
+from utils import io, splits, evaluation
 
 
 def parse_args(argv=None):
@@ -43,11 +43,11 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--max_rank", type=int, default=50, help="length of the stored CMC curves")
-    p.add_argument("--amp", choices=utils.AMP_CHOICES, default=None,
+    p.add_argument("--amp", choices=io.AMP_CHOICES, default=None,
                    help="autocast on CUDA (default: bf16 on CUDA, none on CPU)")
     p.add_argument("--out_dir", default=None, help="output folder (default: inside the run folder, see above)")
     p.add_argument("--force", action="store_true", help="overwrite earlier results in the output folder")
-    utils.add_common_args(p)
+    io.add_common_args(p)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.max_rank < 1 or args.num_workers < 0:
         p.error("--batch_size and --max_rank must be positive, --num_workers >= 0")
@@ -72,10 +72,10 @@ def default_out_dir(run_dir, args, feature, run_feature):
 
 def main(argv=None):
     args = parse_args(argv)
-    utils.set_seed(args.seed)
+    io.set_seed(args.seed)
     run_dir = os.path.join(args.f_name, args.m_name)
     try:
-        utils.read_split_layout(args.test_dir)
+        splits.read_split_layout(args.test_dir)
         model, config, checkpoint = models.load_trained_model(run_dir, args.which_epoch, device=args.device)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
@@ -112,14 +112,14 @@ def main(argv=None):
              "preprocessing": "bicubic resize to the training input size (no crop), CLIP mean/std"}
     method = f"{args.m_name} ({extra['model_kind']}, net_{args.which_epoch})" + (" + RK" if rerank else "")
     try:
-        results = utils.evaluate_query_gallery(
+        results = evaluation.evaluate_query_gallery(
             model, args.test_dir, out_dir, gallery=args.gallery, method_name=method, input_size=input_size,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, flip=args.flip,
-            amp=utils.resolve_amp(args.amp, args.device), max_rank=args.max_rank, rerank=rerank, overwrite=args.force,
+            amp=io.resolve_amp(args.amp, args.device), max_rank=args.max_rank, rerank=rerank, overwrite=args.force,
             extra=extra)
     except (ValueError, FileExistsError) as err:
         raise SystemExit(f"error: {err}") from None
-    utils.write_run_config(out_dir, args, extra=extra)
+    io.write_run_config(out_dir, args, extra=extra)
     variant = results["gallery_variants"][0]
     mean = results["summary"][variant]["mean"]
     print(f"Wrote results.json, results.csv and {len(results['rows'])} result_split*.mat for "

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import clip
-import utils
+from utils import io, distributed, training, runs
 from clip.model import CLIP, ModifiedResNet, build_model, infer_config, random_state_dict
 from losses import ArcFace
 
@@ -97,7 +97,7 @@ def load_trained_model(run_dir, which_epoch="best", device="cpu"):
     if not os.path.isfile(config_file):
         raise ValueError(f"{config_file} does not exist: --f_name/--m_name must name a folder written by a "
                          f"CLIP-FH trainer")
-    config = utils.read_config(run_dir)
+    config = io.read_config(run_dir)
     which = str(which_epoch)
     if which not in ("best", "last") and not which.isdigit():
         raise ValueError(f"--which_epoch must be best, last or an epoch number, got {which!r}")
@@ -190,14 +190,14 @@ def load_pretrained(spec, download_root, dist_info, text_tower=True):
     for turn in ("main", "others"):
         if (turn == "main") == dist_info.is_main:
             model = load_clip_model(spec, "pretrained", download_root, text_tower)
-        utils.barrier(dist_info)
+        distributed.barrier(dist_info)
     return model
 
 
 def resumed_run(out_dir, args, class_names, where):
     """(backbone spec, config.json) of the run being resumed in out_dir; refuses another
     --backbone_name, input geometry or set of training identities."""
-    config = utils.read_config(out_dir)
+    config = io.read_config(out_dir)
     spec = config["model"]["backbone"]
     wanted = backbone_spec(args.backbone_name, args.input_size, args.stride, args.last_stride)
     if spec["name"] != wanted["name"] or backbone_signature(dict(spec, arch=None)) != backbone_signature(wanted):
@@ -210,9 +210,9 @@ def resumed_run(out_dir, args, class_names, where):
 
 def read_run_checkpoint(spec, path, dist_info):
     """net_last.pth of the run being resumed, checked against this run's backbone and process count."""
-    state = utils.load_checkpoint(path)
+    state = training.load_checkpoint(path)
     check_same_backbone(spec, state["backbone"], path)
-    utils.check_world_size(state, dist_info, path)
+    runs.check_world_size(state, dist_info, path)
     return state
 
 
@@ -224,7 +224,7 @@ def resume_from_last(args, out_dir, model, spec, dist_info, log, optimizer, sche
     path = os.path.join(out_dir, "net_last.pth")
     state = read_run_checkpoint(spec, path, dist_info)
     load_model_weights(model, state["model"], path)
-    return (state, *utils.restore_training_state(state, optimizer, scheduler, scaler, sampler, log, path))
+    return (state, *runs.restore_training_state(state, optimizer, scheduler, scaler, sampler, log, path))
 
 
 def speed_up_image_encoder(visual, device, compile=False):

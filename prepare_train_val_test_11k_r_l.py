@@ -14,15 +14,15 @@ import sys
 
 import numpy as np
 
-import utils
-from utils import (ASPECT_FOLDERS_11K, ASPECTS_11K, DISTRACTOR_OFFSETS_11K, LAST_TRAIN_ID_11K,
-                   SplitInputError)
+from utils import splits
+from utils.errors import SplitInputError
+from utils.splits import ASPECT_FOLDERS_11K, ASPECTS_11K, DISTRACTOR_OFFSETS_11K, LAST_TRAIN_ID_11K
 
 REQUIRED_COLUMNS = ("id", "accessories", "aspectOfHand", "imageName")
 
 
 def parse_args(argv=None):
-    parser = utils.split_script_parser(__doc__, "./11k", "folder with HandInfo.csv and Hands/ (default ./11k)",
+    parser = splits.split_script_parser(__doc__, "./11k", "folder with HandInfo.csv and Hands/ (default ./11k)",
                                        "replace existing split folders")
     parser.add_argument("--skip_missing", action="store_true",
                         help="skip images listed in HandInfo.csv but missing from Hands/ (default: error)")
@@ -82,17 +82,17 @@ def build_sets(images, num_splits, seed, csv_path):
     """{aspect: sets} with train/val/test/query{i}/gallery{i} per aspect, then gallery{i}_all."""
     sets_by_aspect = {}
     for index, aspect in enumerate(ASPECTS_11K):
-        train, test = utils.split_by_last_train_id(images[aspect], LAST_TRAIN_ID_11K[aspect])
+        train, test = splits.split_by_last_train_id(images[aspect], LAST_TRAIN_ID_11K[aspect])
         if not train or not test:
             raise SplitInputError(f"{csv_path}: aspect '{aspect}' has {len(train)} train and {len(test)} test "
                                   f"identities (threshold id <= {LAST_TRAIN_ID_11K[aspect]}); both must be non-empty")
         rng = np.random.default_rng([seed, index])  # one stream per aspect
-        sets_by_aspect[aspect] = utils.make_split_sets(train, test, num_splits, rng, f"{csv_path} ({aspect})")
+        sets_by_aspect[aspect] = splits.make_split_sets(train, test, num_splits, rng, f"{csv_path} ({aspect})")
     for aspect, sets in sets_by_aspect.items():
         for i in range(num_splits):
             gallery_all = list(sets[f"gallery{i}"])
             for other, offset in DISTRACTOR_OFFSETS_11K[aspect].items():
-                gallery_all += utils.relabel(sets_by_aspect[other][f"gallery{i}"], offset)
+                gallery_all += splits.relabel(sets_by_aspect[other][f"gallery{i}"], offset)
             sets[f"gallery{i}_all"] = sorted(gallery_all)
     return sets_by_aspect
 
@@ -104,24 +104,24 @@ def main(argv=None):
             raise SplitInputError(f"--data_dir {args.data_dir} is not a folder; it must hold HandInfo.csv and Hands/")
         csv_path = os.path.join(args.data_dir, "HandInfo.csv")
         roots = {aspect: f"train_val_test_split_{ASPECT_FOLDERS_11K[aspect]}" for aspect in ASPECTS_11K}
-        utils.check_split_roots_free([os.path.join(args.data_dir, r) for r in roots.values()], args.force)
-        linker = utils.FileLinker(args.link)
+        splits.check_split_roots_free([os.path.join(args.data_dir, r) for r in roots.values()], args.force)
+        linker = splits.FileLinker(args.link)
         images, num_missing = collect_images(args.data_dir, args.skip_missing)
         sets_by_aspect = build_sets(images, args.num_splits, args.seed, csv_path)
         counts = {}
         for aspect, sets in sets_by_aspect.items():
-            manifest = utils.split_manifest(
+            manifest = splits.split_manifest(
                 sets, dataset="11k", aspect=aspect, seed=args.seed, num_splits=args.num_splits,
                 thresholds={"last_train_id": LAST_TRAIN_ID_11K}, filter={"accessories": 0},
                 distractor_offsets=DISTRACTOR_OFFSETS_11K[aspect], gallery_variants=["own", "all"],
                 source_root="..")
-            counts[aspect] = utils.split_counts(sets)
-            utils.write_split_root(args.data_dir, roots[aspect], manifest, linker, args,
+            counts[aspect] = splits.split_counts(sets)
+            splits.write_split_root(args.data_dir, roots[aspect], manifest, linker, args,
                                    extra={"dataset": "11k", "aspect": aspect, "counts": counts[aspect],
                                           "missing_skipped": num_missing})
     except SplitInputError as e:
         raise SystemExit(f"error: {e}") from None
-    print(utils.format_split_counts(counts))
+    print(splits.format_split_counts(counts))
     print(f"Wrote {len(roots)} split roots ({args.num_splits} query/gallery splits each, "
           f"files by {linker.mode}) to {os.path.abspath(args.data_dir)}")
     return counts

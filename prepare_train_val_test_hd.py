@@ -11,15 +11,15 @@ import os
 
 import numpy as np
 
-import utils
-from utils import (HD_DISTRACTOR_FOLDER, HD_DISTRACTOR_OFFSET, HD_IMAGE_DIR, HD_LAST_TRAIN_ID,
-                   HD_SUBJECT_FOLDER, SplitInputError)
+from utils import splits
+from utils.errors import SplitInputError
+from utils.splits import HD_DISTRACTOR_FOLDER, HD_DISTRACTOR_OFFSET, HD_IMAGE_DIR, HD_LAST_TRAIN_ID, HD_SUBJECT_FOLDER
 
 SPLIT_ROOT = "train_val_test_split"
 
 
 def parse_args(argv=None):
-    parser = utils.split_script_parser(__doc__, "./HD", "folder holding 'Original Images/' (default ./HD)",
+    parser = splits.split_script_parser(__doc__, "./HD", "folder holding 'Original Images/' (default ./HD)",
                                        "replace an existing split folder")
     return parser.parse_args(argv)
 
@@ -45,15 +45,15 @@ def images_by_subject(data_dir, folder):
 
 def build_sets(data_dir, num_splits, seed):
     subjects = images_by_subject(data_dir, HD_SUBJECT_FOLDER)
-    distractors = utils.flatten_by_id(images_by_subject(data_dir, HD_DISTRACTOR_FOLDER))
-    train, test = utils.split_by_last_train_id(subjects, HD_LAST_TRAIN_ID)
+    distractors = splits.flatten_by_id(images_by_subject(data_dir, HD_DISTRACTOR_FOLDER))
+    train, test = splits.split_by_last_train_id(subjects, HD_LAST_TRAIN_ID)
     origin = os.path.join(data_dir, HD_IMAGE_DIR, HD_SUBJECT_FOLDER)
     if not train or not test:
         raise SplitInputError(f"{origin} has {len(train)} train and {len(test)} test identities "
                               f"(threshold id <= {HD_LAST_TRAIN_ID}); both must be non-empty")
-    sets = utils.make_split_sets(train, test, num_splits, np.random.default_rng(seed), origin)
+    sets = splits.make_split_sets(train, test, num_splits, np.random.default_rng(seed), origin)
     for i in range(num_splits):
-        sets[f"gallery{i}"] = sorted(sets[f"gallery{i}"] + utils.relabel(distractors, HD_DISTRACTOR_OFFSET))
+        sets[f"gallery{i}"] = sorted(sets[f"gallery{i}"] + splits.relabel(distractors, HD_DISTRACTOR_OFFSET))
     return sets
 
 
@@ -62,20 +62,20 @@ def main(argv=None):
     try:
         if not os.path.isdir(args.data_dir):
             raise SplitInputError(f"--data_dir {args.data_dir} is not a folder; it must hold '{HD_IMAGE_DIR}/'")
-        utils.check_split_roots_free([os.path.join(args.data_dir, SPLIT_ROOT)], args.force)
-        linker = utils.FileLinker(args.link)
+        splits.check_split_roots_free([os.path.join(args.data_dir, SPLIT_ROOT)], args.force)
+        linker = splits.FileLinker(args.link)
         sets = build_sets(args.data_dir, args.num_splits, args.seed)
-        manifest = utils.split_manifest(
+        manifest = splits.split_manifest(
             sets, dataset="HD", aspect=None, seed=args.seed, num_splits=args.num_splits,
             thresholds={"last_train_id": HD_LAST_TRAIN_ID},
             distractor_offsets={HD_DISTRACTOR_FOLDER: HD_DISTRACTOR_OFFSET},
             gallery_variants=["own"], source_root="..")
-        counts = {"HD": utils.split_counts(sets)}
-        root = utils.write_split_root(args.data_dir, SPLIT_ROOT, manifest, linker, args,
+        counts = {"HD": splits.split_counts(sets)}
+        root = splits.write_split_root(args.data_dir, SPLIT_ROOT, manifest, linker, args,
                                       extra={"dataset": "HD", "counts": counts["HD"]})
     except SplitInputError as e:
         raise SystemExit(f"error: {e}") from None
-    print(utils.format_split_counts(counts, first_column="dataset"))
+    print(splits.format_split_counts(counts, first_column="dataset"))
     print(f"Wrote {args.num_splits} query/gallery splits (files by {linker.mode}) to {os.path.abspath(root)}")
     return counts
 

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-import utils
+from utils import data, evaluation
 
 CORRECT, WRONG = "#1a9641", "#d7191c"
 
@@ -73,7 +73,7 @@ def draw_figure(result, query_indices, top_k, out_png):
         panels += [(result["gallery_path"][g], str(rank + 1), CORRECT if is_match[rank] else WRONG)
                    for rank, g in enumerate(order[:top_k])]
         for ax, (path, title, color) in zip(subfig.subplots(1, top_k + 1), panels):
-            img = utils.load_image(path)
+            img = data.load_image(path)
             img.thumbnail((400, 400))  # keeps the aspect; full-size photos would bloat the PDF
             ax.imshow(img)
             ax.set_title(title, color=color, fontsize=9)
@@ -99,7 +99,7 @@ def draw_figure(result, query_indices, top_k, out_png):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        result = utils.load_result_mat(args.mat)
+        result = evaluation.load_result_mat(args.mat)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if result["query_path"] is None or result["gallery_path"] is None:

@@ -28,10 +28,10 @@ import torch
 import torch.nn as nn
 
 import models
-import utils
+from utils import errors, io, data, evaluation, distributed, training, runs
 from losses import CrossEntropyLabelSmooth, SupConLoss, TripletLoss, cross_entropy_label_smooth
 
-RUN_FILES = utils.RUN_FILES + ("stage1_metrics.csv", "stage1_curve.png", "stage1_last.pth", "stage1_features.pth",
+RUN_FILES = runs.RUN_FILES + ("stage1_metrics.csv", "stage1_curve.png", "stage1_last.pth", "stage1_features.pth",
                                "prompts.pth")
 
 # Reference values per backbone (CLIP-ReID configs vit_clipreid.yml / cnn_clipreid.yml); a flag left
@@ -45,7 +45,7 @@ BACKBONE_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = utils.trainer_parser(__doc__, m_name="clipreid_vit", several_roots=True)
+    p = runs.trainer_parser(__doc__, m_name="clipreid_vit", several_roots=True)
     g = p.add_argument_group("method")
     g.add_argument("--stage", default="both", choices=["1", "2", "both"],
                    help="1: learn and save the prompts only; 2: fine-tune from --prompts; both: 1 then 2")
@@ -66,9 +66,9 @@ def parse_args(argv=None):
     g.add_argument("--stage1_warmup_epochs", type=int, default=5, help="linear warm-up from --stage1_warmup_lr")
     g.add_argument("--stage1_warmup_lr", type=float, default=1e-5)
     g.add_argument("--stage1_min_lr", type=float, default=1e-6, help="end of the cosine decay")
-    g = utils.add_batching_args(p, batch_size=64, title="stage 2: batching")
-    utils.add_sampler_args(g, sampler="pk")
-    g = utils.add_optimisation_args(
+    g = runs.add_batching_args(p, batch_size=64, title="stage 2: batching")
+    runs.add_sampler_args(g, sampler="pk")
+    g = runs.add_optimisation_args(
         p, lr=None, epochs=None, warmup_epochs=10, milestones=None, gamma=0.1, weight_decay=None,
         title="stage 2: optimisation",
         helps={"lr": "base learning rate; default 5e-6 (ViT) / 3.5e-4 (ResNet)",
@@ -82,18 +82,18 @@ def parse_args(argv=None):
     g.add_argument("--triplet_weight", type=float, default=1.0)
     g.add_argument("--i2t_weight", type=float, default=1.0, help="image->text cross-entropy weight")
     g.add_argument("--margin", type=float, default=0.3, help="triplet margin")
-    g = utils.add_input_args(p, erasing_p=0.5, cache_root="<first data_dir>", color_jitter=False)
+    g = runs.add_input_args(p, erasing_p=0.5, cache_root="<first data_dir>", color_jitter=False)
     g.add_argument("--padding", type=int, default=10, help="zero padding before the random crop")
     g.add_argument("--feature", default=models.DEFAULT_FEATURE, choices=models.FEATURE_CHOICES,
                    help="retrieval feature for validation (and the default of the evaluator)")
-    utils.add_run_control_args(
+    runs.add_run_control_args(
         p, resume_help="continue the run in <f_name>/<m_name> (in stage 1 or stage 2, wherever it stopped)",
         final_test_help="evaluate net_best on the query/gallery splits of --data_dir at the end")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    problems = utils.common_arg_problems(args)
+    problems = runs.common_arg_problems(args)
     if args.stage1_epochs is not None and args.stage1_epochs < 1:
         problems.append(f"--stage1_epochs must be positive, got {args.stage1_epochs}")
     if args.stage1_batch_size < 2:
@@ -115,7 +115,7 @@ def check_args(args):
     if len(set(roots)) != len(roots):
         problems.append(f"--data_dir lists a split root twice: {args.data_dir}")
     if problems:
-        raise utils.TrainingInputError("; ".join(problems))
+        raise errors.TrainingInputError("; ".join(problems))
 
 
 def resolve_backbone_defaults(args, spec):
@@ -125,9 +125,9 @@ def resolve_backbone_defaults(args, spec):
         if getattr(args, name) is None:
             setattr(args, name, value)
     if list(args.milestones) != sorted(args.milestones):
-        raise utils.TrainingInputError(f"--milestones must be increasing, got {args.milestones}")
+        raise errors.TrainingInputError(f"--milestones must be increasing, got {args.milestones}")
     if args.sie and kind == "rn":
-        raise utils.TrainingInputError("--sie needs a ViT backbone: the side-information embedding is added to the "
+        raise errors.TrainingInputError("--sie needs a ViT backbone: the side-information embedding is added to the "
                                        "class token, which ResNets do not have")
     return kind
 
@@ -150,10 +150,10 @@ def load_training_data(data_dirs, train_all):
     """Train/val items of one or several split roots. With several roots each (root, identity) is a
     class of its own, named "<aspect>/<identity>". Returns the load_train_val dict plus "roots":
     [{"dir", "key", "train", "val"}] (items with global labels) and "class_aspect"."""
-    parts = [utils.load_train_val(d, train_all) for d in data_dirs]
+    parts = [data.load_train_val(d, train_all) for d in data_dirs]
     keys = [split_root_key(d) for d in data_dirs]
     if len(set(keys)) != len(keys):
-        raise utils.TrainingInputError(f"--data_dir roots {data_dirs} do not have distinct aspects ({keys}); "
+        raise errors.TrainingInputError(f"--data_dir roots {data_dirs} do not have distinct aspects ({keys}); "
                                        f"train on one root per aspect")
     class_names, class_aspect, roots = [], [], []
     for index, (data_dir, key, part) in enumerate(zip(data_dirs, keys, parts)):
@@ -177,13 +177,13 @@ def cross_root_identity_overlap(data_dirs):
     thresholds differ per aspect); evaluating on such a root's test set is not identity-disjoint."""
     overlaps = []
     for a in data_dirs:
-        train = {identity for _, identity in utils.scan_identity_folder(os.path.join(a, "train_all"))} \
+        train = {identity for _, identity in data.scan_identity_folder(os.path.join(a, "train_all"))} \
             if os.path.isdir(os.path.join(a, "train_all")) else set()
         for b in data_dirs:
             test_dir = os.path.join(b, "test")
             if a == b or not os.path.isdir(test_dir):
                 continue
-            shared = train & {identity for _, identity in utils.scan_identity_folder(test_dir)}
+            shared = train & {identity for _, identity in data.scan_identity_folder(test_dir)}
             if shared:
                 overlaps.append((a, b, sorted(shared)))
     return overlaps
@@ -197,34 +197,34 @@ def clipreid_train_transform(input_size, padding=10, erasing_p=0.5):
     ops = [T.RandomHorizontalFlip()]
     if padding:
         ops += [T.Pad(padding), T.RandomCrop(tuple(input_size))]
-    ops += [T.ToTensor(), T.Normalize(utils.CLIP_MEAN, utils.CLIP_STD)]
+    ops += [T.ToTensor(), T.Normalize(data.CLIP_MEAN, data.CLIP_STD)]
     if erasing_p > 0:
         ops.append(T.RandomErasing(p=erasing_p, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), value="random"))
     return T.Compose(ops)
 
 
-def build_datasets(args, data, input_size, dist_info):
+def build_datasets(args, hands, input_size, dist_info):
     """Stage-2 train set, stage-1 feature set (train images, no augmentation) and per-root (val,
     gallery) sets for validation; every image is read at input_size (optionally from one cache)."""
-    galleries = [utils.val_gallery_items(root["train"], root["val"], args.train_all) for root in data["roots"]]
+    galleries = [runs.val_gallery_items(root["train"], root["val"], args.train_all) for root in hands["roots"]]
     cache = None
     if args.cache_resized is not None:
         cache_dir = args.cache_resized or os.path.join(args.data_dir[0], ".cache_resized")
-        paths = sorted({p for p, _ in data["train"] + data["val"]})
+        paths = sorted({p for p, _ in hands["train"] + hands["val"]})
         for turn in ("main", "others"):  # rank 0 builds the cache file, the other ranks then open it
             if (turn == "main") == dist_info.is_main:
-                cache = utils.ResizedImageCache(paths, input_size, cache_dir,
+                cache = data.ResizedImageCache(paths, input_size, cache_dir,
                                                 desc=f"caching images at {input_size[0]}x{input_size[1]}")
-            utils.barrier(dist_info)
-    eval_tf = utils.eval_transform(input_size)
+            distributed.barrier(dist_info)
+    eval_tf = data.eval_transform(input_size)
 
     def dataset(items, transform):
-        return utils.LabeledImageDataset(items, input_size, transform, SubsetCache.of(cache, items))
+        return data.LabeledImageDataset(items, input_size, transform, SubsetCache.of(cache, items))
 
-    train_set = dataset(data["train"], clipreid_train_transform(input_size, args.padding, args.erasing_p))
-    feature_set = dataset(data["train"], eval_tf)
+    train_set = dataset(hands["train"], clipreid_train_transform(input_size, args.padding, args.erasing_p))
+    feature_set = dataset(hands["train"], eval_tf)
     val_sets = [(root["key"], dataset(root["val"], eval_tf), dataset(gallery, eval_tf))
-                for root, gallery in zip(data["roots"], galleries)]
+                for root, gallery in zip(hands["roots"], galleries)]
     return train_set, feature_set, val_sets
 
 
@@ -271,7 +271,7 @@ class Stage1CosineLR(torch.optim.lr_scheduler.LRScheduler):
 def stage1_batches(features, labels, batch_size, seed, epoch):
     """A random permutation of the cached features per (seed, epoch), in chunks of batch_size; the
     last, smaller chunk is kept when there is one (never an empty batch)."""
-    generator = torch.Generator().manual_seed(utils.epoch_seed(seed, epoch))
+    generator = torch.Generator().manual_seed(data.epoch_seed(seed, epoch))
     order = torch.randperm(len(labels), generator=generator).to(labels.device)
     return [(features[idx], labels[idx]) for idx in order.split(batch_size)]
 
@@ -284,7 +284,7 @@ def cache_image_features(visual, feature_set, args, device, amp):
                                          num_workers=args.num_workers, pin_memory=str(device).startswith("cuda"))
     was_training = visual.training
     visual.eval()
-    features, labels = utils.collect_outputs(visual, loader, device, amp, progress=args.progress,
+    features, labels = evaluation.collect_outputs(visual, loader, device, amp, progress=args.progress,
                                              desc="stage 1: caching image features")
     visual.train(was_training)
     return features.to(device), labels.to(device)
@@ -308,37 +308,37 @@ def run_stage1(args, run, visual, clip_model, feature_set, log):
     """Learn the identity prompts; writes prompts.pth and returns the text features of every
     identity (computed once here, frozen for all of stage 2)."""
     out_dir, device, amp = run["out_dir"], run["device"], run["amp"]
-    data = run["data"]
+    hands = run["data"]
     last_path = os.path.join(out_dir, "stage1_last.pth")
     features_path = os.path.join(out_dir, "stage1_features.pth")
     resuming = args.resume and os.path.isfile(last_path)
     visual.to(device)
     if resuming and os.path.isfile(features_path):
-        cached = utils.load_checkpoint(features_path, map_location=device)
+        cached = training.load_checkpoint(features_path, map_location=device)
         features, labels = cached["features"].to(device), cached["labels"].to(device)
     else:
         features, labels = cache_image_features(visual, feature_set, args, device, amp)
-        utils.save_checkpoint(features_path, {"features": features.cpu(), "labels": labels.cpu()})
-    if len(labels) != len(data["train"]):
-        raise utils.TrainingInputError(f"{features_path} holds {len(labels)} cached features but the training set "
-                                       f"has {len(data['train'])} images; start a new run")
+        training.save_checkpoint(features_path, {"features": features.cpu(), "labels": labels.cpu()})
+    if len(labels) != len(hands["train"]):
+        raise errors.TrainingInputError(f"{features_path} holds {len(labels)} cached features but the training set "
+                                       f"has {len(hands['train'])} images; start a new run")
 
-    utils.set_seed(args.seed)  # the same prompt initialisation whether or not the run resumes
-    text_encoder = models.PromptTextEncoder(clip_model, len(data["class_names"]), args.prompt_template,
+    io.set_seed(args.seed)  # the same prompt initialisation whether or not the run resumes
+    text_encoder = models.PromptTextEncoder(clip_model, len(hands["class_names"]), args.prompt_template,
                                             full_length=args.full_text_length).to(device)
     params = [text_encoder.prompt_learner.cls_ctx]
-    optimizer = utils.make_optimizer("adam", [{"params": params, "lr": args.stage1_lr,
+    optimizer = training.make_optimizer("adam", [{"params": params, "lr": args.stage1_lr,
                                                "weight_decay": args.stage1_weight_decay, "name": "prompts"}],
                                      args.stage1_lr, args.stage1_weight_decay)
     scheduler = Stage1CosineLR(optimizer, args.stage1_epochs, args.stage1_warmup_epochs, args.stage1_warmup_lr,
                                args.stage1_min_lr)
-    scaler = utils.make_grad_scaler(amp, device)
+    scaler = training.make_grad_scaler(amp, device)
     supcon = SupConLoss(temperature=1.0)
     history, start_epoch = [], 0
     if resuming:
-        state = utils.load_checkpoint(last_path)
+        state = training.load_checkpoint(last_path)
         if state.get("template") != args.prompt_template or tuple(state["cls_ctx_shape"]) != tuple(params[0].shape):
-            raise utils.TrainingInputError(f"{last_path} was written with another --prompt_template or other "
+            raise errors.TrainingInputError(f"{last_path} was written with another --prompt_template or other "
                                            f"identities; resume with the run's own settings")
         text_encoder.prompt_learner.load_state_dict(state["prompt_learner"])
         optimizer.load_state_dict(state["optimizer"])
@@ -353,7 +353,7 @@ def run_stage1(args, run, visual, clip_model, feature_set, log):
         loss_t2i = supcon(text_features, image_features, batch_labels, batch_labels)
         return loss_i2t + loss_t2i, {"loss_i2t": loss_i2t, "loss_t2i": loss_t2i}, None
 
-    log.info(f"stage 1: {len(labels)} cached image features, {len(data['class_names'])} identities x "
+    log.info(f"stage 1: {len(labels)} cached image features, {len(hands['class_names'])} identities x "
              f"{params[0].shape[1]} tokens of width {params[0].shape[2]} ({args.prompt_template!r}); text tower "
              f"on {text_encoder.prompt_learner.template_embeds.shape[1]} positions; {args.stage1_epochs} epochs, "
              f"batch {args.stage1_batch_size}")
@@ -362,10 +362,10 @@ def run_stage1(args, run, visual, clip_model, feature_set, log):
         lr = optimizer.param_groups[0]["lr"]
         batches = stage1_batches(features, labels, args.stage1_batch_size, args.seed, epoch)
         try:
-            result = utils.train_one_epoch(text_encoder, batches, compute_loss, [optimizer], scaler, amp, device,
+            result = training.train_one_epoch(text_encoder, batches, compute_loss, [optimizer], scaler, amp, device,
                                            number, grad_clip=args.grad_clip, progress=False)
-        except utils.NonFiniteLossError as err:
-            raise utils.stopped_by_nonfinite_loss(err, log, last_path, history[-1]["epoch"] if history else start_epoch,
+        except errors.NonFiniteLossError as err:
+            raise runs.stopped_by_nonfinite_loss(err, log, last_path, history[-1]["epoch"] if history else start_epoch,
                                                   "stage 1") from None
         scheduler.step()
         row = {"epoch": number, "lr": lr, **result.losses, "train_acc": None,
@@ -373,33 +373,33 @@ def run_stage1(args, run, visual, clip_model, feature_set, log):
         if number % args.eval_every == 0 or number == args.stage1_epochs:
             row["train_acc"] = text_accuracy(text_encoder, features, labels)
         history.append(row)
-        utils.save_checkpoint(last_path, {
+        training.save_checkpoint(last_path, {
             "epoch": number, "template": args.prompt_template, "cls_ctx_shape": list(params[0].shape),
             "prompt_learner": text_encoder.prompt_learner.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history})
-        utils.write_metrics_csv(os.path.join(out_dir, "stage1_metrics.csv"), history)
+        io.write_metrics_csv(os.path.join(out_dir, "stage1_metrics.csv"), history)
         if row["train_acc"] is not None:  # plotting costs more than a stage-1 epoch: only now and then
-            utils.plot_training_curve(os.path.join(out_dir, "stage1_curve.png"), history)
+            runs.plot_training_curve(os.path.join(out_dir, "stage1_curve.png"), history)
         acc = f" | text acc {row['train_acc']:.4f}" if row["train_acc"] is not None else ""
         log.info(f"stage 1 epoch {number}/{args.stage1_epochs} lr {lr:.3g} | "
                  + ", ".join(f"{k} {v:.4f}" for k, v in result.losses.items())
                  + f"{acc} | {result.seconds:.2f} s")
     text_encoder.eval()
     text_features = text_encoder.all_class_features()
-    record = prompts_record(text_encoder, data["class_names"], run["spec"], args.stage1_epochs, text_features)
-    utils.save_checkpoint(os.path.join(out_dir, "prompts.pth"), record)
-    log.info(f"stage 1: wrote the prompts of {len(data['class_names'])} identities to "
+    record = prompts_record(text_encoder, hands["class_names"], run["spec"], args.stage1_epochs, text_features)
+    training.save_checkpoint(os.path.join(out_dir, "prompts.pth"), record)
+    log.info(f"stage 1: wrote the prompts of {len(hands['class_names'])} identities to "
              f"{os.path.join(out_dir, 'prompts.pth')}")
     return text_features.cpu()
 
 
 def read_prompts(path, class_names):
     """The record of a stage-1 prompts.pth, checked against this run's training identities."""
-    record = utils.load_checkpoint(path)
+    record = training.load_checkpoint(path)
     if not isinstance(record, dict) or record.get("kind") != "clipreid_prompts":
-        raise utils.TrainingInputError(f"{path} is not a prompts file written by train_clipreid.py stage 1")
+        raise errors.TrainingInputError(f"{path} is not a prompts file written by train_clipreid.py stage 1")
     if record["class_names"] != list(class_names):
-        raise utils.TrainingInputError(
+        raise errors.TrainingInputError(
             f"{path} holds prompts of {len(record['class_names'])} other identities than the {len(class_names)} of "
             f"--data_dir; stage 2 needs the prompts learned on the same training identities")
     return record
@@ -408,11 +408,11 @@ def read_prompts(path, class_names):
 def prompt_text_encoder(record, path, spec, clip_model, device):
     """PromptTextEncoder holding the prompts of a stage-1 record, on the same backbone's text tower."""
     if record["backbone"]["name"] != spec["name"] or record["backbone"].get("arch") != spec.get("arch"):
-        raise utils.TrainingInputError(f"{path} was learned with the text tower of {record['backbone']['name']}, "
+        raise errors.TrainingInputError(f"{path} was learned with the text tower of {record['backbone']['name']}, "
                                        f"not {spec['name']}; use the prompts of a run with the same --backbone_name")
     text_encoder = models.PromptTextEncoder(clip_model, len(record["class_names"]), record["template"])
     if tuple(record["cls_ctx"].shape) != tuple(text_encoder.prompt_learner.cls_ctx.shape):
-        raise utils.TrainingInputError(f"{path}: prompt tokens of shape {tuple(record['cls_ctx'].shape)} do not "
+        raise errors.TrainingInputError(f"{path}: prompt tokens of shape {tuple(record['cls_ctx'].shape)} do not "
                                        f"fit template {record['template']!r}")
     text_encoder.prompt_learner.cls_ctx.data.copy_(record["cls_ctx"])
     return text_encoder.to(device).eval()
@@ -466,7 +466,7 @@ def validate(model, val_sets, args, device, amp):
     totals, count = {}, 0
     for key, val_set, gallery_set in val_sets:
         model.set_test_aspect(key)
-        metrics = utils.validate(lambda x: model(x), lambda x: model.predict_logits(x)[1], val_set, gallery_set,
+        metrics = evaluation.validate(lambda x: model(x), lambda x: model.predict_logits(x)[1], val_set, gallery_set,
                                  device, amp, batch_size=max(args.batch_size, 64), num_workers=args.num_workers)
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + value * len(val_set)
@@ -477,7 +477,7 @@ def validate(model, val_sets, args, device, amp):
 
 def run_final_test(model, args, out_dir, best_path, amp, device, log):
     """net_best on the query/gallery splits of every --data_dir, with the shared evaluation pipeline."""
-    checkpoint = utils.load_checkpoint(best_path)
+    checkpoint = training.load_checkpoint(best_path)
     models.load_model_weights(model, checkpoint["model"], best_path)
     model.eval()
     results = {}
@@ -487,7 +487,7 @@ def run_final_test(model, args, out_dir, best_path, amp, device, log):
             log.info(note)
         folder = "final_test" if len(args.data_dir) == 1 else os.path.join(
             "final_test", os.path.basename(os.path.normpath(data_dir)))
-        results[data_dir] = utils.final_test(
+        results[data_dir] = runs.final_test(
             model, args, data_dir, out_dir, folder, f"{args.m_name} (CLIP-ReID, net_best)", amp, device, log,
             extra={"which_epoch": "best", "epoch": checkpoint["epoch"], "feature": model.feature},
             what=f"net_best on {data_dir}")
@@ -499,16 +499,16 @@ def run_stage2(args, run, model, text_features, train_set, sampler, val_sets, lo
     out_dir, device, amp, dist_info = run["out_dir"], run["device"], run["amp"], run["dist_info"]
     criterion = ClipReIDLoss(model, text_features, args.ls, args.id_weight, args.triplet_weight, args.i2t_weight,
                              args.margin).to(device)
-    optimizer = utils.make_optimizer(args.optimizer, stage2_param_groups(model, args.lr, args.weight_decay,
+    optimizer = training.make_optimizer(args.optimizer, stage2_param_groups(model, args.lr, args.weight_decay,
                                                                          args.bias_lr_factor),
                                      args.lr, args.weight_decay)
-    scheduler = utils.WarmupMultiStepLR(optimizer, args.milestones, args.gamma, args.warmup_epochs,
+    scheduler = training.WarmupMultiStepLR(optimizer, args.milestones, args.gamma, args.warmup_epochs,
                                         args.warmup_factor)
-    scaler = utils.make_grad_scaler(amp, device)
+    scaler = training.make_grad_scaler(amp, device)
 
     history, best, start_epoch = [], None, 0
     if run["stage2_state"] is not None:
-        history, best, start_epoch = utils.restore_training_state(run["stage2_state"], optimizer, scheduler, scaler,
+        history, best, start_epoch = runs.restore_training_state(run["stage2_state"], optimizer, scheduler, scaler,
                                                                   sampler, log, os.path.join(out_dir, "net_last.pth"),
                                                                   "stage 2")
 
@@ -516,13 +516,13 @@ def run_stage2(args, run, model, text_features, train_set, sampler, val_sets, lo
              f"(biases x{args.bias_lr_factor:g}), weight decay {args.weight_decay:g}, warm-up {args.warmup_epochs} "
              f"epochs from x{args.warmup_factor:g}, x{args.gamma:g} at {args.milestones}; loss {args.id_weight:g} ID "
              f"+ {args.triplet_weight:g} triplet + {args.i2t_weight:g} image->text")
-    loop = {"model": model, "train_module": utils.wrap_ddp(criterion, dist_info),
+    loop = {"model": model, "train_module": distributed.wrap_ddp(criterion, dist_info),
             "optimizers": [optimizer], "scheduler": scheduler, "scaler": scaler, "sampler": sampler,
             "train_set": train_set, "validate": lambda: validate(model, val_sets, args, device, amp),
             "record": lambda epoch, row: models.checkpoint_record("clipreid", model, run["spec"], epoch, row),
             "extra_state": lambda: {"text_features": criterion.text_features.cpu()},
             "out_dir": out_dir, "dist_info": dist_info, "device": device, "amp": amp}
-    best, _ = utils.run_epochs(args, loop, log, history, best, start_epoch, stage="stage 2",
+    best, _ = runs.run_epochs(args, loop, log, history, best, start_epoch, stage="stage 2",
                                lr_names=("lr", "lr_bias"), accuracy_name="i2t acc")
     return best
 
@@ -539,19 +539,19 @@ def resume_point(out_dir, args):
     else:
         point = "stage1"
     if args.stage == "1" and point != "stage1":
-        raise utils.TrainingInputError(f"--resume --stage 1: stage 1 of {out_dir} is finished (prompts.pth exists); "
+        raise errors.TrainingInputError(f"--resume --stage 1: stage 1 of {out_dir} is finished (prompts.pth exists); "
                                        f"resume with --stage both to run stage 2")
     if args.stage == "2" and point == "stage1":
-        raise utils.TrainingInputError(f"--resume --stage 2: {out_dir} has no prompts.pth; resume stage 1 with "
+        raise errors.TrainingInputError(f"--resume --stage 2: {out_dir} has no prompts.pth; resume stage 1 with "
                                        f"--stage both or --stage 1")
     return point
 
 
-def check_resumed_run(out_dir, args, data):
+def check_resumed_run(out_dir, args, hands):
     """The run being resumed must have the same backbone, geometry and identities as this command."""
-    spec, config = models.resumed_run(out_dir, args, data["class_names"], out_dir)
+    spec, config = models.resumed_run(out_dir, args, hands["class_names"], out_dir)
     if bool(config["model"].get("sie")) != args.sie:
-        raise utils.TrainingInputError(f"{out_dir} was trained {'with' if config['model'].get('sie') else 'without'} "
+        raise errors.TrainingInputError(f"{out_dir} was trained {'with' if config['model'].get('sie') else 'without'} "
                                        f"--sie; resume with the same setting")
     return spec, config
 
@@ -559,35 +559,35 @@ def check_resumed_run(out_dir, args, data):
 # ---- main ----
 
 def main(argv=None):
-    return utils.run_training(parse_args(argv), check_args, train)
+    return runs.run_training(parse_args(argv), check_args, train)
 
 
 def train(args, dist_info):
-    device, amp = dist_info.device, utils.resolve_amp(args.amp, dist_info.device)
+    device, amp = dist_info.device, io.resolve_amp(args.amp, dist_info.device)
     input_size = tuple(args.input_size)
     out_dir = os.path.join(args.f_name, args.m_name)
-    data = load_training_data(args.data_dir, args.train_all)
-    num_classes = len(data["class_names"])
-    utils.prepare_run_folder(out_dir, args, RUN_FILES, resume_file="config.json")
+    hands = load_training_data(args.data_dir, args.train_all)
+    num_classes = len(hands["class_names"])
+    runs.prepare_run_folder(out_dir, args, RUN_FILES, resume_file="config.json")
     point = resume_point(out_dir, args) if args.resume else "stage1" if args.stage != "2" else "stage2_start"
     prompts_path = (os.path.join(out_dir, "prompts.pth") if args.resume else args.prompts) \
         if point == "stage2_start" else None
     if prompts_path:
         if not args.resume and os.path.abspath(prompts_path) == os.path.abspath(os.path.join(out_dir, "prompts.pth")):
-            raise utils.TrainingInputError(f"--prompts {prompts_path} is the prompts.pth of this run folder; continue "
+            raise errors.TrainingInputError(f"--prompts {prompts_path} is the prompts.pth of this run folder; continue "
                                            f"the run with --resume --stage both, or choose another --m_name")
-        prompts = read_prompts(prompts_path, data["class_names"])
+        prompts = read_prompts(prompts_path, hands["class_names"])
         if prompts["template"] != args.prompt_template:
             args.prompt_template = prompts["template"]  # recorded in config.json as used
-    log = utils.open_run_folder(out_dir, args, dist_info, RUN_FILES)
-    utils.set_seed(args.seed)
+    log = runs.open_run_folder(out_dir, args, dist_info, RUN_FILES)
+    io.set_seed(args.seed)
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
 
     # the image encoder (and the text tower when prompts must be learned or read)
     clip_model, stage2_state, old_config = None, None, None
     if args.resume:
-        spec, old_config = check_resumed_run(out_dir, args, data)
+        spec, old_config = check_resumed_run(out_dir, args, hands)
     else:
         spec = models.backbone_spec(args.backbone_name, input_size, args.stride, args.last_stride)
     if point == "stage2":
@@ -603,20 +603,20 @@ def train(args, dist_info):
                 setattr(args, name, old_config["args"][name])
     kind = resolve_backbone_defaults(args, spec)
 
-    train_set, feature_set, val_sets = build_datasets(args, data, input_size, dist_info)
+    train_set, feature_set, val_sets = build_datasets(args, hands, input_size, dist_info)
     # stage 2's sampler before stage 1, so that a batch the data cannot fill is refused at once
-    sampler = utils.make_sampler(args, train_set, dist_info, log) if args.stage != "1" else None
-    sie_aspects = data["aspects"] if args.sie else None
-    model_config = models.clipreid_model_config(spec, args.feature, sie_aspects, data["class_aspect"], args.sie_coe)
-    run = {"out_dir": out_dir, "device": device, "amp": amp, "dist_info": dist_info, "spec": spec, "data": data,
+    sampler = runs.make_sampler(args, train_set, dist_info, log) if args.stage != "1" else None
+    sie_aspects = hands["aspects"] if args.sie else None
+    model_config = models.clipreid_model_config(spec, args.feature, sie_aspects, hands["class_aspect"], args.sie_coe)
+    run = {"out_dir": out_dir, "device": device, "amp": amp, "dist_info": dist_info, "spec": spec, "data": hands,
            "stage2_state": stage2_state}
     dims = visual.feature_dims
     retrieval_dim = (dims["pre_proj"] + dims["proj"] if args.feature.startswith("concat")
                      else dims["proj"] if args.feature.startswith("proj") else dims["pre_proj"])
     if dist_info.is_main:
-        extra = utils.training_config(
-            args, "clipreid", data, amp, dist_info, len(train_set), len(data["val"]), model=model_config,
-            aspects=data["aspects"], backbone_kind=kind, feature_dims=dict(visual.feature_dims),
+        extra = runs.training_config(
+            args, "clipreid", hands, amp, dist_info, len(train_set), len(hands["val"]), model=model_config,
+            aspects=hands["aspects"], backbone_kind=kind, feature_dims=dict(visual.feature_dims),
             retrieval_feature_dim=retrieval_dim,
             recipe_notes=["CLIP mean/std in both stages and at test time (the reference used 0.5/0.5 for ViT and "
                           "ImageNet statistics for RN50, by accident)",
@@ -624,12 +624,12 @@ def train(args, dist_info):
                           "validation and net_best use only training identities (val vs train)"])
         if args.resume:
             extra["resumed"] = old_config.get("resumed", []) + [point]
-        utils.write_run_config(out_dir, args, extra=extra)
+        io.write_run_config(out_dir, args, extra=extra)
     for a, b, shared in cross_root_identity_overlap(args.data_dir) if len(args.data_dir) > 1 else []:
         log.warning(f"{len(shared)} training identities of {a} are test identities of {b} (e.g. {shared[:3]}); "
                     f"results of this model on {b}'s test splits are not identity-disjoint")
-    log.info(f"{num_classes} identities from {len(args.data_dir)} split root(s) {data['aspects']}, "
-             f"{len(train_set)} train / {len(data['val'])} val images; backbone {models.describe_backbone(spec)}; "
+    log.info(f"{num_classes} identities from {len(args.data_dir)} split root(s) {hands['aspects']}, "
+             f"{len(train_set)} train / {len(hands['val'])} val images; backbone {models.describe_backbone(spec)}; "
              f"stage {args.stage}; amp {amp}; device {device}")
 
     # stage 1 (rank 0 only; the other ranks get the text features by broadcast)
@@ -647,15 +647,15 @@ def train(args, dist_info):
             text_features = text_encoder.all_class_features().cpu()  # once, frozen for all of stage 2
             del text_encoder
             if not args.resume:
-                utils.save_checkpoint(os.path.join(out_dir, "prompts.pth"), prompts)
+                training.save_checkpoint(os.path.join(out_dir, "prompts.pth"), prompts)
             log.info(f"stage 2 starts from the prompts in {prompts_path}")
     else:
         text_features = stage2_state["text_features"]
     clip_model = None  # the text tower is not needed any more
-    text_features = utils.broadcast_object(text_features, dist_info)
+    text_features = distributed.broadcast_object(text_features, dist_info)
 
     # stage 2 (seeded here, so the heads start alike after stage 1, from --prompts or on resume)
-    utils.set_seed(args.seed)
+    io.set_seed(args.seed)
     model = models.build_clipreid_model(model_config, num_classes, visual=visual)
     if stage2_state is not None:
         models.load_model_weights(model, stage2_state["model"], os.path.join(out_dir, "net_last.pth"))

@@ -16,99 +16,99 @@ import os
 import torch
 
 import models
-import utils
+from utils import errors, io, data, evaluation, distributed, training, runs
 from losses import FinetuneLoss
 
 
 def parse_args(argv=None):
-    p = utils.trainer_parser(__doc__, m_name="clip_hand_vit")
-    utils.add_batching_args(p, batch_size=20)
-    utils.add_optimisation_args(p, lr=5e-6, epochs=70, warmup_epochs=10, milestones=[40, 60], gamma=0.5,
+    p = runs.trainer_parser(__doc__, m_name="clip_hand_vit")
+    runs.add_batching_args(p, batch_size=20)
+    runs.add_optimisation_args(p, lr=5e-6, epochs=70, warmup_epochs=10, milestones=[40, 60], gamma=0.5,
                                 helps={"lr": "learning rate of the image encoder; heads get 10x",
                                        "ls": "label smoothing of the ID losses (0 disables)"})
-    utils.add_input_args(p)
+    runs.add_input_args(p)
     g = p.add_argument_group("sampling and extra losses")
-    utils.add_sampler_args(g, sampler="random")
+    runs.add_sampler_args(g, sampler="random")
     g.add_argument("--triplet_weight", type=float, default=0.0, help="batch-hard triplet (margin 0.3) weight")
     g.add_argument("--center_weight", type=float, default=0.0, help="center loss weight")
     g.add_argument("--arcface", action="store_true", help="ArcFace heads (s 30, m 0.5) instead of linear classifiers")
     g.add_argument("--feature", default=models.DEFAULT_FEATURE, choices=models.FEATURE_CHOICES,
                    help="retrieval feature for validation (and the default of the evaluator)")
-    utils.add_run_control_args(p, resume_help="continue the run in <f_name>/<m_name> from net_last.pth",
+    runs.add_run_control_args(p, resume_help="continue the run in <f_name>/<m_name> from net_last.pth",
                                final_test_help="evaluate net_best on the query/gallery splits of --data_dir at the end")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    problems = utils.common_arg_problems(args)
+    problems = runs.common_arg_problems(args)
     if args.triplet_weight < 0 or args.center_weight < 0:
         problems.append("--triplet_weight and --center_weight must not be negative")
     if problems:
-        raise utils.TrainingInputError("; ".join(problems))
+        raise errors.TrainingInputError("; ".join(problems))
 
 
 def main(argv=None):
-    return utils.run_training(parse_args(argv), check_args, train)
+    return runs.run_training(parse_args(argv), check_args, train)
 
 
-def build_model(args, out_dir, data, dist_info):
+def build_model(args, out_dir, hands, dist_info):
     """(model, model_config, spec): pretrained weights for a new run, the run's own architecture when resuming."""
     if args.resume:
-        spec, _ = models.resumed_run(out_dir, args, data["class_names"], os.path.join(out_dir, "net_last.pth"))
+        spec, _ = models.resumed_run(out_dir, args, hands["class_names"], os.path.join(out_dir, "net_last.pth"))
         visual = models.load_backbone(spec, weights="empty")
     else:
         spec = models.backbone_spec(args.backbone_name, tuple(args.input_size), args.stride, args.last_stride)
         visual = models.load_pretrained(spec, args.download_root, dist_info, text_tower=False)
     model_config = models.finetune_model_config(spec, classifier="arcface" if args.arcface else "linear",
                                                 feature=args.feature)
-    return models.build_finetune_model(model_config, len(data["class_names"]), visual=visual), model_config, spec
+    return models.build_finetune_model(model_config, len(hands["class_names"]), visual=visual), model_config, spec
 
 
 def train(args, dist_info):
-    device, amp = dist_info.device, utils.resolve_amp(args.amp, dist_info.device)
-    data = utils.load_train_val(args.data_dir, args.train_all)
-    num_classes = len(data["class_names"])
-    out_dir, log = utils.start_run(args, dist_info, utils.RUN_FILES)
+    device, amp = dist_info.device, io.resolve_amp(args.amp, dist_info.device)
+    hands = data.load_train_val(args.data_dir, args.train_all)
+    num_classes = len(hands["class_names"])
+    out_dir, log = runs.start_run(args, dist_info, runs.RUN_FILES)
 
-    model, model_config, spec = build_model(args, out_dir, data, dist_info)
+    model, model_config, spec = build_model(args, out_dir, hands, dist_info)
     criterion = FinetuneLoss(model, args.ls, args.triplet_weight, args.center_weight).to(device)
     speed_note = models.speed_up_image_encoder(model.visual, device, args.compile)
 
-    train_set, val_set, gallery_set = utils.build_datasets(args, data, tuple(args.input_size), dist_info)
-    sampler = utils.make_sampler(args, train_set, dist_info, log)
-    optimizer = utils.make_optimizer(args.optimizer, utils.param_groups(model, args.lr, args.weight_decay),
+    train_set, val_set, gallery_set = runs.build_datasets(args, hands, tuple(args.input_size), dist_info)
+    sampler = runs.make_sampler(args, train_set, dist_info, log)
+    optimizer = training.make_optimizer(args.optimizer, training.param_groups(model, args.lr, args.weight_decay),
                                      args.lr, args.weight_decay)
     optimizers = [optimizer]
     if criterion.centers is not None:  # plain SGD on the centres (lr 0.5, gradient / center_weight as in BoT)
         optimizers.append(torch.optim.SGD(criterion.centers.parameters(), lr=0.5 / args.center_weight))
-    scheduler = utils.WarmupMultiStepLR(optimizer, args.milestones, args.gamma, args.warmup_epochs, 0.01)
-    scaler = utils.make_grad_scaler(amp, device)
+    scheduler = training.WarmupMultiStepLR(optimizer, args.milestones, args.gamma, args.warmup_epochs, 0.01)
+    scaler = training.make_grad_scaler(amp, device)
 
     last_path, best_path = os.path.join(out_dir, "net_last.pth"), os.path.join(out_dir, "net_best.pth")
     state, history, best, start_epoch = models.resume_from_last(args, out_dir, model, spec, dist_info, log,
                                                                 optimizer, scheduler, scaler, sampler)
     if state is not None and criterion.centers is not None:
         if "centers" not in state:
-            raise utils.TrainingInputError(f"{last_path} has no center-loss state; resume with --center_weight 0")
+            raise errors.TrainingInputError(f"{last_path} has no center-loss state; resume with --center_weight 0")
         criterion.centers.load_state_dict(state["centers"])
         optimizers[1].load_state_dict(state["center_optimizer"])
 
     if dist_info.is_main:
-        extra = utils.training_config(
-            args, "finetune", data, amp, dist_info, len(train_set), len(val_set), model=model_config,
+        extra = runs.training_config(
+            args, "finetune", hands, amp, dist_info, len(train_set), len(val_set), model=model_config,
             feature_dims=dict(model.visual.feature_dims), retrieval_feature_dim=model.feature_dim(),
             recipe_notes=["CLIP mean/std at train and test time (CLIP-HandID trains with ImageNet's)",
                           "validation and net_best use only training identities (val vs train)"])
-        utils.write_training_config(out_dir, args, extra, start_epoch)
+        runs.write_training_config(out_dir, args, extra, start_epoch)
     if args.train_all:
         log.warning("warning: --train_all: the val images are part of training, so val metrics are optimistic and "
                     "net_best is the last validated epoch")
     log.info(f"{num_classes} identities, {len(train_set)} train / {len(val_set)} val images; backbone "
              f"{models.describe_backbone(spec)}; retrieval feature {args.feature} ({model.feature_dim()}-d); "
-             + utils.batch_summary(args, dist_info, amp, speed_note))
+             + runs.batch_summary(args, dist_info, amp, speed_note))
 
     def validate():
-        return utils.validate(model, lambda x: model.predict_logits(x)[1], val_set, gallery_set, device, amp,
+        return evaluation.validate(model, lambda x: model.predict_logits(x)[1], val_set, gallery_set, device, amp,
                               batch_size=max(args.batch_size, 64), num_workers=args.num_workers)
 
     def extra_state():
@@ -116,19 +116,19 @@ def train(args, dist_info):
             return {}
         return {"centers": criterion.centers.state_dict(), "center_optimizer": optimizers[1].state_dict()}
 
-    loop = {"model": model, "train_module": utils.wrap_ddp(criterion, dist_info),
+    loop = {"model": model, "train_module": distributed.wrap_ddp(criterion, dist_info),
             "optimizers": optimizers, "scheduler": scheduler, "scaler": scaler, "sampler": sampler,
             "train_set": train_set, "validate": validate, "extra_state": extra_state,
             "record": lambda epoch, row: models.checkpoint_record("finetune", model, spec, epoch, row),
             "out_dir": out_dir, "dist_info": dist_info, "device": device, "amp": amp}
-    best, history = utils.run_epochs(args, loop, log, history, best, start_epoch)
+    best, history = runs.run_epochs(args, loop, log, history, best, start_epoch)
 
     if dist_info.is_main:
         if args.final_test and os.path.isfile(best_path):
-            checkpoint = utils.load_checkpoint(best_path)
+            checkpoint = training.load_checkpoint(best_path)
             models.load_model_weights(model, checkpoint["model"], best_path)
             model.eval()
-            utils.final_test(model, args, args.data_dir, out_dir, "final_test", f"{args.m_name} (net_best)", amp,
+            runs.final_test(model, args, args.data_dir, out_dir, "final_test", f"{args.m_name} (net_best)", amp,
                              device, log, extra={"which_epoch": "best", "epoch": checkpoint["epoch"],
                                                  "feature": model.feature})
         log.info(f"Wrote the fine-tuned model (net_best: epoch {best['epoch']}) to {out_dir}")

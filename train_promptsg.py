@@ -19,20 +19,20 @@ import os
 
 
 import models
-import utils
+from utils import errors, io, data, evaluation, distributed, training, runs
 from losses import PromptSGLoss
 
 
 def parse_args(argv=None):
-    p = utils.trainer_parser(__doc__, m_name="clip_promptsg_vit")
-    utils.add_batching_args(p, batch_size=64)
-    utils.add_optimisation_args(
+    p = runs.trainer_parser(__doc__, m_name="clip_promptsg_vit")
+    runs.add_batching_args(p, batch_size=64)
+    runs.add_optimisation_args(
         p, lr=5e-6, epochs=60, warmup_epochs=0, milestones=[20, 40], gamma=0.1,
         helps={"lr": "learning rate of the image encoder; the new modules (inversion, interaction, head) get 10x",
                "warmup_epochs": "linear warm-up from 0.01 x lr (0: the paper's plain step schedule)"})
-    utils.add_input_args(p)
+    runs.add_input_args(p)
     g = p.add_argument_group("sampling and losses")
-    utils.add_sampler_args(g, sampler="pk")
+    runs.add_sampler_args(g, sampler="pk")
     g.add_argument("--triplet_weight", type=float, default=1.0, help="batch-hard triplet (margin 0.3) weight")
     g.add_argument("--lambda_sc", type=float, default=0.5,
                    help="weight of the symmetric image<->composed-prompt supervised contrastive loss")
@@ -50,14 +50,14 @@ def parse_args(argv=None):
     g.add_argument("--feature", default="fused", choices=models.PROMPTSG_FEATURES,
                    help="retrieval feature: fused (language-guided feature before BN), fused_bn, concat "
                         "(global CLIP feature + fused) or proj (global CLIP feature alone)")
-    utils.add_run_control_args(p, resume_help="continue the run in <f_name>/<m_name> from net_last.pth",
+    runs.add_run_control_args(p, resume_help="continue the run in <f_name>/<m_name> from net_last.pth",
                                final_test_help="evaluate net_best on the query/gallery splits of --data_dir at the "
                                                "end (fixed and composed prompt)")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    problems = utils.common_arg_problems(args)
+    problems = runs.common_arg_problems(args)
     if args.triplet_weight < 0:
         problems.append(f"--triplet_weight must not be negative, got {args.triplet_weight}")
     if args.lambda_sc < 0:
@@ -73,7 +73,7 @@ def check_args(args):
     except ValueError as err:
         problems.append(str(err))
     if problems:
-        raise utils.TrainingInputError("; ".join(problems))
+        raise errors.TrainingInputError("; ".join(problems))
 
 
 def model_config_from_args(args, spec):
@@ -88,16 +88,16 @@ def check_resumable(old_model_config, args, path):
                              ("fixed_prompt", "--fixed_prompt", args.fixed_prompt),
                              ("num_blocks", "--interaction_blocks", args.interaction_blocks)):
         if old_model_config.get(key) != value:
-            raise utils.TrainingInputError(f"{path} was trained with {flag} {old_model_config.get(key)!r}, "
+            raise errors.TrainingInputError(f"{path} was trained with {flag} {old_model_config.get(key)!r}, "
                                            f"not {value!r}; resume with the run's own settings or start a new --m_name")
     if old_model_config.get("kind") != "promptsg":
-        raise utils.TrainingInputError(f"{path} holds a {old_model_config.get('kind')} run, not a PromptSG run")
+        raise errors.TrainingInputError(f"{path} holds a {old_model_config.get('kind')} run, not a PromptSG run")
 
 
 def run_final_tests(model, args, out_dir, best_path, amp, device, log):
     """net_best on the query/gallery splits of --data_dir, guided by each inference prompt:
     final_test/ (the run's --inference_prompt) and final_test_<other prompt>/."""
-    checkpoint = utils.load_checkpoint(best_path)
+    checkpoint = training.load_checkpoint(best_path)
     models.load_model_weights(model, checkpoint["model"], best_path)
     model.eval()
     prompts = [args.inference_prompt] + [p for p in models.INFERENCE_PROMPTS if p != args.inference_prompt]
@@ -105,7 +105,7 @@ def run_final_tests(model, args, out_dir, best_path, amp, device, log):
     for prompt in prompts:
         model.inference_prompt = prompt
         folder = "final_test" if prompt == args.inference_prompt else f"final_test_{prompt}"
-        found = utils.final_test(model, args, args.data_dir, out_dir, folder,
+        found = runs.final_test(model, args, args.data_dir, out_dir, folder,
                                  f"{args.m_name} (net_best, {prompt} prompt)", amp, device, log,
                                  extra={"which_epoch": "best", "epoch": checkpoint["epoch"], "feature": model.feature,
                                         "inference_prompt": prompt}, what=f"net_best, {prompt} prompt")
@@ -117,7 +117,7 @@ def run_final_tests(model, args, out_dir, best_path, amp, device, log):
 
 
 def main(argv=None):
-    return utils.run_training(parse_args(argv), check_args, train)
+    return runs.run_training(parse_args(argv), check_args, train)
 
 
 def build_model(args, out_dir, num_classes, class_names, dist_info):
@@ -134,54 +134,54 @@ def build_model(args, out_dir, num_classes, class_names, dist_info):
 
 
 def train(args, dist_info):
-    device, amp = dist_info.device, utils.resolve_amp(args.amp, dist_info.device)
-    data = utils.load_train_val(args.data_dir, args.train_all)
-    num_classes = len(data["class_names"])
-    out_dir, log = utils.start_run(args, dist_info, utils.RUN_FILES)
+    device, amp = dist_info.device, io.resolve_amp(args.amp, dist_info.device)
+    hands = data.load_train_val(args.data_dir, args.train_all)
+    num_classes = len(hands["class_names"])
+    out_dir, log = runs.start_run(args, dist_info, runs.RUN_FILES)
 
-    model, model_config, spec = build_model(args, out_dir, num_classes, data["class_names"], dist_info)
+    model, model_config, spec = build_model(args, out_dir, num_classes, hands["class_names"], dist_info)
     model.to(device)
     speed_note = models.speed_up_image_encoder(model.visual, device, args.compile)
     criterion = PromptSGLoss(model, args.ls, args.triplet_weight, args.lambda_sc, args.sc_temperature)
 
-    train_set, val_set, gallery_set = utils.build_datasets(args, data, tuple(args.input_size), dist_info)
-    sampler = utils.make_sampler(args, train_set, dist_info, log)
+    train_set, val_set, gallery_set = runs.build_datasets(args, hands, tuple(args.input_size), dist_info)
+    sampler = runs.make_sampler(args, train_set, dist_info, log)
     # "visual." = the pretrained image encoder at --lr; inversion, interaction, BNNeck and classifier at 10x;
     # the text tower is frozen (requires_grad False) and left out
-    optimizer = utils.make_optimizer(args.optimizer, utils.param_groups(model, args.lr, args.weight_decay),
+    optimizer = training.make_optimizer(args.optimizer, training.param_groups(model, args.lr, args.weight_decay),
                                      args.lr, args.weight_decay)
-    scheduler = utils.WarmupMultiStepLR(optimizer, args.milestones, args.gamma, args.warmup_epochs, 0.01)
-    scaler = utils.make_grad_scaler(amp, device)
+    scheduler = training.WarmupMultiStepLR(optimizer, args.milestones, args.gamma, args.warmup_epochs, 0.01)
+    scaler = training.make_grad_scaler(amp, device)
 
     best_path = os.path.join(out_dir, "net_best.pth")
     _, history, best, start_epoch = models.resume_from_last(args, out_dir, model, spec, dist_info, log,
                                                             optimizer, scheduler, scaler, sampler)
 
     if dist_info.is_main:
-        extra = utils.training_config(
-            args, "promptsg", data, amp, dist_info, len(train_set), len(val_set), model=model_config,
+        extra = runs.training_config(
+            args, "promptsg", hands, amp, dist_info, len(train_set), len(val_set), model=model_config,
             feature_dims=dict(model.visual.feature_dims), retrieval_feature_dim=model.feature_dim(),
             sc_temperature_used=criterion.temperature(),
             recipe_notes=["CLIP mean/std at train and test time",
                           "validation and net_best use only training identities (val vs train), guided by the "
                           f"{args.inference_prompt} prompt",
                           "checkpoints hold the frozen text tower too (needed by --inference_prompt composed)"])
-        utils.write_training_config(out_dir, args, extra, start_epoch)
+        runs.write_training_config(out_dir, args, extra, start_epoch)
     log.info(f"{num_classes} identities, {len(train_set)} train / {len(val_set)} val images; backbone "
              f"{models.describe_backbone(spec)}; prompt {args.prompt_template!r}, inference prompt "
              f"{args.inference_prompt}; retrieval feature {args.feature} ({model.feature_dim()}-d); "
-             + utils.batch_summary(args, dist_info, amp, speed_note))
+             + runs.batch_summary(args, dist_info, amp, speed_note))
 
     def validate():
-        return utils.validate(model, lambda x: model.predict_logits(x)[0], val_set, gallery_set, device, amp,
+        return evaluation.validate(model, lambda x: model.predict_logits(x)[0], val_set, gallery_set, device, amp,
                               batch_size=max(args.batch_size, 64), num_workers=args.num_workers)
 
-    loop = {"model": model, "train_module": utils.wrap_ddp(criterion, dist_info),
+    loop = {"model": model, "train_module": distributed.wrap_ddp(criterion, dist_info),
             "optimizers": [optimizer], "scheduler": scheduler, "scaler": scaler, "sampler": sampler,
             "train_set": train_set, "validate": validate,
             "record": lambda epoch, row: models.checkpoint_record("promptsg", model, spec, epoch, row),
             "out_dir": out_dir, "dist_info": dist_info, "device": device, "amp": amp}
-    best, history = utils.run_epochs(args, loop, log, history, best, start_epoch)
+    best, history = runs.run_epochs(args, loop, log, history, best, start_epoch)
 
     final = {}
     if dist_info.is_main:

@@ -39,10 +39,10 @@ def synthetic_11k(tmp_path_factory):
     """A synthetic 11k-format dataset with its four prepared split roots (3 MC splits).
     Returns the data_dir; split roots are <data_dir>/train_val_test_split_<aspect>.
     Treat it as read-only: it is shared by every test of the session."""
-    import utils
+    from utils import synthetic
     import prepare_train_val_test_11k_r_l as prepare
     data_dir = tmp_path_factory.mktemp("synthetic_11k") / "11k"
-    utils.make_synthetic_11k(str(data_dir), num_ids_per_aspect=16, seed=0)
+    synthetic.make_synthetic_11k(str(data_dir), num_ids_per_aspect=16, seed=0)
     prepare.main(["--data_dir", str(data_dir), "--num_splits", "3", "--seed", "0"])
     return str(data_dir)
 
@@ -52,10 +52,10 @@ def hand_data(tmp_path_factory):
     """The dorsal-right split root of a synthetic 11k data set with enough identities to learn from
     (12 train / 12 test identities per aspect, 5-7 images each) and 2 query/gallery splits; shared by
     the training tests. Read-only."""
-    import utils
+    from utils import synthetic
     import prepare_train_val_test_11k_r_l as prepare
     data_dir = tmp_path_factory.mktemp("hand_data") / "11k"
-    utils.make_synthetic_11k(str(data_dir), num_ids_per_aspect=24, images_per_id=(5, 7), image_size=(80, 60), seed=0)
+    synthetic.make_synthetic_11k(str(data_dir), num_ids_per_aspect=24, images_per_id=(5, 7), image_size=(80, 60), seed=0)
     prepare.main(["--data_dir", str(data_dir), "--num_splits", "2", "--seed", "0"])
     return str(data_dir / "train_val_test_split_dorsal_r")
 

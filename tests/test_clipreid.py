@@ -15,7 +15,7 @@ import eval_query_gallery_clip_zeroshot
 import eval_query_gallery_finetune
 import models
 import train_clipreid
-import utils
+from utils import io
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -253,14 +253,14 @@ class Interrupted(Exception):
 
 def interrupt_after(monkeypatch, file_name, epoch):
     """Stop the run right after it wrote `file_name` (stage1_metrics.csv or metrics.csv) for `epoch`."""
-    write = utils.write_metrics_csv
+    write = io.write_metrics_csv
 
     def writer(path, rows):
         write(path, rows)
         if os.path.basename(path) == file_name and len(rows) == epoch:
             raise Interrupted(f"{file_name} at epoch {epoch}")
 
-    monkeypatch.setattr(utils, "write_metrics_csv", writer)
+    monkeypatch.setattr(io, "write_metrics_csv", writer)
 
 
 def test_resume_in_both_stages_gives_the_same_result(hand_data, tiny_vit_checkpoint, tmp_path, monkeypatch):

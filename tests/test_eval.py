@@ -12,7 +12,7 @@ import scipy.io
 import torch
 from PIL import Image
 
-import utils
+from utils import errors, splits, data, metrics, evaluation
 from conftest import vectors_dir
 
 
@@ -26,14 +26,14 @@ def vector_cases(name):
 @pytest.mark.parametrize("method", ["count", "bisect"])
 @pytest.mark.parametrize("case", vector_cases("metrics"), ids=lambda c: c["file"])
 def test_metrics_match_reference_vectors(case, method):
-    data = np.load(os.path.join(vectors_dir("metrics"), case["file"]))
+    vec = np.load(os.path.join(vectors_dir("metrics"), case["file"]))
     checks = {
-        "market": utils.rank_metrics(data["dist"], data["q_pids"], data["g_pids"], data["q_camids"],
-                                     data["g_camids"], max_rank=50, convention="standard", distance=True,
+        "market": metrics.rank_metrics(vec["dist"], vec["q_pids"], vec["g_pids"], vec["q_camids"],
+                                     vec["g_camids"], max_rank=50, convention="standard", distance=True,
                                      method=method),
-        "market_nocam": utils.rank_metrics(data["dist"], data["q_pids"], data["g_pids"], max_rank=50,
+        "market_nocam": metrics.rank_metrics(vec["dist"], vec["q_pids"], vec["g_pids"], max_rank=50,
                                            convention="standard", distance=True, method=method),
-        "hand": utils.rank_metrics(data["sim"], data["q_pids"], data["g_pids"], max_rank=50,
+        "hand": metrics.rank_metrics(vec["sim"], vec["q_pids"], vec["g_pids"], max_rank=50,
                                    convention="hand", method=method),
     }
     for name, got in checks.items():
@@ -43,10 +43,10 @@ def test_metrics_match_reference_vectors(case, method):
 
 @pytest.mark.parametrize("case", vector_cases("reranking"), ids=lambda c: c["file"])
 def test_reranking_matches_reference_vectors(case):
-    data = np.load(os.path.join(vectors_dir("reranking"), case["file"]))
-    got = utils.re_ranking(data["qf"], data["gf"], k1=case["k1"], k2=case["k2"], lambda_value=case["lambda"])
-    assert got.shape == data["expected"].shape
-    np.testing.assert_allclose(got, data["expected"], atol=1e-5, rtol=0)
+    vec = np.load(os.path.join(vectors_dir("reranking"), case["file"]))
+    got = metrics.re_ranking(vec["qf"], vec["gf"], k1=case["k1"], k2=case["k2"], lambda_value=case["lambda"])
+    assert got.shape == vec["expected"].shape
+    np.testing.assert_allclose(got, vec["expected"], atol=1e-5, rtol=0)
 
 
 def stable_sort_reference(sim, q, g, convention, max_rank):
@@ -79,7 +79,7 @@ def test_metrics_with_ties_equal_a_stable_sort_loop():
         for convention in ("hand", "standard"):
             want_cmc, want_map = stable_sort_reference(sim, q, g, convention, num_g + 2)
             for method in ("count", "bisect"):
-                got = utils.rank_metrics(sim, q, g, max_rank=num_g + 2, convention=convention, method=method)
+                got = metrics.rank_metrics(sim, q, g, max_rank=num_g + 2, convention=convention, method=method)
                 np.testing.assert_allclose(got["cmc"], want_cmc, atol=1e-12)
                 assert abs(got["mAP"] - want_map) < 1e-12
 
@@ -88,8 +88,8 @@ def test_metric_conventions_on_a_hand_made_ranking():
     # query 0: true matches at ranks 1 and 3; query 1: no match in the gallery
     sim = np.array([[0.9, 0.8, 0.7, 0.6], [0.9, 0.8, 0.7, 0.6]])
     q, g = np.array([1, 5]), np.array([0, 1, 2, 1])
-    hand = utils.rank_metrics(sim, q, g, max_rank=4, convention="hand")
-    standard = utils.rank_metrics(sim, q, g, max_rank=4, convention="standard")
+    hand = metrics.rank_metrics(sim, q, g, max_rank=4, convention="hand")
+    standard = metrics.rank_metrics(sim, q, g, max_rank=4, convention="standard")
     # trapezoid AP = ((1/1 + 1/2)/2 ... ) : hits at 0-based ranks 1, 3 -> ((0+1/2)/2 + (1/1... see spec
     ap_hand = ((0 / 1 + 1 / 2) / 2 + (1 / 3 + 2 / 4) / 2) / 2
     assert hand["mAP"] == pytest.approx(ap_hand / 2)  # the unmatched query counts 0
@@ -99,9 +99,9 @@ def test_metric_conventions_on_a_hand_made_ranking():
     assert hand["mINP"] == pytest.approx(2 / 4 / 2)
     assert hand["first_rank"].tolist() == [1, -1]
     with pytest.raises(ValueError, match="camera"):
-        utils.rank_metrics(sim, q, g, [0, 0], [1, 1, 1, 1], convention="hand")
+        metrics.rank_metrics(sim, q, g, [0, 0], [1, 1, 1, 1], convention="hand")
     with pytest.raises(ValueError, match="no query has a true match"):
-        utils.rank_metrics(sim, np.array([7, 8]), g, convention="standard")
+        metrics.rank_metrics(sim, np.array([7, 8]), g, convention="standard")
 
 
 # ---- image loading ----------------------------------------------------------------------------
@@ -114,14 +114,14 @@ def test_load_image_decodes_jpeg_draft_to_the_exact_size(tmp_path):
     with Image.open(path) as img:
         img.draft("RGB", (90, 120))
         assert img.size == (200, 150)  # 1/4 scale: the smallest that is still >= 90 x 120
-    img = utils.load_image(path, (120, 90))
+    img = data.load_image(path, (120, 90))
     assert img.mode == "RGB" and img.size == (90, 120)  # (W, H): squashed, not cropped
     with Image.open(path) as full:
         reference = np.asarray(full.convert("RGB").resize((90, 120), Image.BICUBIC), dtype=np.float32)
     assert np.abs(np.asarray(img, dtype=np.float32) - reference).mean() < 8
     gray = tmp_path / "gray.png"
     Image.fromarray(pixels[..., 0]).save(gray)
-    assert utils.load_image(gray, (32, 48)).size == (48, 32) and utils.load_image(gray).size == (800, 600)
+    assert data.load_image(gray, (32, 48)).size == (48, 32) and data.load_image(gray).size == (800, 600)
 
 
 def broken_images(folder):
@@ -138,13 +138,13 @@ def broken_images(folder):
 def test_loader_errors_name_the_file(tmp_path):
     good, broken = broken_images(tmp_path)
     for path in broken:
-        with pytest.raises(utils.ImageLoadError, match=str(path.name)):
-            utils.load_image(path, (32, 32))
+        with pytest.raises(errors.ImageLoadError, match=str(path.name)):
+            data.load_image(path, (32, 32))
     # inside a DataLoader worker process the error still names the file
-    dataset = utils.ImageListDataset([good, broken[1]], size=(32, 32))
+    dataset = data.ImageListDataset([good, broken[1]], size=(32, 32))
     batches = iter(torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1))
     try:
-        with pytest.raises(utils.ImageLoadError, match="truncated.jpg"):
+        with pytest.raises(errors.ImageLoadError, match="truncated.jpg"):
             next(batches)
     finally:
         batches._shutdown_workers()  # else the worker lingers until garbage collection
@@ -196,13 +196,13 @@ def colour_encoder(calls):
 
 def counting_loader(monkeypatch):
     loaded = collections.Counter()
-    real = utils.load_image
+    real = data.load_image
 
     def spy(path, size=None):
         loaded[os.path.realpath(path)] += 1
         return real(path, size)
 
-    monkeypatch.setattr(utils, "load_image", spy)
+    monkeypatch.setattr(data, "load_image", spy)
     return loaded
 
 
@@ -211,7 +211,7 @@ def test_pipeline_11k_style_encodes_each_image_once_and_writes_results(tmp_path,
     num_images = make_split_root(str(root), num_splits=3)
     loaded, calls = counting_loader(monkeypatch), []
     out = tmp_path / "out"
-    results = utils.evaluate_query_gallery(colour_encoder(calls), str(root), str(out), input_size=(16, 16),
+    results = evaluation.evaluate_query_gallery(colour_encoder(calls), str(root), str(out), input_size=(16, 16),
                                            batch_size=5, method_name="colour")
     # every distinct image (copies in several sets share label/file/size) is decoded and encoded once
     assert sum(calls) == num_images == len(loaded) == results["num_images_encoded"]
@@ -227,7 +227,7 @@ def test_pipeline_11k_style_encodes_each_image_once_and_writes_results(tmp_path,
     raw = scipy.io.loadmat(str(out / "result_split1_all.mat"))
     assert raw["query_f"].shape == (8, 3) and raw["query_f"].dtype == np.float32
     assert raw["gallery_label"].shape == (1, 6) and raw["query_label"].dtype == np.int64
-    mat = utils.load_result_mat(str(out / "result_split1_all.mat"))
+    mat = evaluation.load_result_mat(str(out / "result_split1_all.mat"))
     assert sorted(set(mat["gallery_label"].tolist())) == [1, 2, 3, 4, 9001, 9002]
     for feats, labels, paths in ((mat["query_f"], mat["query_label"], mat["query_path"]),
                                  (mat["gallery_f"], mat["gallery_label"], mat["gallery_path"])):
@@ -235,25 +235,25 @@ def test_pipeline_11k_style_encodes_each_image_once_and_writes_results(tmp_path,
             assert os.path.isabs(path)
             assert (os.sep + "gallery1_all" + os.sep in path) or (os.sep + "query1" + os.sep in path)
             assert int(os.path.basename(os.path.dirname(path))) == label
-            x = utils.eval_transform((16, 16))(utils.load_image(path, (16, 16))).mean(dim=(1, 2))
+            x = data.eval_transform((16, 16))(data.load_image(path, (16, 16))).mean(dim=(1, 2))
             np.testing.assert_allclose(f, torch.nn.functional.normalize(x, dim=0).numpy(), atol=1e-5)
 
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["split"] for r in rows] == ["0", "0", "1", "1", "2", "2", "mean", "std", "mean", "std"]
-    assert set(utils.METRIC_NAMES) <= set(rows[0])
+    assert set(metrics.METRIC_NAMES) <= set(rows[0])
     printed = capsys.readouterr().out
     for name in ("Rank-1", "Rank-5", "Rank-10", "Rank-20", "mAP", "mAP (standard)", "mINP", "100.00 ± 0.00"):
         assert name in printed
     with pytest.raises(FileExistsError, match="--force"):
-        utils.evaluate_query_gallery(colour_encoder([]), str(root), str(out), input_size=(16, 16))
+        evaluation.evaluate_query_gallery(colour_encoder([]), str(root), str(out), input_size=(16, 16))
 
 
 def test_pipeline_flip_encodes_mirrors_too(tmp_path):
     root = tmp_path / "split"
     num_images = make_split_root(str(root), num_splits=1, with_all=False)
     calls = []
-    results = utils.evaluate_query_gallery(colour_encoder(calls), str(root), str(tmp_path / "out"),
+    results = evaluation.evaluate_query_gallery(colour_encoder(calls), str(root), str(tmp_path / "out"),
                                            input_size=(16, 16), flip=True, verbose=False)
     assert sum(calls) == 2 * num_images and results["flip"] is True
 
@@ -261,24 +261,24 @@ def test_pipeline_flip_encodes_mirrors_too(tmp_path):
 def test_pipeline_hd_style_has_only_the_own_gallery(tmp_path):
     root = tmp_path / "split"
     make_split_root(str(root), num_splits=2, with_all=False)
-    layout = utils.read_split_layout(str(root))
+    layout = splits.read_split_layout(str(root))
     assert layout["num_splits"] == 2 and layout["gallery_variants"] == ["own"]
-    results = utils.evaluate_query_gallery(colour_encoder([]), str(root), str(tmp_path / "out"),
+    results = evaluation.evaluate_query_gallery(colour_encoder([]), str(root), str(tmp_path / "out"),
                                            gallery="both", input_size=(16, 16), verbose=False)
     assert results["gallery_variants"] == ["own"] and len(results["rows"]) == 2
     assert sorted(os.listdir(tmp_path / "out")) == ["result_split0.mat", "result_split1.mat", "results.csv",
                                                     "results.json"]
     with pytest.raises(ValueError, match="--gallery own"):
-        utils.evaluate_query_gallery(colour_encoder([]), str(root), str(tmp_path / "out2"), gallery="all")
+        evaluation.evaluate_query_gallery(colour_encoder([]), str(root), str(tmp_path / "out2"), gallery="all")
     # with re-ranking the ranking (and the .mat) use the re-ranked distance of the stored features
     rerank = {"k1": 4, "k2": 2, "lambda_value": 0.3}
-    results = utils.evaluate_query_gallery(colour_encoder([]), str(root), str(tmp_path / "out3"),
+    results = evaluation.evaluate_query_gallery(colour_encoder([]), str(root), str(tmp_path / "out3"),
                                            input_size=(16, 16), rerank=rerank, verbose=False)
-    mat = utils.load_result_mat(str(tmp_path / "out3" / "result_split1.mat"))
-    np.testing.assert_allclose(mat["rerank_dist"], utils.re_ranking(mat["query_f"], mat["gallery_f"], **rerank))
+    mat = evaluation.load_result_mat(str(tmp_path / "out3" / "result_split1.mat"))
+    np.testing.assert_allclose(mat["rerank_dist"], metrics.re_ranking(mat["query_f"], mat["gallery_f"], **rerank))
     assert results["rerank"] == rerank and results["rows"][1]["rank1"] == 1.0
     with pytest.raises(ValueError, match="query0"):
-        utils.read_split_layout(str(root / "query0"))
+        splits.read_split_layout(str(root / "query0"))
 
 
 # ---- zero-shot evaluator and ranking figure (synthetic 11k, tiny OpenAI-format checkpoint) --------
@@ -328,7 +328,7 @@ def test_ranking_figure_reports_missing_images(tmp_path):
     import query_ranking_result_demo as demo
     root = tmp_path / "split"
     make_split_root(str(root), num_splits=1, with_all=False)
-    utils.evaluate_query_gallery(colour_encoder([]), str(root), str(tmp_path / "out"), input_size=(16, 16),
+    evaluation.evaluate_query_gallery(colour_encoder([]), str(root), str(tmp_path / "out"), input_size=(16, 16),
                                  verbose=False)
     shutil.rmtree(root / "gallery0" / "0002")
     with pytest.raises(SystemExit, match="gallery0.0002.*does not exist"):

@@ -15,7 +15,7 @@ import eval_query_gallery_clip_zeroshot
 import eval_query_gallery_finetune
 import models
 import train_finetune
-import utils
+from utils import data, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = ["--input_size", "64", "64", "--stride", "8"]
@@ -126,9 +126,9 @@ def test_speed_up_keeps_state_dict_keys(tiny_rn_checkpoint):
 
 
 def test_lr_schedule_matches_clip_handid():
-    optimizer = torch.optim.Adam(utils.param_groups(torch.nn.ModuleDict(
+    optimizer = torch.optim.Adam(training.param_groups(torch.nn.ModuleDict(
         {"visual": torch.nn.Linear(2, 2), "head": torch.nn.Linear(2, 2)}), 5e-6, 5e-4))
-    scheduler = utils.WarmupMultiStepLR(optimizer, [40, 60], 0.5, 10, 0.01)
+    scheduler = training.WarmupMultiStepLR(optimizer, [40, 60], 0.5, 10, 0.01)
     lrs = []
     for _ in range(70):
         lrs.append([g["lr"] for g in optimizer.param_groups])
@@ -143,19 +143,19 @@ def test_lr_schedule_matches_clip_handid():
 
 def test_pk_sampler_batches_shares_and_determinism():
     labels = [i // 6 for i in range(60)] + [10, 10]  # identity 10 has only 2 images
-    sampler = utils.PKSampler(labels, batch_size=12, num_instances=4, seed=3)
+    sampler = data.PKSampler(labels, batch_size=12, num_instances=4, seed=3)
     assert sampler.rare_labels == [10]
     order = list(sampler)
     assert len(order) % 12 == 0 and len(order) > 0
     for b in range(0, len(order), 12):
         batch_labels = [labels[i] for i in order[b:b + 12]]
         assert sorted(batch_labels.count(lbl) for lbl in set(batch_labels)) == [4, 4, 4]
-    assert list(utils.PKSampler(labels, 12, 4, seed=3)) == order  # same (seed, epoch), same batches
+    assert list(data.PKSampler(labels, 12, 4, seed=3)) == order  # same (seed, epoch), same batches
     sampler.set_epoch(1)
     assert list(sampler) != order
-    shares = [list(utils.PKSampler(labels, 12, 4, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    shares = [list(data.PKSampler(labels, 12, 4, seed=3, rank=r, world_size=2)) for r in (0, 1)]
     assert len(shares[0]) == len(shares[1]) > 0
-    random_shares = [set(utils.ShuffleSampler(61, 5, seed=0, rank=r, world_size=2)) for r in (0, 1)]
+    random_shares = [set(data.ShuffleSampler(61, 5, seed=0, rank=r, world_size=2)) for r in (0, 1)]
     assert not random_shares[0] & random_shares[1] and len(random_shares[0]) == len(random_shares[1]) == 30
 
 
@@ -163,9 +163,9 @@ def test_checkpoint_rng_round_trip_with_weights_only(tmp_path):
     import random
     import numpy as np
     path = str(tmp_path / "state.pth")
-    utils.save_checkpoint(path, {"rng": utils.capture_rng_state()})
+    training.save_checkpoint(path, {"rng": training.capture_rng_state()})
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
-    utils.restore_rng_state(utils.load_checkpoint(path)["rng"])
+    training.restore_rng_state(training.load_checkpoint(path)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 

@@ -14,11 +14,11 @@ import pytest
 
 import prepare_train_val_test_11k_r_l as prep11k
 import prepare_train_val_test_hd as prephd
-import utils
+from utils import splits, synthetic
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REAL_CSV = os.path.join(TESTS_DIR, "data", "HandInfo.csv")
-ROOTS_11K = {aspect: f"train_val_test_split_{folder}" for aspect, folder in utils.ASPECT_FOLDERS_11K.items()}
+ROOTS_11K = {aspect: f"train_val_test_split_{folder}" for aspect, folder in splits.ASPECT_FOLDERS_11K.items()}
 
 # The reference script's counts on the real HandInfo.csv (issue 2):
 # train ids, train_all, train, val, test ids, test, query{i}, gallery{i}, gallery{i}_all.
@@ -32,7 +32,7 @@ NUM_SPLITS = 2
 
 
 def load_manifest(root):
-    with open(os.path.join(root, utils.SPLITS_MANIFEST)) as f:
+    with open(os.path.join(root, splits.SPLITS_MANIFEST)) as f:
         return json.load(f)
 
 
@@ -75,7 +75,7 @@ def real_11k(tmp_path_factory):
 @pytest.fixture(scope="module")
 def synthetic_11k_source(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic") / "11k"
-    utils.make_synthetic_11k(str(root), num_ids_per_aspect=8, images_per_id=(2, 4), seed=0)
+    synthetic.make_synthetic_11k(str(root), num_ids_per_aspect=8, images_per_id=(2, 4), seed=0)
     return str(root)
 
 
@@ -93,7 +93,7 @@ def synth11k(tmp_path, synthetic_11k_source):
 @pytest.fixture(scope="module")
 def synthetic_hd_source(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic") / "HD"
-    utils.make_synthetic_hd(str(root), num_train_ids=5, num_test_ids=4, num_distractor_ids=3,
+    synthetic.make_synthetic_hd(str(root), num_train_ids=5, num_test_ids=4, num_distractor_ids=3,
                             images_per_id=(2, 4), seed=0)
     return str(root)
 
@@ -109,7 +109,7 @@ def test_counts_on_real_csv_match_reference(real_11k, capsys):
     _, counts, _ = real_11k
     for aspect, expected in EXPECTED_11K.items():
         assert tuple(counts[aspect].values()) == expected, aspect
-    table = utils.format_split_counts(counts)
+    table = splits.format_split_counts(counts)
     assert "gallery{i}_all" in table.splitlines()[0]
     assert "dorsal right | 72" in table
 
@@ -148,7 +148,7 @@ def test_train_val_test_structure(real_11k):
     for aspect, manifest in manifests.items():
         sets = manifest["sets"]
         train_all, train, val, test = (by_label(sets[n]) for n in ("train_all", "train", "val", "test"))
-        last = utils.LAST_TRAIN_ID_11K[aspect]
+        last = splits.LAST_TRAIN_ID_11K[aspect]
         assert all(int(label) <= last for label in train_all)
         assert all(int(label) > last for label in test)
         assert not set(train_all) & set(test)
@@ -179,7 +179,7 @@ def test_gallery_all_composition(real_11k):
         for i in range(NUM_SPLITS):
             gallery_all = manifest["sets"][f"gallery{i}_all"]
             expected = {(label, source) for _, label, source in manifest["sets"][f"gallery{i}"]}
-            for other, offset in utils.DISTRACTOR_OFFSETS_11K[aspect].items():
+            for other, offset in splits.DISTRACTOR_OFFSETS_11K[aspect].items():
                 expected |= {(str(int(label) + offset), source)
                              for _, label, source in manifests[other]["sets"][f"gallery{i}"]}
             assert {(label, source) for _, label, source in gallery_all} == expected
@@ -187,7 +187,7 @@ def test_gallery_all_composition(real_11k):
             own = {label for _, label, _ in manifest["sets"][f"query{i}"]}
             distractor_labels = {label for _, label, _ in gallery_all} - own
             assert all(int(label) >= 11_000_000 for label in distractor_labels)
-    assert sorted(utils.DISTRACTOR_OFFSETS_11K["palmar right"].items(), key=lambda kv: kv[1]) == [
+    assert sorted(splits.DISTRACTOR_OFFSETS_11K["palmar right"].items(), key=lambda kv: kv[1]) == [
         ("dorsal left", 11_000_000), ("dorsal right", 21_000_000), ("palmar left", 31_000_000)]
 
 
@@ -201,13 +201,13 @@ def test_splits_differ_between_monte_carlo_runs(real_11k):
 
 def test_same_seed_byte_identical_and_other_seed_differs(synth11k):
     prep11k.main(["--data_dir", synth11k, "--num_splits", "2", "--seed", "5"])
-    paths = [os.path.join(synth11k, root, utils.SPLITS_MANIFEST) for root in ROOTS_11K.values()]
+    paths = [os.path.join(synth11k, root, splits.SPLITS_MANIFEST) for root in ROOTS_11K.values()]
     first = [open(p, "rb").read() for p in paths]
     prep11k.main(["--data_dir", synth11k, "--num_splits", "2", "--seed", "5", "--force", "--link", "copy"])
     assert [open(p, "rb").read() for p in paths] == first
     prep11k.main(["--data_dir", synth11k, "--num_splits", "2", "--seed", "6", "--force"])
     assert [open(p, "rb").read() for p in paths] != first
-    config = json.load(open(os.path.join(synth11k, ROOTS_11K["dorsal right"], utils.PREPARE_CONFIG)))
+    config = json.load(open(os.path.join(synth11k, ROOTS_11K["dorsal right"], splits.PREPARE_CONFIG)))
     assert config["args"]["seed"] == 6 and config["link_used"] == "hardlink" and "git_commit" in config
 
 
@@ -229,7 +229,7 @@ def test_existing_output_needs_force(synth11k):
         prep11k.main(["--data_dir", synth11k, "--num_splits", "2"])
     assert os.path.exists(keep)
     prep11k.main(["--data_dir", synth11k, "--num_splits", "2", "--force"])
-    assert not os.path.exists(keep) and os.path.isfile(os.path.join(root, utils.SPLITS_MANIFEST))
+    assert not os.path.exists(keep) and os.path.isfile(os.path.join(root, splits.SPLITS_MANIFEST))
     assert leftovers(synth11k) == []
 
 
@@ -242,7 +242,7 @@ def test_failure_midway_leaves_no_partial_output(synth11k, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         shutil.copyfile(src, dst)
 
-    monkeypatch.setattr(utils.FileLinker, "__call__", failing_link)
+    monkeypatch.setattr(splits.FileLinker, "__call__", failing_link)
     with pytest.raises(OSError, match="No space"):
         prep11k.main(["--data_dir", synth11k, "--num_splits", "2"])
     assert leftovers(synth11k) == [] and not any(n.startswith("train_val") for n in os.listdir(synth11k))
@@ -262,12 +262,12 @@ def test_link_modes(synth_hd, monkeypatch, capsys):
     def refuse(src, dst):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(utils.os, "link", refuse)
+    monkeypatch.setattr(os, "link", refuse)
     capsys.readouterr()
     prephd.main(["--data_dir", synth_hd, "--num_splits", "1", "--force"])
     err = capsys.readouterr().err
     assert err.count("copying files instead") == 1
-    config = json.load(open(os.path.join(root, utils.PREPARE_CONFIG)))
+    config = json.load(open(os.path.join(root, splits.PREPARE_CONFIG)))
     assert config["args"]["link"] == "hardlink" and config["link_used"] == "copy"
 
 
@@ -280,7 +280,7 @@ def test_hd_splits_on_synthetic_data(synth_hd, capsys):
     sets = manifest["sets"]
     assert manifest["dataset"] == "HD" and manifest["gallery_variants"] == ["own"]
     assert not any(re.fullmatch(r"gallery\d+_all", name) for name in sets)
-    info = json.load(open(os.path.join(synth_hd, utils.SYNTHETIC_MARKER)))
+    info = json.load(open(os.path.join(synth_hd, synthetic.SYNTHETIC_MARKER)))
     distractors = {(str(int(name.split("_")[0]) + 1000), f"Original Images/502-712/{name}")
                    for name in os.listdir(os.path.join(synth_hd, "Original Images", "502-712"))}
     assert len({label for label, _ in distractors}) == len(info["ids"]["502-712"]) == 3
@@ -317,7 +317,7 @@ def rewrite_csv(data_dir, keep_row=lambda row: True, drop_column=None):
     path = os.path.join(data_dir, "HandInfo.csv")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    columns = [c for c in utils.HAND_INFO_COLUMNS if c != drop_column]
+    columns = [c for c in splits.HAND_INFO_COLUMNS if c != drop_column]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
@@ -364,9 +364,9 @@ def test_missing_image_errors_or_is_skipped(synth11k, capsys):
 
 
 def test_single_test_image_identity_is_an_error(synth11k):
-    info = json.load(open(os.path.join(synth11k, utils.SYNTHETIC_MARKER)))
+    info = json.load(open(os.path.join(synth11k, synthetic.SYNTHETIC_MARKER)))
     lonely = info["ids"]["palmar right"][-1]  # a test id (above the threshold)
-    assert int(lonely) > utils.LAST_TRAIN_ID_11K["palmar right"]
+    assert int(lonely) > splits.LAST_TRAIN_ID_11K["palmar right"]
     seen = []
 
     def keep(row):
@@ -384,7 +384,7 @@ def test_bad_values_name_the_line(synth11k):
     rows = rewrite_csv(synth11k)
     rows[3]["accessories"] = "yes"
     with open(os.path.join(synth11k, "HandInfo.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, utils.HAND_INFO_COLUMNS)
+        writer = csv.DictWriter(f, splits.HAND_INFO_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     with pytest.raises(SystemExit, match=r"HandInfo\.csv line 5"):
@@ -399,11 +399,11 @@ def test_synthetic_11k_format(synthetic_11k_source):
         rows = list(csv.DictReader(f, fieldnames=header.split(",")))
     with open(REAL_CSV, newline="") as f:
         assert header == f.readline().strip()
-    assert {r["aspectOfHand"] for r in rows} == set(utils.ASPECTS_11K)
+    assert {r["aspectOfHand"] for r in rows} == set(splits.ASPECTS_11K)
     assert {r["accessories"] for r in rows} == {"0", "1"}
     assert sum(r["accessories"] == "1" for r in rows) < sum(r["accessories"] == "0" for r in rows) / 3
     assert sum(r["id"] != r["id"].strip() for r in rows) == 1
-    for aspect, last in utils.LAST_TRAIN_ID_11K.items():
+    for aspect, last in splits.LAST_TRAIN_ID_11K.items():
         ids = {int(r["id"]) for r in rows if r["aspectOfHand"] == aspect}
         assert min(ids) <= last < max(ids)
     assert sorted(os.listdir(os.path.join(synthetic_11k_source, "Hands"))) == sorted(r["imageName"] for r in rows)
@@ -412,11 +412,11 @@ def test_synthetic_11k_format(synthetic_11k_source):
 def test_synthetic_11k_is_deterministic(tmp_path):
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     for root in (first, second):
-        utils.make_synthetic_11k(root, num_ids_per_aspect=4, images_per_id=(2, 2), seed=3)
+        synthetic.make_synthetic_11k(root, num_ids_per_aspect=4, images_per_id=(2, 2), seed=3)
     names = ["HandInfo.csv"] + [f"Hands/{n}" for n in sorted(os.listdir(os.path.join(first, "Hands")))]
     match, mismatch, errors = filecmp.cmpfiles(first, second, names, shallow=False)
     assert len(match) == len(names) > 30 and not mismatch and not errors
-    utils.make_synthetic_11k(second, num_ids_per_aspect=4, images_per_id=(2, 2), seed=4)  # replaces its own output
+    synthetic.make_synthetic_11k(second, num_ids_per_aspect=4, images_per_id=(2, 2), seed=4)  # replaces its own output
     assert not filecmp.cmp(os.path.join(first, "HandInfo.csv"), os.path.join(second, "HandInfo.csv"), shallow=False)
 
 
@@ -429,7 +429,7 @@ def test_synthetic_hd_tree(synthetic_hd_source):
 def test_synthetic_images_vary_within_and_between_identities(synthetic_11k_source):
     import numpy as np
     from PIL import Image
-    info = json.load(open(os.path.join(synthetic_11k_source, utils.SYNTHETIC_MARKER)))
+    info = json.load(open(os.path.join(synthetic_11k_source, synthetic.SYNTHETIC_MARKER)))
     assert info["image_size"] == [160, 120]
     with open(os.path.join(synthetic_11k_source, "HandInfo.csv"), newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["aspectOfHand"] == "dorsal right"]
@@ -444,5 +444,5 @@ def test_synthetic_refuses_real_data(tmp_path):
     real.mkdir()
     shutil.copyfile(REAL_CSV, real / "HandInfo.csv")
     with pytest.raises(FileExistsError, match="real data"):
-        utils.make_synthetic_11k(str(real), num_ids_per_aspect=4)
+        synthetic.make_synthetic_11k(str(real), num_ids_per_aspect=4)
     assert filecmp.cmp(real / "HandInfo.csv", REAL_CSV, shallow=False)

@@ -1,0 +1,303 @@
+"""Images and data sets: image loading, transforms, labelled data sets, the resized-image cache,
+identity-folder scanning, the epoch samplers and the DataLoader factory."""
+import json
+import os
+import random
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import ImageLoadError, TrainingInputError
+from .io import _atomic_write
+from .splits import IMAGE_EXTENSIONS
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+
+
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_image(path, size=None):
+    """Read `path` as an RGB PIL image resized (bicubic) to exactly size=(H, W); None keeps the size.
+    No centre crop: a crop cuts fingers off. JPEGs are decoded at the smallest DCT scale (1/8, 1/4,
+    1/2, 1) whose output is still at least H x W, which is several times faster for large photos."""
+    from PIL import Image
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as img:
+            if size is not None and img.format == "JPEG":
+                img.draft("RGB", (size[1], size[0]))
+            img = img.convert("RGB")  # decodes now, so truncated files fail here
+    except FileNotFoundError:
+        raise ImageLoadError(f"image file not found: {path}") from None
+    except Exception as e:
+        raise ImageLoadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    if size is not None and img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.BICUBIC)
+    return img
+
+
+def eval_transform(size, mean=CLIP_MEAN, std=CLIP_STD):
+    """Resize to exactly size=(H, W) (bicubic, a no-op for load_image output), to tensor, normalise."""
+    from torchvision import transforms
+    return transforms.Compose([
+        transforms.Resize(tuple(size), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """Images from a list of paths; items are (image tensor, index into `paths`)."""
+
+    def __init__(self, paths, size=(224, 224), transform=None):
+        self.paths = [os.fspath(p) for p in paths]
+        self.size = tuple(size)
+        self.transform = transform if transform is not None else eval_transform(self.size)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return self.transform(load_image(self.paths[index], self.size)), index
+
+
+def scan_identity_folder(split_dir):
+    """[(path, identity), ...] of `<split_dir>/<identity>/<file>`, sorted; empty identity folders
+    are skipped."""
+    if not os.path.isdir(split_dir):
+        raise TrainingInputError(f"{split_dir} does not exist: expected a folder of identity sub-folders "
+                                 f"(<split>/<identity>/<image>); run the prepare script first")
+    items = []
+    for identity in sorted(os.listdir(split_dir)):
+        folder = os.path.join(split_dir, identity)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                items.append((os.path.join(folder, name), identity))
+    return items
+
+
+def load_train_val(data_dir, train_all=False):
+    """Train and val sets of a split root. Returns {"train": [(path, label_index)], "val": [...],
+    "class_names": [identity folder of class 0, 1, ...], "train_split": "train" | "train_all"}.
+    Class indices follow the sorted train identity folders (like torchvision ImageFolder)."""
+    train_split = "train_all" if train_all else "train"
+    missing = [s for s in (train_split, "val") if not os.path.isdir(os.path.join(data_dir, s))]
+    if missing:
+        raise TrainingInputError(f"--data_dir {data_dir} has no {' or '.join(s + '/' for s in missing)} folder; "
+                                 f"point it at a split root written by prepare_train_val_test_11k_r_l.py or "
+                                 f"prepare_train_val_test_hd.py (e.g. 11k/train_val_test_split_dorsal_r)")
+    train = scan_identity_folder(os.path.join(data_dir, train_split))
+    val = scan_identity_folder(os.path.join(data_dir, "val"))
+    class_names = sorted({identity for _, identity in train})
+    if len(class_names) < 2:
+        raise TrainingInputError(f"{os.path.join(data_dir, train_split)} holds {len(class_names)} identity "
+                                 f"folder(s) with images; training needs at least 2 identities")
+    class_index = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted({identity for _, identity in val} - set(class_index))
+    if unknown:
+        raise TrainingInputError(f"val identities {unknown[:5]}{' ...' if len(unknown) > 5 else ''} of "
+                                 f"{os.path.join(data_dir, 'val')} have no folder in "
+                                 f"{os.path.join(data_dir, train_split)}; val must hold held-out images of "
+                                 f"training identities (re-run the prepare script)")
+    if not val:
+        raise TrainingInputError(f"{os.path.join(data_dir, 'val')} holds no images")
+    return {"train": [(p, class_index[i]) for p, i in train], "val": [(p, class_index[i]) for p, i in val],
+            "class_names": class_names, "train_split": train_split}
+
+
+def train_load_size(input_size):
+    """Size images are resized to before the random crop: 256 for a 224 input, scaled alike."""
+    return tuple(int(round(s * 256 / 224)) for s in input_size)
+
+
+def build_train_transform(input_size, color_jitter=False, erasing_p=0.0):
+    """Train augmentation on a PIL image already resized to train_load_size(input_size) (bicubic):
+    [color jitter], random crop to input_size, horizontal flip, CLIP mean/std, [random erasing]."""
+    import torchvision.transforms as T
+    ops = [T.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0)] if color_jitter else []
+    ops += [T.RandomCrop(tuple(input_size)), T.RandomHorizontalFlip(), T.ToTensor(),
+            T.Normalize(CLIP_MEAN, CLIP_STD)]
+    if erasing_p > 0:
+        ops.append(T.RandomErasing(p=erasing_p, scale=(0.02, 0.4), ratio=(0.3, 1 / 0.3), value=0))
+    return T.Compose(ops)
+
+
+class LabeledImageDataset(torch.utils.data.Dataset):
+    """(image tensor, label) from [(path, label)] items. Images are loaded resized to `size` (H, W)
+    with load_image, or read from a ResizedImageCache of the same items and size."""
+
+    def __init__(self, items, size, transform, cache=None):
+        self.paths = [p for p, _ in items]
+        self.labels = [int(label) for _, label in items]
+        self.size = tuple(size)
+        self.transform = transform
+        self.cache = cache
+        if cache is not None and (cache.paths != self.paths or cache.size != self.size):
+            raise ValueError("the resized-image cache was built for other images or another size")
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if self.cache is not None:
+            image = self.cache.image(index)
+        else:
+            image = load_image(self.paths[index], size=self.size)
+        return self.transform(image), self.labels[index]
+
+
+class ResizedImageCache:
+    """One-time cache of images decoded and resized (bicubic) to `size` (H, W), stored as one uint8
+    array (N, H, W, 3) in `cache_dir`; later runs memory-map it instead of decoding JPEGs. A cache
+    whose key (paths, file sizes and mtimes, size) differs is rebuilt."""
+
+    def __init__(self, paths, size, cache_dir, desc="caching resized images"):
+        self.paths = list(paths)
+        self.size = tuple(int(s) for s in size)
+        key_text = json.dumps([self.size, [(p, os.path.getsize(p), int(os.path.getmtime(p)))
+                                           for p in self.paths]])
+        import hashlib
+        digest = hashlib.sha1(key_text.encode()).hexdigest()[:16]
+        self.file = os.path.join(cache_dir, f"resized_{self.size[0]}x{self.size[1]}_{digest}.npy")
+        if not os.path.exists(self.file):
+            self._build(desc)
+        self._array = None
+
+    def _build(self, desc):
+        height, width = self.size
+        array = np.empty((len(self.paths), height, width, 3), dtype=np.uint8)
+        for i, path in enumerate(tqdm(self.paths, desc=desc, leave=False)):
+            array[i] = np.asarray(load_image(path, size=self.size), dtype=np.uint8)
+        _atomic_write(self.file, lambda f: np.save(f, array), mode="wb")
+
+    def image(self, index):
+        from PIL import Image
+        if self._array is None:  # opened lazily so DataLoader workers each map the file
+            self._array = np.load(self.file, mmap_mode="r")
+        return Image.fromarray(np.array(self._array[index]))
+
+    def __getstate__(self):
+        return dict(self.__dict__, _array=None)
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    def __init__(self, seed=0, rank=0, world_size=1):
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.epoch = 0
+        self._plan = None
+
+    def set_epoch(self, epoch):
+        if epoch != self.epoch:
+            self.epoch, self._plan = int(epoch), None
+
+    def rng(self):
+        return np.random.default_rng([self.seed, self.epoch])
+
+    def state_dict(self):
+        return {"seed": self.seed, "epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        self.seed = int(state["seed"])
+        self.set_epoch(int(state["epoch"]))
+        self._plan = None
+
+    def plan(self):
+        if self._plan is None:
+            self._plan = self.rank_share(self.global_batches())
+        return self._plan
+
+    def rank_share(self, batches):
+        """Whole batches, round-robin over ranks, the same number for every rank."""
+        per_rank = len(batches) // self.world_size
+        return [i for batch in batches[self.rank::self.world_size][:per_rank] for i in batch]
+
+    def __iter__(self):
+        return iter(self.plan())
+
+    def __len__(self):
+        return len(self.plan())
+
+
+class ShuffleSampler(_EpochSampler):
+    """Random order over all images, cut into full batches of batch_size per rank (the incomplete
+    rest is dropped, as in CLIP-HandID)."""
+
+    def __init__(self, num_items, batch_size, seed=0, rank=0, world_size=1):
+        super().__init__(seed, rank, world_size)
+        self.num_items, self.batch_size = int(num_items), int(batch_size)
+
+    def global_batches(self):
+        order = self.rng().permutation(self.num_items).tolist()
+        count = len(order) // self.batch_size
+        return [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(count)]
+
+
+class PKSampler(_EpochSampler):
+    """P identities x K instances per batch (torchreid's RandomIdentitySampler): each identity's
+    images are shuffled and cut into chunks of K; an identity with fewer than K images is filled up
+    by drawing its images again with replacement. Batches pick P identities at random among those
+    with chunks left, until fewer than P remain."""
+
+    def __init__(self, labels, batch_size, num_instances, seed=0, rank=0, world_size=1):
+        super().__init__(seed, rank, world_size)
+        if num_instances < 1 or batch_size % num_instances:
+            raise TrainingInputError(f"--batch_size {batch_size} must be a multiple of --num_instances "
+                                     f"{num_instances} for --sampler pk")
+        self.batch_size, self.num_instances = int(batch_size), int(num_instances)
+        self.num_ids_per_batch = batch_size // num_instances
+        self.index_by_label = {}
+        for index, label in enumerate(labels):
+            self.index_by_label.setdefault(int(label), []).append(index)
+        if len(self.index_by_label) < self.num_ids_per_batch:
+            raise TrainingInputError(
+                f"--sampler pk needs {self.num_ids_per_batch} identities per batch (--batch_size {batch_size} / "
+                f"--num_instances {num_instances}) but the training set has only {len(self.index_by_label)}")
+        self.rare_labels = sorted(lbl for lbl, idx in self.index_by_label.items() if len(idx) < num_instances)
+
+    def global_batches(self):
+        rng = self.rng()
+        chunks = {}
+        for label in sorted(self.index_by_label):
+            indices = np.array(self.index_by_label[label])
+            if len(indices) < self.num_instances:
+                indices = rng.choice(indices, self.num_instances, replace=True)
+            indices = rng.permutation(indices)
+            usable = len(indices) // self.num_instances * self.num_instances
+            chunks[label] = [indices[i:i + self.num_instances].tolist() for i in range(0, usable, self.num_instances)]
+        available = sorted(chunks)
+        batches = []
+        while len(available) >= self.num_ids_per_batch:
+            picked = rng.choice(len(available), self.num_ids_per_batch, replace=False)
+            batch = []
+            for label in [available[i] for i in sorted(picked)]:
+                batch += chunks[label].pop(0)
+                if not chunks[label]:
+                    available.remove(label)
+            batches.append(batch)
+        return batches
+
+
+def make_loader(dataset, batch_size, sampler=None, num_workers=0, seed=0, epoch=0, device="cpu",
+                drop_last=False):
+    """DataLoader whose worker seeds depend only on (seed, epoch): a resumed run augments alike."""
+    generator = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+        pin_memory=str(device).startswith("cuda"), drop_last=drop_last, generator=generator,
+        worker_init_fn=_seed_worker)
+
+
+def _seed_worker(worker_id):
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def epoch_seed(seed, epoch):
+    """Global RNG seed of an epoch, so augmentation in the main process is the same after resume."""
+    return (int(seed) * 100_003 + int(epoch) * 7919) % 2 ** 31

@@ -1,0 +1,23 @@
+"""The project's own error types. Scripts turn these (and clip's download and checkpoint errors)
+into one-line messages at their edge; any other exception is a bug and keeps its traceback."""
+
+
+class ClipFHError(Exception):
+    """Base class of every error the scripts report as one line."""
+
+
+class SplitInputError(ClipFHError, ValueError):
+    """Bad input to split preparation; the message names the file or flag to fix."""
+
+
+class ImageLoadError(ClipFHError, ValueError):
+    """An image that cannot be read. The message always names the file. It takes a single message
+    argument so that a DataLoader worker can re-raise it in the main process."""
+
+
+class TrainingInputError(ClipFHError, ValueError):
+    """Bad training input (data folder, flags, checkpoint); the message says what to fix."""
+
+
+class NonFiniteLossError(ClipFHError, RuntimeError):
+    """A NaN or inf loss; the message names the epoch and batch."""

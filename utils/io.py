@@ -1,0 +1,191 @@
+"""Run bookkeeping shared by every script: seeds, default device, common flags, AMP choice, git commit,
+atomic writes, run config, mean ± std and the one results-table / CSV formatter."""
+import datetime
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+from .errors import TrainingInputError
+
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_common_args(parser):
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", default=default_device(),
+                        help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda when available)")
+    return parser
+
+
+def set_seed(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR,
+                             capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip()
+        if out.returncode != 0 or not commit:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_DIR,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _current_umask():
+    mask = os.umask(0)  # the only way to read the umask is to set it
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path, write_fn, mode="w"):
+    """Write through `write_fn(file)` into a temporary file next to `path`, then rename it."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give them the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path, text):
+    _atomic_write(path, lambda f: f.write(text))
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def atomic_torch_save(obj, path):
+    _atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
+
+
+def atomic_savemat(path, mdict):
+    import scipy.io
+    _atomic_write(path, lambda f: scipy.io.savemat(f, mdict), mode="wb")
+
+
+def run_info():
+    return {"git_commit": git_commit(), "torch": torch.__version__, "python": sys.version.split()[0],
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv}
+
+
+def write_run_config(out_dir, args, extra=None, name="config.json"):
+    """Record every argument, the seed and the git commit of a run in `out_dir/name`."""
+    config = {"args": vars(args) if not isinstance(args, dict) else dict(args), **run_info()}
+    if extra:
+        config.update(extra)
+    atomic_write_json(os.path.join(out_dir, name), config)
+    return config
+
+
+def mean_std(values):
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=0)) if len(values) > 1 else 0.0
+
+
+def format_results_table(rows, title=None):
+    """Paper-style table. `rows`: list of (name, {"rank1": [...], "rank5": [...], "rank10": [...],
+    "mAP": [...]}) where each list holds one fraction per split; printed as mean ± std in percent."""
+    columns = [("Rank-1", "rank1"), ("Rank-5", "rank5"), ("Rank-10", "rank10"), ("mAP", "mAP")]
+    name_width = max([len("method")] + [len(name) for name, _ in rows])
+    cells = []
+    for name, metrics in rows:
+        row = []
+        for _, key in columns:
+            mean, std = mean_std(metrics[key])
+            row.append(f"{100 * mean:.2f} ± {100 * std:.2f}")
+        cells.append((name, row))
+    col_width = max([len(c) for _, row in cells for c in row] + [7])
+    lines = []
+    if title:
+        lines.append(title)
+    header = "method".ljust(name_width) + " | " + " | ".join(h.rjust(col_width) for h, _ in columns)
+    lines += [header, "-" * len(header)]
+    for name, row in cells:
+        lines.append(name.ljust(name_width) + " | " + " | ".join(c.rjust(col_width) for c in row))
+    return "\n".join(lines)
+
+
+def _metric_table(rows, columns):
+    """Plain-text table of mean ± std (percent) for extra metric columns [(header, key)]."""
+    cells = [(name, [f"{100 * m:.2f} ± {100 * s:.2f}" for m, s in (mean_std(metrics[key]) for _, key in columns)])
+             for name, metrics in rows]
+    name_width = max([len("method")] + [len(name) for name, _ in cells])
+    width = max([len(c) for _, row in cells for c in row] + [len(h) for h, _ in columns])
+    header = "method".ljust(name_width) + " | " + " | ".join(h.rjust(width) for h, _ in columns)
+    lines = [header, "-" * len(header)]
+    lines += [name.ljust(name_width) + " | " + " | ".join(c.rjust(width) for c in row) for name, row in cells]
+    return "\n".join(lines)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+AMP_CHOICES = ["none", "bf16", "fp16"]
+
+
+def resolve_amp(amp, device):
+    """None/"auto" -> bf16 on CUDA, none elsewhere."""
+    if amp in (None, "auto"):
+        return "bf16" if str(device).startswith("cuda") else "none"
+    if amp not in ("none", "bf16", "fp16"):
+        raise TrainingInputError(f"--amp must be none, bf16 or fp16, got {amp!r}")
+    return amp
+
+
+def autocast(amp, device):
+    device_type = torch.device(device).type
+    if amp == "none":
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=AMP_DTYPES[amp])
+
+
+def write_metrics_csv(path, rows):
+    """Rows (dicts) -> CSV, columns in first-seen order; written atomically."""
+    columns = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    lines = [",".join(columns)]
+    for row in rows:
+        lines.append(",".join(_csv_cell(row.get(c)) for c in columns))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _csv_cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def read_config(out_dir):
+    with open(os.path.join(out_dir, "config.json")) as f:
+        return json.load(f)

@@ -1,0 +1,333 @@
+"""The MBA-Net split protocol for 11k Hands and HD: constants, hold-out and Monte-Carlo
+query/gallery sets, the split manifest (splits.json) writer and its readers."""
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+
+from tqdm import tqdm
+
+from .errors import SplitInputError
+from .io import add_common_args, write_run_config
+
+
+HAND_INFO_COLUMNS = ("id", "age", "gender", "skinColor", "accessories", "nailPolish", "aspectOfHand",
+                     "imageName", "irregularities")
+
+
+ASPECTS_11K = ("dorsal right", "dorsal left", "palmar right", "palmar left")
+
+
+# Per aspect: the split-root folder suffix and the last (highest) id that goes to training.
+ASPECT_FOLDERS_11K = {"dorsal right": "dorsal_r", "dorsal left": "dorsal_l",
+                      "palmar right": "palmar_r", "palmar left": "palmar_l"}
+
+
+LAST_TRAIN_ID_11K = {"dorsal right": 1050, "dorsal left": 1037, "palmar right": 1051, "palmar left": 1042}
+
+
+# gallery{i}_all of a target aspect = its own gallery{i} plus the other aspects' gallery{i},
+# relabelled int(id) + offset so a distractor never shares a label with a query.
+DISTRACTOR_OFFSETS_11K = {
+    "dorsal right": {"dorsal left": 11_000_000, "palmar right": 21_000_000, "palmar left": 31_000_000},
+    "dorsal left": {"dorsal right": 11_000_000, "palmar right": 21_000_000, "palmar left": 31_000_000},
+    "palmar right": {"dorsal left": 11_000_000, "dorsal right": 21_000_000, "palmar left": 31_000_000},
+    "palmar left": {"palmar right": 11_000_000, "dorsal right": 21_000_000, "dorsal left": 31_000_000},
+}
+
+
+HD_IMAGE_DIR = "Original Images"
+
+
+HD_SUBJECT_FOLDER = "1-501"
+
+
+HD_DISTRACTOR_FOLDER = "502-712"
+
+
+HD_LAST_TRAIN_ID = 447
+
+
+HD_DISTRACTOR_OFFSET = 1000
+
+
+SPLITS_MANIFEST = "splits.json"
+
+
+PREPARE_CONFIG = "prepare_config.json"
+
+
+def hold_out_one(images_by_id, rng, kind, origin):
+    """For every identity (sorted) move one uniformly chosen image out of its sorted list.
+    Returns (rest_by_id, held_by_id). An identity with a single image cannot keep any rest."""
+    rest, held = {}, {}
+    for label in sorted(images_by_id):
+        files = sorted(images_by_id[label])
+        if len(files) < 2:
+            raise SplitInputError(
+                f"identity '{label}' has a single {kind} image ({files[0] if files else 'none'}) in {origin}; "
+                f"it cannot give both a {'val and a train' if kind == 'train' else 'gallery and a query'} "
+                f"image. Remove the identity from {origin} or add images of it.")
+        pick = int(rng.integers(len(files)))
+        held[label] = [files[pick]]
+        rest[label] = files[:pick] + files[pick + 1:]
+    return rest, held
+
+
+def flatten_by_id(images_by_id):
+    """{label: [source, ...]} -> sorted [(label, source), ...]."""
+    return sorted((label, source) for label, files in images_by_id.items() for source in files)
+
+
+def make_split_sets(train_by_id, test_by_id, num_splits, rng, origin):
+    """MBA-Net sets from {label: [source]} dicts: train_all, train + val (one image per train id),
+    test, and for i < num_splits query{i} + gallery{i} (one image per test id).
+    `rng` is a numpy Generator; val is drawn first, then the galleries split by split, so the first
+    k splits do not depend on num_splits."""
+    if num_splits < 1:
+        raise SplitInputError(f"--num_splits must be at least 1, got {num_splits}")
+    train, val = hold_out_one(train_by_id, rng, "train", origin)
+    sets = {"train_all": flatten_by_id(train_by_id), "train": flatten_by_id(train),
+            "val": flatten_by_id(val), "test": flatten_by_id(test_by_id)}
+    for i in range(num_splits):
+        query, gallery = hold_out_one(test_by_id, rng, "test", origin)
+        sets[f"query{i}"] = flatten_by_id(query)
+        sets[f"gallery{i}"] = flatten_by_id(gallery)
+    return sets
+
+
+def relabel(entries, offset):
+    """Distractor labels: str(int(label) + offset)."""
+    return [(str(int(label) + offset), source) for label, source in entries]
+
+
+def split_by_last_train_id(images_by_id, last_train_id):
+    train = {label: files for label, files in images_by_id.items() if int(label) <= last_train_id}
+    test = {label: files for label, files in images_by_id.items() if int(label) > last_train_id}
+    return train, test
+
+
+def split_manifest(sets, **header):
+    """splits.json content: header fields plus "sets" {name: [[relpath, label, source], ...]} where
+    relpath = "<name>/<label>/<file name>" inside the split root and source is relative to data_dir."""
+    manifest = dict(header)
+    manifest["sets"] = {}
+    for name, entries in sets.items():
+        rows = sorted([f"{name}/{label}/{source.rsplit('/', 1)[-1]}", label, source] for label, source in entries)
+        for a, b in zip(rows, rows[1:]):
+            if a[0] == b[0]:
+                raise SplitInputError(f"two images map to the same file {a[0]}: {a[2]} and {b[2]}")
+        manifest["sets"][name] = rows
+    return manifest
+
+
+def manifest_text(manifest):
+    """splits.json text: the header fields indented, then one line per [relpath, label, source] row.
+    Deterministic: keys sorted, sets sorted by name, no timestamps."""
+    header = json.dumps({k: v for k, v in manifest.items() if k != "sets"}, indent=1, sort_keys=True)
+    blocks = []
+    for name in sorted(manifest["sets"]):
+        rows = ",\n".join("   " + json.dumps(row) for row in manifest["sets"][name])
+        blocks.append(f"  {json.dumps(name)}: [\n{rows}\n  ]" if rows else f"  {json.dumps(name)}: []")
+    return header[:-2] + ',\n "sets": {\n' + ",\n".join(blocks) + "\n }\n}\n"
+
+
+class FileLinker:
+    """Puts a source image at a destination path as a copy, hard link or relative symlink.
+    Hard links fall back to copies (once, with a message) where the filesystem refuses them."""
+
+    def __init__(self, mode="hardlink"):
+        if mode not in ("copy", "hardlink", "symlink"):
+            raise SplitInputError(f"--link must be copy, hardlink or symlink, got {mode!r}")
+        self.mode = mode
+
+    def __call__(self, src, dst):
+        if self.mode == "hardlink":
+            try:
+                os.link(src, dst)
+                return
+            except (FileNotFoundError, FileExistsError):
+                raise
+            except OSError as e:
+                print(f"note: cannot hard-link {src} ({e.strerror}); copying files instead "
+                      f"(pass --link symlink to save space)", file=sys.stderr)
+                self.mode = "copy"
+        if self.mode == "symlink":
+            os.symlink(os.path.relpath(os.path.abspath(src), os.path.dirname(os.path.abspath(dst))), dst)
+        else:
+            shutil.copyfile(src, dst)
+
+
+def split_script_parser(doc, data_dir, data_dir_help, force_help):
+    """The command line shared by the prepare_train_val_test_* scripts."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--data_dir", default=data_dir, help=data_dir_help)
+    parser.add_argument("--num_splits", type=int, default=10, help="number of query/gallery splits (default 10)")
+    parser.add_argument("--link", choices=["copy", "hardlink", "symlink"], default="hardlink",
+                        help="how split folders refer to the images (default hardlink; copies where "
+                             "the filesystem refuses hard links)")
+    parser.add_argument("--force", action="store_true", help=force_help)
+    add_common_args(parser)
+    return parser
+
+
+def check_split_roots_free(paths, force):
+    """Refuse before doing any work when an output split root exists and --force is not given."""
+    for path in paths:
+        if os.path.lexists(path) and not force:
+            raise SplitInputError(f"{path} already exists; pass --force to replace it "
+                                  f"(it is left untouched otherwise)")
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise SplitInputError(f"{path} exists and is not a folder; remove it by hand")
+
+
+def write_split_root(data_dir, root_name, manifest, linker, args, extra=None, desc=None):
+    """Build <data_dir>/<root_name> (folders <set>/<label>/<file>, splits.json, prepare_config.json)
+    under a temporary name and rename it into place when complete (replacing an old one with --force)."""
+    final = os.path.join(data_dir, root_name)
+    tmp = os.path.join(data_dir, f".{root_name}.tmp-{os.getpid()}")  # mkdtemp would make it private (0700)
+    if os.path.lexists(tmp):
+        shutil.rmtree(tmp)
+    os.mkdir(tmp)
+    try:
+        jobs = [(row[0], row[2]) for rows in manifest["sets"].values() for row in rows]
+        for folder in sorted({relpath.rsplit("/", 1)[0] for relpath, _ in jobs}):
+            os.makedirs(os.path.join(tmp, folder), exist_ok=True)
+        for relpath, source in tqdm(jobs, desc=desc or root_name, unit="file", leave=False,
+                                    disable=len(jobs) < 2000 or not sys.stderr.isatty()):
+            linker(data_dir + os.sep + source, tmp + os.sep + relpath)
+        with open(os.path.join(tmp, SPLITS_MANIFEST), "w") as f:  # the folder itself is the temporary
+            f.write(manifest_text(manifest))
+        write_run_config(tmp, args, extra={"link_used": linker.mode, **(extra or {})}, name=PREPARE_CONFIG)
+        if os.path.lexists(final):
+            if not getattr(args, "force", False):
+                raise SplitInputError(f"{final} already exists; pass --force to replace it")
+            old = os.path.join(data_dir, f".{root_name}.old-{os.getpid()}")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def split_counts(sets):
+    """Counts for the table: ids and images per set; query/gallery sizes over the splits."""
+    def ids(name):
+        return len({label for label, _ in sets[name]})
+
+    def sizes(prefix, suffix=""):
+        names = [n for n in sets if re.fullmatch(rf"{prefix}\d+{suffix}", n)]
+        values = sorted({len(sets[n]) for n in names})
+        if not values:
+            return "-"
+        return values[0] if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+    return {"train ids": ids("train_all"), "train_all imgs": len(sets["train_all"]),
+            "train imgs": len(sets["train"]), "val imgs": len(sets["val"]), "test ids": ids("test"),
+            "test imgs": len(sets["test"]), "query{i}": sizes("query"), "gallery{i}": sizes("gallery"),
+            "gallery{i}_all": sizes("gallery", "_all")}
+
+
+def format_split_counts(counts_by_name, first_column="aspect"):
+    """Plain-text table from {row name: split_counts(...)}."""
+    columns = [first_column] + list(next(iter(counts_by_name.values())))
+    rows = [[name] + [str(v) for v in counts.values()] for name, counts in counts_by_name.items()]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(columns, *rows)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+GALLERY_VARIANTS = ("own", "all")
+
+
+def gallery_set_name(split, variant):
+    """'own' -> gallery{i} (this aspect's identities); 'all' -> gallery{i}_all (plus distractors)."""
+    return f"gallery{split}" if variant == "own" else f"gallery{split}_all"
+
+
+def result_mat_name(split, variant):
+    return f"result_split{split}.mat" if variant == "own" else f"result_split{split}_all.mat"
+
+
+def _read_manifest(test_dir):
+    path = os.path.join(test_dir, "splits.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read split manifest {path}: {e}") from e
+    if not isinstance(manifest.get("sets"), dict):
+        raise ValueError(f"split manifest {path} has no 'sets'; re-run the prepare script")
+    return manifest
+
+
+def read_split_layout(test_dir):
+    """How many query/gallery splits `test_dir` holds and which gallery variants, from splits.json
+    when present, else from the folder names. Returns {"dataset", "num_splits", "gallery_variants",
+    "manifest": bool}."""
+    if not os.path.isdir(test_dir):
+        raise ValueError(f"--test_dir {test_dir} is not a folder; point it at a split root made by a "
+                         f"prepare_train_val_test_*.py script (it holds query0/, gallery0/, ...)")
+    manifest = _read_manifest(test_dir)
+    names = set(manifest["sets"]) if manifest else {
+        n for n in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, n))}
+    num_splits = 0
+    while f"query{num_splits}" in names and f"gallery{num_splits}" in names:
+        num_splits += 1
+    if num_splits == 0:
+        raise ValueError(f"{test_dir} has no query0/ and gallery0/ " + ("sets in splits.json" if manifest
+                         else "folders") + "; is it a split root made by a prepare script?")
+    if manifest and manifest.get("gallery_variants"):
+        variants = [v for v in GALLERY_VARIANTS if v in manifest["gallery_variants"]]
+    else:
+        has_all = all(gallery_set_name(i, "all") in names for i in range(num_splits))
+        variants = ["own", "all"] if has_all else ["own"]
+    dataset = (manifest or {}).get("dataset") or ("11k" if "all" in variants else "unknown")
+    return {"dataset": dataset, "num_splits": num_splits, "gallery_variants": variants,
+            "manifest": manifest is not None}
+
+
+def read_split_sets(test_dir, split_names):
+    """{name: [(path, label, key), ...]} for the named sets of a split root. From splits.json when
+    present (key = the image's `source`, so the copies of one image in different sets share a key);
+    else from the folders <test_dir>/<name>/<label>/<file> (key = label/file name/size). Paths are
+    absolute, so result files stay usable from any working directory."""
+    test_dir = os.path.abspath(test_dir)
+    manifest = _read_manifest(test_dir)
+    sets = {}
+    for name in split_names:
+        if manifest is not None:
+            if name not in manifest["sets"]:
+                raise ValueError(f"{os.path.join(test_dir, 'splits.json')} has no set '{name}'")
+            sets[name] = [(os.path.join(test_dir, *relpath.split("/")), str(label), "source:" + source)
+                          for relpath, label, source in manifest["sets"][name]]
+            continue
+        folder = os.path.join(test_dir, name)
+        if not os.path.isdir(folder):
+            raise ValueError(f"split folder {folder} is missing")
+        entries = []
+        for label in sorted(os.listdir(folder)):
+            label_dir = os.path.join(folder, label)
+            if not os.path.isdir(label_dir):
+                continue
+            for file in sorted(os.listdir(label_dir)):
+                if file.lower().endswith(IMAGE_EXTENSIONS):
+                    path = os.path.join(label_dir, file)
+                    entries.append((path, label, f"file:{label}/{file}/{os.path.getsize(path)}"))
+        if not entries:
+            raise ValueError(f"split folder {folder} holds no images (expected {folder}/<identity>/<image>)")
+        sets[name] = entries
+    return sets
