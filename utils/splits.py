@@ -260,17 +260,19 @@ def result_mat_name(split, variant):
     return f"result_split{split}.mat" if variant == "own" else f"result_split{split}_all.mat"
 
 
-def _read_manifest(test_dir):
-    path = os.path.join(test_dir, "splits.json")
+def read_manifest(split_root):
+    """The split manifest (splits.json) of a split root as a dict, or None when the root has none
+    (folders made by hand). The one reader of splits.json: every script and module goes through it."""
+    path = os.path.join(split_root, SPLITS_MANIFEST)
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read split manifest {path}: {e}") from e
-    if not isinstance(manifest.get("sets"), dict):
-        raise ValueError(f"split manifest {path} has no 'sets'; re-run the prepare script")
+        raise SplitInputError(f"cannot read split manifest {path}: {e}; re-run the prepare script") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sets"), dict):
+        raise SplitInputError(f"split manifest {path} has no 'sets'; re-run the prepare script")
     return manifest
 
 
@@ -281,7 +283,7 @@ def read_split_layout(test_dir):
     if not os.path.isdir(test_dir):
         raise ValueError(f"--test_dir {test_dir} is not a folder; point it at a split root made by a "
                          f"prepare_train_val_test_*.py script (it holds query0/, gallery0/, ...)")
-    manifest = _read_manifest(test_dir)
+    manifest = read_manifest(test_dir)
     names = set(manifest["sets"]) if manifest else {
         n for n in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, n))}
     num_splits = 0
@@ -306,7 +308,7 @@ def read_split_sets(test_dir, split_names):
     else from the folders <test_dir>/<name>/<label>/<file> (key = label/file name/size). Paths are
     absolute, so result files stay usable from any working directory."""
     test_dir = os.path.abspath(test_dir)
-    manifest = _read_manifest(test_dir)
+    manifest = read_manifest(test_dir)
     sets = {}
     for name in split_names:
         if manifest is not None:
