@@ -120,7 +120,7 @@ def load_trained_model(run_dir, which_epoch="best", device="cpu"):
 
 # ---- backbones ----
 
-def backbone_spec(name, input_size=(224, 224), patch_stride=16, last_stride=1):
+def backbone_spec(name, input_size=(224, 224), patch_stride=None, last_stride=1):
     """How to build a backbone: the `clip.load` name or checkpoint path and the input geometry.
     patch_stride applies to ViTs only, last_stride to ResNets only (1: layer4 at 1/16 of the input,
     as in CLIP-HandID). load_backbone fills "arch" (the CLIP constructor arguments) so the model
@@ -161,10 +161,12 @@ def load_clip_model(spec, weights="pretrained", download_root=None, text_tower=T
     elif not spec.get("arch"):
         raise ValueError(f"backbone '{spec['name']}' has no recorded architecture ('arch'); cannot "
                          f"rebuild it without its pretrained weights")
-    geometry = _geometry(spec, spec["arch"])
     arch = dict(spec["arch"])
     if is_resnet_arch(arch):
         arch["vision_layers"] = tuple(arch["vision_layers"])
+    elif spec["patch_stride"] is None:  # no --stride: the backbone's own patch size, no overlap
+        spec["patch_stride"] = int(arch["vision_patch_size"])
+    geometry = _geometry(spec, spec["arch"])
     if weights == "empty":
         with torch.device("meta"):
             model = CLIP(**arch, **geometry)
@@ -200,6 +202,8 @@ def resumed_run(out_dir, args, class_names, where):
     config = io.read_config(out_dir)
     spec = config["model"]["backbone"]
     wanted = backbone_spec(args.backbone_name, args.input_size, args.stride, args.last_stride)
+    if wanted["patch_stride"] is None:  # no --stride given: the run's own
+        wanted["patch_stride"] = spec["patch_stride"]
     if spec["name"] != wanted["name"] or backbone_signature(dict(spec, arch=None)) != backbone_signature(wanted):
         raise ValueError(f"{where} was trained with backbone {describe_backbone(spec)} but this command asks for "
                          f"{describe_backbone(wanted)}; resume with the run's own settings or start a new --m_name")
@@ -626,21 +630,22 @@ class CrossAttention(nn.Module):
         batch, length, width = x.shape
         return x.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
 
-    def forward(self, queries, keys_values, return_weights=False):
+    def forward(self, queries, keys_values):
+        """(output (N, Lq, D), attention weights averaged over the heads (N, Lq, Lk))."""
         q = self.split_heads(self.q_proj(queries))
         k = self.split_heads(self.k_proj(keys_values))
         v = self.split_heads(self.v_proj(keys_values))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-        if not return_weights:
-            return self.out_proj(out)
-        weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1).mean(dim=1)
-        return self.out_proj(out), weights
+        weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)
+        out = (weights @ v).transpose(1, 2).flatten(2)
+        return self.out_proj(out), weights.mean(dim=1)
 
 
 class MultimodalInteraction(nn.Module):
-    """Text feature (query) attends over visual tokens (keys/values: global + patch tokens), with a
-    residual; then `num_blocks` pre-LN transformer blocks. Returns the language-guided visual
-    feature (N, width)."""
+    """PromptSG's multimodal interaction module (Yang et al., CVPR 2024, Fig. 3). The text feature
+    (query) attends over the visual tokens [global, patches] (keys/values); the attention map
+    re-weights the tokens (x L, so a uniform map leaves them as they are); `num_blocks` pre-LN
+    transformer blocks run over [attended text token, re-weighted visual tokens]; the output
+    (N, width) is that sequence average-pooled after ln_post."""
 
     def __init__(self, width, heads, num_blocks=2):
         super().__init__()
@@ -652,9 +657,10 @@ class MultimodalInteraction(nn.Module):
 
     def forward(self, text_feature, visual_tokens, return_weights=False):
         query = text_feature[:, None].to(visual_tokens.dtype)
-        attended = self.cross_attn(self.ln_query(query), self.ln_tokens(visual_tokens), return_weights)
-        attended, weights = attended if return_weights else (attended, None)
-        fused = self.ln_post(self.blocks(query + attended))[:, 0]
+        attended, weights = self.cross_attn(self.ln_query(query), self.ln_tokens(visual_tokens))
+        reweighted = visual_tokens * (visual_tokens.shape[1] * weights[:, 0, :, None])
+        sequence = torch.cat([query + attended, reweighted], dim=1)
+        fused = self.ln_post(self.blocks(sequence)).mean(dim=1)
         return (fused, weights) if return_weights else fused
 
 

@@ -503,7 +503,7 @@ def run_stage2(args, run, model, text_features, train_set, sampler, val_sets, lo
                                                                          args.bias_lr_factor),
                                      args.lr, args.weight_decay)
     scheduler = training.WarmupMultiStepLR(optimizer, args.milestones, args.gamma, args.warmup_epochs,
-                                        args.warmup_factor)
+                                        args.warmup_factor, first_epoch=1)
     scaler = training.make_grad_scaler(amp, device)
 
     history, best, start_epoch = [], None, 0

@@ -106,8 +106,10 @@ def write_run_config(out_dir, args, extra=None, name="config.json"):
 
 
 def mean_std(values):
+    """Mean and sample standard deviation (ddof 1: the splits are a sample of possible splits);
+    the std is 0.0 for a single value."""
     values = np.asarray(values, dtype=np.float64)
-    return float(values.mean()), float(values.std(ddof=0)) if len(values) > 1 else 0.0
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def format_results_table(rows, title=None):

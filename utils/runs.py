@@ -160,7 +160,8 @@ def add_input_args(parser, erasing_p=0.0, cache_root="<data_dir>", color_jitter=
         group.add_argument("--color_jitter", action="store_true")
     group.add_argument("--erasing_p", type=float, default=erasing_p, help="random erasing probability")
     group.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
-    group.add_argument("--stride", type=int, default=16, help="ViT patch stride (< patch size: overlapping patches)")
+    group.add_argument("--stride", type=int, default=None,
+                       help="ViT patch stride; default: the backbone's own patch size (smaller: overlapping patches)")
     group.add_argument("--last_stride", type=int, default=1, choices=[1, 2],
                        help="ResNet layer4 stride (1 as in CLIP-HandID: 14x14 map at 224)")
     group.add_argument("--cache_resized", nargs="?", const="", default=None, metavar="DIR",
@@ -199,7 +200,7 @@ def common_arg_problems(args):
         problems.append(f"--erasing_p must be in [0, 1], got {args.erasing_p}")
     if args.save_every < 0 or args.warmup_epochs < 0 or args.grad_clip < 0:
         problems.append("--save_every, --warmup_epochs and --grad_clip must not be negative")
-    if min(args.input_size) < 1 or args.stride < 1:
+    if min(args.input_size) < 1 or (args.stride is not None and args.stride < 1):
         problems.append(f"--input_size and --stride must be positive, got {args.input_size} and {args.stride}")
     return problems
 

@@ -1,0 +1,152 @@
+"""Numbers that sit next to the published tables: every released patch size trains with default
+flags, CLIP-ReID's schedules step as the reference does, the ± over splits is a sample std."""
+import bisect
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import clip
+import train_clipreid
+import train_finetune
+import train_promptsg
+from utils import io
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+QUIET = ["--num_workers", "0", "--no-progress", "--device", "cpu", "--seed", "0"]
+TRAINERS = {"finetune": train_finetune, "clipreid": train_clipreid, "promptsg": train_promptsg}
+# one short epoch each (no --stride: the default is under test)
+SHORT = {"finetune": ["--epochs", "1", "--batch_size", "16"],
+         "clipreid": ["--stage1_epochs", "1", "--stage1_batch_size", "16", "--epochs", "1", "--batch_size", "16"],
+         "promptsg": ["--epochs", "1", "--batch_size", "16"]}
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def geometry_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("geometry_ckpts")
+    return {kind: clip.save_tiny_checkpoint(root / f"{kind}.pt", kind=kind) for kind in ("vit-b32", "vit-l14")}
+
+
+@pytest.mark.parametrize("method", list(TRAINERS))
+@pytest.mark.parametrize("kind, patch", [("vit-b32", 32), ("vit-l14", 14)])
+def test_patch_14_and_32_train_with_default_flags_without_overlap(method, kind, patch, geometry_checkpoints,
+                                                                  hand_data, tmp_path):
+    input_size = 2 * patch  # a 2 x 2 grid: fast, and any stride below the patch would give more tokens
+    result = TRAINERS[method].main(["--data_dir", hand_data, "--f_name", str(tmp_path), "--m_name", method,
+                                    "--backbone_name", geometry_checkpoints[kind], "--input_size", str(input_size),
+                                    str(input_size), "--no-final_test", *QUIET, *SHORT[method]])
+    with open(os.path.join(result["out_dir"], "config.json")) as f:
+        spec = json.load(f)["model"]["backbone"]
+    assert spec["patch_stride"] == patch  # the backbone's own patch size, not 16
+    rows = read_csv(os.path.join(result["out_dir"], "metrics.csv"))
+    assert len(rows) == 1 and math.isfinite(float(rows[0]["loss"]))
+
+
+def test_explicit_stride_still_gives_overlap(geometry_checkpoints, hand_data, tmp_path):
+    result = train_finetune.main(["--data_dir", hand_data, "--f_name", str(tmp_path), "--m_name", "olp",
+                                  "--backbone_name", geometry_checkpoints["vit-b32"], "--input_size", "64", "64",
+                                  "--stride", "16", "--no-final_test", *QUIET, *SHORT["finetune"]])
+    with open(os.path.join(result["out_dir"], "config.json")) as f:
+        assert json.load(f)["model"]["backbone"]["patch_stride"] == 16
+
+
+# ---- CLIP-ReID's schedules, epoch by epoch, against the reference formulas ------------------------------
+
+def reference_stage2_lr(epoch, base, warmup_epochs, warmup_factor, milestones, gamma):
+    """CLIP-ReID's WarmupMultiStepLR at scheduler.step(epoch) called at the start of epoch 1, 2, ..."""
+    if epoch < warmup_epochs:
+        factor = warmup_factor * (1 - epoch / warmup_epochs) + epoch / warmup_epochs
+    else:
+        factor = 1.0
+    return base * factor * gamma ** bisect.bisect_right(milestones, epoch)
+
+
+def reference_stage1_lr(epoch, base, epochs, warmup_epochs, warmup_lr, min_lr):
+    """timm CosineLRScheduler(t_initial=epochs, warmup_t, warmup_lr_init, lr_min) at t = epoch."""
+    if epoch < warmup_epochs:
+        return warmup_lr + epoch * (base - warmup_lr) / warmup_epochs
+    if epoch >= epochs:
+        return min_lr
+    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def test_stage2_schedule_of_every_epoch_matches_the_reference():
+    import torch
+    from utils import training
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=5e-6)
+    scheduler = training.WarmupMultiStepLR(optimizer, [30, 50], 0.1, 10, 0.1, first_epoch=1)
+    for epoch in range(1, 61):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(
+            reference_stage2_lr(epoch, 5e-6, 10, 0.1, [30, 50], 0.1), rel=1e-12), epoch
+        optimizer.step()
+        scheduler.step()
+    # the issue's figures: epoch 1 at 5e-6 x (0.1 + 0.9 / 10), x 0.1 from epoch 30
+    assert reference_stage2_lr(1, 5e-6, 10, 0.1, [30, 50], 0.1) == pytest.approx(9.5e-7)
+    assert reference_stage2_lr(30, 5e-6, 10, 0.1, [30, 50], 0.1) == pytest.approx(5e-7)
+    assert reference_stage2_lr(29, 5e-6, 10, 0.1, [30, 50], 0.1) == pytest.approx(5e-6)
+
+
+def test_clipreid_trainer_lr_of_every_epoch_of_both_stages(hand_data, tiny_vit_checkpoint, tmp_path):
+    # warm-up, milestone and the end of the cosine all fall inside four epochs per stage
+    flags = dict(stage1=dict(epochs=4, warmup_epochs=2, warmup_lr=1e-5, min_lr=1e-6, base=3.5e-4),
+                 stage2=dict(base=5e-6, warmup_epochs=2, warmup_factor=0.1, milestones=[3], gamma=0.1))
+    result = train_clipreid.main([
+        "--data_dir", hand_data, "--f_name", str(tmp_path), "--m_name", "lr", "--backbone_name", tiny_vit_checkpoint,
+        "--input_size", "32", "32", "--no-final_test", *QUIET, "--stage1_batch_size", "16", "--batch_size", "16",
+        "--stage1_epochs", "4", "--stage1_warmup_epochs", "2", "--stage1_warmup_lr", "1e-5", "--stage1_min_lr",
+        "1e-6", "--stage1_lr", "3.5e-4", "--epochs", "4", "--lr", "5e-6", "--warmup_epochs", "2", "--warmup_factor",
+        "0.1", "--milestones", "3", "--gamma", "0.1"])
+    stage1 = read_csv(os.path.join(result["out_dir"], "stage1_metrics.csv"))
+    stage2 = read_csv(os.path.join(result["out_dir"], "metrics.csv"))
+    s1, s2 = flags["stage1"], flags["stage2"]
+    assert [float(r["lr"]) for r in stage1] == pytest.approx(
+        [reference_stage1_lr(n, s1["base"], s1["epochs"], s1["warmup_epochs"], s1["warmup_lr"], s1["min_lr"])
+         for n in range(1, 5)], rel=1e-4)
+    assert [float(r["lr"]) for r in stage2] == pytest.approx(
+        [reference_stage2_lr(n, s2["base"], s2["warmup_epochs"], s2["warmup_factor"], s2["milestones"], s2["gamma"])
+         for n in range(1, 5)], rel=1e-4)
+
+
+# ---- mean ± std over splits ----------------------------------------------------------------------------
+
+def test_std_over_splits_is_the_sample_std():
+    values = [0.5, 0.7, 0.9]
+    mean, std = io.mean_std(values)
+    assert mean == pytest.approx(0.7) and std == pytest.approx(np.std(values, ddof=1)) and std == pytest.approx(0.2)
+    assert io.mean_std([0.4]) == (0.4, 0.0)
+
+
+# ---- PromptSG's interaction module as the paper draws it --------------------------------------------------
+
+def test_promptsg_blocks_run_over_the_visual_token_sequence():
+    import torch
+    import models
+    torch.manual_seed(0)
+    module = models.MultimodalInteraction(width=64, heads=2, num_blocks=2)
+    text = torch.randn(3, 64)
+    tokens = torch.randn(3, 5, 64, requires_grad=True)
+    fused, weights = module(text, tokens, return_weights=True)
+    assert fused.shape == (3, 64) and weights.shape == (3, 1, 5)
+    fused.square().sum().backward()
+    # self-attention over one token would be the identity: its query/key weights would get no gradient
+    for block in module.blocks:
+        q_grad, k_grad = block.attn.in_proj_weight.grad[:128].chunk(2)
+        assert q_grad.abs().max() > 0 and k_grad.abs().max() > 0
+    assert module.cross_attn.q_proj.weight.grad.abs().max() > 0
+    assert module.cross_attn.k_proj.weight.grad.abs().max() > 0
+    # the output depends on every visual token
+    assert (tokens.grad.abs().amax(dim=2) > 0).all()
+    with torch.no_grad():
+        for index in range(5):
+            moved = tokens.detach().clone()
+            moved[:, index] += torch.randn(64)
+            assert (module(text, moved) - fused).abs().max() > 1e-3, index
