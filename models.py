@@ -428,6 +428,7 @@ class PromptTextEncoder(nn.Module):
         clip_model.visual = None
         self.clip_model = freeze(clip_model).eval()
         self.full_length = full_length
+        clip.check_tokenizer(clip_model, clip_model.context_length)
         self.prompt_learner = PromptLearner(num_classes, template, clip_model.token_embedding,
                                             clip_model.context_length, full_length)
 
@@ -678,6 +679,7 @@ class PromptSGModel(nn.Module):
     def __init__(self, clip_model, num_classes, prompt_template=PROMPTSG_TEMPLATE,
                  fixed_prompt=PROMPTSG_FIXED_PROMPT, feature="fused", inference_prompt="fixed", num_blocks=2):
         super().__init__()
+        clip.check_tokenizer(clip_model, clip_model.context_length)
         self.visual = clip_model.visual
         del clip_model.visual  # what remains is the text tower; CLIP.encode_text_embeddings runs on it
         self.text = clip_model.requires_grad_(False)

@@ -580,8 +580,8 @@ def train(args, dist_info):
         if prompts["template"] != args.prompt_template:
             args.prompt_template = prompts["template"]  # recorded in config.json as used
     log = runs.open_run_folder(out_dir, args, dist_info, RUN_FILES)
-    io.set_seed(args.seed)
-    if device.startswith("cuda"):
+    io.set_seed(args.seed, args.deterministic)
+    if device.startswith("cuda") and not args.deterministic:
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
 
     # the image encoder (and the text tower when prompts must be learned or read)

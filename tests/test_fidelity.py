@@ -150,3 +150,106 @@ def test_promptsg_blocks_run_over_the_visual_token_sequence():
             moved = tokens.detach().clone()
             moved[:, index] += torch.randn(64)
             assert (module(text, moved) - fused).abs().max() > 1e-3, index
+
+
+# ---- protocols by name ------------------------------------------------------------------------------------
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_protocol_settings_and_explicit_flags_win():
+    from utils import protocols
+    handid = protocols.settings("clip-handid", "finetune")
+    assert (handid["flip"], handid["feature"], handid["amp"], handid["gallery"], handid["mAP"]) == \
+        (True, "concat_bn", "none", "all", "mAP_hand")
+    assert protocols.settings("clip-handid", None)["amp"] == "fp16"  # its zero-shot CLIP runs in fp16
+    assert protocols.settings("clip-handid", "finetune", available=("own",))["gallery"] == "own"  # HD
+    reid = protocols.settings("clip-reid", "clipreid", flip=True)
+    assert (reid["flip"], reid["feature"], reid["mAP"], reid["explicit"]) == (True, "concat", "mAP_standard", ["flip"])
+    fh = protocols.settings("clip-fh", "promptsg")
+    assert (fh["flip"], fh["feature"], fh["gallery"], fh["amp"]) == (False, "fused", "own", "fp16")
+    with pytest.raises(ValueError, match="--protocol"):
+        protocols.settings("market", "finetune")
+
+
+def test_zero_shot_defaults_follow_clip_handid(synthetic_11k, tiny_vit_checkpoint, tmp_path, capsys):
+    import eval_query_gallery_clip_zeroshot as zero_shot
+    test_dir = os.path.join(synthetic_11k, "train_val_test_split_dorsal_r")
+    base = ["--test_dir", test_dir, "--backbone_name", tiny_vit_checkpoint, "--input_size", "32", "32",
+            "--num_workers", "0", "--device", "cpu"]
+    results = zero_shot.main([*base, "--f_name", str(tmp_path / "default")])
+    assert results["flip"] is True and results["gallery_variants"] == ["all"]
+    assert results["protocol"]["protocol"] == "clip-handid" and results["protocol"]["explicit"] == []
+    assert results["metric_conventions"]["table_mAP"] == "mAP_hand"
+    assert results["metric_conventions"]["std"].startswith("sample standard deviation")
+    assert "protocol clip-handid, gallery{i}_all: Rank-1" in capsys.readouterr().out.splitlines()[-1]
+    explicit = zero_shot.main([*base, "--f_name", str(tmp_path / "explicit"), "--no-flip", "--gallery", "own"])
+    assert explicit["flip"] is False and explicit["gallery_variants"] == ["own"]
+    assert explicit["protocol"]["explicit"] == ["flip", "gallery"]
+    fh = zero_shot.main([*base, "--f_name", str(tmp_path / "fh"), "--protocol", "clip-fh"])
+    assert fh["flip"] is False and fh["gallery_variants"] == ["own"] and fh["protocol"]["mAP"] == "mAP_standard"
+    assert "gallery{i}: Rank-1" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_finetuned_evaluator_protocols_and_final_test(hand_data, tiny_vit_checkpoint, tmp_path):
+    import eval_query_gallery_finetune as evaluator
+    result = train_finetune.main(["--data_dir", hand_data, "--f_name", str(tmp_path), "--m_name", "run",
+                                  "--backbone_name", tiny_vit_checkpoint, "--input_size", "32", "32", *QUIET,
+                                  *SHORT["finetune"]])
+    final = read_json(os.path.join(result["out_dir"], "final_test", "results.json"))
+    assert final["flip"] is True and final["protocol"] == "clip-handid"  # the published protocol, not --amp
+    with open(os.path.join(result["out_dir"], "train.log")) as f:
+        assert "final test (net_best, protocol clip-handid, gallery{i}_all)" in f.read()
+    base = ["--test_dir", hand_data, "--f_name", str(tmp_path), "--m_name", "run", "--num_workers", "0",
+            "--device", "cpu"]
+    handid = evaluator.main(base)
+    assert handid["feature"] == "concat_bn" and handid["flip"] is True and handid["gallery_variants"] == ["all"]
+    reid = evaluator.main([*base, "--protocol", "clip-reid"])
+    assert reid["feature"] == "concat" and reid["flip"] is False
+    assert reid["protocol"]["mAP"] == "mAP_standard" and reid["protocol"]["amp"] == "none"
+    own = evaluator.main([*base, "--protocol", "clip-reid", "--feature", "proj", "--flip"])
+    assert own["feature"] == "proj" and own["flip"] is True and own["protocol"]["explicit"] == ["feature", "flip"]
+
+
+# ---- determinism, DDP timeout, tokenizer mismatch in the text-side methods ------------------------------
+
+def test_deterministic_flag_turns_on_deterministic_kernels(hand_data, tiny_vit_checkpoint, tmp_path, monkeypatch):
+    import torch
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        train_finetune.main(["--data_dir", hand_data, "--f_name", str(tmp_path), "--m_name", "det",
+                             "--backbone_name", tiny_vit_checkpoint, "--input_size", "32", "32", "--no-final_test",
+                             "--deterministic", *QUIET, *SHORT["finetune"]])
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    for trainer in (train_clipreid, train_promptsg):
+        assert trainer.parse_args(["--deterministic"]).deterministic is True
+
+
+def test_process_group_timeout_covers_a_long_stage1(monkeypatch):
+    import datetime
+    import torch.distributed as dist
+    from utils import distributed
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    info = distributed.setup_distributed("cpu")
+    assert info.rank == 1 and seen["backend"] == "gloo"
+    assert seen["timeout"] >= datetime.timedelta(hours=12)
+
+
+@pytest.mark.parametrize("method", ["clipreid", "promptsg"])
+def test_small_vocabulary_stops_the_text_side_methods_with_both_sizes(method, hand_data, tmp_path):
+    checkpoint = clip.save_tiny_checkpoint(tmp_path / "small_vocab.pt", kind="vit", vocab_size=1000)
+    with pytest.raises(SystemExit, match=r"1000 tokens.*49408"):
+        TRAINERS[method].main(["--data_dir", hand_data, "--f_name", str(tmp_path), "--m_name", method,
+                               "--backbone_name", checkpoint, "--input_size", "32", "32", "--no-final_test",
+                               *QUIET, *SHORT[method]])

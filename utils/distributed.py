@@ -1,8 +1,13 @@
 """torch.distributed set-up for torchrun jobs (DDP), and the few collectives the trainers use."""
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+
+# CLIP-ReID's stage 1 runs on rank 0 while the other ranks wait in a collective; torch's default of
+# 10 (nccl) / 30 (gloo) minutes would end a long stage 1, so the process group waits up to 12 hours.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=12)
 
 
 @dataclass
@@ -35,7 +40,7 @@ def setup_distributed(device):
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=str(device))
 
 

@@ -84,7 +84,7 @@ def load_result_mat(path):
 def evaluate_query_gallery(encode_fn, test_dir, out_dir, *, gallery=None, method_name="model",
                            input_size=(224, 224), batch_size=64, num_workers=0, device="cpu", flip=False,
                            amp="bf16", max_rank=50, mean=CLIP_MEAN, std=CLIP_STD, rerank=None,
-                           overwrite=False, extra=None, verbose=True):
+                           overwrite=False, extra=None, verbose=True, table_mAP="mAP_hand"):
     """The query/gallery evaluation shared by the zero-shot and fine-tuned evaluators.
 
     encode_fn(images) -> (B, D) features for a normalised batch (B, 3, H, W) already on `device`
@@ -179,9 +179,10 @@ def evaluate_query_gallery(encode_fn, test_dir, out_dir, *, gallery=None, method
                "metric_conventions": {
                    "rank1..rank20, mAP_hand, mINP": "all queries count; a query without a true match "
                                                    "counts 0 (MBA-Net / CLIP-HandID / CLIP-FH)",
-                   "mAP_hand": "trapezoid-rule AP (MBA-Net / CLIP-HandID / CLIP-FH tables)",
+                   "mAP_hand": "trapezoid-rule AP (MBA-Net / CLIP-HandID tables)",
                    "mAP_standard": "non-interpolated AP over queries with a match (torchreid / "
-                                   "CLIP-ReID / fast-reid)"},
+                                   "CLIP-ReID / fast-reid / CLIP-FH)",
+                   "std": "sample standard deviation over the splits (ddof 1)", "table_mAP": table_mAP},
                "input_size": list(input_size), "flip": bool(flip), "rerank": dict(rerank) if rerank else None,
                "feature_dim": int(features.shape[1]),
                "num_images_encoded": len(unique_paths), "encode_seconds": round(encode_seconds, 3),
@@ -203,7 +204,7 @@ def evaluate_query_gallery(encode_fn, test_dir, out_dir, *, gallery=None, method
         for variant in wanted:
             mine = [r for r in rows if r["gallery"] == variant]
             per_split = {k: [r[k] for r in mine] for k in METRIC_NAMES}
-            per_split["mAP"] = per_split["mAP_hand"]
+            per_split["mAP"] = per_split[table_mAP]
             table_rows.append((f"{method_name} [gallery {variant}]", per_split))
         print(format_results_table(table_rows, title=f"{test_dir}: mean ± std over {len(splits)} "
                                                      f"split(s), percent; mAP = hand convention"))

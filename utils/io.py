@@ -29,12 +29,17 @@ def add_common_args(parser):
 
 
 def set_seed(seed, deterministic=False):
+    """Seed Python, numpy and torch. deterministic=True also turns cuDNN autotuning off and makes
+    torch use deterministic kernels only (an op without one raises), with the cuBLAS workspace
+    setting they need; then a GPU run repeats bit for bit on the same GPU, software and flags."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
 
 
 def git_commit():

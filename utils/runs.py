@@ -9,7 +9,7 @@ import sys
 import torch
 
 from .errors import NonFiniteLossError, TrainingInputError
-from . import io
+from . import io, protocols
 from .io import AMP_CHOICES, _atomic_write, add_common_args, read_config, set_seed, write_run_config
 from .splits import read_split_layout
 from .data import LabeledImageDataset, PKSampler, ResizedImageCache, ShuffleSampler, build_train_transform, epoch_seed, eval_transform, make_loader, train_load_size
@@ -181,6 +181,9 @@ def add_run_control_args(parser, resume_help, final_test_help):
     g.add_argument("--eval_every", type=int, default=5, help="validate every N epochs (and after the last)")
     g.add_argument("--final_test", action=argparse.BooleanOptionalAction, default=True, help=final_test_help)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels, cuDNN autotuning off (slower): a resumed GPU run then ends "
+                        "with the same weights as an uninterrupted one")
     add_common_args(g)
     return g
 
@@ -416,7 +419,9 @@ def run_epochs(args, loop, log, history=(), best=None, start_epoch=0, stage="", 
 
 def final_test(model, args, data_dir, out_dir, folder, method_name, amp, device, log, extra, what="net_best"):
     """Evaluate `model` on the query/gallery splits of data_dir into out_dir/folder with the shared
-    pipeline; None (and a log line) when data_dir has no test splits."""
+    pipeline, in fp32 with the mirrored image added (the clip-handid protocol; the run's own
+    feature); the log line reports the published tables' gallery (11k: gallery{i}_all). None (and a
+    log line) when data_dir has no test splits. `amp` (the training precision) is not used."""
     try:
         read_split_layout(data_dir)
     except ValueError as err:
@@ -424,11 +429,12 @@ def final_test(model, args, data_dir, out_dir, folder, method_name, amp, device,
         return None
     results = evaluate_query_gallery(
         model, data_dir, os.path.join(out_dir, folder), method_name=method_name, input_size=tuple(args.input_size),
-        batch_size=max(args.batch_size, 64), num_workers=args.num_workers, device=device, amp=amp, overwrite=True,
-        extra=extra)
-    variant = results["gallery_variants"][-1]
+        batch_size=max(args.batch_size, 64), num_workers=args.num_workers, device=device, amp="none", flip=True,
+        overwrite=True, extra=dict(extra, protocol=protocols.DEFAULT_PROTOCOL))
+    variant = protocols.headline_gallery(results["gallery_variants"])
     mean = results["summary"][variant]["mean"]
-    log.info(f"final test ({what}, gallery {variant}): Rank-1 {100 * mean['rank1']:.2f} "
+    log.info(f"final test ({what}, protocol {protocols.DEFAULT_PROTOCOL}, gallery{{i}}"
+             f"{'_all' if variant == 'all' else ''}): Rank-1 {100 * mean['rank1']:.2f} "
              f"mAP {100 * mean['mAP_hand']:.2f} -> {os.path.join(out_dir, folder)}")
     return results
 
@@ -439,8 +445,8 @@ def start_run(args, dist_info, run_files, resume_file="net_last.pth"):
     out_dir = os.path.join(args.f_name, args.m_name)
     prepare_run_folder(out_dir, args, run_files, resume_file)
     log = open_run_folder(out_dir, args, dist_info, run_files)
-    set_seed(args.seed)
-    if dist_info.device.startswith("cuda"):
+    set_seed(args.seed, args.deterministic)
+    if dist_info.device.startswith("cuda") and not args.deterministic:
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     return out_dir, log
 
