@@ -120,14 +120,16 @@ def load_trained_model(run_dir, which_epoch="best", device="cpu"):
 
 # ---- backbones ----
 
-def backbone_spec(name, input_size=(224, 224), patch_stride=None, last_stride=1):
+def backbone_spec(name, input_size=(224, 224), patch_stride=None, last_stride=1, pos_interp="bilinear"):
     """How to build a backbone: the `clip.load` name or checkpoint path and the input geometry.
     patch_stride applies to ViTs only, last_stride to ResNets only (1: layer4 at 1/16 of the input,
-    as in CLIP-HandID). load_backbone fills "arch" (the CLIP constructor arguments) so the model
-    can be rebuilt without the pretrained file."""
+    as in CLIP-HandID; patch_stride None: the patch size). pos_interp: how the pretrained positional
+    embedding is resized to the input's token grid (bilinear as CLIP-ReID and CLIP-HandID, or
+    bicubic). load_backbone fills "arch" (the CLIP constructor arguments) so the model can be
+    rebuilt without the pretrained file."""
     return {"name": name, "input_size": [int(s) for s in input_size],
             "patch_stride": None if patch_stride is None else int(patch_stride),
-            "last_stride": int(last_stride), "arch": None}
+            "last_stride": int(last_stride), "pos_interp": pos_interp, "arch": None}
 
 
 def is_resnet_arch(arch):
@@ -177,7 +179,7 @@ def load_clip_model(spec, weights="pretrained", download_root=None, text_tower=T
         state_dict = random_state_dict(arch, seed=0)
     elif weights != "pretrained":
         raise ValueError(f"weights must be pretrained, random or empty, got {weights!r}")
-    model = build_model(state_dict, **geometry).float()
+    model = build_model(state_dict, **geometry, interpolation=spec.get("pos_interp", "bilinear")).float()
     return model if text_tower else model.visual
 
 

@@ -589,7 +589,7 @@ def train(args, dist_info):
     if args.resume:
         spec, old_config = check_resumed_run(out_dir, args, hands)
     else:
-        spec = models.backbone_spec(args.backbone_name, input_size, args.stride, args.last_stride)
+        spec = models.backbone_spec(args.backbone_name, input_size, args.stride, args.last_stride, args.pos_interp)
     if point == "stage2":
         last_path = os.path.join(out_dir, "net_last.pth")
         stage2_state = models.read_run_checkpoint(spec, last_path, dist_info)

@@ -253,3 +253,15 @@ def test_small_vocabulary_stops_the_text_side_methods_with_both_sizes(method, ha
         TRAINERS[method].main(["--data_dir", hand_data, "--f_name", str(tmp_path), "--m_name", method,
                                "--backbone_name", checkpoint, "--input_size", "32", "32", "--no-final_test",
                                *QUIET, *SHORT[method]])
+
+
+def test_pos_interp_flag_reaches_the_backbone(tmp_path):
+    import torch
+    import models
+    checkpoint = clip.save_tiny_checkpoint(tmp_path / "rn.pt", kind="rn")
+    built = {}
+    for mode in ("bilinear", "bicubic"):
+        spec = models.backbone_spec(checkpoint, (96, 64), last_stride=1, pos_interp=mode)
+        built[mode] = models.load_backbone(spec).attnpool.positional_embedding.detach()
+    assert train_finetune.parse_args([]).pos_interp == "bilinear"
+    assert not torch.allclose(built["bilinear"], built["bicubic"])

@@ -162,6 +162,9 @@ def add_input_args(parser, erasing_p=0.0, cache_root="<data_dir>", color_jitter=
     group.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
     group.add_argument("--stride", type=int, default=None,
                        help="ViT patch stride; default: the backbone's own patch size (smaller: overlapping patches)")
+    group.add_argument("--pos_interp", choices=["bilinear", "bicubic"], default="bilinear",
+                       help="resizing of the pretrained positional embedding to the input's token grid "
+                            "(bilinear, as CLIP-ReID and CLIP-HandID)")
     group.add_argument("--last_stride", type=int, default=1, choices=[1, 2],
                        help="ResNet layer4 stride (1 as in CLIP-HandID: 14x14 map at 224)")
     group.add_argument("--cache_resized", nargs="?", const="", default=None, metavar="DIR",
