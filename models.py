@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import clip
-from utils import io, distributed, training, runs
+from utils import errors, io, distributed, training, runs
 from clip.model import CLIP, ModifiedResNet, build_model, infer_config, random_state_dict
 from losses import ArcFace
 
@@ -56,11 +56,11 @@ def describe_backbone(spec):
 
 
 def check_same_backbone(expected_spec, found_spec, where):
-    """Raise ValueError naming `where` if two backbone specs describe different encoders."""
+    """Raise TrainingInputError naming `where` if two backbone specs describe different encoders."""
     if backbone_signature(expected_spec) != backbone_signature(found_spec):
-        raise ValueError(f"{where} holds a model of backbone {describe_backbone(found_spec)}, but "
-                         f"{describe_backbone(expected_spec)} was expected; use the checkpoint of a run with "
-                         f"the same backbone (see its config.json)")
+        raise errors.TrainingInputError(f"{where} holds a model of backbone {describe_backbone(found_spec)}, but "
+                                        f"{describe_backbone(expected_spec)} was expected; use the checkpoint of "
+                                        f"a run with the same backbone (see its config.json)")
 
 
 def load_model_weights(model, state_dict, where):
@@ -73,8 +73,8 @@ def load_model_weights(model, state_dict, where):
         details = "; ".join(f"{label}: {keys[:3]}{' ...' if len(keys) > 3 else ''}"
                             for label, keys in (("missing", missing), ("unexpected", unexpected),
                                                 ("shape differs", wrong)) if keys)
-        raise ValueError(f"{where} does not fit the model rebuilt from config.json ({details}); was it written "
-                         f"by another backbone or model kind?")
+        raise errors.TrainingInputError(f"{where} does not fit the model rebuilt from config.json ({details}); was "
+                                        f"it written by another backbone or model kind?")
     model.load_state_dict(state_dict, strict=True)
     return model
 
@@ -187,11 +187,8 @@ def load_backbone(spec, weights="pretrained", download_root=None):
 def load_pretrained(spec, download_root, dist_info, text_tower=True):
     """load_clip_model(spec, "pretrained") in every process of a run; rank 0 first, so that only it
     downloads."""
-    for turn in ("main", "others"):
-        if (turn == "main") == dist_info.is_main:
-            model = load_clip_model(spec, "pretrained", download_root, text_tower)
-        distributed.barrier(dist_info)
-    return model
+    with distributed.rank0_first(dist_info):
+        return load_clip_model(spec, "pretrained", download_root, text_tower)
 
 
 def resumed_run(out_dir, args, class_names, where):
@@ -201,10 +198,12 @@ def resumed_run(out_dir, args, class_names, where):
     spec = config["model"]["backbone"]
     wanted = backbone_spec(args.backbone_name, args.input_size, args.stride, args.last_stride)
     if spec["name"] != wanted["name"] or backbone_signature(dict(spec, arch=None)) != backbone_signature(wanted):
-        raise ValueError(f"{where} was trained with backbone {describe_backbone(spec)} but this command asks for "
-                         f"{describe_backbone(wanted)}; resume with the run's own settings or start a new --m_name")
+        raise errors.TrainingInputError(f"{where} was trained with backbone {describe_backbone(spec)} but this "
+                                        f"command asks for {describe_backbone(wanted)}; resume with the run's own "
+                                        f"settings or start a new --m_name")
     if config.get("class_names") != list(class_names):
-        raise ValueError(f"{args.data_dir} has other training identities than the run being resumed in {out_dir}")
+        raise errors.TrainingInputError(f"{args.data_dir} has other training identities than the run being resumed "
+                                        f"in {out_dir}")
     return spec, config
 
 
@@ -365,13 +364,13 @@ def parse_prompt_template(template, context_length=77):
     try:
         tokens = clip.tokenize(template, context_length=context_length)[0]
     except RuntimeError:
-        raise ValueError(f"--prompt_template {template!r} is longer than the text tower's "
-                         f"{context_length} tokens; shorten it") from None
+        raise errors.TrainingInputError(f"--prompt_template {template!r} is longer than the text tower's "
+                                        f"{context_length} tokens; shorten it") from None
     placeholder_id = int(clip.tokenize(PLACEHOLDER_WORD)[0, 1])
     positions = (tokens == placeholder_id).nonzero().flatten().tolist()
     if not positions:
-        raise ValueError(f"--prompt_template {template!r} has no placeholder: write one standalone "
-                         f"{PLACEHOLDER_WORD} per learnable token, e.g. {DEFAULT_PROMPT_TEMPLATE!r}")
+        raise errors.TrainingInputError(f"--prompt_template {template!r} has no placeholder: write one standalone "
+                                        f"{PLACEHOLDER_WORD} per learnable token, e.g. {DEFAULT_PROMPT_TEMPLATE!r}")
     return tokens, positions, int(tokens.argmax())
 
 
@@ -578,16 +577,16 @@ def composed_prompt_tokens(template, context_length=77):
     """Token ids (context_length,) of `template` with its one "S*" replaced by a single placeholder
     token, the position of that token and the position of the end token."""
     if template.count(PROMPTSG_PLACEHOLDER) != 1:
-        raise ValueError(f"--prompt_template must contain '{PROMPTSG_PLACEHOLDER}' exactly once (where the "
-                         f"pseudo-word goes), got {template!r}")
+        raise errors.TrainingInputError(f"--prompt_template must contain '{PROMPTSG_PLACEHOLDER}' exactly once "
+                                        f"(where the pseudo-word goes), got {template!r}")
     prefix, suffix = template.split(PROMPTSG_PLACEHOLDER)
     sot_id, eot_id = (int(t) for t in clip.tokenize([""])[0, :2])
     placeholder_id = _inner_token_ids("x")[:1]
     ids = torch.cat([torch.tensor([sot_id]), _inner_token_ids(prefix), placeholder_id,
                      _inner_token_ids(suffix), torch.tensor([eot_id])])
     if len(ids) > context_length:
-        raise ValueError(f"--prompt_template {template!r} is {len(ids)} tokens long, more than the text tower's "
-                         f"context length {context_length}")
+        raise errors.TrainingInputError(f"--prompt_template {template!r} is {len(ids)} tokens long, more than the "
+                                        f"text tower's context length {context_length}")
     tokens = torch.zeros(context_length, dtype=torch.long)
     tokens[:len(ids)] = ids
     return tokens, 1 + len(_inner_token_ids(prefix)), len(ids) - 1

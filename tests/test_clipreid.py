@@ -13,9 +13,10 @@ import torch
 import clip
 import eval_query_gallery_clip_zeroshot
 import eval_query_gallery_finetune
+import losses
 import models
 import train_clipreid
-from utils import io
+from utils import io, training
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -109,7 +110,7 @@ def test_text_tower_is_frozen_and_only_prompts_get_gradients(tiny_vit_checkpoint
 
 def test_stage1_schedule_matches_the_reference():
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=3.5e-4)
-    scheduler = train_clipreid.Stage1CosineLR(optimizer, epochs=120, warmup_epochs=5, warmup_lr=1e-5, min_lr=1e-6)
+    scheduler = training.Stage1CosineLR(optimizer, epochs=120, warmup_epochs=5, warmup_lr=1e-5, min_lr=1e-6)
     lrs = []
     for _ in range(120):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -224,7 +225,7 @@ def test_stage2_from_saved_prompts_computes_text_features_once(clipreid_run, han
     calls = {"all_class_features": 0, "text_forward": 0, "stage2_batches": 0}
     all_class_features = models.PromptTextEncoder.all_class_features
     text_forward = models.PromptTextEncoder.forward
-    loss_forward = train_clipreid.ClipReIDLoss.forward
+    loss_forward = losses.ClipReIDLoss.forward
 
     def count(name, function):
         def counted(*args, **kwargs):
@@ -234,7 +235,7 @@ def test_stage2_from_saved_prompts_computes_text_features_once(clipreid_run, han
 
     monkeypatch.setattr(models.PromptTextEncoder, "all_class_features", count("all_class_features", all_class_features))
     monkeypatch.setattr(models.PromptTextEncoder, "forward", count("text_forward", text_forward))
-    monkeypatch.setattr(train_clipreid.ClipReIDLoss, "forward", count("stage2_batches", loss_forward))
+    monkeypatch.setattr(losses.ClipReIDLoss, "forward", count("stage2_batches", loss_forward))
     prompts = os.path.join(clipreid_run["run_dir"], "prompts.pth")
     run_train(hand_data, tmp_path, "s2", tiny_vit_checkpoint, *SMALL, "--stage", "2", "--prompts", prompts)
     assert calls["stage2_batches"] == 3 * 3  # 3 epochs of 3 batches (60 images, 16 per batch)
@@ -399,7 +400,7 @@ def test_prompts_of_other_identities_or_backbone_are_refused(clipreid_run, hand_
 @pytest.mark.parametrize("stage", ["1", "2"])
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(hand_data, tiny_vit_checkpoint, tmp_path, monkeypatch,
                                                            stage):
-    target = train_clipreid.SupConLoss if stage == "1" else train_clipreid.ClipReIDLoss
+    target = losses.SupConLoss if stage == "1" else losses.ClipReIDLoss
     forward, calls = target.forward, {"n": 0}
     # stage 1: 4 batches per epoch (60 features, 16 per batch), two SupCon calls each -> call 11 is
     # epoch 2, batch 2; stage 2: 3 PK batches per epoch -> call 5

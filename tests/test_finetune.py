@@ -372,7 +372,7 @@ def test_cache_resized_gives_the_same_training(hand_data, tiny_vit_checkpoint, t
     args = ["--input_size", "32", "32", "--stride", "8", "--epochs", "1", "--batch_size", "16", "--no-final_test"]
     run_train(hand_data, tmp_path, "plain", tiny_vit_checkpoint, *args)
     run_train(hand_data, tmp_path, "cached", tiny_vit_checkpoint, *args, "--cache_resized", str(tmp_path / "cache"))
-    assert len(os.listdir(tmp_path / "cache")) == 3  # train (crop source), val and gallery sizes
+    assert len(os.listdir(tmp_path / "cache")) == 2  # one file per size: train (crop source), val + gallery
     plain, cached = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "cached")
     assert plain[0]["loss"] == cached[0]["loss"] and plain[0]["val_mAP"] == cached[0]["val_mAP"]
 

@@ -138,7 +138,7 @@ class LabeledImageDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.cache = cache
         if cache is not None and (cache.paths != self.paths or cache.size != self.size):
-            raise ValueError("the resized-image cache was built for other images or another size")
+            raise TrainingInputError("the resized-image cache was built for other images or another size")
 
     def __len__(self):
         return len(self.paths)
@@ -183,6 +183,22 @@ class ResizedImageCache:
 
     def __getstate__(self):
         return dict(self.__dict__, _array=None)
+
+
+class SubsetCache:
+    """A view of a ResizedImageCache for a subset of its images, in the subset's order."""
+
+    def __init__(self, cache, paths):
+        position = {p: i for i, p in enumerate(cache.paths)}
+        self.cache, self.paths, self.size = cache, list(paths), cache.size
+        self.rows = [position[p] for p in self.paths]
+
+    @classmethod
+    def of(cls, cache, items):
+        return None if cache is None else cls(cache, [p for p, _ in items])
+
+    def image(self, index):
+        return self.cache.image(self.rows[index])
 
 
 class _EpochSampler(torch.utils.data.Sampler):
