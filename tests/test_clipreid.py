@@ -16,7 +16,7 @@ import eval_query_gallery_finetune
 import losses
 import models
 import train_clipreid
-from utils import io, training
+from utils import io
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -106,20 +106,6 @@ def test_text_tower_is_frozen_and_only_prompts_get_gradients(tiny_vit_checkpoint
     assert grad is not None and grad[[0, 1, 4]].abs().sum() > 0 and grad[[2, 3]].abs().sum() == 0
     assert all(p.grad is None for p in encoder.clip_model.parameters())
     assert encoder.clip_model.visual is None
-
-
-def test_stage1_schedule_matches_the_reference():
-    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=3.5e-4)
-    scheduler = training.Stage1CosineLR(optimizer, epochs=120, warmup_epochs=5, warmup_lr=1e-5, min_lr=1e-6)
-    lrs = []
-    for _ in range(120):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    # epochs 1..4 warm up linearly from 1e-5; the cosine clock starts at 0, so epoch 5 is ~3.49e-4
-    assert lrs[:4] == pytest.approx([7.8e-5, 1.46e-4, 2.14e-4, 2.82e-4], rel=1e-9)
-    assert lrs[4] == pytest.approx(1e-6 + 0.5 * (3.5e-4 - 1e-6) * (1 + math.cos(math.pi * 5 / 120)), rel=1e-9)
-    assert lrs[59] == pytest.approx(1e-6 + 0.5 * (3.5e-4 - 1e-6), rel=1e-9) and lrs[119] == 1e-6
 
 
 def test_stage2_optimizer_groups_double_the_bias_lr(tiny_vit_checkpoint):
