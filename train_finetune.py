@@ -114,10 +114,7 @@ def train(args, dist_info):
     train_module = distributed.wrap_ddp(criterion, dist_info)
     for epoch in range(start_epoch, args.epochs):
         number = epoch + 1  # epochs are numbered from 1 in logs and file names
-        io.set_seed(data.epoch_seed(args.seed, epoch))
-        sampler.set_epoch(epoch)
-        loader = data.make_loader(train_set, args.batch_size, sampler, args.num_workers, args.seed, epoch, device,
-                                  drop_last=True)
+        loader = data.epoch_loader(train_set, sampler, args.batch_size, args.num_workers, args.seed, epoch, device)
         lrs = [group["lr"] for group in optimizer.param_groups]
         with runs.stop_on_nonfinite_loss(log, last_path, history):
             result = training.train_one_epoch(train_module, loader, training.module_loss, optimizers, scaler, amp,

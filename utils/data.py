@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from clip import CLIP_MEAN, CLIP_STD
 from .errors import ImageLoadError, TrainingInputError
-from .io import _atomic_write
+from .io import _atomic_write, set_seed
 from .splits import IMAGE_EXTENSIONS
 
 
@@ -301,6 +301,14 @@ def make_loader(dataset, batch_size, sampler=None, num_workers=0, seed=0, epoch=
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
         pin_memory=str(device).startswith("cuda"), drop_last=drop_last, generator=generator,
         worker_init_fn=_seed_worker)
+
+
+def epoch_loader(dataset, sampler, batch_size, num_workers, seed, epoch, device):
+    """The training DataLoader of one epoch (0-based): seeds the global RNGs for the epoch and moves the
+    sampler to it first, so a resumed run draws the same batches and augmentations."""
+    set_seed(epoch_seed(seed, epoch))
+    sampler.set_epoch(epoch)
+    return make_loader(dataset, batch_size, sampler, num_workers, seed, epoch, device, drop_last=True)
 
 
 def _seed_worker(worker_id):
