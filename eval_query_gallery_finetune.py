@@ -16,7 +16,7 @@ import argparse
 import os
 
 import models
-from utils import evaluation, io, protocols, splits
+from utils import errors, evaluation, io, protocols, splits
 
 
 def parse_args(argv=None):
@@ -82,7 +82,7 @@ def main(argv=None):
     try:
         splits.read_split_layout(args.test_dir)
         model, config, checkpoint = models.load_trained_model(run_dir, args.which_epoch, device=args.device)
-    except ValueError as err:
+    except errors.ClipFHError as err:
         raise SystemExit(f"error: {err}") from None
     if hasattr(model, "set_test_dir"):  # models with per-aspect parts (CLIP-ReID --sie) pick the test aspect
         note = model.set_test_dir(args.test_dir)
@@ -92,14 +92,14 @@ def main(argv=None):
     kind = config["model"].get("kind", "finetune")
     setting = protocols.settings(args.protocol, kind, flip=args.flip, feature=args.feature, amp=args.amp,
                                  gallery=args.gallery, available=splits.read_split_layout(args.test_dir)
-                                 ["gallery_variants"])
+                                 ["gallery_variants"], cuda=str(args.device).startswith("cuda"))
     if args.feature is not None and not hasattr(model, "feature"):
         raise SystemExit(f"error: the {kind} model of {run_dir} has no --feature choice")
     feature = setting["feature"] or run_feature
     if hasattr(model, "feature"):
         try:
             model.check_feature(feature)
-        except ValueError as err:
+        except errors.ClipFHError as err:
             raise SystemExit(f"error: {err}") from None
         model.feature = feature
     if args.inference_prompt is not None:
@@ -126,7 +126,7 @@ def main(argv=None):
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, flip=setting["flip"],
             amp=io.resolve_amp(setting["amp"], args.device), max_rank=args.max_rank, rerank=rerank,
             overwrite=args.force, extra=extra, table_mAP=setting["mAP"])
-    except (ValueError, FileExistsError) as err:
+    except errors.ClipFHError as err:
         raise SystemExit(f"error: {err}") from None
     io.write_run_config(out_dir, args, extra=extra)
     variant = protocols.headline_gallery(results["gallery_variants"])

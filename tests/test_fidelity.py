@@ -165,6 +165,7 @@ def test_protocol_settings_and_explicit_flags_win():
     assert (handid["flip"], handid["feature"], handid["amp"], handid["gallery"], handid["mAP"]) == \
         (True, "concat_bn", "none", "all", "mAP_hand")
     assert protocols.settings("clip-handid", None)["amp"] == "fp16"  # its zero-shot CLIP runs in fp16
+    assert protocols.settings("clip-handid", None, cuda=False)["amp"] == "none"
     assert protocols.settings("clip-handid", "finetune", available=("own",))["gallery"] == "own"  # HD
     reid = protocols.settings("clip-reid", "clipreid", flip=True)
     assert (reid["flip"], reid["feature"], reid["mAP"], reid["explicit"]) == (True, "concat", "mAP_standard", ["flip"])
@@ -182,7 +183,7 @@ def test_zero_shot_defaults_follow_clip_handid(synthetic_11k, tiny_vit_checkpoin
     results = zero_shot.main([*base, "--f_name", str(tmp_path / "default")])
     assert results["flip"] is True and results["gallery_variants"] == ["all"]
     assert results["protocol"]["protocol"] == "clip-handid" and results["protocol"]["explicit"] == []
-    assert results["metric_conventions"]["table_mAP"] == "mAP_hand"
+    assert results["table_mAP"] == "mAP_hand" and results["amp"] == "none"  # fp32 on a CPU
     assert results["metric_conventions"]["std"].startswith("sample standard deviation")
     assert "protocol clip-handid, gallery{i}_all: Rank-1" in capsys.readouterr().out.splitlines()[-1]
     explicit = zero_shot.main([*base, "--f_name", str(tmp_path / "explicit"), "--no-flip", "--gallery", "own"])

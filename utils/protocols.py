@@ -31,16 +31,18 @@ def headline_gallery(gallery_variants):
 
 
 def settings(protocol, model_kind=None, flip=None, feature=None, amp=None, gallery=None, mAP=None,
-             available=("own", "all")):
+             available=("own", "all"), cuda=True):
     """Every setting `protocol` implies for a model of `model_kind` (None: zero-shot CLIP), with the
     explicitly given ones (not None) in their place. `available`: the split root's gallery variants;
-    a protocol's "all" means the own gallery where there is no gallery{i}_all (HD). Returns {"protocol", "flip", "feature", "amp",
+    a protocol's "all" means the own gallery where there is no gallery{i}_all (HD); off CUDA
+    (cuda=False) a protocol's precision is fp32. Returns {"protocol", "flip", "feature", "amp",
     "gallery", "mAP", "explicit": [names given explicitly]}."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     reference = PROTOCOLS[protocol]
     implied_gallery = reference["gallery"] if reference["gallery"] in available else "own"
-    implied = {"flip": reference["flip"], "amp": reference["amp"]["zero-shot" if model_kind is None else "finetuned"],
+    implied_amp = reference["amp"]["zero-shot" if model_kind is None else "finetuned"] if cuda else "none"
+    implied = {"flip": reference["flip"], "amp": implied_amp,
                "gallery": implied_gallery, "mAP": reference["mAP"],
                "feature": NECK_FEATURES.get(model_kind, {}).get(reference["neck"])}
     given = {"flip": flip, "feature": feature, "amp": amp, "gallery": gallery, "mAP": mAP}
