@@ -66,7 +66,9 @@ def default_out_dir(run_dir, args, feature, run_feature):
     name = f"eval_{args.which_epoch}_{test_name}"
     if args.protocol != protocols.DEFAULT_PROTOCOL:
         name += f"_{args.protocol}"
-    if feature != run_feature:
+    if args.flip is not None:
+        name += "_flip" if args.flip else "_noflip"
+    if args.feature is not None and feature != run_feature:
         name += f"_{feature}"
     if args.rerank:
         name += "_rerank"

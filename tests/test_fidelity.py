@@ -200,7 +200,8 @@ def test_finetuned_evaluator_protocols_and_final_test(hand_data, tiny_vit_checkp
                                   "--backbone_name", tiny_vit_checkpoint, "--input_size", "32", "32", *QUIET,
                                   *SHORT["finetune"]])
     final = read_json(os.path.join(result["out_dir"], "final_test", "results.json"))
-    assert final["flip"] is True and final["protocol"] == "clip-handid"  # the published protocol, not --amp
+    assert final["flip"] is True and final["feature"] == "concat_bn"  # the published protocol, not --amp
+    assert final["protocol"]["protocol"] == "clip-handid" and final["table_mAP"] == "mAP_hand"
     with open(os.path.join(result["out_dir"], "train.log")) as f:
         assert "final test (net_best, protocol clip-handid, gallery{i}_all)" in f.read()
     base = ["--test_dir", hand_data, "--f_name", str(tmp_path), "--m_name", "run", "--num_workers", "0",

@@ -419,18 +419,26 @@ def check_ranks_agree(model, dist_info, log):
 
 def final_test(model, args, data_dir, out_dir, folder, method_name, amp, device, log, extra, what="net_best"):
     """Evaluate `model` on the query/gallery splits of data_dir into out_dir/folder with the shared
-    pipeline, in fp32 with the mirrored image added (the clip-handid protocol; the run's own
-    feature); the log line reports the published tables' gallery (11k: gallery{i}_all). None (and a
-    log line) when data_dir has no test splits. `amp` (the training precision) is not used."""
+    pipeline under the default protocol (clip-handid: fp32, the mirrored image added, the feature
+    after the BNNeck) on every gallery variant; the log line reports the published tables' gallery
+    (11k: gallery{i}_all). None (and a log line) when data_dir has no test splits. `amp` (the
+    training precision) is not used."""
     try:
         read_split_layout(data_dir)
     except ValueError as err:
         log.info(f"final test skipped: {err}")
         return None
-    results = evaluate_query_gallery(
-        model, data_dir, os.path.join(out_dir, folder), method_name=method_name, input_size=tuple(args.input_size),
-        batch_size=max(args.batch_size, 64), num_workers=args.num_workers, device=device, amp="none", flip=True,
-        overwrite=True, extra=dict(extra, protocol=protocols.DEFAULT_PROTOCOL))
+    kind = "promptsg" if hasattr(model, "inference_prompt") else "finetune"
+    setting = protocols.settings(protocols.DEFAULT_PROTOCOL, kind, gallery="both")
+    run_feature, model.feature = model.feature, setting["feature"]
+    try:
+        results = evaluate_query_gallery(
+            model, data_dir, os.path.join(out_dir, folder), method_name=method_name,
+            input_size=tuple(args.input_size), batch_size=max(args.batch_size, 64), num_workers=args.num_workers,
+            device=device, amp="none", flip=setting["flip"], overwrite=True, table_mAP=setting["mAP"],
+            extra=dict(extra, feature=setting["feature"], protocol=dict(setting, amp="none")))
+    finally:
+        model.feature = run_feature
     variant = protocols.headline_gallery(results["gallery_variants"])
     mean = results["summary"][variant]["mean"]
     log.info(f"final test ({what}, protocol {protocols.DEFAULT_PROTOCOL}, gallery{{i}}"
