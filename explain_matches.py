@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import clip
 import models
-from query_ranking_result_demo import CORRECT, WRONG, choose_queries, rank_gallery
+from query_ranking_result_demo import CORRECT, WRONG, choose_queries, rank_gallery, save_png_and_pdf, style_panel
 from utils import data, evaluation, explanation, io
 from utils.errors import ClipFHError
 
@@ -50,8 +50,9 @@ def parse_args(argv=None):
     source.add_argument("--run_dir", help="run folder of the trained model the .mat came from (<f_name>/<m_name>)")
     source.add_argument("--backbone_name", help="zero-shot: official CLIP name or local checkpoint path")
     p.add_argument("--which_epoch", default="best", help="--run_dir checkpoint: best, last or an epoch number")
-    p.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
-                   help="zero-shot input size, as given to the zero-shot evaluator (run folders record theirs)")
+    p.add_argument("--input_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="zero-shot input size (default: the evaluation's, from config.json beside the .mat, "
+                        "else 224 224; run folders record theirs)")
     p.add_argument("--download_root", default="~/.cache/clip", help="where official weights are cached")
     p.add_argument("--query_index", type=int, nargs="+", default=None,
                    help="query row(s) to explain (0-based); default: --num_queries random queries")
@@ -69,25 +70,61 @@ def parse_args(argv=None):
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar")
     io.add_common_args(p)
     args = p.parse_args(argv)
-    if min(args.top_k, args.num_queries, args.num_random, args.batch_size, *args.input_size, args.draw or 1) < 1:
+    if min(args.top_k, args.num_queries, args.num_random, args.batch_size, *(args.input_size or [1]), args.draw or 1) < 1:
         p.error("--top_k, --num_queries, --num_random, --batch_size, --draw and --input_size must be at least 1")
     return args
 
 
-def load_model(args):
-    """(encode(images) -> retrieval features, image encoder, input size (H, W), description)."""
+def evaluation_config(mat):
+    """config.json that the evaluator wrote beside the .mat ({} when there is none)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(mat)), "config.json")
+    return io.read_config(os.path.dirname(path)) if os.path.isfile(path) else {}
+
+
+def same_path(a, b):
+    return os.path.realpath(os.path.abspath(a)) == os.path.realpath(os.path.abspath(b))
+
+
+def load_model(args, evaluated):
+    """(encode(images) -> retrieval features, image encoder, input size (H, W), description), set up
+    as the evaluation `evaluated` (its config.json) was: same retrieval feature, same SIE aspect."""
     if args.run_dir:
+        if evaluated.get("run_dir") and not same_path(evaluated["run_dir"], args.run_dir):
+            raise SystemExit(f"error: {args.mat} was computed with the model of {evaluated['run_dir']}, not "
+                             f"--run_dir {args.run_dir}; explain it with the model it came from")
         model, config, _ = models.load_trained_model(args.run_dir, args.which_epoch, device=args.device)
+        if evaluated.get("feature") and hasattr(model, "feature"):
+            model.check_feature(evaluated["feature"])
+            model.feature = evaluated["feature"]
+        test_dir = evaluated.get("args", {}).get("test_dir")
+        if hasattr(model, "set_test_dir") and test_dir:
+            model.set_test_dir(test_dir)
         if hasattr(model, "inference_prompt"):
             model.inference_prompt = "fixed"  # the composed prompt would explain the inversion network too
         kind = config["model"].get("kind", "finetune")
         return model, model.visual, tuple(config["model"]["backbone"]["input_size"]), f"{kind} ({args.run_dir})"
+    if evaluated.get("backbone") and evaluated["backbone"] != args.backbone_name:
+        raise SystemExit(f"error: {args.mat} was computed with backbone {evaluated['backbone']}, not "
+                         f"--backbone_name {args.backbone_name}")
+    size = tuple(args.input_size or evaluated.get("args", {}).get("input_size") or (224, 224))
     try:
         clip_model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
-                                  input_size=tuple(args.input_size))
+                                  input_size=size)
     except RuntimeError as err:
         raise SystemExit(f"cannot load --backbone_name {args.backbone_name}: {err}") from None
-    return clip_model.encode_image, clip_model.visual, tuple(args.input_size), f"zero-shot {args.backbone_name}"
+    return clip_model.encode_image, clip_model.visual, size, f"zero-shot {args.backbone_name}"
+
+
+def differences_from_evaluation(evaluated):
+    """What the explained similarity does differently from the ranking in the .mat, for the log."""
+    notes = []
+    if evaluated.get("args", {}).get("flip"):
+        notes.append("the .mat ranked f(image) + f(mirror) (--flip); the maps explain the plain feature")
+    if evaluated.get("inference_prompt") == "composed":
+        notes.append("the .mat used PromptSG's composed prompt; the maps use the fixed prompt")
+    if evaluated.get("rerank"):
+        notes.append("the .mat ranking is re-ranked; the maps explain the cosine similarity of the top-k")
+    return notes
 
 
 class SimilarityMaps:
@@ -175,24 +212,9 @@ def draw_figure(rows, top_k, out_png):
             photo = data.load_image(panel["path"])
             photo.thumbnail((400, 400))  # keeps the aspect; full-size photos would bloat the PDF
             ax.imshow(explanation.overlay(np.asarray(photo), panel["map"]))
-            ax.set_title(panel["title"], color=panel["color"], fontsize=9)
             ax.set_xlabel(panel["caption"], fontsize=7)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_edgecolor(panel["color"])
-                spine.set_linewidth(3 if panel["color"] != "black" else 1)
-    pdf = os.path.splitext(out_png)[0] + ".pdf"
-    for path in (out_png, pdf):
-        tmp = f"{path}.tmp"
-        try:
-            fig.savefig(tmp, format=os.path.splitext(path)[1][1:], dpi=150)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    plt.close(fig)
-    return pdf
+            style_panel(ax, panel["title"], panel["color"])
+    return save_png_and_pdf(fig, out_png)
 
 
 def main(argv=None):
@@ -208,8 +230,9 @@ def main(argv=None):
     if args.part_masks and not os.path.isdir(args.part_masks):
         raise SystemExit(f"--part_masks {args.part_masks} is not a folder")
     try:
+        evaluated = evaluation_config(args.mat)
         result = evaluation.load_result_mat(args.mat)
-        encode, visual, size, description = load_model(args)
+        encode, visual, size, description = load_model(args, evaluated)
     except (ClipFHError, ValueError) as err:  # both loaders report bad files as one-line ValueErrors
         raise SystemExit(f"error: {err}") from None
     if result["query_path"] is None or result["gallery_path"] is None:
@@ -224,6 +247,9 @@ def main(argv=None):
         raise SystemExit(f"image {missing[0]} named in {args.mat} does not exist ({len(missing)} missing); "
                          f"the split folders moved or were deleted since the evaluation")
 
+    notes = differences_from_evaluation(evaluated)
+    for note in notes:
+        print(f"note: {note}")
     recorder = SimilarityMaps(visual)
     rows, records, parts = [], [], []
     start = time.perf_counter()
@@ -243,7 +269,8 @@ def main(argv=None):
         labels = [result["query_label"][q], *result["gallery_label"][order[:top_k]]]
         record = {"query": q, "path": paths[0], "label": str(labels[0]), "matches": [
             {"rank": r + 1, "path": paths[r + 1], "label": str(labels[r + 1]), "same_identity": bool(is_match[r]),
-             "similarity": float(similarity[r])} for r in range(top_k)], "deletion": deletion,
+             "similarity": float(similarity[r]), "mat_similarity": float(result["gallery_f"][g] @ result["query_f"][q])}
+            for r, g in enumerate(order[:top_k])], "deletion": deletion,
             "zero_map": bool(maps[0].max() == 0)}  # nothing positive: the deletion order is then by position
         if args.part_masks:
             shares = [explanation.mass_on_mask(m.cpu().numpy(), load_part_mask(args.part_masks, p, size))
@@ -271,7 +298,8 @@ def main(argv=None):
     pdf = draw_figure(rows[:args.draw], top_k, out_png)
     method = "gradient-weighted attention rollout" if recorder.is_vit else "Grad-CAM on layer4"
     extra = {"model": description, "map": method, "input_size": list(size), "deletion_fill": DELETION_FILL,
-             "deletion_fractions": list(explanation.DELETION_FRACTIONS), "mat": os.path.abspath(args.mat)}
+             "deletion_fractions": list(explanation.DELETION_FRACTIONS), "mat": os.path.abspath(args.mat),
+             "notes": notes}
     io.atomic_write_json(outputs[2], {**extra, "summary": summary, "queries": records})
     io.write_run_config(args.out_dir, args, extra=extra)
     print(f"deletion AUC over {len(records)} quer{'y' if len(records) == 1 else 'ies'} (lower = more faithful): "

@@ -117,10 +117,12 @@ def test_part_masks_leave_the_photos_unchanged():
     assert 0.01 < covered.mean() < 0.3 and set(np.unique(np.asarray(mask))) == {0, 255}
 
 
-def test_finetuned_map_beats_random_deletion(hand_data, tiny_vit_checkpoint, tmp_path):
+@pytest.mark.parametrize("kind", ["vit", "rn"])
+def test_finetuned_map_beats_random_deletion(kind, hand_data, tiny_vit_checkpoint, tiny_rn_checkpoint, tmp_path):
     runs = tmp_path / "runs"
+    checkpoint, size = (tiny_vit_checkpoint, ["--stride", "8"]) if kind == "vit" else (tiny_rn_checkpoint, [])
     train_finetune.main(["--data_dir", hand_data, "--f_name", str(runs), "--m_name", "vit",
-                         "--backbone_name", tiny_vit_checkpoint, *QUIET, "--input_size", "64", "64", "--stride", "8",
+                         "--backbone_name", checkpoint, *QUIET, "--input_size", "64", "64", *size,
                          "--epochs", "10", "--lr", "3e-4", "--warmup_epochs", "1", "--milestones", "8",
                          "--batch_size", "16", "--eval_every", "5", "--save_every", "5"])
     eval_query_gallery_finetune.main(["--f_name", str(runs), "--m_name", "vit", "--test_dir", hand_data,
@@ -136,10 +138,37 @@ def test_finetuned_map_beats_random_deletion(hand_data, tiny_vit_checkpoint, tmp
     auc = summary["deletion_auc"]
     assert auc["map"] < auc["random"], auc  # the map finds what the similarity rests on
     assert auc["map"] < auc["reverse"], auc
-    assert 0 < summary["part_area"] < summary["mass_on_parts"] < 1
+    assert 0 < summary["part_area"] < 1 and 0 < summary["mass_on_parts"] < 1
+    if kind == "vit":  # rollout: about twice the parts' area (Grad-CAM's coarse 4x4 grid: about their area)
+        assert summary["mass_on_parts"] > 1.5 * summary["part_area"]
     saved = json.loads((out_dir / "explain.json").read_text())
     assert saved["summary"]["deletion_auc"] == auc and len(saved["queries"]) == 24
     assert (out_dir / "explain.png").stat().st_size > 0 and (out_dir / "explain.pdf").is_file()
     assert (out_dir / "config.json").is_file()
     with pytest.raises(SystemExit, match="--force"):
         explain_matches.main(argv)
+
+
+def test_zero_shot_cli_and_bad_input(hand_data, tiny_vit_checkpoint, tiny_rn_checkpoint, tmp_path):
+    import eval_query_gallery_clip_zeroshot
+    eval_query_gallery_clip_zeroshot.main(["--test_dir", hand_data, "--f_name", str(tmp_path), "--backbone_name",
+                                           tiny_vit_checkpoint, "--input_size", "64", "64", "--gallery", "own",
+                                           "--num_workers", "0", "--device", "cpu"])
+    mat = str(next((tmp_path / "clip_zero_shot").glob("*/result_split0.mat")))
+    out_dir = tmp_path / "explain"
+    common = ["--mat", mat, "--query_index", "0", "3", "--top_k", "2", "--num_random", "2", "--out_dir", str(out_dir),
+              *QUIET[2:]]
+    result = explain_matches.main(["--backbone_name", tiny_vit_checkpoint, *common])
+    saved = json.loads((out_dir / "explain.json").read_text())
+    assert saved["input_size"] == [64, 64]  # taken from the evaluation's config.json
+    assert [q["query"] for q in saved["queries"]] == [0, 3]
+    for query in result["queries"]:  # same model, same images: the similarity the .mat ranked by
+        for match in query["matches"]:
+            assert match["similarity"] == pytest.approx(match["mat_similarity"], abs=1e-4)
+    with pytest.raises(SystemExit, match="was computed with backbone"):
+        explain_matches.main(["--backbone_name", tiny_rn_checkpoint, *common, "--force"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        explain_matches.main(["--backbone_name", tiny_vit_checkpoint, *common, "--force", "--mat",
+                              str(tmp_path / "missing.mat")])
+    with pytest.raises(SystemExit, match="--query_index 999"):
+        explain_matches.main(["--backbone_name", tiny_vit_checkpoint, *common, "--force", "--query_index", "999"])
