@@ -158,6 +158,8 @@ class SimilarityMaps:
         """(N, h, w) maps on the encoder's grid, after the backward pass of the score."""
         if not self.is_vit:
             return explanation.grad_cam(self.output, self.output.grad)
+        # an output token's share is its gradient's norm: only the class token for CLS-based features,
+        # every token for PromptSG, whose fused feature attends over all of them
         relevance = explanation.attention_rollout([a.attention_probs for a in self.attentions],
                                                   [a.attention_probs.grad for a in self.attentions],
                                                   token_relevance=self.output.grad.norm(dim=-1))
