@@ -89,6 +89,9 @@ def load_model(args, evaluated):
     """(encode(images) -> retrieval features, image encoder, input size (H, W), description), set up
     as the evaluation `evaluated` (its config.json) was: same retrieval feature, same SIE aspect."""
     if args.run_dir:
+        if evaluated and not evaluated.get("run_dir"):
+            raise SystemExit(f"error: {args.mat} was computed by the zero-shot evaluator; pass --backbone_name "
+                             f"{evaluated.get('backbone', '')} instead of --run_dir")
         if evaluated.get("run_dir") and not same_path(evaluated["run_dir"], args.run_dir):
             raise SystemExit(f"error: {args.mat} was computed with the model of {evaluated['run_dir']}, not "
                              f"--run_dir {args.run_dir}; explain it with the model it came from")
@@ -103,6 +106,9 @@ def load_model(args, evaluated):
             model.inference_prompt = "fixed"  # the composed prompt would explain the inversion network too
         kind = config["model"].get("kind", "finetune")
         return model, model.visual, tuple(config["model"]["backbone"]["input_size"]), f"{kind} ({args.run_dir})"
+    if evaluated.get("run_dir"):
+        raise SystemExit(f"error: {args.mat} was computed with the trained model of {evaluated['run_dir']}; pass "
+                         f"--run_dir {evaluated['run_dir']} instead of --backbone_name")
     if evaluated.get("backbone") and evaluated["backbone"] != args.backbone_name:
         raise SystemExit(f"error: {args.mat} was computed with backbone {evaluated['backbone']}, not "
                          f"--backbone_name {args.backbone_name}")
@@ -110,7 +116,7 @@ def load_model(args, evaluated):
     try:
         clip_model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
                                   input_size=size)
-    except RuntimeError as err:
+    except RuntimeError as err:  # clip reports an unknown name, a bad file and a failed download this way
         raise SystemExit(f"cannot load --backbone_name {args.backbone_name}: {err}") from None
     return clip_model.encode_image, clip_model.visual, size, f"zero-shot {args.backbone_name}"
 
@@ -235,7 +241,7 @@ def main(argv=None):
         evaluated = evaluation_config(args.mat)
         result = evaluation.load_result_mat(args.mat)
         encode, visual, size, description = load_model(args, evaluated)
-    except (ClipFHError, ValueError) as err:  # both loaders report bad files as one-line ValueErrors
+    except ClipFHError as err:
         raise SystemExit(f"error: {err}") from None
     if result["query_path"] is None or result["gallery_path"] is None:
         raise SystemExit(f"{args.mat} stores no image paths (query_path / gallery_path); re-run the evaluator "

@@ -165,6 +165,8 @@ def test_zero_shot_cli_and_bad_input(hand_data, tiny_vit_checkpoint, tiny_rn_che
     for query in result["queries"]:  # same model, same images: the similarity the .mat ranked by
         for match in query["matches"]:
             assert match["similarity"] == pytest.approx(match["mat_similarity"], abs=1e-4)
+    with pytest.raises(SystemExit, match="zero-shot evaluator; pass --backbone_name"):
+        explain_matches.main(["--run_dir", str(tmp_path), *common, "--force"])
     with pytest.raises(SystemExit, match="was computed with backbone"):
         explain_matches.main(["--backbone_name", tiny_rn_checkpoint, *common, "--force"])
     with pytest.raises(SystemExit, match="does not exist"):
