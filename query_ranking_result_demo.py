@@ -76,12 +76,23 @@ def draw_figure(result, query_indices, top_k, out_png):
             img = data.load_image(path)
             img.thumbnail((400, 400))  # keeps the aspect; full-size photos would bloat the PDF
             ax.imshow(img)
-            ax.set_title(title, color=color, fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_edgecolor(color)
-                spine.set_linewidth(3 if color != "black" else 1)
+            style_panel(ax, title, color)
+    return save_png_and_pdf(fig, out_png)
+
+
+def style_panel(ax, title, color):
+    """Title and border in `color` (green: same identity, red: another, black: the query), no ticks."""
+    ax.set_title(title, color=color, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(color)
+        spine.set_linewidth(3 if color != "black" else 1)
+
+
+def save_png_and_pdf(fig, out_png):
+    """Save `fig` as out_png and as the PDF beside it (each via a temporary name), close it; returns the PDF path."""
+    import matplotlib.pyplot as plt
     pdf = os.path.splitext(out_png)[0] + ".pdf"
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     for path in (out_png, pdf):

@@ -85,13 +85,32 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
+        # Explanation maps need the attention probabilities and their gradients: with keep_attention
+        # the forward computes them explicitly and keeps them (N, heads, L, L) in self.attention_probs,
+        # with retain_grad() when they require grad. Off by default (the fused kernel is faster).
+        self.keep_attention = False
+        self.attention_probs = None
 
     def forward(self, x, causal=False):
         batch, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        if self.keep_attention:
+            out = self.attention_with_probs(q, k, v, causal)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+    def attention_with_probs(self, q, k, v, causal):
+        scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+        if causal:
+            future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        if probs.requires_grad:
+            probs.retain_grad()
+        self.attention_probs = probs
+        return probs @ v
 
 
 class ResidualAttentionBlock(nn.Module):

@@ -51,11 +51,12 @@ def synthetic_11k(tmp_path_factory):
 def hand_data(tmp_path_factory):
     """The dorsal-right split root of a synthetic 11k data set with enough identities to learn from
     (12 train / 12 test identities per aspect, 5-7 images each) and 2 query/gallery splits; shared by
-    the training tests. Read-only."""
+    the training tests, with the part masks in <data_dir>/Hands_parts. Read-only."""
     from utils import synthetic
     import prepare_train_val_test_11k_r_l as prepare
     data_dir = tmp_path_factory.mktemp("hand_data") / "11k"
-    synthetic.make_synthetic_11k(str(data_dir), num_ids_per_aspect=24, images_per_id=(5, 7), image_size=(80, 60), seed=0)
+    synthetic.make_synthetic_11k(str(data_dir), num_ids_per_aspect=24, images_per_id=(5, 7), image_size=(80, 60), seed=0,
+                                 part_masks=True)
     prepare.main(["--data_dir", str(data_dir), "--num_splits", "2", "--seed", "0"])
     return str(data_dir / "train_val_test_split_dorsal_r")
 

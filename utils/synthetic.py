@@ -17,6 +17,7 @@ SKIN_TONES = {"very fair": (236, 200, 178), "fair": (222, 176, 146), "medium": (
 
 
 SYNTHETIC_MARKER = "SYNTHETIC_DATA.json"
+PART_MASK_DIR = "Hands_parts"
 
 
 def _random_person(rng):
@@ -83,8 +84,10 @@ def _bezier(p0, p1, p2, n=10):
     return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2
 
 
-def _draw_hand(draw, person, side, aspect, rng, to_pixels, line_px, accessory):
-    """Draw one hand with ImageDraw `draw`; `to_pixels` maps local (N,2) points to pixel (N,2)."""
+def _draw_hand(draw, person, side, aspect, rng, to_pixels, line_px, accessory, parts=None):
+    """Draw one hand with ImageDraw `draw`; `to_pixels` maps local (N,2) points to pixel (N,2).
+    `parts`: an optional ImageDraw of a mode "L" canvas on which the identity's distinguishing parts
+    (see render_synthetic_hand) are drawn in 255; it uses no random numbers."""
     palmar = aspect.startswith("palmar")
     # Thumb on the image-left for the back of a right hand and the palm of a left hand.
     mirror = 1.0 if aspect in ("dorsal right", "palmar left") else -1.0
@@ -93,13 +96,19 @@ def _draw_hand(draw, person, side, aspect, rng, to_pixels, line_px, accessory):
     edge = tuple(int(v) for v in np.clip(skin * 0.75, 0, 255))
     crease = tuple(int(v) for v in np.clip(skin * person["crease_dark"], 0, 255))
 
-    def poly(points, color, outline=None):
-        pts = to_pixels(np.asarray(points) * np.array([mirror, 1.0]))
-        draw.polygon([tuple(p) for p in pts], fill=color, outline=outline)
+    def poly(points, color, outline=None, part=None):
+        pts = [tuple(p) for p in to_pixels(np.asarray(points) * np.array([mirror, 1.0]))]
+        draw.polygon(pts, fill=color, outline=outline)
+        if parts is not None and part == "area":
+            parts.polygon(pts, fill=255)
+        elif parts is not None and part == "outline":  # finger shape: a band along the contour
+            parts.line(pts + pts[:1], fill=255, width=max(1, int(round(2 * line_px))))
 
-    def line(points, color, width=1):
-        pts = to_pixels(np.asarray(points) * np.array([mirror, 1.0]))
-        draw.line([tuple(p) for p in pts], fill=color, width=max(1, int(round(width * line_px))))
+    def line(points, color, width=1, part=None):
+        pts = [tuple(p) for p in to_pixels(np.asarray(points) * np.array([mirror, 1.0]))]
+        draw.line(pts, fill=color, width=max(1, int(round(width * line_px))))
+        if parts is not None and part:
+            parts.line(pts, fill=255, width=max(1, int(round(width * line_px))))
 
     pw, ph = person["palm_w"], person["palm_h"]
     top, bottom = ph / 2, -ph / 2
@@ -121,7 +130,7 @@ def _draw_hand(draw, person, side, aspect, rng, to_pixels, line_px, accessory):
     for k in range(4):
         base = np.array([xs[k], top - 0.12 * (k == 3) - 0.05])
         width, length = person["finger_w"][k], lengths[k]
-        poly(_capsule(base, spread[k], length, width), fill, edge)
+        poly(_capsule(base, spread[k], length, width), fill, edge, part="outline")
         d = np.array([np.sin(spread[k]), np.cos(spread[k])])
         nrm = np.array([d[1], -d[0]])
         for frac in ((0.38, 0.7) if palmar else (0.45, 0.72)):
@@ -130,7 +139,8 @@ def _draw_hand(draw, person, side, aspect, rng, to_pixels, line_px, accessory):
         tips.append((base, d, nrm, width, length))
     thumb_angle = -np.deg2rad(person["thumb_angle"] + rng.normal(0, 6))
     thumb_base = np.array([-0.45 * pw, person["thumb_pos"] * ph])
-    poly(_capsule(thumb_base, thumb_angle, person["thumb_len"] + 0.25, person["thumb_w"]), fill, edge)
+    poly(_capsule(thumb_base, thumb_angle, person["thumb_len"] + 0.25, person["thumb_w"]), fill, edge,
+         part="outline")
     td = np.array([np.sin(thumb_angle), np.cos(thumb_angle)])
     tips.append((thumb_base, td, np.array([td[1], -td[0]]), person["thumb_w"], person["thumb_len"] + 0.25))
 
@@ -143,7 +153,7 @@ def _draw_hand(draw, person, side, aspect, rng, to_pixels, line_px, accessory):
         life = _bezier(np.array([-0.48 * pw, 0.1 * ph]), np.array([(-0.15 + 0.1 * a[6]) * pw, -0.05 * ph]),
                        np.array([(-0.2 + 0.1 * a[7]) * pw, -0.5 * ph]))
         for curve in (heart, head, life):
-            line(curve, crease, 1.5)
+            line(curve, crease, 1.5, part=True)
     else:
         nail_color = person["nail_color"]
         if nail_color is None:  # unpolished: a little pinker and lighter than the skin
@@ -152,9 +162,11 @@ def _draw_hand(draw, person, side, aspect, rng, to_pixels, line_px, accessory):
         for base, d, nrm, width, length in tips:
             nail_len = person["nail_len"] * length * 0.6
             center = base + d * (length - nail_len / 2 - 0.02)
-            poly(_ellipse(center, width * 0.32, nail_len / 2, np.arctan2(d[0], d[1])), nail_fill, edge)
+            poly(_ellipse(center, width * 0.32, nail_len / 2, np.arctan2(d[0], d[1])), nail_fill, edge,
+                 part="area")
         for x, y, r in side["moles"]:
-            poly(_ellipse(np.array([x * pw, y * ph]), r, r, 0, 8), tuple(int(v) for v in skin * 0.45))
+            poly(_ellipse(np.array([x * pw, y * ph]), r, r, 0, 8), tuple(int(v) for v in skin * 0.45),
+                 part="area")
         for base, d, nrm, width, _ in tips[:4]:  # knuckle folds just below each finger
             line([base - nrm * width * 0.3 - d * 0.04, base + nrm * width * 0.3 - d * 0.04], crease, 1)
     if side["ring"] is not None:
@@ -163,11 +175,15 @@ def _draw_hand(draw, person, side, aspect, rng, to_pixels, line_px, accessory):
         c = base + d * length * 0.2
         band = [c - nrm * width * 0.56, c + nrm * width * 0.56, c + nrm * width * 0.56 + d * 0.08,
                 c - nrm * width * 0.56 + d * 0.08]
-        poly(band, tuple(int(v) for v in color), (30, 30, 30))
+        poly(band, tuple(int(v) for v in color), (30, 30, 30), part="area")
 
 
-def render_synthetic_hand(person, side, aspect, rng, image_size=(160, 120), accessory=False, supersample=2):
-    """One synthetic hand photo (PIL RGB image of size image_size=(W, H)) with random pose and lighting."""
+def render_synthetic_hand(person, side, aspect, rng, image_size=(160, 120), accessory=False, supersample=2,
+                          with_parts=False):
+    """One synthetic hand photo (PIL RGB image of size image_size=(W, H)) with random pose and lighting.
+    with_parts=True returns (photo, mask): a mode "L" image, 255 on the parts that tell identities
+    apart (nails, rings, moles, palm lines and a band along each finger's and the thumb's contour,
+    i.e. finger shape), 0 elsewhere. The photo is the same either way (the mask draws no random numbers)."""
     W, H = image_size
     w2, h2 = W * supersample, H * supersample
     base_bg = rng.uniform(195, 245) + rng.normal(0, 6, 3)
@@ -175,6 +191,7 @@ def render_synthetic_hand(person, side, aspect, rng, image_size=(160, 120), acce
     background = Image.fromarray(np.clip(blotches, 0, 255).astype(np.uint8)).resize((W, H), Image.BILINEAR)
     canvas = background.resize((w2, h2), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
+    mask = Image.new("L", canvas.size, 0) if with_parts else None
     scale = rng.uniform(0.3, 0.36) * h2 * rng.uniform(0.9, 1.1)
     angle = np.deg2rad(rng.uniform(-25, 25))
     center = np.array([w2 * rng.uniform(0.42, 0.58), h2 * rng.uniform(0.58, 0.7)])
@@ -184,7 +201,8 @@ def render_synthetic_hand(person, side, aspect, rng, image_size=(160, 120), acce
         p = points @ rot.T * scale
         return p * np.array([1.0, -1.0]) + center
 
-    _draw_hand(draw, person, side, aspect, rng, to_pixels, supersample * max(1.0, H / 120), accessory)
+    _draw_hand(draw, person, side, aspect, rng, to_pixels, supersample * max(1.0, H / 120), accessory,
+               ImageDraw.Draw(mask) if with_parts else None)
     img = np.asarray(canvas.reduce(supersample), dtype=np.float32)
     # lighting: overall gain, colour cast and a linear gradient in a random direction
     direction = rng.normal(size=2)
@@ -193,7 +211,10 @@ def render_synthetic_hand(person, side, aspect, rng, image_size=(160, 120), acce
     gain = np.float32(rng.uniform(0.86, 1.1)) * (1 + np.float32(rng.uniform(0, 0.25)) * ramp)
     img *= gain[..., None] * rng.uniform(0.96, 1.04, 3).astype(np.float32)
     img += np.float32(rng.uniform(4, 12)) * (rng.random(img.shape, dtype=np.float32) - 0.5)  # sensor noise
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    photo = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    if not with_parts:
+        return photo
+    return photo, mask.reduce(supersample).point(lambda v: 255 if v >= 128 else 0)
 
 
 def _prepare_synthetic_root(root, names):
@@ -221,7 +242,7 @@ def _images_per_id(rng, images_per_id):
 
 
 def make_synthetic_11k(root, num_ids_per_aspect=8, images_per_id=(3, 5), image_size=(160, 120), seed=0,
-                       accessory_fraction=0.1):
+                       accessory_fraction=0.1, part_masks=False):
     """Write a small 11k-format dataset: <root>/HandInfo.csv (the real columns) and
     <root>/Hands/Hand_XXXXXXX.jpg. Each aspect gets num_ids_per_aspect identities, half of them at or
     below its train threshold and half above, drawn from one pool of people so a person appears in
@@ -229,6 +250,8 @@ def make_synthetic_11k(root, num_ids_per_aspect=8, images_per_id=(3, 5), image_s
     watch (accessories = 1, filtered out by the protocol; at least one per aspect). One row of the last
     dorsal-right test id carries a trailing space, as "1200000 " does in the real file.
     Also writes SYNTHETIC_DATA.json (arguments and ids); refuses a folder that holds real data.
+    part_masks=True also writes <root>/Hands_parts/Hand_XXXXXXX.png, each photo's mask of its
+    distinguishing parts (render_synthetic_hand with_parts); the photos are the same either way.
     Same arguments -> byte-identical files. Returns that info dict ("num_images", "ids": {aspect: [id]})."""
     rng = np.random.default_rng(seed)
     n_test = num_ids_per_aspect // 2
@@ -244,8 +267,10 @@ def make_synthetic_11k(root, num_ids_per_aspect=8, images_per_id=(3, 5), image_s
         above = [p for p in persons if p > last]
         ids[aspect] = sorted(rng.choice(below, n_train, replace=False).tolist()
                              + rng.choice(above, n_test, replace=False).tolist())
-    _prepare_synthetic_root(root, ["Hands", "HandInfo.csv"])
+    _prepare_synthetic_root(root, ["Hands", "HandInfo.csv", PART_MASK_DIR])
     os.makedirs(os.path.join(root, "Hands"))
+    if part_masks:
+        os.makedirs(os.path.join(root, PART_MASK_DIR))
     rows, number = [], 0
     spaced_id = ids["dorsal right"][-1]  # a test id: one of its rows is written as "<id> "
     for aspect in ASPECTS_11K:
@@ -257,7 +282,11 @@ def make_synthetic_11k(root, num_ids_per_aspect=8, images_per_id=(3, 5), image_s
             for k, accessory in enumerate(accessories):
                 number += 1
                 name = f"Hand_{number:07d}.jpg"
-                img = render_synthetic_hand(person, sides[(pid, aspect)], aspect, rng, image_size, bool(accessory))
+                img = render_synthetic_hand(person, sides[(pid, aspect)], aspect, rng, image_size, bool(accessory),
+                                            with_parts=part_masks)
+                if part_masks:
+                    img, mask = img
+                    mask.save(os.path.join(root, PART_MASK_DIR, f"{name[:-4]}.png"))
                 img.save(os.path.join(root, "Hands", name), quality=int(rng.integers(85, 96)))
                 id_text = f"{pid:07d}" + (" " if pid == spaced_id and aspect == "dorsal right" and k == 1 else "")
                 rows.append([id_text, person["age"], person["gender"], person["tone_name"], accessory,

@@ -1,0 +1,325 @@
+"""Where the model looks: for chosen queries of an evaluator's result_split{i}.mat, the query and its
+top-k gallery images overlaid with a heat map of what drives the query-gallery cosine similarity,
+and the deletion test that says whether the map is faithful.
+
+    python explain_matches.py --mat ./model_11k_d_r/clip_hand_vit/eval_best_.../result_split0.mat \
+        --run_dir ./model_11k_d_r/clip_hand_vit --num_queries 4 --top_k 5 --out_dir ./explain
+    python explain_matches.py --mat ./model_eval/clip_zero_shot/ViT-B-16/result_split0.mat \
+        --backbone_name ViT-B/16 --out_dir ./explain_zeroshot
+
+The model must be the one the .mat came from: a run folder of any trainer (rebuilt from config.json
+and net_<which_epoch>.pth; its retrieval feature, PromptSG guided by its fixed prompt) or, for
+zero-shot CLIP, the backbone name or checkpoint path. ViT: gradient-weighted attention rollout of
+the similarity over all blocks; ResNet: Grad-CAM of the similarity on layer4. A gallery image's map
+explains its similarity to the query; the query's map explains its similarity to the rank-1 image.
+The similarity is that of the plain features (an evaluation with --flip ranked by f(x) + f(mirror)).
+
+Deletion test, on each query against its rank-1 image: the query's highest-ranked 0 %, 10 %, ...,
+100 % of pixels are set to 0 in the normalised input (= CLIP's normalisation mean colour, RGB
+0.481 0.458 0.408, the mean the model's inputs are centred on) and the similarity is recorded; the
+area under that curve (AUC; lower = the map found what matters) for the map, its reverse, and random
+maps drawn on the model's own grid (mean over --num_random seeds).
+
+Writes <out_dir>/explain.png, explain.pdf, explain.json (curves, AUCs, per-query numbers) and
+config.json. With --part_masks (synthetic data made with part masks) explain.json also reports
+the share of each map's mass on the identity's distinguishing parts against their area.
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import clip
+import models
+from query_ranking_result_demo import CORRECT, WRONG, choose_queries, rank_gallery, save_png_and_pdf, style_panel
+from utils import data, evaluation, explanation, io
+from utils.errors import ClipFHError
+
+DELETION_FILL = ("0 in every channel of the normalised input, i.e. CLIP's normalisation mean colour "
+                 "RGB (0.481, 0.458, 0.408)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mat", required=True, help="result_split{i}.mat written by an eval_query_gallery_*.py script")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run_dir", help="run folder of the trained model the .mat came from (<f_name>/<m_name>)")
+    source.add_argument("--backbone_name", help="zero-shot: official CLIP name or local checkpoint path")
+    p.add_argument("--which_epoch", default="best", help="--run_dir checkpoint: best, last or an epoch number")
+    p.add_argument("--input_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="zero-shot input size (default: the evaluation's, from config.json beside the .mat, "
+                        "else 224 224; run folders record theirs)")
+    p.add_argument("--download_root", default="~/.cache/clip", help="where official weights are cached")
+    p.add_argument("--query_index", type=int, nargs="+", default=None,
+                   help="query row(s) to explain (0-based); default: --num_queries random queries")
+    p.add_argument("--num_queries", type=int, default=4, help="random queries when --query_index is not given")
+    p.add_argument("--top_k", type=int, default=5, help="gallery images per query")
+    p.add_argument("--num_random", type=int, default=5, help="random orderings of the deletion test (seeds)")
+    p.add_argument("--part_masks", default=None,
+                   help="folder of <image stem>.png part masks (synthetic data: <data_dir>/Hands_parts)")
+    p.add_argument("--draw", type=int, default=None,
+                   help="rows of the figure: the first N explained queries (default: all; the deletion test and "
+                        "explain.json always cover every query)")
+    p.add_argument("--batch_size", type=int, default=64, help="images per forward pass of the deletion test")
+    p.add_argument("--out_dir", default="./explain", help="output folder")
+    p.add_argument("--force", action="store_true", help="overwrite an earlier explanation in --out_dir")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar")
+    io.add_common_args(p)
+    args = p.parse_args(argv)
+    if min(args.top_k, args.num_queries, args.num_random, args.batch_size, *(args.input_size or [1]), args.draw or 1) < 1:
+        p.error("--top_k, --num_queries, --num_random, --batch_size, --draw and --input_size must be at least 1")
+    return args
+
+
+def evaluation_config(mat):
+    """config.json that the evaluator wrote beside the .mat ({} when there is none)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(mat)), "config.json")
+    return io.read_config(os.path.dirname(path)) if os.path.isfile(path) else {}
+
+
+def same_path(a, b):
+    return os.path.realpath(os.path.abspath(a)) == os.path.realpath(os.path.abspath(b))
+
+
+def load_model(args, evaluated):
+    """(encode(images) -> retrieval features, image encoder, input size (H, W), description), set up
+    as the evaluation `evaluated` (its config.json) was: same retrieval feature, same SIE aspect."""
+    if args.run_dir:
+        if evaluated and not evaluated.get("run_dir"):
+            raise SystemExit(f"error: {args.mat} was computed by the zero-shot evaluator; pass --backbone_name "
+                             f"{evaluated.get('backbone', '')} instead of --run_dir")
+        if evaluated.get("run_dir") and not same_path(evaluated["run_dir"], args.run_dir):
+            raise SystemExit(f"error: {args.mat} was computed with the model of {evaluated['run_dir']}, not "
+                             f"--run_dir {args.run_dir}; explain it with the model it came from")
+        model, config, _ = models.load_trained_model(args.run_dir, args.which_epoch, device=args.device)
+        if evaluated.get("feature") and hasattr(model, "feature"):
+            model.check_feature(evaluated["feature"])
+            model.feature = evaluated["feature"]
+        test_dir = evaluated.get("args", {}).get("test_dir")
+        if hasattr(model, "set_test_dir") and test_dir:
+            model.set_test_dir(test_dir)
+        if hasattr(model, "inference_prompt"):
+            model.inference_prompt = "fixed"  # the composed prompt would explain the inversion network too
+        kind = config["model"].get("kind", "finetune")
+        return model, model.visual, tuple(config["model"]["backbone"]["input_size"]), f"{kind} ({args.run_dir})"
+    if evaluated.get("run_dir"):
+        raise SystemExit(f"error: {args.mat} was computed with the trained model of {evaluated['run_dir']}; pass "
+                         f"--run_dir {evaluated['run_dir']} instead of --backbone_name")
+    if evaluated.get("backbone") and evaluated["backbone"] != args.backbone_name:
+        raise SystemExit(f"error: {args.mat} was computed with backbone {evaluated['backbone']}, not "
+                         f"--backbone_name {args.backbone_name}")
+    size = tuple(args.input_size or evaluated.get("args", {}).get("input_size") or (224, 224))
+    try:
+        clip_model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
+                                  input_size=size)
+    except RuntimeError as err:  # clip reports an unknown name, a bad file and a failed download this way
+        raise SystemExit(f"cannot load --backbone_name {args.backbone_name}: {err}") from None
+    return clip_model.encode_image, clip_model.visual, size, f"zero-shot {args.backbone_name}"
+
+
+def differences_from_evaluation(evaluated):
+    """What the explained similarity does differently from the ranking in the .mat, for the log."""
+    notes = []
+    if evaluated.get("args", {}).get("flip"):
+        notes.append("the .mat ranked f(image) + f(mirror) (--flip); the maps explain the plain feature")
+    if evaluated.get("inference_prompt") == "composed":
+        notes.append("the .mat used PromptSG's composed prompt; the maps use the fixed prompt")
+    if evaluated.get("rerank"):
+        notes.append("the .mat ranking is re-ranked; the maps explain the cosine similarity of the top-k")
+    return notes
+
+
+class SimilarityMaps:
+    """Keeps what a map needs from an image encoder's forward pass: every block's attention
+    probabilities and the last block's output tokens (ViT), or layer4's activations (ResNet)."""
+
+    def __init__(self, visual):
+        self.is_vit = hasattr(visual, "transformer")
+        self.grid_size = tuple(visual.grid_size)
+        if self.is_vit:
+            self.attentions = [block.attn for block in visual.transformer.resblocks]
+            last = visual.transformer.resblocks[-1]
+        else:
+            last = visual.layer4
+        self.output = None
+        last.register_forward_hook(self._keep_output)
+        visual.requires_grad_(False)  # gradients are wanted for activations only
+
+    def _keep_output(self, module, inputs, output):
+        if output.requires_grad:
+            output.retain_grad()
+        self.output = output
+
+    def recording(self, on):
+        if self.is_vit:
+            for attn in self.attentions:
+                attn.keep_attention = on
+        return self
+
+    def grid_maps(self):
+        """(N, h, w) maps on the encoder's grid, after the backward pass of the score."""
+        if not self.is_vit:
+            return explanation.grad_cam(self.output, self.output.grad)
+        # an output token's share is its gradient's norm: only the class token for CLS-based features,
+        # every token for PromptSG, whose fused feature attends over all of them
+        relevance = explanation.attention_rollout([a.attention_probs for a in self.attentions],
+                                                  [a.attention_probs.grad for a in self.attentions],
+                                                  token_relevance=self.output.grad.norm(dim=-1))
+        return relevance[:, 1:].reshape(-1, *self.grid_size)
+
+
+def normalized(encode, images):
+    return F.normalize(encode(images).float(), dim=1)
+
+
+def explain_query(encode, recorder, images):
+    """images: (1 + k, 3, H, W), the query then its top-k. Returns ((1 + k, H, W) maps, (k,) cosine
+    similarities): the query's map explains its similarity to images[1], each gallery map its own."""
+    images = images.clone().requires_grad_(True)
+    recorder.recording(True)
+    with torch.enable_grad():
+        features = normalized(encode, images)
+        query, gallery = features[0], features[1:]
+        similarity = gallery @ query
+        (similarity[0] + (gallery[1:] @ query.detach()).sum()).backward()
+    maps = explanation.to_image_size(recorder.grid_maps(), images.shape[-2:])
+    recorder.recording(False)
+    return maps.detach(), similarity.detach()
+
+
+def load_inputs(paths, size, device):
+    transform = data.eval_transform(size)
+    return torch.stack([transform(data.load_image(p, size)) for p in paths]).to(device)
+
+
+def load_part_mask(folder, image_path, size):
+    path = os.path.join(folder, os.path.splitext(os.path.basename(image_path))[0] + ".png")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--part_masks {folder} has no mask {os.path.basename(path)} for {image_path}; "
+                         f"make the data with make_synthetic_11k(..., part_masks=True)")
+    return np.asarray(data.load_image(path).convert("L").resize((size[1], size[0]), 0)) >= 128
+
+
+def draw_figure(rows, top_k, out_png):
+    """One row per explained query (query, then its top-k with their maps); saves PNG and PDF."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(1.6 * (top_k + 1), 2.2 * len(rows)), layout="constrained")
+    subfigs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0]
+    for subfig, row in zip(subfigs, rows):
+        auc = row["deletion"]["auc"]
+        subfig.suptitle(f"query {row['query']}, identity {row['label']}: deletion AUC map {auc['map']:.3f} / "
+                        f"random {auc['random']:.3f} / reverse {auc['reverse']:.3f}", fontsize=9, x=0.01, ha="left")
+        for ax, panel in zip(subfig.subplots(1, len(row["panels"])), row["panels"]):
+            photo = data.load_image(panel["path"])
+            photo.thumbnail((400, 400))  # keeps the aspect; full-size photos would bloat the PDF
+            ax.imshow(explanation.overlay(np.asarray(photo), panel["map"]))
+            ax.set_xlabel(panel["caption"], fontsize=7)
+            style_panel(ax, panel["title"], panel["color"])
+    return save_png_and_pdf(fig, out_png)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    io.set_seed(args.seed)
+    if not args.mat.lower().endswith(".mat"):
+        raise SystemExit(f"--mat must name a result_split*.mat file, got {args.mat}")
+    out_png = os.path.join(args.out_dir, "explain.png")
+    outputs = [out_png, os.path.join(args.out_dir, "explain.pdf"), os.path.join(args.out_dir, "explain.json")]
+    existing = [p for p in outputs if os.path.exists(p)]
+    if existing and not args.force:
+        raise SystemExit(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out_dir")
+    if args.part_masks and not os.path.isdir(args.part_masks):
+        raise SystemExit(f"--part_masks {args.part_masks} is not a folder")
+    try:
+        evaluated = evaluation_config(args.mat)
+        result = evaluation.load_result_mat(args.mat)
+        encode, visual, size, description = load_model(args, evaluated)
+    except ClipFHError as err:
+        raise SystemExit(f"error: {err}") from None
+    if result["query_path"] is None or result["gallery_path"] is None:
+        raise SystemExit(f"{args.mat} stores no image paths (query_path / gallery_path); re-run the evaluator "
+                         f"of this repository to write them")
+    queries = choose_queries(args, len(result["query_label"]))
+    top_k = min(args.top_k, len(result["gallery_label"]))
+    rankings = {q: rank_gallery(result, q) for q in queries}
+    needed = [p for q in queries for p in [result["query_path"][q], *result["gallery_path"][rankings[q][0][:top_k]]]]
+    missing = [p for p in needed if not os.path.isfile(p)]
+    if missing:
+        raise SystemExit(f"image {missing[0]} named in {args.mat} does not exist ({len(missing)} missing); "
+                         f"the split folders moved or were deleted since the evaluation")
+
+    notes = differences_from_evaluation(evaluated)
+    for note in notes:
+        print(f"note: {note}")
+    recorder = SimilarityMaps(visual)
+    rows, records, parts = [], [], []
+    start = time.perf_counter()
+    for q in tqdm(queries, desc="explain", unit="query", disable=not args.progress):
+        order, is_match = rankings[q]
+        paths = [result["query_path"][q], *result["gallery_path"][order[:top_k]]]
+        try:
+            images = load_inputs(paths, size, args.device)
+        except ClipFHError as err:
+            raise SystemExit(f"error: {err}") from None
+        maps, similarity = explain_query(encode, recorder, images)
+        with torch.no_grad():
+            match_feature = normalized(encode, images[1:2])[0]
+        deletion = explanation.deletion_test(lambda batch: normalized(encode, batch) @ match_feature, images[0],
+                                             maps[0], recorder.grid_size, args.num_random, args.seed,
+                                             batch_size=args.batch_size)
+        labels = [result["query_label"][q], *result["gallery_label"][order[:top_k]]]
+        record = {"query": q, "path": paths[0], "label": str(labels[0]), "matches": [
+            {"rank": r + 1, "path": paths[r + 1], "label": str(labels[r + 1]), "same_identity": bool(is_match[r]),
+             "similarity": float(similarity[r]), "mat_similarity": float(result["gallery_f"][g] @ result["query_f"][q])}
+            for r, g in enumerate(order[:top_k])], "deletion": deletion,
+            "zero_map": bool(maps[0].max() == 0)}  # nothing positive: the deletion order is then by position
+        if args.part_masks:
+            shares = [explanation.mass_on_mask(m.cpu().numpy(), load_part_mask(args.part_masks, p, size))
+                      for m, p in zip(maps, paths)]
+            record["mass_on_parts"] = [{"path": p, "map_mass": mass, "area": area} for p, (mass, area) in zip(paths, shares)]
+            parts += [s for s in shares if s[0] is not None]
+        records.append(record)
+        panels = [{"path": paths[0], "map": maps[0].cpu().numpy(), "title": "query", "color": "black",
+                   "caption": f"id {labels[0]}\nmap vs rank 1"}]
+        panels += [{"path": paths[r + 1], "map": maps[r + 1].cpu().numpy(), "title": str(r + 1),
+                    "color": CORRECT if is_match[r] else WRONG,
+                    "caption": f"id {labels[r + 1]}\ncos {float(similarity[r]):.3f}"} for r in range(top_k)]
+        rows.append({"query": q, "label": labels[0], "deletion": deletion, "panels": panels})
+    seconds = (time.perf_counter() - start) / len(queries)
+
+    aucs = {name: float(np.mean([r["deletion"]["auc"][name] for r in records])) for name in ("map", "random", "reverse")}
+    summary = {"num_queries": len(records), "deletion_auc": aucs,
+               "map_below_random": float(np.mean([r["deletion"]["auc"]["map"] < r["deletion"]["auc"]["random"]
+                                                  for r in records])),
+               "seconds_per_query": seconds}
+    if parts:
+        summary["mass_on_parts"] = float(np.mean([m for m, _ in parts]))
+        summary["part_area"] = float(np.mean([a for _, a in parts]))
+    os.makedirs(args.out_dir, exist_ok=True)
+    pdf = draw_figure(rows[:args.draw], top_k, out_png)
+    method = "gradient-weighted attention rollout" if recorder.is_vit else "Grad-CAM on layer4"
+    extra = {"model": description, "map": method, "input_size": list(size), "deletion_fill": DELETION_FILL,
+             "deletion_fractions": list(explanation.DELETION_FRACTIONS), "mat": os.path.abspath(args.mat),
+             "notes": notes}
+    io.atomic_write_json(outputs[2], {**extra, "summary": summary, "queries": records})
+    io.write_run_config(args.out_dir, args, extra=extra)
+    print(f"deletion AUC over {len(records)} quer{'y' if len(records) == 1 else 'ies'} (lower = more faithful): "
+          f"map {aucs['map']:.4f}, random {aucs['random']:.4f}, reverse {aucs['reverse']:.4f}; "
+          f"map below random for {100 * summary['map_below_random']:.0f}% of queries")
+    if parts:
+        print(f"map mass on the distinguishing parts: {100 * summary['mass_on_parts']:.1f}% "
+              f"(they cover {100 * summary['part_area']:.1f}% of the image)")
+    print(f"Wrote {method} maps of {len(records)} queries x top-{top_k} to {out_png}, {pdf} and {outputs[2]} "
+          f"({seconds:.2f} s per query on {args.device})")
+    return {"out_dir": args.out_dir, "png": out_png, "pdf": pdf, "summary": summary, "queries": records}
+
+
+if __name__ == "__main__":
+    main()
