@@ -126,7 +126,7 @@ def test_finetuned_map_beats_random_deletion(kind, hand_data, tiny_vit_checkpoin
                          "--epochs", "10", "--lr", "3e-4", "--warmup_epochs", "1", "--milestones", "8",
                          "--batch_size", "16", "--eval_every", "5", "--save_every", "5"])
     eval_query_gallery_finetune.main(["--f_name", str(runs), "--m_name", "vit", "--test_dir", hand_data,
-                                      "--gallery", "own", "--out_dir", str(tmp_path / "eval"), "--num_workers", "0",
+                                      "--gallery", "own", "--no-flip", "--out_dir", str(tmp_path / "eval"), "--num_workers", "0",
                                       "--device", "cpu"])
     out_dir = tmp_path / "explain"
     argv = ["--mat", str(tmp_path / "eval" / "result_split0.mat"), "--run_dir", str(runs / "vit"),
@@ -152,7 +152,7 @@ def test_finetuned_map_beats_random_deletion(kind, hand_data, tiny_vit_checkpoin
 def test_zero_shot_cli_and_bad_input(hand_data, tiny_vit_checkpoint, tiny_rn_checkpoint, tmp_path):
     import eval_query_gallery_clip_zeroshot
     eval_query_gallery_clip_zeroshot.main(["--test_dir", hand_data, "--f_name", str(tmp_path), "--backbone_name",
-                                           tiny_vit_checkpoint, "--input_size", "64", "64", "--gallery", "own",
+                                           tiny_vit_checkpoint, "--input_size", "64", "64", "--gallery", "own", "--no-flip",
                                            "--num_workers", "0", "--device", "cpu"])
     mat = str(next((tmp_path / "clip_zero_shot").glob("*/result_split0.mat")))
     out_dir = tmp_path / "explain"
