@@ -21,3 +21,7 @@ class TrainingInputError(ClipFHError, ValueError):
 
 class NonFiniteLossError(ClipFHError, RuntimeError):
     """A NaN or inf loss; the message names the epoch and batch."""
+
+
+class AttributeInputError(ClipFHError, ValueError):
+    """Bad input to the attribute evaluation (HandInfo.csv values, prompt file, flags)."""
