@@ -23,7 +23,7 @@ import clip
 import eval_query_gallery_clip_zeroshot as zeroshot
 import models
 from utils import attributes, evaluation, io, splits
-from utils.errors import AttributeInputError, ClipFHError
+from utils.errors import AttributeInputError, ClipFHError, OutputExistsError
 
 METHODS = ("zero_shot", "probe")
 
@@ -187,10 +187,7 @@ def load_encoders(args):
         return model.encode_image, model, tuple(args.input_size), {
             "backbone": args.backbone_name, "pretrained": pretrained, "image_feature": "CLIP encode_image",
             "text_tower": args.backbone_name}
-    try:
-        model, config, checkpoint = models.load_trained_model(args.model, args.which_epoch, device=args.device)
-    except ValueError as err:
-        raise AttributeInputError(str(err)) from None
+    model, config, checkpoint = models.load_trained_model(args.model, args.which_epoch, device=args.device)
     if hasattr(model, "set_test_dir") and not os.path.isfile(os.path.join(args.data_dir, "HandInfo.csv")):
         note = model.set_test_dir(args.data_dir)  # CLIP-ReID --sie: the split root's aspect
         if note:
@@ -321,7 +318,7 @@ def main(argv=None):
     out_dir = default_out_dir(args)
     try:
         if os.path.exists(os.path.join(out_dir, "attributes.json")) and not args.force:
-            raise AttributeInputError(f"{out_dir} already holds attributes.json; pass --force to overwrite it")
+            raise OutputExistsError(f"{out_dir} already holds attributes.json; pass --force to overwrite it")
         prompts = attributes.load_prompts(args.prompts)
         images, hand_info, split_rule, num_missing = collect_images(args.data_dir, args.hand_info, args.skip_missing)
         identities = attributes.check_disjoint({im["id"] for im in images if im["side"] == "train"},
@@ -332,12 +329,12 @@ def main(argv=None):
         encode_image, text_model, input_size, extra = load_encoders(args)
         class_features = encode_prompts(text_model, prompts, args.device, f"--prompts {args.prompts}"
                                         if args.prompts else "default prompts")
+        image_features = torch.from_numpy(evaluation.encode_images(
+            encode_image, [im["path"] for im in images], size=input_size, batch_size=args.batch_size,
+            num_workers=args.num_workers, device=args.device, amp=io.resolve_amp(args.amp, args.device),
+            desc=f"encode {len(images)} images"))
     except ClipFHError as err:
         raise SystemExit(f"error: {err}") from None
-    image_features = evaluation.extract_features(
-        encode_image, [im["path"] for im in images], size=input_size, batch_size=args.batch_size,
-        num_workers=args.num_workers, device=args.device, amp=io.resolve_amp(args.amp, args.device),
-        desc="encode images")
     results = score(images, image_features, class_features, args)
 
     rows = table_rows(results)
