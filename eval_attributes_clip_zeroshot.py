@@ -154,7 +154,7 @@ def images_of_split_root(split_root, hand_info):
             if name not in rows:
                 raise AttributeInputError(f"{path}: {name} is not listed in {csv_path}; pass the HandInfo.csv "
                                           f"this split root was made from as --hand_info")
-            if int(rows[name]["id"]) != int(label):
+            if rows[name]["id"].lstrip("0") != str(label).strip().lstrip("0"):  # "0000123" == "123"
                 raise AttributeInputError(f"{path} belongs to identity {label} but {csv_path} says id "
                                           f"{rows[name]['id']}; pass the matching HandInfo.csv as --hand_info")
             images.append({"path": path, "id": rows[name]["id"], "classes": rows[name]["classes"], "side": side})
