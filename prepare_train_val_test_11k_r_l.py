@@ -8,7 +8,6 @@ plus splits.json (every file and label; same seed -> same bytes) and prepare_con
 
     python prepare_train_val_test_11k_r_l.py --data_dir ./11k --num_splits 10 --seed 0
 """
-import csv
 import os
 import sys
 
@@ -29,24 +28,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def read_hand_info(csv_path):
-    """Rows of HandInfo.csv as dicts of text, with the line number of each row."""
-    if not os.path.isfile(csv_path):
-        raise SplitInputError(f"{csv_path} not found; --data_dir must hold the 11k HandInfo.csv and Hands/")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise SplitInputError(f"{csv_path} lacks column(s) {', '.join(missing)} "
-                                  f"(found: {', '.join(reader.fieldnames or [])})")
-        return [(reader.line_num, row) for row in reader]
-
-
 def collect_images(data_dir, skip_missing):
     """{aspect: {id: [source, ...]}} for the rows with accessories == 0; ids are stripped text."""
     csv_path = os.path.join(data_dir, "HandInfo.csv")
     hands_dir = os.path.join(data_dir, "Hands")
-    rows = read_hand_info(csv_path)
+    rows = splits.read_hand_info(csv_path, REQUIRED_COLUMNS)
     if not os.path.isdir(hands_dir):
         raise SplitInputError(f"image folder {hands_dir} not found; --data_dir must hold the 11k Hands/ folder")
     images = {aspect: {} for aspect in ASPECTS_11K}

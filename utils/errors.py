@@ -30,3 +30,7 @@ class EvaluationInputError(ClipFHError, ValueError):
 
 class OutputExistsError(ClipFHError, FileExistsError):
     """An earlier result that is only replaced with --force."""
+
+
+class AttributeInputError(ClipFHError, ValueError):
+    """Bad input to the attribute evaluation (HandInfo.csv values, prompt file, flags)."""

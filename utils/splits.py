@@ -1,6 +1,7 @@
 """The MBA-Net split protocol for 11k Hands and HD: constants, hold-out and Monte-Carlo
 query/gallery sets, the split manifest (splits.json) writer and its readers."""
 import argparse
+import csv
 import json
 import os
 import re
@@ -15,6 +16,20 @@ from .io import add_common_args, write_run_config
 
 HAND_INFO_COLUMNS = ("id", "age", "gender", "skinColor", "accessories", "nailPolish", "aspectOfHand",
                      "imageName", "irregularities")
+
+
+def read_hand_info(csv_path, required_columns=HAND_INFO_COLUMNS):
+    """Rows of an 11k HandInfo.csv as (line number, dict of text) pairs; the columns named in
+    `required_columns` must be present."""
+    if not os.path.isfile(csv_path):
+        raise SplitInputError(f"{csv_path} not found; the 11k data folder must hold HandInfo.csv and Hands/")
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required_columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SplitInputError(f"{csv_path} lacks column(s) {', '.join(missing)} "
+                                  f"(found: {', '.join(reader.fieldnames or [])})")
+        return [(reader.line_num, row) for row in reader]
 
 
 ASPECTS_11K = ("dorsal right", "dorsal left", "palmar right", "palmar left")
