@@ -21,3 +21,7 @@ class TrainingInputError(ClipFHError, ValueError):
 
 class NonFiniteLossError(ClipFHError, RuntimeError):
     """A NaN or inf loss; the message names the epoch and batch."""
+
+
+class ResultsInputError(ClipFHError, ValueError):
+    """Result folders that cannot be collected into one table; the message names the folder or flag."""
