@@ -309,7 +309,7 @@ def test_zero_shot_end_to_end_and_ranking_figure(synthetic_11k, tiny_vit_checkpo
 
     figure = tmp_path / "fig" / "ranking.png"
     demo.main(["--mat", str(out_dir / "result_split2_all.mat"), "--query_index", "0", "3", "--top_k", "5",
-               "--out", str(figure)])
+               "--out", str(figure), "--pdf"])
     with Image.open(figure) as img:
         assert img.size[0] > 2 * img.size[1] > 0  # two rows of six panels
     assert (tmp_path / "fig" / "ranking.pdf").stat().st_size > 1000
