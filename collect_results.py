@@ -15,7 +15,7 @@ import json
 import os
 
 from utils import io, verification
-from utils.errors import ClipFHError, ResultsInputError
+from utils.errors import ClipFHError, EvaluationInputError, OutputExistsError
 
 COLUMNS = [("Rank-1", "rank1"), ("Rank-5", "rank5"), ("Rank-10", "rank10"), ("mAP (hand)", "mAP_hand"),
            ("mAP (standard)", "mAP_standard"), ("mINP", "mINP"), ("EER", "EER"), ("TAR@1e-3", "TAR@1e-3")]
@@ -49,9 +49,9 @@ def find_results(patterns):
             elif os.path.isdir(path):
                 files = sorted(glob.glob(os.path.join(path, "**", "results.json"), recursive=True))
             else:
-                raise ResultsInputError(f"{path} does not exist; give results.json files, result folders or run folders")
+                raise EvaluationInputError(f"{path} does not exist; give results.json files, result folders or run folders")
             if not files:
-                raise ResultsInputError(f"{path} holds no results.json; run an eval_query_gallery_*.py script on it first")
+                raise EvaluationInputError(f"{path} holds no results.json; run an eval_query_gallery_*.py script on it first")
             found += [f for f in files if os.path.abspath(f) not in map(os.path.abspath, found)]
     return found
 
@@ -71,9 +71,9 @@ def table_rows(path, galleries):
         with open(path) as f:
             results = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise ResultsInputError(f"cannot read {path}: {err}") from None
+        raise EvaluationInputError(f"cannot read {path}: {err}") from None
     if "rows" not in results or "summary" not in results:
-        raise ResultsInputError(f"{path} is not a results.json of this repository's evaluators (no rows/summary)")
+        raise EvaluationInputError(f"{path} is not a results.json of this repository's evaluators (no rows/summary)")
     rows = []
     for variant in results["gallery_variants"]:
         if galleries != "both" and variant != galleries:
@@ -178,20 +178,20 @@ def run(args):
     files = find_results(args.paths)
     rows = [row for path in files for row in table_rows(path, args.gallery)]
     if not rows:
-        raise ResultsInputError(f"no rows for --gallery {args.gallery} in {len(files)} results.json file(s)")
+        raise EvaluationInputError(f"no rows for --gallery {args.gallery} in {len(files)} results.json file(s)")
     protocols = sorted({row["protocol"] for row in rows})
     if len(protocols) > 1 and not args.mixed:
-        raise ResultsInputError(f"the results were evaluated under different protocols ({', '.join(protocols)}); "
+        raise EvaluationInputError(f"the results were evaluated under different protocols ({', '.join(protocols)}); "
                                 f"collect one protocol per table or pass --mixed")
     if args.plot and not all(row["cmc"] for row in rows):
         missing = next(row["source"] for row in rows if not row["cmc"])
-        raise ResultsInputError(f"{missing}/results.json holds no mean CMC curve; re-run its evaluation to plot it")
+        raise EvaluationInputError(f"{missing}/results.json holds no mean CMC curve; re-run its evaluation to plot it")
     outputs = [f"{args.out}.{ext}" for ext in ("md", "tex", "csv")]
     if args.plot:
         outputs += [f"{args.out}_{kind}.{ext}" for kind in ("cmc", "roc") for ext in ("png", "pdf")]
     existing = [p for p in outputs if os.path.exists(p)]
     if existing and not args.force:
-        raise ResultsInputError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
+        raise OutputExistsError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     io.atomic_write_text(outputs[0], markdown_table(rows))
     io.atomic_write_text(outputs[1], latex_table(rows))

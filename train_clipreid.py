@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 import models
+import prompt_models
 from utils import errors, io, data, evaluation, distributed, training, runs
 from losses import CrossEntropyLabelSmooth, SupConLoss, TripletLoss, cross_entropy_label_smooth
 
@@ -50,7 +51,7 @@ def parse_args(argv=None):
     g.add_argument("--stage", default="both", choices=["1", "2", "both"],
                    help="1: learn and save the prompts only; 2: fine-tune from --prompts; both: 1 then 2")
     g.add_argument("--prompts", default=None, help="prompts.pth of a stage-1 run (with --stage 2)")
-    g.add_argument("--prompt_template", default=models.DEFAULT_PROMPT_TEMPLATE,
+    g.add_argument("--prompt_template", default=prompt_models.DEFAULT_PROMPT_TEMPLATE,
                    help="each standalone X becomes one learnable token per identity")
     g.add_argument("--sie", action="store_true",
                    help="side-information embedding of the hand aspect (split root) added to the ViT class token")
@@ -284,8 +285,8 @@ def cache_image_features(visual, feature_set, args, device, amp):
                                          num_workers=args.num_workers, pin_memory=str(device).startswith("cuda"))
     was_training = visual.training
     visual.eval()
-    features, labels = evaluation.collect_outputs(visual, loader, device, amp, progress=args.progress,
-                                             desc="stage 1: caching image features")
+    features, labels = evaluation.extract_features(visual, loader, device, amp, progress=args.progress,
+                                                   desc="stage 1: caching image features")
     visual.train(was_training)
     return features.to(device), labels.to(device)
 
@@ -324,7 +325,7 @@ def run_stage1(args, run, visual, clip_model, feature_set, log):
                                        f"has {len(hands['train'])} images; start a new run")
 
     io.set_seed(args.seed)  # the same prompt initialisation whether or not the run resumes
-    text_encoder = models.PromptTextEncoder(clip_model, len(hands["class_names"]), args.prompt_template,
+    text_encoder = prompt_models.PromptTextEncoder(clip_model, len(hands["class_names"]), args.prompt_template,
                                             full_length=args.full_text_length).to(device)
     params = [text_encoder.prompt_learner.cls_ctx]
     optimizer = training.make_optimizer("adam", [{"params": params, "lr": args.stage1_lr,
@@ -410,7 +411,7 @@ def prompt_text_encoder(record, path, spec, clip_model, device):
     if record["backbone"]["name"] != spec["name"] or record["backbone"].get("arch") != spec.get("arch"):
         raise errors.TrainingInputError(f"{path} was learned with the text tower of {record['backbone']['name']}, "
                                        f"not {spec['name']}; use the prompts of a run with the same --backbone_name")
-    text_encoder = models.PromptTextEncoder(clip_model, len(record["class_names"]), record["template"])
+    text_encoder = prompt_models.PromptTextEncoder(clip_model, len(record["class_names"]), record["template"])
     if tuple(record["cls_ctx"].shape) != tuple(text_encoder.prompt_learner.cls_ctx.shape):
         raise errors.TrainingInputError(f"{path}: prompt tokens of shape {tuple(record['cls_ctx'].shape)} do not "
                                        f"fit template {record['template']!r}")

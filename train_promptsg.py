@@ -19,6 +19,7 @@ import os
 
 
 import models
+import prompt_models
 from utils import errors, io, data, evaluation, distributed, training, runs
 from losses import PromptSGLoss
 
@@ -40,9 +41,9 @@ def parse_args(argv=None):
                    help="temperature of that loss on cosine similarities (default: the CLIP checkpoint's own, "
                         "1 / exp(logit_scale), 0.01 for OpenAI's models)")
     g = p.add_argument_group("PromptSG model")
-    g.add_argument("--prompt_template", default=models.PROMPTSG_TEMPLATE,
+    g.add_argument("--prompt_template", default=prompt_models.PROMPTSG_TEMPLATE,
                    help="composed prompt; S* marks where the pseudo-word goes")
-    g.add_argument("--fixed_prompt", default=models.PROMPTSG_FIXED_PROMPT,
+    g.add_argument("--fixed_prompt", default=prompt_models.PROMPTSG_FIXED_PROMPT,
                    help="the prompt that guides the attention at inference with --inference_prompt fixed")
     g.add_argument("--inference_prompt", default="fixed", choices=models.INFERENCE_PROMPTS,
                    help="which prompt guides the attention in validation (and by default in the evaluator)")
@@ -69,7 +70,7 @@ def check_args(args):
     if args.batch_size < 2:
         problems.append("--batch_size must be at least 2 (the inversion network ends with a BatchNorm)")
     try:
-        models.composed_prompt_tokens(args.prompt_template)
+        prompt_models.composed_prompt_tokens(args.prompt_template)
     except ValueError as err:
         problems.append(str(err))
     if problems:

@@ -14,6 +14,7 @@ import clip
 import eval_query_gallery_clip_zeroshot
 import eval_query_gallery_finetune
 import models
+import prompt_models
 import train_clipreid
 from utils import io
 
@@ -40,29 +41,29 @@ def tiny_clip(tiny_vit_checkpoint):
     return model
 
 
-def fresh_text_encoder(tiny_vit_checkpoint, num_classes=5, template=models.DEFAULT_PROMPT_TEMPLATE, **kwargs):
+def fresh_text_encoder(tiny_vit_checkpoint, num_classes=5, template=prompt_models.DEFAULT_PROMPT_TEMPLATE, **kwargs):
     model, _ = clip.load(tiny_vit_checkpoint, device="cpu")
     torch.manual_seed(0)
-    return models.PromptTextEncoder(model, num_classes, template, **kwargs)
+    return prompt_models.PromptTextEncoder(model, num_classes, template, **kwargs)
 
 
 def test_template_parsing_counts_placeholders():
-    tokens, positions, eot = models.parse_prompt_template("A photo of a X X X X hand.")
+    tokens, positions, eot = prompt_models.parse_prompt_template("A photo of a X X X X hand.")
     assert positions == [5, 6, 7, 8] and eot == 11
     assert tokens[eot] == 49407 and tokens[9] == clip.tokenize("hand")[0, 1]
-    _, positions, eot = models.parse_prompt_template("X X hand of X.")
+    _, positions, eot = prompt_models.parse_prompt_template("X X hand of X.")
     assert positions == [1, 2, 5] and eot == 7
 
 
 @pytest.mark.parametrize("template", ["A photo of a hand.", "A photo of a " + "word " * 80 + "X."])
 def test_template_without_placeholder_or_too_long_is_refused(template):
     with pytest.raises(ValueError, match="--prompt_template"):
-        models.parse_prompt_template(template)
+        prompt_models.parse_prompt_template(template)
 
 
 def test_prompt_splice_positions_and_end_token(tiny_clip):
     torch.manual_seed(0)
-    learner = models.PromptLearner(4, "A photo of a X X X X hand.", tiny_clip.token_embedding)
+    learner = prompt_models.PromptLearner(4, "A photo of a X X X X hand.", tiny_clip.token_embedding)
     assert learner.cls_ctx.shape == (4, 4, tiny_clip.token_embedding.weight.shape[1])
     assert 0.015 < learner.cls_ctx.std().item() < 0.025  # N(0, 0.02^2) initialisation
     labels = torch.tensor([2, 0, 2])
@@ -165,7 +166,7 @@ def test_stage1_lowers_the_loss_and_separates_identities(clipreid_run, tiny_vit_
     assert float(rows[-1]["loss_i2t"]) < float(rows[0]["loss_i2t"])
     assert float(rows[-1]["loss_t2i"]) < float(rows[0]["loss_t2i"])
     prompts = torch.load(os.path.join(clipreid_run["run_dir"], "prompts.pth"), weights_only=True)
-    assert prompts["cls_ctx"].shape == (12, 4, 64) and prompts["template"] == models.DEFAULT_PROMPT_TEMPLATE
+    assert prompts["cls_ctx"].shape == (12, 4, 64) and prompts["template"] == prompt_models.DEFAULT_PROMPT_TEMPLATE
 
     def mean_cosine(text):  # mean similarity between the text features of different identities
         text = torch.nn.functional.normalize(text, dim=1)
@@ -222,8 +223,8 @@ def test_run_folder_and_evaluator(clipreid_run, hand_data, tmp_path):
 def test_stage2_from_saved_prompts_computes_text_features_once(clipreid_run, hand_data, tiny_vit_checkpoint,
                                                                tmp_path, monkeypatch):
     calls = {"all_class_features": 0, "text_forward": 0, "stage2_batches": 0}
-    all_class_features = models.PromptTextEncoder.all_class_features
-    text_forward = models.PromptTextEncoder.forward
+    all_class_features = prompt_models.PromptTextEncoder.all_class_features
+    text_forward = prompt_models.PromptTextEncoder.forward
     loss_forward = train_clipreid.ClipReIDLoss.forward
 
     def count(name, function):
@@ -232,8 +233,9 @@ def test_stage2_from_saved_prompts_computes_text_features_once(clipreid_run, han
             return function(*args, **kwargs)
         return counted
 
-    monkeypatch.setattr(models.PromptTextEncoder, "all_class_features", count("all_class_features", all_class_features))
-    monkeypatch.setattr(models.PromptTextEncoder, "forward", count("text_forward", text_forward))
+    monkeypatch.setattr(prompt_models.PromptTextEncoder, "all_class_features",
+                        count("all_class_features", all_class_features))
+    monkeypatch.setattr(prompt_models.PromptTextEncoder, "forward", count("text_forward", text_forward))
     monkeypatch.setattr(train_clipreid.ClipReIDLoss, "forward", count("stage2_batches", loss_forward))
     prompts = os.path.join(clipreid_run["run_dir"], "prompts.pth")
     run_train(hand_data, tmp_path, "s2", tiny_vit_checkpoint, *SMALL, "--stage", "2", "--prompts", prompts)

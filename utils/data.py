@@ -8,15 +8,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from clip import CLIP_MEAN, CLIP_STD
 from .errors import ImageLoadError, TrainingInputError
 from .io import _atomic_write
 from .splits import IMAGE_EXTENSIONS
-
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-
-
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def load_image(path, size=None):
