@@ -95,7 +95,7 @@ def draw_figure(result, query_indices, top_k, out_png, title, pdf=False):
 
     top_k = min(top_k, len(result["gallery_label"]))
     score_name = "dist" if result.get("rerank_dist") is not None else "sim"
-    fig = plt.figure(figsize=(1.6 * (top_k + 1), 2.1 * len(query_indices) + 0.6), layout="constrained")
+    fig = plt.figure(figsize=(1.6 * (top_k + 1), 2.0 * len(query_indices) + 0.5), layout="constrained")
     fig.suptitle(title, fontsize=11)
     fig.legend(handles=[Patch(facecolor="none", edgecolor=CORRECT, linewidth=3, label="same identity"),
                         Patch(facecolor="none", edgecolor=WRONG, linewidth=3, label="different identity")],

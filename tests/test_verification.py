@@ -1,24 +1,27 @@
 """Verification metrics (utils/verification.py) against a straightforward computation written here, and
 on scores whose answer is known."""
+import csv
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from utils import verification
+from utils import evaluation, splits, verification
 from conftest import REPO
 
 
 def reference_metrics(scores, q_labels, g_labels, fars):
-    """Every pair in a Python list, the threshold swept over every distinct score, AUC by comparing
-    every genuine pair with every impostor pair."""
-    pairs = [(scores[i, j], q_labels[i] == g_labels[j]) for i in range(len(q_labels)) for j in range(len(g_labels))]
-    genuine = [s for s, same in pairs if same]
-    impostor = [s for s, same in pairs if not same]
+    """Every pair in a flat list, the threshold swept over every distinct score, AUC by comparing every
+    genuine pair with every impostor pair."""
+    same = [[q == g for g in g_labels] for q in q_labels]
+    genuine = np.array([scores[i][j] for i in range(len(q_labels)) for j in range(len(g_labels)) if same[i][j]])
+    impostor = np.array([scores[i][j] for i in range(len(q_labels)) for j in range(len(g_labels)) if not same[i][j]])
+    thresholds = sorted(set(genuine.tolist()) | set(impostor.tolist()), reverse=True)
     points = [(0.0, 1.0)]  # (FAR, FRR), nothing accepted
-    for t in sorted({s for s, _ in pairs}, reverse=True):
-        points.append((sum(s >= t for s in impostor) / len(impostor), 1 - sum(s >= t for s in genuine) / len(genuine)))
+    for t in thresholds:
+        points.append(((impostor >= t).sum() / len(impostor), 1 - (genuine >= t).sum() / len(genuine)))
     points.append((1.0, 0.0))
     for (far0, frr0), (far1, frr1) in zip(points, points[1:]):
         if far1 - frr1 >= 0:  # the first point on or past the line FAR = FRR
@@ -30,11 +33,35 @@ def reference_metrics(scores, q_labels, g_labels, fars):
     tars = []
     for far in fars:
         best = 0.0
-        for t in sorted({s for s, _ in pairs}) + [np.inf]:
-            if sum(s >= t for s in impostor) <= far * len(impostor) * (1 + 1e-12):
-                best = max(best, sum(s >= t for s in genuine) / len(genuine))
+        for t in thresholds + [np.inf]:
+            if (impostor >= t).sum() <= far * len(impostor) * (1 + 1e-12):
+                best = max(best, (genuine >= t).sum() / len(genuine))
         tars.append(best)
     return eer, auc, tars
+
+
+def assert_results_match_reference(results, out_dir):
+    """Every split's verification numbers in results.json against the reference computation on the
+    scores the evaluator ranked by (recomputed from the .mat files it wrote)."""
+    for row in results["rows"]:
+        mat = evaluation.load_result_mat(os.path.join(out_dir, splits.result_mat_name(row["split"], row["gallery"])))
+        if mat["rerank_dist"] is not None:
+            scores = -mat["rerank_dist"]
+        else:
+            scores = np.ascontiguousarray(mat["query_f"]) @ np.ascontiguousarray(mat["gallery_f"]).T
+        eer, auc, tars = reference_metrics(scores, mat["query_label"], mat["gallery_label"], verification.FAR_TARGETS)
+        assert abs(row["EER"] - eer) < 1e-9 and abs(row["AUC"] - auc) < 1e-9
+        impostors = row["num_impostor_pairs"]
+        for far, tar in zip(verification.FAR_TARGETS, tars):
+            got = row[verification.far_name(far)]
+            assert got is None if far * impostors < 10 else abs(got - tar) < 1e-9
+    summary = results["summary"][results["gallery_variants"][0]]
+    eers = [r["EER"] for r in results["rows"] if r["gallery"] == results["gallery_variants"][0]]
+    assert summary["mean"]["EER"] == pytest.approx(np.mean(eers), abs=1e-12)
+    with open(os.path.join(out_dir, "results.csv")) as f:
+        records = list(csv.DictReader(f))
+    assert float(records[0]["EER"]) == pytest.approx(results["rows"][0]["EER"], abs=1e-6)
+    assert records[0]["TAR@1e-4"] == ""  # far too few impostor pairs in these small data sets
 
 
 @pytest.mark.parametrize("seed,rounded", [(0, False), (1, False), (2, True), (3, True)])
@@ -98,3 +125,24 @@ def test_importable_without_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "TAR@1e-3" in out.stdout
+
+
+def test_both_evaluators_report_the_reference_numbers(synthetic_11k, tiny_vit_checkpoint, tmp_path, capsys):
+    import eval_query_gallery_clip_zeroshot as zero_shot
+    import eval_query_gallery_finetune as finetuned
+    import train_finetune
+    test_dir = os.path.join(synthetic_11k, "train_val_test_split_dorsal_r")
+    common = ["--input_size", "64", "64", "--num_workers", "0", "--device", "cpu"]
+    results = zero_shot.main(["--test_dir", test_dir, "--f_name", str(tmp_path), "--backbone_name",
+                              tiny_vit_checkpoint, *common])
+    assert_results_match_reference(results, str(tmp_path / "clip_zero_shot" / "tiny_vit"))
+    printed = capsys.readouterr().out
+    assert "ROC AUC" in printed and "TAR@FAR=1e-3" in printed and "n/a" in printed
+    train_finetune.main(["--data_dir", test_dir, "--f_name", str(tmp_path), "--m_name", "ft", "--backbone_name",
+                         tiny_vit_checkpoint, "--epochs", "1", "--no-final_test", "--no-progress", *common])
+    out_dir = str(tmp_path / "ft_eval")
+    results = finetuned.main(["--test_dir", test_dir, "--f_name", str(tmp_path), "--m_name", "ft", "--rerank",
+                              "--out_dir", out_dir, "--device", "cpu", "--num_workers", "0"])
+    assert_results_match_reference(results, out_dir)
+    roc = results["summary"]["all"]["roc_mean"]
+    assert len(roc["far"]) == len(roc["tar"]) == len(verification.ROC_FAR_GRID) and roc["tar"][-1] == 1.0

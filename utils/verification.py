@@ -21,6 +21,8 @@ def far_name(far):
 
 
 VERIFICATION_NAMES = ("EER", "AUC", *(far_name(f) for f in FAR_TARGETS))
+VERIFICATION_LABELS = {"EER": "EER", "AUC": "ROC AUC", **{far_name(f): f"TAR@FAR={f:.0e}".replace("e-0", "e-")
+                                                         for f in FAR_TARGETS}}
 
 
 def pair_scores(scores, q_labels, g_labels):
