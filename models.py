@@ -189,11 +189,8 @@ def load_backbone(spec, weights="pretrained", download_root=None):
 def load_pretrained(spec, download_root, dist_info, text_tower=True):
     """load_clip_model(spec, "pretrained") in every process of a run; rank 0 first, so that only it
     downloads."""
-    for turn in ("main", "others"):
-        if (turn == "main") == dist_info.is_main:
-            model = load_clip_model(spec, "pretrained", download_root, text_tower)
-        distributed.barrier(dist_info)
-    return model
+    with distributed.rank0_first(dist_info):
+        return load_clip_model(spec, "pretrained", download_root, text_tower)
 
 
 def resumed_run(out_dir, args, class_names, where):
