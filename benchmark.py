@@ -10,6 +10,8 @@ Parts:
   metrics  the vectorised evaluation (metrics.query_gallery_metrics: CMC, mAP in both conventions, mINP)
            against a straightforward per-query Python loop, on a 2,000 x 10,000 score matrix.
            Target: >= 5x.
+  verification  verification.verification_metrics (EER, AUC, TAR@FAR, ROC curve) on a 2,000 x 10,000
+           score matrix (20 M pairs). Target: well under a second.
   train    training images/s of the fine-tuning step (train_finetune.py's: two LS-CE heads, Adam,
            train_one_epoch) and
   infer    inference images/s (retrieval feature), each for --backbones (random weights) at --input_size,
@@ -30,7 +32,7 @@ import time
 import numpy as np
 
 import models
-from utils import io, data, metrics, training
+from utils import io, data, metrics, training, verification
 
 
 def best_time(fn, repeats):
@@ -304,7 +306,18 @@ def bench_infer(args):
     return bench_throughput(args, train=False)
 
 
-PARTS = {"decode": bench_decode, "metrics": bench_metrics, "train": bench_train, "infer": bench_infer}
+def bench_verification(args):
+    num_q, num_g = args.metrics_shape
+    rng = np.random.default_rng(args.seed)
+    g_labels, q_labels = np.arange(num_g) % (num_g // 5), rng.integers(0, num_g // 5, num_q)
+    sim = rng.normal(size=(num_q, num_g)).astype(np.float32) + 1.5 * (q_labels[:, None] == g_labels[None, :])
+    seconds, got = best_time(lambda: verification.verification_metrics(sim, q_labels, g_labels), args.repeats)
+    print(f"verification {num_q}x{num_g} ({num_q * num_g:,} pairs): {seconds:.3f} s (target < 1 s); "
+          f"EER {got['EER']:.4f}, AUC {got['AUC']:.4f}")
+    return {"shape_QxG": [num_q, num_g], "seconds": seconds, "target_seconds": 1.0}
+
+
+PARTS = {"decode": bench_decode, "metrics": bench_metrics, "verification": bench_verification, "train": bench_train, "infer": bench_infer}
 
 
 def parse_args(argv=None):

@@ -9,11 +9,13 @@
 4. draws the ranking figure of split 0;
 5. fine-tunes the image encoder (train_finetune.py) and evaluates it (eval_query_gallery_finetune.py);
 6. trains CLIP-ReID (train_clipreid.py) and PromptSG (train_promptsg.py) and evaluates them;
-7. prints the methods side by side.
 
-When the pretrained weights cannot be had, a banner says so and every step uses randomly
-initialised weights of the same architecture; every output then records "pretrained": false.
-Training runs are short (--epochs); on a CPU the input size defaults to 112x112 to keep them quick.
+7. prints the methods side by side and writes the results table (collect_results.py).
+
+When the pretrained weights cannot be had, a banner says so and the demo builds a small CLIP-format
+model instead (SMALL_VIT below: random init, 64x64 inputs), with a training recipe that lets it learn
+within minutes on a CPU; every output then records "pretrained": false. With pretrained weights,
+training runs are short (--epochs); on a CPU the input size defaults to 112x112 to keep them quick.
 """
 import argparse
 import json
@@ -25,8 +27,19 @@ import clip
 from utils import io, synthetic
 
 ASPECT = "dorsal_r"
-# the synthetic training set has about a dozen identities: PK batches of 8 identities x 4 images
+# PK batches of 8 identities x 4 images
 PK_BATCH = ["--batch_size", "32", "--num_instances", "4"]
+# The model built when no pretrained weights are available: a CLIP-format ViT small enough to train on
+# two CPU cores in seconds an epoch (patch 8 at 64x64: 64 tokens, width 128, 4 layers; text width 64).
+SMALL_VIT = dict(embed_dim=64, image_resolution=64, vision_layers=4, vision_width=128, vision_patch_size=8,
+                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)
+# Its recipe: randomly initialised weights need learning rates far above the fine-tuning ones, more
+# identities to learn from and more optimiser steps (PK batches of 4 identities x 4 images).
+# CLIP-ReID's stage 2 learns slower (its image-to-text loss pulls towards text features of a random
+# text tower): a lower learning rate for twice the epochs.
+SMALL_RECIPE = {"num_ids": 40, "input_size": [64, 64], "stride": 8, "epochs": 20, "lr": 1e-3,
+                "pk_batch": ["--batch_size", "16", "--num_instances", "4"],
+                "clipreid": ["--lr", "3e-4", "--epochs", "40", "--eval_every", "40"]}
 
 
 def parse_args(argv=None):
@@ -37,12 +50,20 @@ def parse_args(argv=None):
     p.add_argument("--download_root", default="~/.cache/clip", help="where official weights are cached")
     p.add_argument("--random_init", action="store_true",
                    help="use randomly initialised weights even if pretrained ones are available")
-    p.add_argument("--num_ids", type=int, default=24,
-                   help="synthetic identities per hand aspect (at least 16: half of them train)")
+    p.add_argument("--num_ids", type=int, default=None,
+                   help="synthetic identities per hand aspect (at least 16: half of them train); default 24, "
+                        "40 for the small random model")
+    p.add_argument("--images_per_id", type=int, nargs=2, default=[5, 7], metavar=("MIN", "MAX"),
+                   help="synthetic images per identity and aspect")
     p.add_argument("--num_splits", type=int, default=10, help="Monte-Carlo query/gallery splits")
     p.add_argument("--input_size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="default 224 224 on CUDA, 112 112 on CPU")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of each training run (default 10 on CUDA, 4 on CPU)")
+                   help="default 224 224 on CUDA, 112 112 on CPU; 64 64 for the small random model")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs of each training run (default 10 on CUDA, 4 on CPU; 20 for the small random model, "
+                        "40 for its CLIP-ReID)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of every trainer (default: each trainer's own; 1e-3 for the small random model, "
+                        "3e-4 for its CLIP-ReID)")
     p.add_argument("--methods", nargs="*", default=["finetune", "clipreid", "promptsg"],
                    choices=["finetune", "clipreid", "promptsg"], help="training methods to run after zero-shot")
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
@@ -59,8 +80,9 @@ def banner(lines):
 
 
 def resolve_backbone(args):
-    """Returns (backbone argument for the scripts, pretrained flag). Falls back to random weights, loudly.
-    A local checkpoint path is used as it is; whether it holds pretrained weights is then unknown (None)."""
+    """Returns (backbone argument for the scripts, pretrained flag). Without pretrained weights it builds
+    the small random model, loudly. A local checkpoint path is used as it is; whether it holds
+    pretrained weights is then unknown (None)."""
     if args.backbone_name not in clip.available_models():
         if not os.path.isfile(args.backbone_name):
             raise SystemExit(f"--backbone_name {args.backbone_name} is neither an official CLIP name "
@@ -74,12 +96,13 @@ def resolve_backbone(args):
             return args.backbone_name, True
         except (RuntimeError, OSError) as err:
             reason = str(err).splitlines()[0]
-    path = os.path.join(args.out, f"random_init_{args.backbone_name.replace('/', '-')}_seed{args.seed}.pt")
+    path = os.path.join(args.out, f"small_vit_random_init_seed{args.seed}.pt")
     if not os.path.isfile(path):
         os.makedirs(args.out, exist_ok=True)
-        io.atomic_torch_save(clip.random_state_dict(args.backbone_name, seed=args.seed), path)
+        io.atomic_torch_save(clip.random_state_dict(SMALL_VIT, seed=args.seed), path)
     banner([f"PRETRAINED {args.backbone_name} WEIGHTS ARE NOT AVAILABLE ({reason[:90]})",
-            "This demo runs with RANDOMLY INITIALISED weights: the numbers below say nothing",
+            "This demo runs a SMALL CLIP-FORMAT ViT with RANDOMLY INITIALISED weights built by the",
+            "project (patch 8, width 128, 4 layers, 64x64 inputs): the numbers below say nothing",
             "about CLIP. Every output records \"pretrained\": false.",
             f"Random weights: {path}"])
     return path, False
@@ -100,86 +123,109 @@ def table_rows(results, name):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.num_ids < 16:
+    if args.num_ids is not None and args.num_ids < 16:
         raise SystemExit("--num_ids must be at least 16: the PK batches need 8 training identities")
     start = time.time()
-    on_cuda = args.device.startswith("cuda")
-    input_size = args.input_size or ([224, 224] if on_cuda else [112, 112])
-    epochs = args.epochs or (10 if on_cuda else 4)
-    size_args = ["--input_size", str(input_size[0]), str(input_size[1])]
-    common = ["--device", args.device, "--seed", str(args.seed), "--num_workers", str(args.num_workers)]
-
+    backbone, pretrained = resolve_backbone(args)
+    small = pretrained is False
+    num_ids = args.num_ids or (SMALL_RECIPE["num_ids"] if small else 24)
     import prepare_train_val_test_11k_r_l as prepare
     import eval_query_gallery_clip_zeroshot as zeroshot
     import query_ranking_result_demo as ranking
+    import collect_results
 
     data_11k = os.path.join(args.data_dir, "11k")
-    print(f"[1/6] drawing a synthetic 11k-format dataset in {data_11k}", flush=True)
-    synthetic.make_synthetic_11k(data_11k, num_ids_per_aspect=args.num_ids, seed=args.seed)
-    print("[2/6] preparing the MBA-Net splits", flush=True)
+    print(f"[1/7] drawing a synthetic 11k-format dataset in {data_11k}", flush=True)
+    synthetic.make_synthetic_11k(data_11k, num_ids_per_aspect=num_ids, images_per_id=tuple(args.images_per_id),
+                                 image_size=(80, 60), seed=args.seed)
+    print("[2/7] preparing the MBA-Net splits", flush=True)
     prepare.main(["--data_dir", data_11k, "--num_splits", str(args.num_splits), "--seed", str(args.seed),
                   "--force"])
     split_root = os.path.join(data_11k, f"train_val_test_split_{ASPECT}")
 
-    backbone, pretrained = resolve_backbone(args)
+    on_cuda = args.device.startswith("cuda")
+    input_size = args.input_size or (SMALL_RECIPE["input_size"] if small else [224, 224] if on_cuda else [112, 112])
+    epochs = args.epochs or (SMALL_RECIPE["epochs"] if small else 10 if on_cuda else 4)
+    lr = args.lr or (SMALL_RECIPE["lr"] if small else None)
+    size_args = ["--input_size", str(input_size[0]), str(input_size[1])]
+    common = ["--device", args.device, "--seed", str(args.seed), "--num_workers", str(args.num_workers)]
     pretrained_flag = [] if pretrained is None else ["--pretrained", "true" if pretrained else "false"]
-    print("[3/6] zero-shot CLIP", flush=True)
+    print("[3/7] zero-shot CLIP", flush=True)
     zs = zeroshot.main(["--test_dir", split_root, "--f_name", args.out, "--backbone_name", backbone,
                         "--download_root", args.download_root, "--force", *size_args, *common,
                         *pretrained_flag])
     zs_dir = os.path.join(args.out, "clip_zero_shot", zeroshot.backbone_folder_name(backbone))
     rows = [table_rows(zs, "zero-shot CLIP")]
 
-    print("[4/6] ranking figure", flush=True)
+    print("[4/7] ranking figure", flush=True)
     figure = os.path.join(args.out, "ranking_zero_shot.png")
     ranking.main(["--mat", os.path.join(zs_dir, "result_split0_all.mat"), "--num_queries", "4",
-                  "--top_k", "8", "--out", figure, "--seed", str(args.seed), "--force"])
+                  "--top_k", "8", "--out", figure, "--pdf", "--seed", str(args.seed), "--force"])
 
-    print(f"[5/6] training: {', '.join(args.methods) or 'nothing'}", flush=True)
+    print(f"[5/7] training: {', '.join(args.methods) or 'nothing'}", flush=True)
     import eval_query_gallery_finetune as eval_finetune
     train_common = ["--data_dir", split_root, "--f_name", args.out, "--backbone_name", backbone,
-                    "--epochs", str(epochs), "--warmup_epochs", "1", "--force", "--no-final_test", *size_args, *common,
-                    *pretrained_flag]
+                    "--epochs", str(epochs), "--warmup_epochs", "1", "--eval_every", str(epochs), "--force",
+                    "--no-final_test", *size_args, *common, *pretrained_flag]
+    if small:
+        train_common += ["--stride", str(SMALL_RECIPE["stride"])]
+    if lr:
+        train_common += ["--lr", str(lr)]
     if args.download_root:
         train_common += ["--download_root", args.download_root]
+    result_dirs = [zs_dir]
     for method in args.methods:
-        m_name, name = run_method(method, train_common, epochs, args)
+        own = SMALL_RECIPE.get(method, []) if small and not (args.epochs or args.lr) else []
+        m_name, name = run_method(method, train_common + own, epochs, SMALL_RECIPE["pk_batch"] if small else PK_BATCH)
+        result_dirs.append(os.path.join(args.out, m_name, "eval_best"))
+        print(f"[6/7] evaluating {name}", flush=True)
         results = eval_finetune.main(["--test_dir", split_root, "--f_name", args.out, "--m_name", m_name,
-                                      "--out_dir", os.path.join(args.out, m_name, "eval_best"), "--force",
+                                      "--out_dir", result_dirs[-1], "--force",
                                       "--device", args.device, "--num_workers", str(args.num_workers)])
         rows.append(table_rows(results, name))
 
-    print("[6/6] summary", flush=True)
-    weights = {True: "pretrained", False: "RANDOM INIT", None: "local checkpoint"}[pretrained]
-    title = (f"Synthetic 11k {ASPECT}, {args.num_splits} splits, backbone {args.backbone_name} ({weights}), "
-             f"input {input_size[0]}x{input_size[1]}")
-    table = io.format_results_table(rows, title=title)
+    print("[7/7] summary", flush=True)
+    weights = {True: "pretrained", False: "SMALL VIT, RANDOM INIT", None: "local checkpoint"}[pretrained]
+    title = (f"Synthetic 11k {ASPECT}, {args.num_splits} splits, backbone "
+             f"{'small ViT' if small else args.backbone_name} ({weights}), input {input_size[0]}x{input_size[1]}")
+    table = io.format_results_table(rows, title=title) + "\n" + versus_zero_shot(rows)
     print(table)
     io.atomic_write_text(os.path.join(args.out, "summary.txt"), table + "\n")
+    collect_results.main([*result_dirs, "--out", os.path.join(args.out, "results_table"), "--plot", "--force"])
     io.write_run_config(args.out, args, extra={"pretrained": pretrained, "backbone": backbone,
-                                                  "input_size": input_size, "epochs": epochs},
+                                                  "input_size": input_size, "epochs": epochs, "lr": lr,
+                                                  "num_ids": num_ids},
                            name="demo_config.json")
-    print(f"Wrote the demo's data to {args.data_dir}, results, the ranking figure ({figure}) and summary.txt "
-          f"to {args.out} in {time.time() - start:.0f} s")
+    print(f"Wrote the demo's data to {args.data_dir}, results, the ranking figure ({figure}), summary.txt and "
+          f"results_table.md/.tex/.csv to {args.out} in {time.time() - start:.0f} s")
     return rows
 
 
-def run_method(method, train_common, epochs, args):
+def versus_zero_shot(rows):
+    """One line per trained method: its mean Rank-1 and mAP against zero-shot's (the first row)."""
+    def mean(values):
+        return 100 * sum(values) / len(values)
+    (_, base), lines = rows[0], []
+    for name, metrics in rows[1:]:
+        gains = [mean(metrics[k]) - mean(base[k]) for k in ("rank1", "mAP")]
+        verdict = "above" if min(gains) > 0 else "NOT above"
+        lines.append(f"{name}: Rank-1 {gains[0]:+.2f}, mAP {gains[1]:+.2f} points vs zero-shot ({verdict} zero-shot)")
+    return "\n".join(lines)
+
+
+def run_method(method, train_common, epochs, pk_batch):
     if method == "finetune":
         import train_finetune
-        m_name = "finetune"
-        train_finetune.main([*train_common, "--m_name", m_name, "--eval_every", str(epochs), "--batch_size", "16"])
-        return m_name, "fine-tuned (CLIP-HandID recipe)"
+        train_finetune.main([*train_common, "--m_name", "finetune", "--batch_size", "16"])
+        return "finetune", "fine-tuned (CLIP-HandID recipe)"
     if method == "clipreid":
         import train_clipreid
-        m_name = "clipreid"
-        train_clipreid.main([*train_common, "--m_name", m_name, "--eval_every", str(epochs),
-                             "--stage1_epochs", str(max(epochs, 10)), *PK_BATCH])
-        return m_name, "CLIP-ReID (two-stage)"
+        train_clipreid.main([*train_common, "--m_name", "clipreid", "--stage1_epochs", str(max(epochs, 10)),
+                             *pk_batch])
+        return "clipreid", "CLIP-ReID (two-stage)"
     import train_promptsg
-    m_name = "promptsg"
-    train_promptsg.main([*train_common, "--m_name", m_name, "--eval_every", str(epochs), *PK_BATCH])
-    return m_name, "PromptSG"
+    train_promptsg.main([*train_common, "--m_name", "promptsg", *pk_batch])
+    return "promptsg", "PromptSG"
 
 
 if __name__ == "__main__":

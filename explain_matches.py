@@ -303,7 +303,7 @@ def main(argv=None):
         summary["mass_on_parts"] = float(np.mean([m for m, _ in parts]))
         summary["part_area"] = float(np.mean([a for _, a in parts]))
     os.makedirs(args.out_dir, exist_ok=True)
-    pdf = draw_figure(rows[:args.draw], top_k, out_png)
+    pdf = draw_figure(rows[:args.draw], top_k, out_png)[-1]
     method = "gradient-weighted attention rollout" if recorder.is_vit else "Grad-CAM on layer4"
     extra = {"model": description, "map": method, "input_size": list(size), "deletion_fill": DELETION_FILL,
              "deletion_fractions": list(explanation.DELETION_FRACTIONS), "mat": os.path.abspath(args.mat),

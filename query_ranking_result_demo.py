@@ -1,14 +1,18 @@
-"""Ranking figure from an evaluator's result_split{i}.mat: one row per query, the query image then its
-top-k gallery images with a green border for a correct match and a red one for a wrong match. The
+"""Ranking figure from an evaluator's result_split{i}.mat: one row per query, the query image (with its
+file name and identity) then its top-k gallery images, each with its identity and similarity under it
+and a green border for the same identity, a red one for a different identity. The title names the
+method, backbone, split and gallery variant (from results.json / config.json next to the .mat). The
 images are read from the paths stored in the .mat, so they always belong to the split of the features.
 
     python query_ranking_result_demo.py --mat ./model_eval/clip_zero_shot/ViT-B-16/result_split0.mat \
-        --num_queries 4 --top_k 10 --out ranking.png
+        --num_queries 4 --top_k 10 --out ranking.png --pdf
 
-Writes the PNG and a PDF (same name, .pdf) for papers.
+Writes the PNG, and with --pdf also a vector PDF (same name, .pdf) for papers.
 """
 import argparse
+import json
 import os
+import re
 
 import numpy as np
 
@@ -24,9 +28,11 @@ def parse_args(argv=None):
                         help="query row(s) to show (0-based); default: --num_queries random queries")
     parser.add_argument("--num_queries", type=int, default=4, help="random queries to show when --query_index is not given")
     parser.add_argument("--top_k", type=int, default=10, help="gallery images per row")
-    parser.add_argument("--out", default="ranking.png", help="output PNG; a PDF is written next to it")
+    parser.add_argument("--out", default="ranking.png", help="output PNG")
+    parser.add_argument("--pdf", action="store_true", help="also write a vector PDF next to the PNG")
     parser.add_argument("--seed", type=int, default=0, help="picks the random queries")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out figure (and its PDF)")
+    parser.add_argument("--title", default=None, help="figure title (default: method, backbone, split and gallery)")
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.num_queries < 1:
         parser.error("--top_k and --num_queries must be at least 1")
@@ -35,13 +41,38 @@ def parse_args(argv=None):
 
 def rank_gallery(result, query_index):
     """Gallery indices as the evaluator ranked them (cosine similarity, or the re-ranked distance when
-    the .mat holds one; ties by gallery order), and whether each is a true match."""
+    the .mat holds one; ties by gallery order), whether each is a true match, and the scores in that
+    order (similarity, or distance for re-ranking)."""
     if result.get("rerank_dist") is not None:
-        scores = -result["rerank_dist"][query_index]
+        distance = result["rerank_dist"][query_index]
+        order = np.argsort(distance, kind="stable")
+        scores = distance[order]
     else:
-        scores = result["gallery_f"] @ result["query_f"][query_index]
-    order = np.argsort(-scores, kind="stable")
-    return order, result["gallery_label"][order] == result["query_label"][query_index]
+        similarity = result["gallery_f"] @ result["query_f"][query_index]
+        order = np.argsort(-similarity, kind="stable")
+        scores = similarity[order]
+    return order, result["gallery_label"][order] == result["query_label"][query_index], scores
+
+
+def default_title(mat_path):
+    """'method, backbone, split i, gallery own|all' from the .mat's name and the results.json /
+    config.json next to it (each part left out when unknown)."""
+    folder = os.path.dirname(os.path.abspath(mat_path))
+    info = {}
+    for name in ("config.json", "results.json"):  # results.json wins
+        try:
+            with open(os.path.join(folder, name)) as f:
+                info.update(json.load(f))
+        except (OSError, ValueError):
+            pass
+    backbone = str(info.get("backbone") or "")
+    if backbone.endswith((".pt", ".pth")):  # a checkpoint file: its stem, as the evaluators name folders
+        backbone = os.path.splitext(os.path.basename(backbone))[0]
+    parts = [info.get("method"), backbone and f"backbone {backbone}"]
+    found = re.fullmatch(r"result_split(\d+)(_all)?\.mat", os.path.basename(mat_path))
+    if found:
+        parts += [f"split {found.group(1)}", "gallery all (with distractors)" if found.group(2) else "gallery own"]
+    return ", ".join(p for p in parts if p) or os.path.basename(mat_path)
 
 
 def choose_queries(args, num_queries):
@@ -55,34 +86,46 @@ def choose_queries(args, num_queries):
     return sorted(rng.choice(num_queries, size=min(args.num_queries, num_queries), replace=False).tolist())
 
 
-def draw_figure(result, query_indices, top_k, out_png):
-    """Draw the ranking rows and save PNG + PDF. Returns the PDF path."""
+def draw_figure(result, query_indices, top_k, out_png, title, pdf=False):
+    """Draw the ranking rows and save the PNG (and a PDF with `pdf`). Returns the paths written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     top_k = min(top_k, len(result["gallery_label"]))
-    fig = plt.figure(figsize=(1.6 * (top_k + 1), 1.9 * len(query_indices)), layout="constrained")
+    score_name = "dist" if result.get("rerank_dist") is not None else "sim"
+    fig = plt.figure(figsize=(1.6 * (top_k + 1), 2.0 * len(query_indices) + 0.5), layout="constrained")
+    fig.suptitle(title, fontsize=11)
+    fig.legend(handles=[Patch(facecolor="none", edgecolor=CORRECT, linewidth=3, label="same identity"),
+                        Patch(facecolor="none", edgecolor=WRONG, linewidth=3, label="different identity")],
+               loc="outside lower center", ncols=2, fontsize=9, frameon=False)
     rows = fig.subfigures(len(query_indices), 1, squeeze=False)[:, 0]
     for subfig, q in zip(rows, query_indices):
-        order, is_match = rank_gallery(result, q)
+        order, is_match, scores = rank_gallery(result, q)
         hits = np.flatnonzero(is_match)
         first = f"first correct match at rank {hits[0] + 1}" if len(hits) else "no correct match in the gallery"
-        subfig.suptitle(f"query {q}, identity {result['query_label'][q]}: {first}", fontsize=10, x=0.01, ha="left")
-        panels = [(result["query_path"][q], "query", "black")]
-        panels += [(result["gallery_path"][g], str(rank + 1), CORRECT if is_match[rank] else WRONG)
+        subfig.suptitle(f"query {os.path.basename(result['query_path'][q])} (identity {result['query_label'][q]}): "
+                        f"{first}", fontsize=9, x=0.01, ha="left")
+        panels = [(result["query_path"][q], "query", f"id {result['query_label'][q]}", "black")]
+        panels += [(result["gallery_path"][g], f"rank {rank + 1}",
+                    f"id {result['gallery_label'][g]}\n{score_name} {scores[rank]:.3f}",
+                    CORRECT if is_match[rank] else WRONG)
                    for rank, g in enumerate(order[:top_k])]
-        for ax, (path, title, color) in zip(subfig.subplots(1, top_k + 1), panels):
+        for ax, (path, header, caption, color) in zip(subfig.subplots(1, top_k + 1), panels):
             img = data.load_image(path)
             img.thumbnail((400, 400))  # keeps the aspect; full-size photos would bloat the PDF
             ax.imshow(img)
-            style_panel(ax, title, color)
-    return save_png_and_pdf(fig, out_png)
+            style_panel(ax, header, color, caption)
+    return save_png_and_pdf(fig, out_png, pdf)
 
 
-def style_panel(ax, title, color):
-    """Title and border in `color` (green: same identity, red: another, black: the query), no ticks."""
-    ax.set_title(title, color=color, fontsize=9)
+def style_panel(ax, title, color, caption=None):
+    """Title (and caption below) and border in `color` (green: same identity, red: another, black: the
+    query), no ticks."""
+    ax.set_title(title, color=color, fontsize=8)
+    if caption:
+        ax.set_xlabel(caption, color=color, fontsize=7)
     ax.set_xticks([])
     ax.set_yticks([])
     for spine in ax.spines.values():
@@ -90,12 +133,13 @@ def style_panel(ax, title, color):
         spine.set_linewidth(3 if color != "black" else 1)
 
 
-def save_png_and_pdf(fig, out_png):
-    """Save `fig` as out_png and as the PDF beside it (each via a temporary name), close it; returns the PDF path."""
+def save_png_and_pdf(fig, out_png, pdf=True):
+    """Save `fig` as out_png (and with `pdf` as the PDF beside it), each via a temporary name, and close
+    it; returns the paths written."""
     import matplotlib.pyplot as plt
-    pdf = os.path.splitext(out_png)[0] + ".pdf"
+    paths = [out_png] + ([os.path.splitext(out_png)[0] + ".pdf"] if pdf else [])
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    for path in (out_png, pdf):
+    for path in paths:
         tmp = f"{path}.tmp"
         try:
             fig.savefig(tmp, format=os.path.splitext(path)[1][1:], dpi=150)
@@ -104,7 +148,7 @@ def save_png_and_pdf(fig, out_png):
             if os.path.exists(tmp):
                 os.remove(tmp)
     plt.close(fig)
-    return pdf
+    return paths
 
 
 def main(argv=None):
@@ -118,26 +162,27 @@ def main(argv=None):
                          f"of this repository to write them")
     if not args.out.lower().endswith(".png"):
         raise SystemExit(f"--out must name a .png file, got {args.out}")
-    existing = [p for p in (args.out, os.path.splitext(args.out)[0] + ".pdf") if os.path.exists(p)]
+    outputs = [args.out] + ([os.path.splitext(args.out)[0] + ".pdf"] if args.pdf else [])
+    existing = [p for p in outputs if os.path.exists(p)]
     if existing and not args.force:
         raise SystemExit(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
     queries = choose_queries(args, len(result["query_label"]))
     needed = [result["query_path"][q] for q in queries]
     for q in queries:
-        order, _ = rank_gallery(result, q)
+        order = rank_gallery(result, q)[0]
         needed += [result["gallery_path"][g] for g in order[:args.top_k]]
     missing = [p for p in needed if not os.path.isfile(p)]
     if missing:
         raise SystemExit(f"image {missing[0]} named in {args.mat} does not exist ({len(missing)} missing); "
                          f"the split folders moved or were deleted since the evaluation")
     for q in queries:
-        order, is_match = rank_gallery(result, q)
+        order, is_match, _ = rank_gallery(result, q)
         hits = np.flatnonzero(is_match)
         print(f"query {q} ({result['query_path'][q]}), identity {result['query_label'][q]}: first correct match "
               f"at rank {hits[0] + 1 if len(hits) else 'none'}")
-    pdf = draw_figure(result, queries, args.top_k, args.out)
-    print(f"Wrote ranking figure for {len(queries)} quer{'y' if len(queries) == 1 else 'ies'} to {args.out} and {pdf}")
-    return args.out, pdf
+    paths = draw_figure(result, queries, args.top_k, args.out, args.title or default_title(args.mat), pdf=args.pdf)
+    print(f"Wrote ranking figure for {len(queries)} quer{'y' if len(queries) == 1 else 'ies'} to {' and '.join(paths)}")
+    return paths
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import json
 import clip
 import demo
 
-TINY_DEMO = ["--num_ids", "16", "--num_splits", "2", "--epochs", "1", "--input_size", "64", "64",
+TINY_DEMO = ["--num_ids", "16", "--images_per_id", "3", "5", "--num_splits", "2", "--epochs", "1", "--input_size", "64", "64",
              "--device", "cpu", "--num_workers", "0"]
 
 
@@ -28,27 +28,31 @@ def test_demo_runs_every_step_with_a_local_checkpoint(tmp_path, tiny_vit_checkpo
     summary = (out / "summary.txt").read_text()
     assert "Rank-1" in summary and "±" in summary and "local checkpoint" in summary
     assert read_json(out / "demo_config.json")["pretrained"] is None
+    table = (out / "results_table.md").read_text().splitlines()
+    assert len(table) == 2 + 2 * 4 and "CLIP-ReID" not in table[0]  # 4 methods x 2 galleries
+    for name in ("results_table.tex", "results_table.csv", "results_table_cmc.png", "results_table_roc.pdf"):
+        assert (out / name).stat().st_size > 0
 
 
 def test_demo_falls_back_to_random_weights_loudly(tmp_path, monkeypatch, capsys):
-    """No pretrained weights: a banner, random weights of the asked architecture (a tiny one here, to
-    stay fast), and "pretrained": false in every output."""
+    """No pretrained weights: a banner, the small random model (a tinier one here, to stay fast) with
+    its recipe (patch stride 8), and "pretrained": false in every output."""
     def no_network(url, root):
         raise clip.ModelDownloadError("no network")
 
-    tiny = clip.clip.tiny_config("vit")
-    random_state_dict = clip.random_state_dict
     monkeypatch.setattr(clip.clip, "_download", no_network)
-    monkeypatch.setattr(clip, "random_state_dict", lambda arch, seed=0: random_state_dict(tiny, seed))
+    monkeypatch.setattr(demo, "SMALL_VIT", dict(clip.clip.tiny_config("vit"), vision_patch_size=8))
     out = tmp_path / "out"
     demo.main(["--data_dir", str(tmp_path / "data"), "--out", str(out), "--methods", "finetune",
                "--download_root", str(tmp_path / "empty_cache"), *TINY_DEMO])
     printed = capsys.readouterr().out
-    assert "RANDOMLY INITIALISED" in printed and "no network" in printed
+    assert "RANDOMLY INITIALISED" in printed and "SMALL CLIP-FORMAT ViT" in printed and "no network" in printed
     assert read_json(out / "demo_config.json")["pretrained"] is False
-    zero_shot_dir = out / "clip_zero_shot" / "random_init_ViT-B-16_seed0"
+    zero_shot_dir = out / "clip_zero_shot" / "small_vit_random_init_seed0"
     assert read_json(zero_shot_dir / "config.json")["pretrained"] is False
     assert read_json(zero_shot_dir / "results.json")["pretrained"] is False
-    assert read_json(out / "finetune" / "config.json")["pretrained"] is False
+    config = read_json(out / "finetune" / "config.json")
+    assert config["pretrained"] is False and config["model"]["backbone"]["patch_stride"] == 8
+    assert sorted(p.name for p in (out / "finetune").glob("*.pth")) == ["net_best.pth", "net_last.pth"]
     assert read_json(out / "finetune" / "eval_best" / "results.json")["pretrained"] is False
     assert "RANDOM INIT" in (out / "summary.txt").read_text()

@@ -9,7 +9,7 @@ import scipy.io
 import torch
 from tqdm import tqdm
 
-from . import metrics
+from . import metrics, verification
 from .errors import EvaluationInputError, OutputExistsError
 from .io import (atomic_savemat, atomic_write_json, autocast, format_results_table, mean_std, resolve_amp,
                  write_metrics_csv)
@@ -21,7 +21,15 @@ METRIC_CONVENTIONS = {
                                     "CLIP-HandID / CLIP-FH)",
     "mAP_hand": "trapezoid-rule AP (MBA-Net / CLIP-HandID tables)",
     "mAP_standard": "non-interpolated AP over queries with a match (torchreid / CLIP-ReID / fast-reid / CLIP-FH)",
-    "std": "sample standard deviation over the splits (ddof 1)"}
+    "std": "sample standard deviation over the splits (ddof 1)",
+    "EER, AUC, TAR@<FAR>": "verification over every query x gallery pair (genuine = same identity), "
+                           "see utils/verification.py; TAR None when FAR x impostor pairs < 10"}
+
+
+def metric_names():
+    """Every per-split metric of an evaluation, in table and CSV order: the retrieval metrics
+    (metrics.METRIC_NAMES), then the verification ones. Rows also hold the "cmc" and "roc" curves."""
+    return metrics.METRIC_NAMES + verification.VERIFICATION_NAMES
 
 
 @torch.no_grad()
@@ -154,6 +162,7 @@ def score_splits(encoded, num_splits, variants, max_rank=50, rerank=None):
                 scores = query_f @ gallery_f.T
             found = metrics.query_gallery_metrics(scores, np.array(query_labels), np.array(gallery_labels),
                                                   max_rank=max_rank)
+            found.update(verification.verification_metrics(scores, query_labels, gallery_labels))
             rows.append({"split": i, "gallery": variant, "query_set": f"query{i}", "gallery_set": gallery_name,
                          "num_query": len(query_labels), "num_gallery": len(gallery_labels), **found})
             mats[result_mat_name(i, variant)] = mat
@@ -161,14 +170,16 @@ def score_splits(encoded, num_splits, variants, max_rank=50, rerank=None):
 
 
 def summarise(rows, variants):
-    """{variant: {"mean": {metric: value}, "std": {...}, "cmc_mean": [...]}} over the splits."""
+    """{variant: {"mean": {metric: value}, "std": {...}, "cmc_mean": [...], "roc_mean": {"far", "tar"}}}
+    over the splits; a metric that some split could not measure (None) has mean and std None."""
     summary = {}
     for variant in variants:
         mine = [r for r in rows if r["gallery"] == variant]
-        stats = {k: mean_std([r[k] for r in mine]) for k in metrics.METRIC_NAMES}
+        stats = {k: verification.mean_std_or_none([r[k] for r in mine]) for k in metric_names()}
         summary[variant] = {"mean": {k: m for k, (m, _) in stats.items()},
                             "std": {k: s for k, (_, s) in stats.items()},
-                            "cmc_mean": np.mean([r["cmc"] for r in mine], axis=0).tolist()}
+                            "cmc_mean": np.mean([r["cmc"] for r in mine], axis=0).tolist(),
+                            "roc_mean": verification.mean_roc([r["roc"] for r in mine])}
     return summary
 
 
@@ -188,23 +199,26 @@ def write_results(out_dir, results, mats, overwrite=False):
         csv_rows += [{"split": stat, "gallery": variant, **results["summary"][variant][stat]}
                      for stat in ("mean", "std")]
     write_metrics_csv(os.path.join(out_dir, "results.csv"), csv_rows, float_format=".6f",
-                      columns=["split", "gallery", "num_query", "num_gallery", *metrics.METRIC_NAMES])
+                      columns=["split", "gallery", "num_query", "num_gallery", *metric_names()])
 
 
 def print_results(results, test_dir):
-    """The paper-style table (Rank-1/5/10 and the protocol's mAP) and one of the other metrics,
-    mean ± std in percent."""
+    """The paper-style table (Rank-1/5/10 and the protocol's mAP), one of the other retrieval metrics
+    and one of the verification metrics, mean ± std in percent."""
     table_mAP = results.get("table_mAP", "mAP_hand")
     paper = ("rank1", "rank5", "rank10", table_mAP)
     table_rows = []
     for variant in results["gallery_variants"]:
         mine = [r for r in results["rows"] if r["gallery"] == variant]
         table_rows.append((f"{results['method']} [gallery {variant}]",
-                           {k: [r[k] for r in mine] for k in metrics.METRIC_NAMES}))
+                           {k: [r[k] for r in mine] for k in metric_names()}))
     others = [k for k in metrics.METRIC_NAMES if k not in paper]
+    labels = {**metrics.METRIC_LABELS, **verification.VERIFICATION_LABELS}
     for keys, title in ((paper, f"{test_dir}: mean ± std over {results['num_splits']} split(s), percent; "
-                         f"mAP = {table_mAP}"), (others, None)):
-        columns = [("mAP" if k == table_mAP else metrics.METRIC_LABELS.get(k, k), k) for k in keys]
+                         f"mAP = {table_mAP}"), (others, None),
+                        (verification.VERIFICATION_NAMES, "verification (every query x gallery pair; n/a: "
+                                                          "too few impostor pairs for that FAR)")):
+        columns = [("mAP" if k == table_mAP else labels.get(k, k), k) for k in keys]
         print(format_results_table(table_rows, title=title, columns=columns))
 
 
@@ -237,7 +251,7 @@ def evaluate_query_gallery(encode_fn, test_dir, out_dir, *, gallery=None, method
                                   amp=resolve_amp(amp, device), mean=mean, std=std)
     rows, mats = score_splits(encoded, num_splits, variants, max_rank, rerank)
     results = {"method": method_name, "test_dir": os.path.abspath(test_dir), "dataset": layout["dataset"],
-               "num_splits": num_splits, "gallery_variants": variants, "metrics": list(metrics.METRIC_NAMES),
+               "num_splits": num_splits, "gallery_variants": variants, "metrics": list(metric_names()),
                "metric_conventions": METRIC_CONVENTIONS, "table_mAP": table_mAP, "input_size": list(input_size),
                "flip": bool(flip), "amp": resolve_amp(amp, device),
                "rerank": dict(rerank) if rerank else None, "feature_dim": int(encoded["features"].shape[1]),

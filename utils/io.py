@@ -122,9 +122,14 @@ PAPER_COLUMNS = (("Rank-1", "rank1"), ("Rank-5", "rank5"), ("Rank-10", "rank10")
 
 def format_results_table(rows, title=None, columns=PAPER_COLUMNS):
     """Paper-style table. `rows`: list of (name, {key: [one fraction per split]}); `columns`:
-    (header, key) pairs. Each cell is mean ± std over the splits, in percent with two decimals."""
-    cells = [(name, [f"{100 * m:.2f} ± {100 * s:.2f}" for m, s in (mean_std(metrics[key]) for _, key in columns)])
-             for name, metrics in rows]
+    (header, key) pairs. Each cell is mean ± std over the splits, in percent with two decimals; "n/a"
+    when a split has no value (None)."""
+    def cell(values):
+        if any(v is None for v in values):
+            return "n/a"
+        mean, std = mean_std(values)
+        return f"{100 * mean:.2f} ± {100 * std:.2f}"
+    cells = [(name, [cell(metrics[key]) for _, key in columns]) for name, metrics in rows]
     name_width = max([len("method")] + [len(name) for name, _ in cells])
     width = max([len(c) for _, row in cells for c in row] + [len(h) for h, _ in columns])
     header = "method".ljust(name_width) + " | " + " | ".join(h.rjust(width) for h, _ in columns)

@@ -1,6 +1,7 @@
 """Run folders, the training log, metrics.csv and the training curve, and the flag helpers and
 end-of-epoch step every trainer shares."""
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -49,36 +50,52 @@ def close_logger(logger):
 
 
 def plot_training_curve(path, rows):
-    """training_curve.png: losses, accuracies, val Rank-1/mAP and lr per epoch."""
+    """training_curve.png (or stage1_curve.png): losses, accuracy, val Rank-1/mAP (only when the rows
+    have val values) and learning rate per epoch, titled with the method and backbone of the
+    config.json next to it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    epochs = [r["epoch"] for r in rows]
+    from matplotlib.ticker import MaxNLocator
+    stage1 = os.path.basename(path).startswith("stage1")
+    names = {"loss": "total", "loss_id": "ID (cross-entropy)", "loss_id_proj": "ID, projected feature",
+             "loss_triplet": "triplet", "loss_center": "center", "loss_supcon": "image-text supervised contrastive",
+             "loss_i2t": "image-to-text supervised contrastive" if stage1 else "image-to-text cross-entropy",
+             "loss_t2i": "text-to-image supervised contrastive",
+             "train_acc": "text accuracy (image to identity prompt)" if stage1 else "train accuracy",
+             "val_acc": "val accuracy", "val_rank1": "val Rank-1", "val_mAP": "val mAP"}
 
     def series(key):
         points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
         return [p[0] for p in points], [p[1] for p in points]
 
-    loss_keys = [k for k in rows[0] if k.startswith("loss")] if rows else []
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    for key in loss_keys:
-        axes[0].plot(*series(key), label=key)
-    axes[0].set_title("training losses")
-    for key in ("train_acc", "val_acc"):
-        axes[1].plot(*series(key), marker=".", label=key)
-    axes[1].set_title("closed-set accuracy")
-    for key in ("val_rank1", "val_mAP"):
-        axes[2].plot(*series(key), marker=".", label=key)
-    axes[2].set_title("val retrieval (val vs train)")
-    axes[3].plot(*series("lr"), label="lr (encoder)")
-    axes[3].set_title("learning rate")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        if epochs:
-            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
-    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.14, top=0.9, wspace=0.25)  # tight_layout is slow
+    panels = [("prompt-learning losses" if stage1 else "training losses", "loss",
+               [k for k in (rows[0] if rows else {}) if k.startswith("loss")]),
+              ("text accuracy" if stage1 else "closed-set accuracy", "accuracy", ["train_acc", "val_acc"]),
+              ("val retrieval (val vs train)", "fraction", ["val_rank1", "val_mAP"]),
+              ("learning rate", "learning rate", ["lr"])]
+    panels = [(t, y, [k for k in keys if series(k)[0]]) for t, y, keys in panels]
+    panels = [p for p in panels if p[2]]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 4), squeeze=False)
+    for ax, (title, ylabel, keys) in zip(axes[0], panels):
+        for key in keys:
+            ax.plot(*series(key), marker="." if key != "lr" and not key.startswith("loss") else None,
+                    label=names.get(key, ("prompt tokens" if stage1 else "encoder") if key == "lr" else key))
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if rows:
+            ax.set_xlim(rows[0]["epoch"] - 0.5, rows[-1]["epoch"] + 0.5)
+        ax.legend(fontsize=8)
+    try:
+        with open(os.path.join(os.path.dirname(path), "config.json")) as f:
+            config = json.load(f)
+        backbone = str(config.get("model", {}).get("backbone", {}).get("name") or config.get("backbone", ""))
+        if backbone.endswith((".pt", ".pth")):
+            backbone = os.path.splitext(os.path.basename(backbone))[0]
+        fig.suptitle(f"{config.get('method', '?')}{', stage 1 (prompt learning)' if stage1 else ''}, backbone {backbone}")
+    except (OSError, ValueError):
+        pass
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.14, top=0.84, wspace=0.3)  # tight_layout is slow
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=72), mode="wb")
     plt.close(fig)
 
@@ -181,7 +198,7 @@ def add_run_control_args(parser, resume_help, final_test_help):
                    help="torch.compile the image encoder (CUDA only; the first steps are slower while it compiles)")
     g.add_argument("--grad_clip", type=float, default=0.0, help="max gradient norm (0: off); applied before the step")
     g.add_argument("--resume", action="store_true", help=resume_help)
-    g.add_argument("--save_every", type=int, default=10, help="also keep net_<epoch>.pth every N epochs (0: never)")
+    g.add_argument("--save_every", type=int, default=0, help="also keep net_<epoch>.pth every N epochs (0: never)")
     g.add_argument("--eval_every", type=int, default=5, help="validate every N epochs (and after the last)")
     g.add_argument("--final_test", action=argparse.BooleanOptionalAction, default=True, help=final_test_help)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
