@@ -82,7 +82,7 @@ def table_rows(path, galleries):
         summary = results["summary"].get(variant, {})
         row = {"method": results.get("method", "?"), "backbone": backbone_label(results.get("backbone")),
                "test_set": f"{results.get('dataset', '?')} {os.path.basename(results.get('test_dir', '?'))}",
-               "gallery": variant, "protocol": results.get("protocol") or "unspecified",
+               "gallery": variant, "protocol": protocol_name(results.get("protocol")),
                "pretrained": results.get("pretrained"), "num_splits": len(splits), "source": os.path.dirname(path),
                "cmc": summary.get("cmc_mean"), "roc": summary.get("roc_mean")}
         for _, key in COLUMNS:
@@ -200,6 +200,14 @@ def run(args):
         plot_curves(rows, args.out)
     print(markdown_table(rows))
     return rows, outputs
+
+
+def protocol_name(protocol):
+    """The protocol's name from results.json: a dict of every setting it implied (its "protocol" entry)
+    in current evaluations, a plain name in older ones, absent in the oldest."""
+    if isinstance(protocol, dict):
+        protocol = protocol.get("protocol")
+    return str(protocol) if protocol else "unspecified"
 
 
 def main(argv=None):

@@ -262,7 +262,7 @@ def main(argv=None):
     rows, records, parts = [], [], []
     start = time.perf_counter()
     for q in tqdm(queries, desc="explain", unit="query", disable=not args.progress):
-        order, is_match = rankings[q]
+        order, is_match, _ = rankings[q]
         paths = [result["query_path"][q], *result["gallery_path"][order[:top_k]]]
         try:
             images = load_inputs(paths, size, args.device)
