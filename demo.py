@@ -8,7 +8,8 @@
 3. evaluates zero-shot CLIP on dorsal-right over all Monte-Carlo splits;
 4. draws the ranking figure of split 0;
 5. fine-tunes the image encoder (train_finetune.py) and evaluates it (eval_query_gallery_finetune.py);
-6. trains CLIP-ReID (train_clipreid.py) and PromptSG (train_promptsg.py) and evaluates them;
+6. trains CLIP-ReID (train_clipreid.py), PromptSG (train_promptsg.py) and CLIP-HandID's own method
+   (train_handid.py) and evaluates them;
 7. prints the methods side by side.
 
 When the pretrained weights cannot be had, a banner says so and every step uses randomly
@@ -43,8 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--input_size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="default 224 224 on CUDA, 112 112 on CPU")
     p.add_argument("--epochs", type=int, default=None, help="epochs of each training run (default 10 on CUDA, 4 on CPU)")
-    p.add_argument("--methods", nargs="*", default=["finetune", "clipreid", "promptsg"],
-                   choices=["finetune", "clipreid", "promptsg"], help="training methods to run after zero-shot")
+    p.add_argument("--methods", nargs="*", default=["finetune", "clipreid", "promptsg", "handid"],
+                   choices=["finetune", "clipreid", "promptsg", "handid"], help="training methods to run after zero-shot")
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     io.add_common_args(p)
     return p.parse_args(argv)
@@ -176,6 +177,11 @@ def run_method(method, train_common, epochs, args):
         train_clipreid.main([*train_common, "--m_name", m_name, "--eval_every", str(epochs),
                              "--stage1_epochs", str(max(epochs, 10)), *PK_BATCH])
         return m_name, "CLIP-ReID (two-stage)"
+    if method == "handid":
+        import train_handid
+        m_name = "handid"
+        train_handid.main([*train_common, "--m_name", m_name, "--eval_every", str(epochs), "--batch_size", "16"])
+        return m_name, "CLIP-HandID (textual inversion)"
     import train_promptsg
     m_name = "promptsg"
     train_promptsg.main([*train_common, "--m_name", m_name, "--eval_every", str(epochs), *PK_BATCH])

@@ -5,6 +5,7 @@ inversion network learns through the frozen text tower; --reference_no_grad_text
 released code, where it never does."""
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -184,3 +185,77 @@ def test_model_rebuilds_from_config_and_state_dict(prototypes, kind):
     images, _ = batch("vit", 4)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(images), model(images))
+
+
+# ---- train_handid.py and the evaluator on the synthetic hands ----
+
+QUIET = ["--num_workers", "0", "--no-progress", "--device", "cpu"]
+RUN = ["--input_size", "64", "64", "--stride", "8", "--epochs", "10", "--lr", "3e-4", "--warmup_epochs", "1",
+       "--milestones", "8", "--batch_size", "16", "--eval_every", "5", "--save_every", "5"]
+
+
+def test_default_schedule_is_the_reference_one():
+    import train_handid
+    args = train_handid.parse_args([])
+    assert (args.optimizer, args.weight_decay, args.lr, args.epochs, args.batch_size) == ("adam", 5e-4, 5e-6, 70, 20)
+    assert train_handid.parse_args(["--backbone_name", "RN50"]).batch_size == 4
+    assert (args.feature, args.norm, args.reference_no_grad_text, args.interaction) == \
+        ("concat_bn", "clip", False, False)
+    encoder, heads = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [encoder], "lr": args.lr}, {"params": [heads], "lr": 10 * args.lr}],
+                                lr=args.lr)
+    scheduler = training.WarmupMultiStepLR(optimizer, args.milestones, args.gamma, args.warmup_epochs, 0.01)
+    lrs = []
+    for _ in range(args.epochs):
+        lrs.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    # linear warm-up over 10 epochs from 0.01 x, then 5e-6; x0.5 at epochs 40 and 60 (0-based)
+    assert lrs[0] == pytest.approx([5e-8, 5e-7]) and lrs[1] == pytest.approx([5.45e-7, 5.45e-6])
+    assert lrs[9] == pytest.approx([4.505e-6, 4.505e-5]) and lrs[10] == lrs[11] == pytest.approx([5e-6, 5e-5])
+    assert lrs[40] == pytest.approx([2.5e-6, 2.5e-5]) and lrs[69] == pytest.approx([1.25e-6, 1.25e-5])
+
+
+@pytest.fixture(scope="module")
+def trained_run(hand_data, tiny_vit_checkpoint, tmp_path_factory):
+    import eval_query_gallery_clip_zeroshot
+    import train_handid
+    root = tmp_path_factory.mktemp("handid_runs")
+    out = train_handid.main(["--data_dir", hand_data, "--f_name", str(root), "--m_name", "handid",
+                             "--backbone_name", tiny_vit_checkpoint, *QUIET, *RUN])
+    zero_shot = eval_query_gallery_clip_zeroshot.main(
+        ["--test_dir", hand_data, "--f_name", str(root / "zs"), "--backbone_name", tiny_vit_checkpoint,
+         "--input_size", "64", "64", *QUIET[:2], *QUIET[3:]])
+    return {"root": root, "out": out, "zero_shot": zero_shot}
+
+
+def test_training_beats_zero_shot(trained_run):
+    out, zero_shot = trained_run["out"], trained_run["zero_shot"]
+    tuned, zs = out["final_test"]["summary"]["own"]["mean"], zero_shot["summary"]["own"]["mean"]
+    # own gallery, hand mAP: zero-shot 0.29; this recipe gave 0.35 at --seed 0 (see the README for seeds 0-2)
+    assert tuned["mAP_hand"] > zs["mAP_hand"] + 0.03, (zs["mAP_hand"], tuned["mAP_hand"])
+    with open(os.path.join(out["out_dir"], "config.json")) as f:
+        config = json.load(f)
+    assert config["method"] == "handid" and config["model"]["kind"] == "handid"
+    assert config["model"]["reference_no_grad_text"] is False and config["retrieval_feature_dim"] == 64 + 32
+    with open(os.path.join(out["out_dir"], "metrics.csv")) as f:
+        header = f.readline().strip().split(",")
+    assert {"loss_id", "loss_id_proj", "loss_i2t", "loss_t2i", "val_mAP", "lr_heads"} <= set(header)
+
+
+def test_evaluator_reproduces_the_final_test(trained_run, hand_data):
+    import eval_query_gallery_finetune
+    out = trained_run["out"]
+    results = eval_query_gallery_finetune.main(
+        ["--test_dir", hand_data, "--f_name", str(trained_run["root"]), "--m_name", "handid",
+         "--out_dir", str(trained_run["root"] / "eval"), *QUIET[:2], *QUIET[3:]])
+    for key in ("rank1", "rank5", "mAP_hand"):
+        assert results["summary"]["own"]["mean"][key] == pytest.approx(
+            out["final_test"]["summary"]["own"]["mean"][key], abs=1e-6), key
+
+
+def test_bad_template_stops_with_a_clear_error(hand_data, tiny_vit_checkpoint, tmp_path):
+    import train_handid
+    with pytest.raises(SystemExit, match="prompt_template"):
+        train_handid.main(["--data_dir", hand_data, "--f_name", str(tmp_path), "--backbone_name", tiny_vit_checkpoint,
+                           "--prompt_template", "A photo of a hand", *QUIET])
