@@ -11,7 +11,7 @@ import argparse
 import os
 
 import clip
-from utils import io, splits, evaluation
+from utils import errors, io, splits, evaluation
 
 
 def backbone_folder_name(backbone_name):
@@ -59,7 +59,7 @@ def main(argv=None):
         raise SystemExit(f"{out_dir} already holds results; pass --force to overwrite them")
     try:
         splits.read_split_layout(args.test_dir)
-    except ValueError as e:
+    except errors.ClipFHError as e:
         raise SystemExit(str(e)) from None
     official = args.backbone_name in clip.available_models()
     pretrained = {"true": True, "false": False}.get(args.pretrained, True if official else None)
@@ -67,7 +67,7 @@ def main(argv=None):
     try:
         model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
                              input_size=tuple(args.input_size))
-    except RuntimeError as e:
+    except RuntimeError as e:  # clip reports an unknown name, a bad file and a failed download this way
         raise SystemExit(f"cannot load --backbone_name {args.backbone_name}: {e}") from None
     model.eval()
     extra = {"backbone": args.backbone_name, "pretrained": pretrained, "feature": "CLIP encode_image",
@@ -80,7 +80,7 @@ def main(argv=None):
             input_size=tuple(args.input_size), batch_size=args.batch_size, num_workers=args.num_workers,
             device=args.device, flip=args.flip, amp=io.resolve_amp(args.amp, args.device), max_rank=args.max_rank,
             overwrite=args.force, extra=extra)
-    except (ValueError, FileExistsError) as e:
+    except errors.ClipFHError as e:
         raise SystemExit(str(e)) from None
     io.write_run_config(out_dir, args, extra=extra)
     own = results["summary"][results["gallery_variants"][0]]["mean"]

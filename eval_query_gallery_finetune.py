@@ -17,7 +17,7 @@ import os
 
 import models
 import models_handid  # noqa: F401  (registers the "handid" model kind)
-from utils import io, splits, evaluation
+from utils import errors, io, splits, evaluation
 
 
 def parse_args(argv=None):
@@ -78,7 +78,7 @@ def main(argv=None):
     try:
         splits.read_split_layout(args.test_dir)
         model, config, checkpoint = models.load_trained_model(run_dir, args.which_epoch, device=args.device)
-    except ValueError as err:
+    except errors.ClipFHError as err:
         raise SystemExit(f"error: {err}") from None
     if hasattr(model, "set_test_dir"):  # models with per-aspect parts (CLIP-ReID --sie) pick the test aspect
         note = model.set_test_dir(args.test_dir)
@@ -91,7 +91,7 @@ def main(argv=None):
             raise SystemExit(f"error: the {config['model'].get('kind')} model of {run_dir} has no --feature choice")
         try:
             model.check_feature(args.feature)
-        except ValueError as err:
+        except errors.ClipFHError as err:
             raise SystemExit(f"error: {err}") from None
         model.feature = args.feature
     if args.inference_prompt is not None:
@@ -118,7 +118,7 @@ def main(argv=None):
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, flip=args.flip,
             amp=io.resolve_amp(args.amp, args.device), max_rank=args.max_rank, rerank=rerank, overwrite=args.force,
             extra=extra)
-    except (ValueError, FileExistsError) as err:
+    except errors.ClipFHError as err:
         raise SystemExit(f"error: {err}") from None
     io.write_run_config(out_dir, args, extra=extra)
     variant = results["gallery_variants"][0]

@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 
 import clip
-from models import (HandReIDModel, MultimodalInteraction, bnneck, composed_prompt_tokens,
-                    encode_spliced_prompt, linear_classifier, load_clip_model, register_model)
+from models import HandReIDModel, bnneck, linear_classifier, load_clip_model, register_model
+from prompt_models import MultimodalInteraction, composed_prompt_tokens, encode_spliced_prompt
+from utils.errors import TrainingInputError
 
 HANDID_TEMPLATE = "A photo of a S* hand"
 HANDID_PLACEHOLDER_WORD = "sks"  # the rare word the reference tokenizes where S* goes
@@ -28,7 +29,7 @@ def placeholder_prompt_tokens(template, word=HANDID_PLACEHOLDER_WORD, context_le
     tokens, pseudo_index, eot_index = composed_prompt_tokens(template, context_length)
     word_ids = clip.tokenize([word])[0]
     if int(word_ids.argmax()) != 2:  # [start, word, end]
-        raise ValueError(f"placeholder word {word!r} is more than one token")
+        raise TrainingInputError(f"placeholder word {word!r} is more than one token")
     tokens[pseudo_index] = word_ids[1]
     return tokens[:eot_index + 1], pseudo_index
 
@@ -81,7 +82,7 @@ class HandIDModel(HandReIDModel):
             self.bottleneck_text = bnneck(self.in_planes_proj)
             self.classifier_text = linear_classifier(self.in_planes_proj, num_classes)
         if input_norm not in INPUT_NORMS:
-            raise ValueError(f"--norm must be one of {', '.join(INPUT_NORMS)}, got {input_norm!r}")
+            raise TrainingInputError(f"--norm must be one of {', '.join(INPUT_NORMS)}, got {input_norm!r}")
         self.input_norm = input_norm
         # x_imagenet = x_clip * scale + shift, per channel
         clip_mean, clip_std = torch.tensor(clip.CLIP_MEAN), torch.tensor(clip.CLIP_STD)

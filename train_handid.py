@@ -31,10 +31,12 @@ def parse_args(argv=None):
     p = runs.trainer_parser(__doc__, m_name="clip_handid_vit")
     runs.add_batching_args(p, batch_size=None)
     runs.add_optimisation_args(p, lr=5e-6, epochs=70, warmup_epochs=10, milestones=[40, 60], gamma=0.5,
-                                helps={"lr": "learning rate of the image encoder; heads, BNNecks and the inversion "
-                                             "network get 10x",
-                                       "ls": "label smoothing of the ID losses (0 disables)"})
-    runs.add_input_args(p)
+                               description="the image encoder learns at --lr, the new layers (heads, BNNecks, "
+                                           "inversion network) at 10 x --lr; warm-up starts from 0.01 x lr")
+    g = runs.add_input_args(p)
+    g.add_argument("--color_jitter", action="store_true", help="brightness/contrast/saturation jitter of 0.1")
+    g.add_argument("--norm", default="clip", choices=models_handid.INPUT_NORMS,
+                   help="input statistics: CLIP's mean/std (ours) or ImageNet's (the reference's)")
     g = p.add_argument_group("CLIP-HandID model")
     runs.add_sampler_args(g, sampler="random")
     g.add_argument("--prompt_template", default=models_handid.HANDID_TEMPLATE,
@@ -49,8 +51,8 @@ def parse_args(argv=None):
     g.add_argument("--feature", default=models_handid.HANDID_FEATURE, choices=models.FEATURE_CHOICES,
                    help="retrieval feature for validation (and the default of the evaluator); concat_bn = "
                         "both BNNeck features, the reference's")
-    g.add_argument("--norm", default="clip", choices=models_handid.INPUT_NORMS,
-                   help="input statistics: CLIP's mean/std (ours) or ImageNet's (the reference's)")
+    g.add_argument("--select_by", default="val_mAP", choices=["val_mAP", "val_acc"],
+                   help="net_best: best val retrieval mAP (ours) or best closed-set val accuracy (the reference's)")
     runs.add_run_control_args(p, resume_help="continue the run in <f_name>/<m_name> from net_last.pth",
                                final_test_help="evaluate net_best on the query/gallery splits of --data_dir at the end")
     args = p.parse_args(argv)
@@ -65,7 +67,7 @@ def check_args(args):
         problems.append(f"--interaction_blocks must not be negative, got {args.interaction_blocks}")
     try:
         models_handid.placeholder_prompt_tokens(args.prompt_template)
-    except ValueError as err:
+    except errors.TrainingInputError as err:
         problems.append(str(err))
     if problems:
         raise errors.TrainingInputError("; ".join(problems))
@@ -100,14 +102,17 @@ def train(args, dist_info):
     device, amp = dist_info.device, io.resolve_amp(args.amp, dist_info.device)
     hands = data.load_train_val(args.data_dir, args.train_all)
     num_classes = len(hands["class_names"])
-    out_dir, log = runs.start_run(args, dist_info, runs.RUN_FILES)
+    out_dir, log = runs.start_run(args, dist_info)
 
     model, model_config, spec = build_model(args, out_dir, hands, dist_info)
     model.to(device)
     speed_note = models.speed_up_image_encoder(model.visual, device, args.compile)
     criterion = HandIDLoss(model, args.ls)
 
-    train_set, val_set, gallery_set = runs.build_datasets(args, hands, tuple(args.input_size), dist_info)
+    input_size = tuple(args.input_size)
+    train_set, val_set, gallery_set = runs.build_datasets(
+        hands, data.build_train_transform(input_size, args.color_jitter, args.erasing_p), input_size,
+        args.train_all, runs.cache_dir(args, args.data_dir), dist_info)
     sampler = runs.make_sampler(args, train_set, dist_info, log)
     # "visual." = the pretrained image encoder at --lr; heads, BNNecks, inversion (and interaction) network at 10x;
     # the text tower is frozen (requires_grad False) and left out
@@ -116,7 +121,7 @@ def train(args, dist_info):
     scheduler = training.WarmupMultiStepLR(optimizer, args.milestones, args.gamma, args.warmup_epochs, 0.01)
     scaler = training.make_grad_scaler(amp, device)
 
-    best_path = os.path.join(out_dir, "net_best.pth")
+    last_path, best_path = os.path.join(out_dir, "net_last.pth"), os.path.join(out_dir, "net_best.pth")
     _, history, best, start_epoch = models.resume_from_last(args, out_dir, model, spec, dist_info, log,
                                                             optimizer, scheduler, scaler, sampler)
     text_path = ("reference_no_grad_text: the prompts are encoded without gradient, as in the released code, so "
@@ -128,23 +133,36 @@ def train(args, dist_info):
             args, "handid", hands, amp, dist_info, len(train_set), len(val_set), model=model_config,
             feature_dims=dict(model.visual.feature_dims), retrieval_feature_dim=model.feature_dim(),
             recipe_notes=[f"{args.norm} mean/std at train and test time (CLIP-HandID trains with ImageNet's)",
-                          "validation and net_best use only training identities (val vs train), best by val mAP",
-                          text_path, "checkpoints hold the frozen text tower too"])
+                          f"validation uses only training identities (val vs train); net_best by {args.select_by} "
+                          "(CLIP-HandID: val_acc)", text_path, "checkpoints hold the frozen text tower too"])
         runs.write_training_config(out_dir, args, extra, start_epoch)
     log.info(f"{num_classes} identities, {len(train_set)} train / {len(val_set)} val images; backbone "
              f"{models.describe_backbone(spec)}; prompt {args.prompt_template!r}; {text_path}; retrieval feature "
              f"{args.feature} ({model.feature_dim()}-d); " + runs.batch_summary(args, dist_info, amp, speed_note))
 
-    def validate():
-        return evaluation.validate(model, lambda x: model.predict_logits(x)[1], val_set, gallery_set, device, amp,
-                                   batch_size=max(args.batch_size, 64), num_workers=args.num_workers)
-
-    loop = {"model": model, "train_module": distributed.wrap_ddp(criterion, dist_info),
-            "optimizers": [optimizer], "scheduler": scheduler, "scaler": scaler, "sampler": sampler,
-            "train_set": train_set, "validate": validate,
-            "record": lambda epoch, row: models.checkpoint_record("handid", model, spec, epoch, row),
-            "out_dir": out_dir, "dist_info": dist_info, "device": device, "amp": amp}
-    best, history = runs.run_epochs(args, loop, log, history, best, start_epoch)
+    train_module = distributed.wrap_ddp(criterion, dist_info)
+    for epoch in range(start_epoch, args.epochs):
+        number = epoch + 1  # epochs are numbered from 1 in logs and file names
+        loader = data.epoch_loader(train_set, sampler, args.batch_size, args.num_workers, args.seed, epoch, device)
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        with runs.stop_on_nonfinite_loss(log, last_path, history):
+            result = training.train_one_epoch(train_module, loader, training.module_loss, [optimizer], scaler, amp,
+                                              device, number, args.grad_clip, dist_info,
+                                              progress=args.progress and dist_info.is_main)
+        scheduler.step()
+        row = runs.epoch_row(number, lrs, result)
+        validated = number % args.eval_every == 0 or number == args.epochs
+        if validated and dist_info.is_main:  # val_acc: the projected-feature head, as the reference reports
+            model.eval()
+            row.update(evaluation.validate(model, lambda x: model.predict_logits(x)[1], val_set, gallery_set, device,
+                                           amp, batch_size=max(args.batch_size, 64), num_workers=args.num_workers))
+            model.train()
+        best = runs.end_of_epoch(
+            out_dir, row, history, best, log, dist_info, args.epochs,
+            state=runs.resume_state(optimizer, scheduler, scaler, sampler, dist_info),
+            record=models.checkpoint_record("handid", model, spec, number, row) if dist_info.is_main else None,
+            train_all=args.train_all, save_every=args.save_every, plot=validated, select_by=args.select_by)
+    runs.check_ranks_agree(model, dist_info, log)
 
     final = None
     if dist_info.is_main:

@@ -14,8 +14,9 @@ import clip
 import losses
 import models
 import models_handid
+import prompt_models
 from clip.model import MODEL_CONFIGS
-from utils import training
+from utils import errors, training
 
 INPUT_SIZE = {"vit": (32, 32), "rn": (64, 64)}
 
@@ -61,7 +62,7 @@ def test_pseudo_token_sits_at_s_star_and_end_token_survives(vit_model):
     text = model.text
     template = text.token_embedding(sentence[:8])
     pseudo = torch.randn(3, template.shape[1])
-    embeds = models.splice_pseudo_token(text, model.prompt_tokens, model.pseudo_index, pseudo)
+    embeds = prompt_models.splice_pseudo_token(text, model.prompt_tokens, model.pseudo_index, pseudo)
     assert embeds.shape == (3, 8, template.shape[1])
     assert torch.equal(embeds[:, 5], pseudo)
     others = [i for i in range(8) if i != 5]
@@ -70,12 +71,12 @@ def test_pseudo_token_sits_at_s_star_and_end_token_survives(vit_model):
     assert torch.equal(embeds[:, -1], eot_embedding.expand(3, -1))
     # with the word embedding of "sks" as the pseudo-token, the feature is CLIP's own of the sentence
     with torch.no_grad():
-        spliced = models.encode_spliced_prompt(text, model.prompt_tokens, 5, template[5:6])
+        spliced = prompt_models.encode_spliced_prompt(text, model.prompt_tokens, 5, template[5:6])
         torch.testing.assert_close(spliced, text.encode_text(sentence[None]))
 
 
 def test_template_without_s_star_is_refused():
-    with pytest.raises(ValueError, match="prompt_template"):
+    with pytest.raises(errors.TrainingInputError, match="prompt_template"):
         models_handid.placeholder_prompt_tokens("A photo of a hand")
 
 
@@ -259,3 +260,17 @@ def test_bad_template_stops_with_a_clear_error(hand_data, tiny_vit_checkpoint, t
     with pytest.raises(SystemExit, match="prompt_template"):
         train_handid.main(["--data_dir", hand_data, "--f_name", str(tmp_path), "--backbone_name", tiny_vit_checkpoint,
                            "--prompt_template", "A photo of a hand", *QUIET])
+
+
+@pytest.mark.parametrize("select_by, best_epoch", [("val_mAP", 2), ("val_acc", 1)])
+def test_select_by_picks_net_best(tmp_path, select_by, best_epoch):
+    import logging
+    from utils import distributed, runs
+    info, log, history, best = distributed.DistInfo(), logging.getLogger("test_select_by"), [], None
+    for number, val_acc, val_map in ((1, 0.9, 0.3), (2, 0.5, 0.6)):
+        row = {"epoch": number, "lr": 0.1, "loss": 1.0, "train_acc": 0.5, "val_acc": val_acc, "val_rank1": 0.2,
+               "val_mAP": val_map, "epoch_seconds": 1.0}
+        best = runs.end_of_epoch(str(tmp_path), row, history, best, log, info, 2, {}, {"epoch": number},
+                                 plot=False, select_by=select_by)
+    assert best["epoch"] == best_epoch
+    assert torch.load(tmp_path / "net_best.pth", weights_only=True)["epoch"] == best_epoch
