@@ -8,8 +8,8 @@
 3. evaluates zero-shot CLIP on dorsal-right over all Monte-Carlo splits;
 4. draws the ranking figure of split 0;
 5. fine-tunes the image encoder (train_finetune.py) and evaluates it (eval_query_gallery_finetune.py);
-6. trains CLIP-ReID (train_clipreid.py) and PromptSG (train_promptsg.py) and evaluates them;
-
+6. trains CLIP-ReID (train_clipreid.py), PromptSG (train_promptsg.py) and CLIP-HandID's own method
+   (train_handid.py) and evaluates them;
 7. prints the methods side by side and writes the results table (collect_results.py).
 
 When the pretrained weights cannot be had, a banner says so and the demo builds a small CLIP-format
@@ -64,8 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate of every trainer (default: each trainer's own; 1e-3 for the small random model, "
                         "3e-4 for its CLIP-ReID)")
-    p.add_argument("--methods", nargs="*", default=["finetune", "clipreid", "promptsg"],
-                   choices=["finetune", "clipreid", "promptsg"], help="training methods to run after zero-shot")
+    p.add_argument("--methods", nargs="*", default=["finetune", "clipreid", "promptsg", "handid"],
+                   choices=["finetune", "clipreid", "promptsg", "handid"], help="training methods to run after zero-shot")
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     io.add_common_args(p)
     return p.parse_args(argv)
@@ -223,6 +223,10 @@ def run_method(method, train_common, epochs, pk_batch):
         train_clipreid.main([*train_common, "--m_name", "clipreid", "--stage1_epochs", str(max(epochs, 10)),
                              *pk_batch])
         return "clipreid", "CLIP-ReID (two-stage)"
+    if method == "handid":
+        import train_handid
+        train_handid.main([*train_common, "--m_name", "handid", "--batch_size", "16"])
+        return "handid", "CLIP-HandID (textual inversion)"
     import train_promptsg
     train_promptsg.main([*train_common, "--m_name", "promptsg", *pk_batch])
     return "promptsg", "PromptSG"

@@ -1,4 +1,4 @@
-"""Evaluate a trained model (train_finetune.py, and the CLIP-ReID / PromptSG trainers) on the
+"""Evaluate a trained model (train_finetune.py, and the CLIP-ReID / PromptSG / CLIP-HandID trainers) on the
 query/gallery Monte-Carlo splits of a split root, with the same protocol and outputs as the
 zero-shot evaluator.
 
@@ -16,6 +16,7 @@ import argparse
 import os
 
 import models
+import models_handid  # noqa: F401  (registers the "handid" model kind)
 from utils import errors, evaluation, io, protocols, splits
 
 

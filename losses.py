@@ -258,3 +258,25 @@ class ClipReIDLoss(nn.Module):
         total = (self.id_weight * terms["loss_id"] + self.triplet_weight * terms["loss_triplet"]
                  + self.i2t_weight * terms["loss_i2t"])
         return total, terms, i2t_logits
+
+
+class HandIDLoss(nn.Module):
+    """CLIP-HandID's objective, the model included (one module, so DDP wraps both): label-smoothed CE
+    on every classifier + image->text + text->image supervised contrastive losses (CLIP-ReID's form:
+    raw dot products, temperature 1) between the image's CLIP embedding and its composed-prompt
+    feature, all summed without weights."""
+
+    def __init__(self, model, ls=0.1):
+        super().__init__()
+        self.model = model
+        self.id_loss = CrossEntropyLabelSmooth(ls)
+        self.supcon = SupConLoss(temperature=1.0)
+
+    def forward(self, images, labels):
+        scores, features = self.model(images, labels)
+        image, text = features["proj"], features["text"]
+        terms = {name: self.id_loss(logits, labels)
+                 for name, logits in zip(("loss_id", "loss_id_proj", "loss_id_text"), scores)}
+        terms["loss_i2t"] = self.supcon(image, text, labels, labels)
+        terms["loss_t2i"] = self.supcon(text, image, labels, labels)
+        return sum(terms.values()), terms, scores[1]

@@ -20,7 +20,8 @@ import clip
 from clip.model import CLIP, ModifiedResNet, build_model, infer_config, random_state_dict
 from losses import ArcFace
 from prompt_models import (PROMPTSG_FIXED_PROMPT, PROMPTSG_TEMPLATE, InversionNetwork, MultimodalInteraction,
-                           check_text_tower, composed_prompt_tokens)
+                           check_text_tower, composed_prompt_tokens, encode_spliced_prompt,
+                           splice_pseudo_token)
 from utils import io, distributed, training, runs, splits
 from utils.errors import TrainingInputError
 
@@ -520,18 +521,12 @@ class PromptSGModel(nn.Module):
         return self.text.encode_text(tokens)[0].float()
 
     def compose_prompt_embeddings(self, pseudo_tokens):
-        """(N, L, token_dim) embedded template with the pseudo-tokens at the S* position."""
-        embeds = self.text.token_embedding(self.prompt_tokens).to(pseudo_tokens.dtype)
-        embeds = embeds.expand(pseudo_tokens.shape[0], -1, -1)
-        return torch.cat([embeds[:, :self.pseudo_index], pseudo_tokens[:, None],
-                          embeds[:, self.pseudo_index + 1:]], dim=1)
+        return splice_pseudo_token(self.text, self.prompt_tokens, self.pseudo_index, pseudo_tokens)
 
     def encode_composed_prompt(self, image_feature):
         """Composed-prompt text features (N, width) and the pseudo-tokens (N, token_dim)."""
         pseudo_tokens = self.inversion(image_feature)
-        embeds = self.compose_prompt_embeddings(pseudo_tokens)
-        eot_index = torch.full((embeds.shape[0],), embeds.shape[1] - 1, device=embeds.device)
-        return self.text.encode_text_embeddings(embeds, eot_index), pseudo_tokens
+        return encode_spliced_prompt(self.text, self.prompt_tokens, self.pseudo_index, pseudo_tokens), pseudo_tokens
 
     def visual_tokens(self, features):
         """Keys/values of the interaction: [global CLIP feature, patch tokens] at the feature width.

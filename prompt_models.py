@@ -168,6 +168,22 @@ def composed_prompt_tokens(template, context_length=77):
     return tokens, 1 + len(_inner_token_ids(prefix)), len(ids) - 1
 
 
+def splice_pseudo_token(text_tower, prompt_tokens, pseudo_index, pseudo_tokens):
+    """(N, L, token_dim) token embeddings of prompt_tokens (L,) ending at the end token, with the
+    pseudo-tokens (N, token_dim) in place of position pseudo_index."""
+    embeds = text_tower.token_embedding(prompt_tokens).to(pseudo_tokens.dtype)
+    embeds = embeds.expand(pseudo_tokens.shape[0], -1, -1)
+    return torch.cat([embeds[:, :pseudo_index], pseudo_tokens[:, None], embeds[:, pseudo_index + 1:]], dim=1)
+
+
+def encode_spliced_prompt(text_tower, prompt_tokens, pseudo_index, pseudo_tokens):
+    """Text features (N, embed_dim) of the spliced prompt from the (frozen) text tower, pooled at the
+    end token (the last of prompt_tokens); gradients reach pseudo_tokens unless under no_grad."""
+    embeds = splice_pseudo_token(text_tower, prompt_tokens, pseudo_index, pseudo_tokens)
+    eot_index = torch.full((embeds.shape[0],), embeds.shape[1] - 1, device=embeds.device)
+    return text_tower.encode_text_embeddings(embeds, eot_index)
+
+
 class InversionNetwork(nn.Module):
     """Image global feature -> one pseudo-word embedding: 3-layer MLP (512-d hidden layers) with a
     BatchNorm after the last layer. The BN scale starts at the spread of the real word embeddings so

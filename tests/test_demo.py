@@ -19,8 +19,9 @@ def test_demo_runs_every_step_with_a_local_checkpoint(tmp_path, tiny_vit_checkpo
     rows = demo.main(["--data_dir", str(tmp_path / "data"), "--out", str(out),
                       "--backbone_name", tiny_vit_checkpoint, *TINY_DEMO])
     names = [name for name, _ in rows]
-    assert len(names) == 4 and names[0].startswith("zero-shot")
+    assert len(names) == 5 and names[0].startswith("zero-shot")
     assert any("CLIP-ReID" in n for n in names) and any("PromptSG" in n for n in names)
+    assert any("CLIP-HandID" in n for n in names)
     for _, metrics in rows:
         assert len(metrics["rank1"]) == 2 and all(0 <= v <= 1 for v in metrics["mAP"])
     assert (out / "ranking_zero_shot.png").stat().st_size > 0

@@ -391,18 +391,21 @@ def resume_state(optimizer, scheduler, scaler, sampler, dist_info, **extra):
 
 def end_of_epoch(out_dir, row, history, best, log, dist_info, epochs, state, record=None, train_all=False,
                  save_every=0, plot=True, stage="", accuracy_name="train acc", last_file="net_last.pth",
-                 metrics_file="metrics.csv", curve_file="training_curve.png"):
-    """What every epoch ends with. Tracks the best epoch (highest val mAP, ties to the later epoch;
-    with train_all the last validated one), appends row to history and, on rank 0, writes
+                 metrics_file="metrics.csv", curve_file="training_curve.png", select_by="val_mAP"):
+    """What every epoch ends with. Tracks the best epoch (highest val mAP, or the row's select_by
+    entry; ties to the later epoch; with train_all the last validated one), appends row to
+    history and, on rank 0, writes
     net_best.pth (record, when the epoch is the best) and net_<epoch>.pth (record, every save_every
     epochs), last_file (record + state + history + best: what --resume reads), metrics_file, the
     curve (with plot) and the log line; then waits for every rank. Returns the best epoch's
     {"epoch", "val_mAP", "val_rank1"}."""
     number = row["epoch"]
     best = dict(best or {"epoch": None, "val_mAP": -1.0})
-    improved = row.get("val_mAP") is not None and (train_all or row["val_mAP"] >= best["val_mAP"])
+    improved = row.get("val_mAP") is not None and (train_all or row[select_by] >= best.get(select_by, -1.0))
     if improved:
         best = {"epoch": number, "val_mAP": row["val_mAP"], "val_rank1": row["val_rank1"]}
+        if select_by != "val_mAP":  # e.g. val_acc, CLIP-HandID's own choice
+            best[select_by] = row[select_by]
     history.append(row)
     if dist_info.is_main:
         if record is not None and improved:
