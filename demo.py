@@ -22,7 +22,7 @@ import sys
 import time
 
 import clip
-from utils import io, synthetic
+from utils import io, splits, synthetic
 
 ASPECT = "dorsal_r"
 # the synthetic training set has about a dozen identities: PK batches of 8 identities x 4 images
@@ -127,7 +127,8 @@ def main(argv=None):
     zs = zeroshot.main(["--test_dir", split_root, "--f_name", args.out, "--backbone_name", backbone,
                         "--download_root", args.download_root, "--force", *size_args, *common,
                         *pretrained_flag])
-    zs_dir = os.path.join(args.out, "clip_zero_shot", zeroshot.backbone_folder_name(backbone))
+    zs_dir = os.path.join(args.out, "clip_zero_shot", zeroshot.backbone_folder_name(backbone),
+                          splits.test_set_name(split_root))
     rows = [table_rows(zs, "zero-shot CLIP")]
 
     print("[4/6] ranking figure", flush=True)

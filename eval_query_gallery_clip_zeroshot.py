@@ -4,14 +4,15 @@ cosine similarity of CLIP image embeddings, over all Monte-Carlo splits of a spl
     python eval_query_gallery_clip_zeroshot.py --test_dir ./11k/train_val_test_split_dorsal_r \
         --f_name ./model_eval --backbone_name ViT-B/16
 
-Writes <f_name>/clip_zero_shot/<backbone>/: result_split{i}.mat (and result_split{i}_all.mat for
+Writes <f_name>/clip_zero_shot/<backbone>/<test set>/ (test set: the 11k aspect such as dorsal_r,
+or HD, so two test sets never share a folder): result_split{i}.mat (and result_split{i}_all.mat for
 11k's gallery{i}_all), results.json, results.csv and config.json.
 """
 import argparse
 import os
 
 import clip
-from utils import io, splits, evaluation
+from utils import data, errors, io, splits, evaluation
 
 
 def backbone_folder_name(backbone_name):
@@ -44,6 +45,8 @@ def parse_args(argv=None):
     parser.add_argument("--amp", choices=io.AMP_CHOICES, default=None,
                         help="autocast on CUDA (default: bf16 on CUDA, none on CPU)")
     parser.add_argument("--force", action="store_true", help="overwrite an earlier result in the output folder")
+    parser.add_argument("--allow_mixed_seeds", action="store_true",
+                        help="accept a split root whose sibling aspect roots were prepared with another --seed")
     io.add_common_args(parser)
     args = parser.parse_args(argv)
     if min(args.input_size) < 1 or args.batch_size < 1 or args.max_rank < 1 or args.num_workers < 0:
@@ -53,25 +56,33 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    io.set_seed(args.seed)
-    out_dir = os.path.join(args.f_name, "clip_zero_shot", backbone_folder_name(args.backbone_name))
-    if os.path.exists(os.path.join(out_dir, "results.json")) and not args.force:
-        raise SystemExit(f"{out_dir} already holds results; pass --force to overwrite them")
     try:
-        splits.read_split_layout(args.test_dir)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+        return evaluate(args)
+    except (errors.ClipFHError, clip.ModelDownloadError, clip.CheckpointError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def evaluate(args):
+    io.set_seed(args.seed)
+    try:
+        image_paths = splits.query_gallery_paths(args.test_dir)
+    except ValueError as err:  # the split readers' bad-input errors
+        raise errors.SplitInputError(str(err)) from None
+    out_dir = os.path.join(args.f_name, "clip_zero_shot", backbone_folder_name(args.backbone_name),
+                           splits.test_set_name(args.test_dir))
+    if os.path.exists(os.path.join(out_dir, "results.json")) and not args.force:
+        raise errors.OutputExistsError(f"{out_dir} already holds results; pass --force to overwrite them")
+    seeds = splits.check_split_seeds([args.test_dir], args.allow_mixed_seeds)
     official = args.backbone_name in clip.available_models()
     pretrained = {"true": True, "false": False}.get(args.pretrained, True if official else None)
-
-    try:
-        model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
-                             input_size=tuple(args.input_size))
-    except RuntimeError as e:
-        raise SystemExit(f"cannot load --backbone_name {args.backbone_name}: {e}") from None
+    model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
+                         input_size=tuple(args.input_size))
     model.eval()
+    data.check_images(image_paths, tuple(args.input_size), args.num_workers,
+                      what=f"images of {args.test_dir}")
     extra = {"backbone": args.backbone_name, "pretrained": pretrained, "feature": "CLIP encode_image",
-             "preprocessing": "bicubic resize to H x W (no crop), CLIP mean/std"}
+             "preprocessing": "bicubic resize to H x W (no crop), CLIP mean/std",
+             "split_seed": seeds.get(os.path.abspath(args.test_dir))}
     try:
         results = evaluation.evaluate_query_gallery(
             model.encode_image, args.test_dir, out_dir, gallery=args.gallery,
@@ -81,7 +92,7 @@ def main(argv=None):
             device=args.device, flip=args.flip, amp=io.resolve_amp(args.amp, args.device), max_rank=args.max_rank,
             overwrite=args.force, extra=extra)
     except (ValueError, FileExistsError) as e:
-        raise SystemExit(str(e)) from None
+        raise SystemExit(f"error: {e}") from None
     io.write_run_config(out_dir, args, extra=extra)
     own = results["summary"][results["gallery_variants"][0]]["mean"]
     print(f"Wrote results.json, results.csv and {len(results['rows'])} result_split*.mat for "

@@ -16,7 +16,7 @@ import argparse
 import os
 
 import models
-from utils import io, splits, evaluation
+from utils import data, errors, io, splits, evaluation
 
 
 def parse_args(argv=None):
@@ -47,6 +47,8 @@ def parse_args(argv=None):
                    help="autocast on CUDA (default: bf16 on CUDA, none on CPU)")
     p.add_argument("--out_dir", default=None, help="output folder (default: inside the run folder, see above)")
     p.add_argument("--force", action="store_true", help="overwrite earlier results in the output folder")
+    p.add_argument("--allow_mixed_seeds", action="store_true",
+                   help="accept a --test_dir prepared with another --seed than the run's training split roots")
     io.add_common_args(p)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.max_rank < 1 or args.num_workers < 0:
@@ -75,9 +77,13 @@ def main(argv=None):
     io.set_seed(args.seed)
     run_dir = os.path.join(args.f_name, args.m_name)
     try:
-        splits.read_split_layout(args.test_dir)
+        image_paths = splits.query_gallery_paths(args.test_dir)
         model, config, checkpoint = models.load_trained_model(run_dir, args.which_epoch, device=args.device)
-    except ValueError as err:
+        trained_on = config.get("args", {}).get("data_dir") or []
+        trained_on = [trained_on] if isinstance(trained_on, str) else trained_on
+        seeds = splits.check_split_seeds([args.test_dir] + [d for d in trained_on if os.path.isdir(d)],
+                                         args.allow_mixed_seeds)
+    except (errors.ClipFHError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     if hasattr(model, "set_test_dir"):  # models with per-aspect parts (CLIP-ReID --sie) pick the test aspect
         note = model.set_test_dir(args.test_dir)
@@ -110,6 +116,11 @@ def main(argv=None):
              "feature": feature, "rerank": rerank, "inference_prompt": getattr(model, "inference_prompt", None),
              "trained_on": config.get("args", {}).get("data_dir"), "pretrained": config.get("pretrained"),
              "preprocessing": "bicubic resize to the training input size (no crop), CLIP mean/std"}
+    extra["split_seed"] = seeds.get(os.path.abspath(args.test_dir))
+    try:
+        data.check_images(image_paths, input_size, args.num_workers, what=f"images of {args.test_dir}")
+    except errors.ImageLoadError as err:
+        raise SystemExit(f"error: {err}") from None
     method = f"{args.m_name} ({extra['model_kind']}, net_{args.which_epoch})" + (" + RK" if rerank else "")
     try:
         results = evaluation.evaluate_query_gallery(
