@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="epochs of each training run (default 10 on CUDA, 4 on CPU)")
     p.add_argument("--methods", nargs="*", default=["finetune", "clipreid", "promptsg"],
                    choices=["finetune", "clipreid", "promptsg"], help="training methods to run after zero-shot")
-    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader workers of every step (default: up to 4, one per CPU core)")
     io.add_common_args(p)
     return p.parse_args(argv)
 

@@ -33,8 +33,9 @@ def parse_args(argv=None):
     parser.add_argument("--pretrained", choices=["true", "false"], default=None,
                         help="record whether the checkpoint holds pretrained weights (default: true for "
                              "official names, unknown for local files)")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--batch_size", type=int, default=64, help="images per encoding batch (default 64)")
+    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="DataLoader workers that decode images (default: up to 4, one per CPU core)")
     parser.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
                         help="images are resized (bicubic, no crop) to H x W (default 224 224)")
     parser.add_argument("--flip", action="store_true", help="feature = f(image) + f(mirrored image)")

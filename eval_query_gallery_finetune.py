@@ -40,8 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--lambda_value", type=float, default=0.3, help="re-ranking weight of the original distance")
     p.add_argument("--gallery", choices=["own", "all", "both"], default="both",
                    help="own: gallery{i}; all: gallery{i}_all (11k, other aspects as distractors); both")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--batch_size", type=int, default=64, help="images per encoding batch (default 64)")
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader workers that decode images (default: up to 4, one per CPU core)")
     p.add_argument("--max_rank", type=int, default=50, help="length of the stored CMC curves")
     p.add_argument("--amp", choices=io.AMP_CHOICES, default=None,
                    help="autocast on CUDA (default: bf16 on CUDA, none on CPU)")

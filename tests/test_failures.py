@@ -245,3 +245,46 @@ def test_ranking_figure_reports_unreadable_images_and_follows_moved_folders(tmp_
     assert os.path.getsize(png) > 0 and os.path.getsize(pdf) > 0
     with pytest.raises(SystemExit):
         ranking.parse_args(["--mat", mat, "--image_root", "no-equals-sign"])
+
+
+# ---- help texts ----
+
+SCRIPTS = ["prepare_train_val_test_11k_r_l", "prepare_train_val_test_hd", "eval_query_gallery_clip_zeroshot",
+           "eval_query_gallery_finetune", "query_ranking_result_demo", "train_finetune", "train_clipreid",
+           "train_promptsg", "demo", "benchmark"]
+
+
+class _Captured(Exception):
+    pass
+
+
+def script_parser(name, monkeypatch):
+    """The ArgumentParser a script's parse_args builds."""
+    import argparse
+    import importlib
+    found = []
+
+    def capture(self, args=None, namespace=None):
+        found.append(self)
+        raise _Captured
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(_Captured):
+        importlib.import_module(name).parse_args([])
+    monkeypatch.undo()
+    return found[0]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_flag_has_a_help_text_and_no_default_is_printed_twice(name, monkeypatch):
+    import argparse
+    parser = script_parser(name, monkeypatch)
+    adds_defaults = issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        flag = action.option_strings[0] if action.option_strings else action.dest
+        assert action.help, f"{name} {flag} has no help text"
+        shown = parser._get_formatter()._expand_help(action)
+        assert shown.lower().count("default") <= 1, f"{name} {flag}: default printed twice: {shown!r}"
+        if adds_defaults and action.default is None:
+            assert "(default: None)" not in shown, f"{name} {flag}: prints '(default: None)'"
