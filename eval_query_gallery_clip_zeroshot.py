@@ -65,10 +65,7 @@ def main(argv=None):
 
 def evaluate(args):
     io.set_seed(args.seed)
-    try:
-        image_paths = splits.query_gallery_paths(args.test_dir)
-    except ValueError as err:  # the split readers' bad-input errors
-        raise errors.SplitInputError(str(err)) from None
+    image_paths = splits.query_gallery_paths(args.test_dir)
     out_dir = os.path.join(args.f_name, "clip_zero_shot", backbone_folder_name(args.backbone_name),
                            splits.test_set_name(args.test_dir))
     if os.path.exists(os.path.join(out_dir, "results.json")) and not args.force:
@@ -84,16 +81,13 @@ def evaluate(args):
     extra = {"backbone": args.backbone_name, "pretrained": pretrained, "feature": "CLIP encode_image",
              "preprocessing": "bicubic resize to H x W (no crop), CLIP mean/std",
              "split_seed": seeds.get(os.path.abspath(args.test_dir))}
-    try:
-        results = evaluation.evaluate_query_gallery(
-            model.encode_image, args.test_dir, out_dir, gallery=args.gallery,
-            method_name=f"CLIP {args.backbone_name} zero-shot" if official
-            else f"CLIP zero-shot ({os.path.basename(args.backbone_name)})",
-            input_size=tuple(args.input_size), batch_size=args.batch_size, num_workers=args.num_workers,
-            device=args.device, flip=args.flip, amp=io.resolve_amp(args.amp, args.device), max_rank=args.max_rank,
-            overwrite=args.force, extra=extra)
-    except (ValueError, FileExistsError) as e:
-        raise SystemExit(f"error: {e}") from None
+    results = evaluation.evaluate_query_gallery(
+        model.encode_image, args.test_dir, out_dir, gallery=args.gallery,
+        method_name=f"CLIP {args.backbone_name} zero-shot" if official
+        else f"CLIP zero-shot ({os.path.basename(args.backbone_name)})",
+        input_size=tuple(args.input_size), batch_size=args.batch_size, num_workers=args.num_workers,
+        device=args.device, flip=args.flip, amp=io.resolve_amp(args.amp, args.device), max_rank=args.max_rank,
+        overwrite=args.force, extra=extra)
     io.write_run_config(out_dir, args, extra=extra)
     own = results["summary"][results["gallery_variants"][0]]["mean"]
     print(f"Wrote results.json, results.csv and {len(results['rows'])} result_split*.mat for "

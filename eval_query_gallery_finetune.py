@@ -84,7 +84,7 @@ def main(argv=None):
         trained_on = [trained_on] if isinstance(trained_on, str) else trained_on
         seeds = splits.check_split_seeds([args.test_dir] + [d for d in trained_on if os.path.isdir(d)],
                                          args.allow_mixed_seeds)
-    except (errors.ClipFHError, ValueError) as err:
+    except errors.ClipFHError as err:
         raise SystemExit(f"error: {err}") from None
     if hasattr(model, "set_test_dir"):  # models with per-aspect parts (CLIP-ReID --sie) pick the test aspect
         note = model.set_test_dir(args.test_dir)
@@ -97,7 +97,7 @@ def main(argv=None):
             raise SystemExit(f"error: the {config['model'].get('kind')} model of {run_dir} has no --feature choice")
         try:
             model.check_feature(args.feature)
-        except ValueError as err:
+        except errors.ClipFHError as err:
             raise SystemExit(f"error: {err}") from None
         model.feature = args.feature
     if args.inference_prompt is not None:
@@ -129,7 +129,7 @@ def main(argv=None):
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, flip=args.flip,
             amp=io.resolve_amp(args.amp, args.device), max_rank=args.max_rank, rerank=rerank, overwrite=args.force,
             extra=extra)
-    except (ValueError, FileExistsError) as err:
+    except errors.ClipFHError as err:
         raise SystemExit(f"error: {err}") from None
     io.write_run_config(out_dir, args, extra=extra)
     variant = results["gallery_variants"][0]

@@ -6,7 +6,8 @@
 - `ArcFace`: additive angular margin logits (use with a cross entropy).
 - `SupConLoss` / `supcon_loss`: supervised contrastive loss between two sets of features, e.g. images
   and text (CLIP-ReID's definition: temperature 1, all same-label candidates are positives).
-- `FinetuneLoss`, `PromptSGLoss`: the objectives of train_finetune.py and train_promptsg.py.
+- `FinetuneLoss`, `PromptSGLoss`, `ClipReIDPromptLoss` (stage 1), `ClipReIDLoss` (stage 2): the
+  objectives of train_finetune.py, train_promptsg.py and train_clipreid.py.
 Every loss returns a scalar mean over the batch. Inputs are cast to fp32 so the losses behave the same
 under autocast.
 """
@@ -212,3 +213,48 @@ class PromptSGLoss(nn.Module):
                  "loss_supcon": symmetric_supcon(features["image"], features["text"], labels, temperature)}
         total = terms["loss_id"] + self.triplet_weight * terms["loss_triplet"] + self.lambda_sc * terms["loss_supcon"]
         return total, terms, scores[0]
+
+
+class ClipReIDPromptLoss(nn.Module):
+    """CLIP-ReID stage 1: the prompt text encoder plus its objective, image->text + text->image
+    supervised contrastive loss (temperature 1) between cached image features and the features of
+    their identities' prompts."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.supcon = SupConLoss(temperature=1.0)
+
+    def forward(self, image_features, labels):
+        text_features = self.text_encoder(labels)
+        terms = {"loss_i2t": self.supcon(image_features, text_features, labels, labels),
+                 "loss_t2i": self.supcon(text_features, image_features, labels, labels)}
+        return terms["loss_i2t"] + terms["loss_t2i"], terms, None
+
+
+class ClipReIDLoss(nn.Module):
+    """CLIP-ReID stage 2: the model plus its objective (one module, for DDP):
+    id_weight * [LS-CE(BN pre_proj head) + LS-CE(BN proj head)]
+    + triplet_weight * [Tri(penultimate | layer3) + Tri(pre_proj) + Tri(proj)]   (pre-BN features)
+    + i2t_weight * LS-CE(proj feature @ text_features^T)   (all identities' frozen text features)."""
+
+    def __init__(self, model, text_features, ls=0.1, id_weight=0.25, triplet_weight=1.0, i2t_weight=1.0,
+                 margin=0.3):
+        super().__init__()
+        self.model = model
+        self.register_buffer("text_features", text_features.detach().float().clone())
+        self.ls, self.id_weight, self.triplet_weight, self.i2t_weight = ls, id_weight, triplet_weight, i2t_weight
+        self.id_loss = CrossEntropyLabelSmooth(ls)
+        self.triplet = TripletLoss(margin)
+        first = "layer3" if "layer3" in model.visual.feature_dims else "penultimate"
+        self.triplet_keys = (first, "pre_proj", "proj")
+
+    def forward(self, images, labels):
+        scores, features = self.model(images, labels)
+        i2t_logits = features["proj"].float() @ self.text_features.t()
+        terms = {"loss_id": self.id_loss(scores[0], labels) + self.id_loss(scores[1], labels),
+                 "loss_triplet": sum(self.triplet(features[k], labels) for k in self.triplet_keys),
+                 "loss_i2t": cross_entropy_label_smooth(i2t_logits, labels, self.ls)}
+        total = (self.id_weight * terms["loss_id"] + self.triplet_weight * terms["loss_triplet"]
+                 + self.i2t_weight * terms["loss_i2t"])
+        return total, terms, i2t_logits

@@ -1,9 +1,15 @@
-"""Hand re-identification models built on the image encoder of a `clip/` backbone.
+"""Hand re-identification models on the image encoder of a `clip/` backbone, and how to build, save
+and reload them (registry, checkpoints). CLIP-ReID's and PromptSG's text-side modules: prompt_models.py.
 
-Every trainer saves a `config.json` whose "model" entry says how to rebuild its model
-(`build_model_from_config`) and checkpoints that hold only the image side (no text tower), so the
-evaluator can rebuild any trained model without downloading pretrained weights.
-Sections: FINE-TUNE (CLIP-HandID baseline), CLIP-REID, PROMPTSG.
+Backbone contract (clip.model.VisionTransformer and ModifiedResNet keep it; a new backbone must too):
+`visual.feature_dims` maps feature names to widths and `visual.forward_features(images)` returns
+those (N, width) features: "pre_proj" (ViT: class token after ln_post; RN: pooled layer4), "proj"
+(the CLIP embedding, == visual(images)) and one earlier one ("penultimate" / "layer3"), plus
+"tokens" (N, 1 + h*w, width): ViT all tokens after ln_post, class token first; RN layer4's mean
+token then its spatial tokens. The models below read nothing else of the encoder.
+
+Every trainer saves a config.json whose "model" entry rebuilds its model (build_model_from_config)
+without pretrained weights, and checkpoints of the image side (PromptSG's also keep the text tower).
 """
 import os
 
@@ -11,9 +17,12 @@ import torch
 import torch.nn as nn
 
 import clip
-from utils import io, distributed, training, runs
 from clip.model import CLIP, ModifiedResNet, build_model, infer_config, random_state_dict
 from losses import ArcFace
+from prompt_models import (PROMPTSG_FIXED_PROMPT, PROMPTSG_TEMPLATE, InversionNetwork, MultimodalInteraction,
+                           composed_prompt_tokens)
+from utils import io, distributed, training, runs, splits
+from utils.errors import TrainingInputError
 
 # Retrieval features a model can return at evaluation time (see HandReIDModel.retrieval_feature).
 FEATURE_CHOICES = ("concat", "concat_bn", "proj", "proj_bn", "pre_proj", "pre_proj_bn")
@@ -36,8 +45,8 @@ def build_model_from_config(config):
     model_config = config["model"]
     kind = model_config.get("kind", "finetune")
     if kind not in MODEL_BUILDERS:
-        raise ValueError(f"config.json names model kind '{kind}', which this version of models.py does "
-                         f"not know (known: {sorted(MODEL_BUILDERS)})")
+        raise TrainingInputError(f"config.json names model kind '{kind}', which this version of models.py does "
+                                 f"not know (known: {sorted(MODEL_BUILDERS)})")
     return MODEL_BUILDERS[kind](model_config, config["num_classes"])
 
 
@@ -56,11 +65,11 @@ def describe_backbone(spec):
 
 
 def check_same_backbone(expected_spec, found_spec, where):
-    """Raise ValueError naming `where` if two backbone specs describe different encoders."""
+    """Raise TrainingInputError naming `where` if two backbone specs describe different encoders."""
     if backbone_signature(expected_spec) != backbone_signature(found_spec):
-        raise ValueError(f"{where} holds a model of backbone {describe_backbone(found_spec)}, but "
-                         f"{describe_backbone(expected_spec)} was expected; use the checkpoint of a run with "
-                         f"the same backbone (see its config.json)")
+        raise TrainingInputError(f"{where} holds a model of backbone {describe_backbone(found_spec)}, but "
+                                 f"{describe_backbone(expected_spec)} was expected; use the checkpoint of a run with "
+                                 f"the same backbone (see its config.json)")
 
 
 def load_model_weights(model, state_dict, where):
@@ -73,8 +82,8 @@ def load_model_weights(model, state_dict, where):
         details = "; ".join(f"{label}: {keys[:3]}{' ...' if len(keys) > 3 else ''}"
                             for label, keys in (("missing", missing), ("unexpected", unexpected),
                                                 ("shape differs", wrong)) if keys)
-        raise ValueError(f"{where} does not fit the model rebuilt from config.json ({details}); was it written "
-                         f"by another backbone or model kind?")
+        raise TrainingInputError(f"{where} does not fit the model rebuilt from config.json ({details}); was it written "
+                                 f"by another backbone or model kind?")
     model.load_state_dict(state_dict, strict=True)
     return model
 
@@ -93,24 +102,17 @@ def checkpoint_record(kind, model, spec, epoch, metrics):
 def load_trained_model(run_dir, which_epoch="best", device="cpu"):
     """Rebuild the model of a run folder (config.json + net_<which_epoch>.pth) without any pretrained
     download. Returns (model in eval mode on device, config dict, checkpoint dict without weights)."""
-    config_file = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(config_file):
-        raise ValueError(f"{config_file} does not exist: --f_name/--m_name must name a folder written by a "
-                         f"CLIP-FH trainer")
+    if not os.path.isfile(os.path.join(run_dir, "config.json")):
+        raise TrainingInputError(f"{os.path.join(run_dir, 'config.json')} does not exist: --f_name/--m_name must "
+                                 f"name a folder written by a CLIP-FH trainer")
     config = io.read_config(run_dir)
-    which = str(which_epoch)
-    if which not in ("best", "last") and not which.isdigit():
-        raise ValueError(f"--which_epoch must be best, last or an epoch number, got {which!r}")
-    path = os.path.join(run_dir, f"net_{which}.pth")
+    path = training.checkpoint_path(run_dir, which_epoch)
     if not os.path.isfile(path):
         saved = sorted(n for n in os.listdir(run_dir) if n.startswith("net_") and n.endswith(".pth"))
-        raise ValueError(f"{path} does not exist; this run has {saved or 'no checkpoints'}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from None
+        raise TrainingInputError(f"{path} does not exist; this run has {saved or 'no checkpoints'}")
+    checkpoint = training.load_checkpoint(path)
     if "model" not in checkpoint:
-        raise ValueError(f"{path} is not a CLIP-FH checkpoint (no 'model' entry)")
+        raise TrainingInputError(f"{path} is not a CLIP-FH checkpoint (no 'model' entry)")
     if "backbone" in checkpoint:
         check_same_backbone(config["model"]["backbone"], checkpoint["backbone"], path)
     model = build_model_from_config(config)
@@ -159,8 +161,8 @@ def load_clip_model(spec, weights="pretrained", download_root=None, text_tower=T
         del clip_model
         spec["arch"] = _jsonable_arch(infer_config(state_dict))
     elif not spec.get("arch"):
-        raise ValueError(f"backbone '{spec['name']}' has no recorded architecture ('arch'); cannot "
-                         f"rebuild it without its pretrained weights")
+        raise TrainingInputError(f"backbone '{spec['name']}' has no recorded architecture ('arch'); cannot "
+                                 f"rebuild it without its pretrained weights")
     geometry = _geometry(spec, spec["arch"])
     arch = dict(spec["arch"])
     if is_resnet_arch(arch):
@@ -174,7 +176,7 @@ def load_clip_model(spec, weights="pretrained", download_root=None, text_tower=T
     if weights == "random":
         state_dict = random_state_dict(arch, seed=0)
     elif weights != "pretrained":
-        raise ValueError(f"weights must be pretrained, random or empty, got {weights!r}")
+        raise TrainingInputError(f"weights must be pretrained, random or empty, got {weights!r}")
     model = build_model(state_dict, **geometry).float()
     return model if text_tower else model.visual
 
@@ -187,11 +189,8 @@ def load_backbone(spec, weights="pretrained", download_root=None):
 def load_pretrained(spec, download_root, dist_info, text_tower=True):
     """load_clip_model(spec, "pretrained") in every process of a run; rank 0 first, so that only it
     downloads."""
-    for turn in ("main", "others"):
-        if (turn == "main") == dist_info.is_main:
-            model = load_clip_model(spec, "pretrained", download_root, text_tower)
-        distributed.barrier(dist_info)
-    return model
+    with distributed.rank0_first(dist_info):
+        return load_clip_model(spec, "pretrained", download_root, text_tower)
 
 
 def resumed_run(out_dir, args, class_names, where):
@@ -201,10 +200,12 @@ def resumed_run(out_dir, args, class_names, where):
     spec = config["model"]["backbone"]
     wanted = backbone_spec(args.backbone_name, args.input_size, args.stride, args.last_stride)
     if spec["name"] != wanted["name"] or backbone_signature(dict(spec, arch=None)) != backbone_signature(wanted):
-        raise ValueError(f"{where} was trained with backbone {describe_backbone(spec)} but this command asks for "
-                         f"{describe_backbone(wanted)}; resume with the run's own settings or start a new --m_name")
+        raise TrainingInputError(f"{where} was trained with backbone {describe_backbone(spec)} but this command "
+                                 f"asks for {describe_backbone(wanted)}; resume with the run's own settings or "
+                                 f"start a new --m_name")
     if config.get("class_names") != list(class_names):
-        raise ValueError(f"{args.data_dir} has other training identities than the run being resumed in {out_dir}")
+        raise TrainingInputError(f"{args.data_dir} has other training identities than the run being resumed "
+                                 f"in {out_dir}")
     return spec, config
 
 
@@ -286,7 +287,7 @@ class HandReIDModel(nn.Module):
             self.classifier = ArcFace(self.in_planes, num_classes, s=arcface_s, m=arcface_m)
             self.classifier_proj = ArcFace(self.in_planes_proj, num_classes, s=arcface_s, m=arcface_m)
         else:
-            raise ValueError(f"unknown classifier '{classifier}' (linear or arcface)")
+            raise TrainingInputError(f"unknown classifier '{classifier}' (linear or arcface)")
         self.classifier_kind = classifier
         self.feature = feature
         self.check_feature(feature)
@@ -294,7 +295,7 @@ class HandReIDModel(nn.Module):
     @staticmethod
     def check_feature(feature):
         if feature not in FEATURE_CHOICES:
-            raise ValueError(f"--feature '{feature}' is not one of {', '.join(FEATURE_CHOICES)}")
+            raise TrainingInputError(f"--feature '{feature}' is not one of {', '.join(FEATURE_CHOICES)}")
 
     def feature_dim(self, feature=None):
         feature = feature or self.feature
@@ -351,111 +352,8 @@ def build_finetune_model(model_config, num_classes, visual=None):
 
 
 # ==== SECTION CLIP-REID ========================================================================
-# CLIP-ReID (Li et al., AAAI 2023): per-identity learnable text tokens spliced into a template
-# (stage 1), then the frozen text features of every identity guide image-encoder fine-tuning
-# (stage 2). The stage-2 model is a HandReIDModel, optionally with a side-information embedding.
-
-DEFAULT_PROMPT_TEMPLATE = "A photo of a X X X X hand."
-PLACEHOLDER_WORD = "X"
-
-
-def parse_prompt_template(template, context_length=77):
-    """Tokenize a prompt template. Returns (tokens (context_length,) LongTensor, positions of the
-    placeholder tokens, index of the end token). Each standalone X becomes one learnable token."""
-    try:
-        tokens = clip.tokenize(template, context_length=context_length)[0]
-    except RuntimeError:
-        raise ValueError(f"--prompt_template {template!r} is longer than the text tower's "
-                         f"{context_length} tokens; shorten it") from None
-    placeholder_id = int(clip.tokenize(PLACEHOLDER_WORD)[0, 1])
-    positions = (tokens == placeholder_id).nonzero().flatten().tolist()
-    if not positions:
-        raise ValueError(f"--prompt_template {template!r} has no placeholder: write one standalone "
-                         f"{PLACEHOLDER_WORD} per learnable token, e.g. {DEFAULT_PROMPT_TEMPLATE!r}")
-    return tokens, positions, int(tokens.argmax())
-
-
-class PromptLearner(nn.Module):
-    """Learnable per-identity tokens in place of the template's placeholders.
-
-    forward(labels) returns token embeddings (B, eot_index + 1, width), before the positional
-    embedding: the frozen embedding of the template with cls_ctx[label] at the placeholder
-    positions. Positions after the end token are not kept: the causal text tower never lets them
-    influence the end token. full_length=True keeps all context_length positions (the reference
-    layout, only for timing comparisons)."""
-
-    def __init__(self, num_classes, template, token_embedding, context_length=77, full_length=False):
-        super().__init__()
-        tokens, positions, eot_index = parse_prompt_template(template, context_length)
-        length = context_length if full_length else eot_index + 1
-        with torch.no_grad():
-            embeds = token_embedding(tokens[None, :length].to(token_embedding.weight.device)).float()
-        self.template = template
-        self.eot_index = eot_index
-        self.register_buffer("template_embeds", embeds)
-        self.register_buffer("ctx_positions", torch.tensor(positions, dtype=torch.long))
-        self.cls_ctx = nn.Parameter(torch.randn(num_classes, len(positions), embeds.shape[-1]) * 0.02)
-
-    @property
-    def num_classes(self):
-        return self.cls_ctx.shape[0]
-
-    def forward(self, labels):
-        embeds = self.template_embeds.expand(len(labels), -1, -1).clone()
-        embeds[:, self.ctx_positions] = self.cls_ctx[labels].to(embeds.dtype)
-        return embeds
-
-
-def freeze(module):
-    for param in module.parameters():
-        param.requires_grad_(False)
-    return module
-
-
-class PromptTextEncoder(nn.Module):
-    """The frozen CLIP text tower fed with learnable identity prompts: forward(labels) -> (B, embed)
-    text features (end-token pooling + text_projection, no normalisation, as in CLIP-ReID).
-
-    Gradients reach only prompt_learner.cls_ctx; every text-tower weight has requires_grad False.
-    `clip_model` is a clip.model.CLIP; its image tower is dropped to save memory."""
-
-    def __init__(self, clip_model, num_classes, template=DEFAULT_PROMPT_TEMPLATE, full_length=False):
-        super().__init__()
-        clip_model.visual = None
-        self.clip_model = freeze(clip_model).eval()
-        self.full_length = full_length
-        self.prompt_learner = PromptLearner(num_classes, template, clip_model.token_embedding,
-                                            clip_model.context_length, full_length)
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.clip_model.eval()  # frozen tower (it has no dropout or batch norm either)
-        return self
-
-    def encode_embeddings(self, embeds):
-        eot_index = torch.full((embeds.shape[0],), self.prompt_learner.eot_index, device=embeds.device)
-        if self.full_length:
-            return encode_text_full_length(self.clip_model, embeds, eot_index)
-        return self.clip_model.encode_text_embeddings(embeds, eot_index)
-
-    def forward(self, labels):
-        return self.encode_embeddings(self.prompt_learner(labels))
-
-    @torch.no_grad()
-    def all_class_features(self, batch_size=64):
-        """Text features of every identity, (num_classes, embed), fp32."""
-        device = self.prompt_learner.cls_ctx.device
-        labels = torch.arange(self.prompt_learner.num_classes, device=device)
-        return torch.cat([self(chunk).float() for chunk in labels.split(batch_size)])
-
-
-def encode_text_full_length(clip_model, embeds, eot_index):
-    """The text tower on every position of `embeds` (N, context_length, width), like the reference
-    and OpenAI's encode_text; the same result as encode_text_embeddings, at full cost."""
-    x = embeds + clip_model.positional_embedding[:embeds.shape[1]].to(embeds.dtype)
-    x = clip_model.transformer(x)
-    x = x[torch.arange(x.shape[0], device=x.device), eot_index]
-    return clip_model.ln_final(x) @ clip_model.text_projection
+# CLIP-ReID (Li et al., AAAI 2023): the stage-1 prompt modules are in prompt_models.py; the stage-2
+# model is a HandReIDModel, optionally with a side-information embedding.
 
 
 class ClipReIDModel(HandReIDModel):
@@ -477,10 +375,10 @@ class ClipReIDModel(HandReIDModel):
         if not self.sie_aspects:
             return
         if not hasattr(visual, "ln_pre"):
-            raise ValueError("--sie needs a ViT backbone: the side-information embedding is added to the class "
-                             "token, which ResNets do not have")
+            raise TrainingInputError("--sie needs a ViT backbone: the side-information embedding is added to the class "
+                                     "token, which ResNets do not have")
         if class_aspect is None or len(class_aspect) != num_classes:
-            raise ValueError("--sie needs the aspect index of every class (class_aspect)")
+            raise TrainingInputError("--sie needs the aspect index of every class (class_aspect)")
         self.sie_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(len(self.sie_aspects),
                                                                         visual.class_embedding.shape[0]), std=0.02))
         self.register_buffer("class_aspect", torch.as_tensor(class_aspect, dtype=torch.long))
@@ -508,13 +406,7 @@ class ClipReIDModel(HandReIDModel):
         """Pick the SIE aspect from a split root's splits.json ("aspect"); returns a note for the log."""
         if not self.sie_aspects:
             return None
-        import json
-        import os
-        aspect = None
-        manifest = os.path.join(test_dir, "splits.json")
-        if os.path.isfile(manifest):
-            with open(manifest) as f:
-                aspect = json.load(f).get("aspect")
+        aspect = (splits.read_manifest(test_dir) or {}).get("aspect")
         if self.set_test_aspect(aspect) is None:
             return (f"side-information embedding: aspect {aspect!r} of {test_dir} was not trained "
                     f"({self.sie_aspects}); using the mean embedding")
@@ -548,114 +440,11 @@ def build_clipreid_model(model_config, num_classes, visual=None):
 
 
 # ==== SECTION PROMPTSG =========================================================================
-import math  # noqa: E402
+# PromptSG (Yang et al., CVPR 2024); its inversion network and multimodal interaction are in
+# prompt_models.py.
 
-import torch.nn.functional as F  # noqa: E402
-
-from clip.model import LayerNorm, ResidualAttentionBlock  # noqa: E402
-
-# PromptSG (Yang et al., CVPR 2024): an inversion network turns each image's global CLIP feature into
-# a pseudo-word S*, the frozen text tower encodes "A photo of a S* hand.", and that text feature is
-# the query of a cross-attention over the image's global + patch tokens (then 2 transformer blocks).
-# Unlike the CLIP-FH thesis code, the pseudo-token sits inside the token sequence and the attention
-# has many keys, so the text really steers the visual feature (tests/test_promptsg.py checks this).
-
-PROMPTSG_PLACEHOLDER = "S*"
-PROMPTSG_TEMPLATE = "A photo of a S* hand."
-PROMPTSG_FIXED_PROMPT = "A photo of a hand."
 PROMPTSG_FEATURES = ("fused", "fused_bn", "concat", "proj")
 INFERENCE_PROMPTS = ("fixed", "composed")
-
-
-def _inner_token_ids(text):
-    """BPE ids of `text` without the start and end tokens."""
-    ids = clip.tokenize([text], context_length=len(text.encode()) + 2)[0]  # long enough for any text
-    eot_id = int(clip.tokenize([""])[0, 1])
-    return ids[1:int((ids == eot_id).nonzero()[0])]
-
-
-def composed_prompt_tokens(template, context_length=77):
-    """Token ids (context_length,) of `template` with its one "S*" replaced by a single placeholder
-    token, the position of that token and the position of the end token."""
-    if template.count(PROMPTSG_PLACEHOLDER) != 1:
-        raise ValueError(f"--prompt_template must contain '{PROMPTSG_PLACEHOLDER}' exactly once (where the "
-                         f"pseudo-word goes), got {template!r}")
-    prefix, suffix = template.split(PROMPTSG_PLACEHOLDER)
-    sot_id, eot_id = (int(t) for t in clip.tokenize([""])[0, :2])
-    placeholder_id = _inner_token_ids("x")[:1]
-    ids = torch.cat([torch.tensor([sot_id]), _inner_token_ids(prefix), placeholder_id,
-                     _inner_token_ids(suffix), torch.tensor([eot_id])])
-    if len(ids) > context_length:
-        raise ValueError(f"--prompt_template {template!r} is {len(ids)} tokens long, more than the text tower's "
-                         f"context length {context_length}")
-    tokens = torch.zeros(context_length, dtype=torch.long)
-    tokens[:len(ids)] = ids
-    return tokens, 1 + len(_inner_token_ids(prefix)), len(ids) - 1
-
-
-class InversionNetwork(nn.Module):
-    """Image global feature -> one pseudo-word embedding: 3-layer MLP (512-d hidden layers) with a
-    BatchNorm after the last layer. The BN scale starts at the spread of the real word embeddings so
-    the pseudo-word begins on their scale (weight 1 would make it tens of times larger than a word)."""
-
-    def __init__(self, in_dim, token_dim, hidden=512, token_std=1.0):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden, token_dim))
-        self.bn = nn.BatchNorm1d(token_dim)
-        nn.init.constant_(self.bn.weight, float(token_std))
-        nn.init.zeros_(self.bn.bias)
-
-    def forward(self, image_feature):
-        return self.bn(self.mlp(image_feature.float()))
-
-
-class CrossAttention(nn.Module):
-    """Multi-head attention of queries (N, Lq, D) over keys/values (N, Lk, D), batch first."""
-
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads = heads
-        self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(width, width)
-        self.v_proj = nn.Linear(width, width)
-        self.out_proj = nn.Linear(width, width)
-
-    def split_heads(self, x):
-        batch, length, width = x.shape
-        return x.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
-
-    def forward(self, queries, keys_values, return_weights=False):
-        q = self.split_heads(self.q_proj(queries))
-        k = self.split_heads(self.k_proj(keys_values))
-        v = self.split_heads(self.v_proj(keys_values))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-        if not return_weights:
-            return self.out_proj(out)
-        weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1).mean(dim=1)
-        return self.out_proj(out), weights
-
-
-class MultimodalInteraction(nn.Module):
-    """Text feature (query) attends over visual tokens (keys/values: global + patch tokens), with a
-    residual; then `num_blocks` pre-LN transformer blocks. Returns the language-guided visual
-    feature (N, width)."""
-
-    def __init__(self, width, heads, num_blocks=2):
-        super().__init__()
-        self.ln_query = LayerNorm(width)
-        self.ln_tokens = LayerNorm(width)
-        self.cross_attn = CrossAttention(width, heads)
-        self.blocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(num_blocks)])
-        self.ln_post = LayerNorm(width)
-
-    def forward(self, text_feature, visual_tokens, return_weights=False):
-        query = text_feature[:, None].to(visual_tokens.dtype)
-        attended = self.cross_attn(self.ln_query(query), self.ln_tokens(visual_tokens), return_weights)
-        attended, weights = attended if return_weights else (attended, None)
-        fused = self.ln_post(self.blocks(query + attended))[:, 0]
-        return (fused, weights) if return_weights else fused
 
 
 class PromptSGModel(nn.Module):
@@ -700,13 +489,14 @@ class PromptSGModel(nn.Module):
     @staticmethod
     def check_feature(feature):
         if feature not in PROMPTSG_FEATURES:
-            raise ValueError(f"--feature '{feature}' is not one of {', '.join(PROMPTSG_FEATURES)} (PromptSG model)")
+            raise TrainingInputError(f"--feature '{feature}' is not one of {', '.join(PROMPTSG_FEATURES)} "
+                                     f"(PromptSG model)")
 
     @staticmethod
     def check_inference_prompt(inference_prompt):
         if inference_prompt not in INFERENCE_PROMPTS:
-            raise ValueError(f"--inference_prompt must be one of {', '.join(INFERENCE_PROMPTS)}, "
-                             f"got {inference_prompt!r}")
+            raise TrainingInputError(f"--inference_prompt must be one of {', '.join(INFERENCE_PROMPTS)}, "
+                                     f"got {inference_prompt!r}")
 
     def feature_dim(self, feature=None):
         return 2 * self.width if (feature or self.feature) == "concat" else self.width

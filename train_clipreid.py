@@ -21,15 +21,14 @@ final_test/ (net_best on the test splits of --data_dir).
         --sie ...                                           (several aspects, aspect embedding)
     torchrun --nproc_per_node 4 train_clipreid.py ...       (DDP in stage 2; --batch_size is per GPU)
 """
-import math
 import os
 
 import torch
-import torch.nn as nn
 
 import models
-from utils import errors, io, data, evaluation, distributed, training, runs
-from losses import CrossEntropyLabelSmooth, SupConLoss, TripletLoss, cross_entropy_label_smooth
+import prompt_models
+from utils import errors, io, splits, data, evaluation, distributed, training, runs
+from losses import ClipReIDLoss, ClipReIDPromptLoss
 
 RUN_FILES = runs.RUN_FILES + ("stage1_metrics.csv", "stage1_curve.png", "stage1_last.pth", "stage1_features.pth",
                                "prompts.pth")
@@ -50,7 +49,7 @@ def parse_args(argv=None):
     g.add_argument("--stage", default="both", choices=["1", "2", "both"],
                    help="1: learn and save the prompts only; 2: fine-tune from --prompts; both: 1 then 2")
     g.add_argument("--prompts", default=None, help="prompts.pth of a stage-1 run (with --stage 2)")
-    g.add_argument("--prompt_template", default=models.DEFAULT_PROMPT_TEMPLATE,
+    g.add_argument("--prompt_template", default=prompt_models.DEFAULT_PROMPT_TEMPLATE,
                    help="each standalone X becomes one learnable token per identity")
     g.add_argument("--sie", action="store_true",
                    help="side-information embedding of the hand aspect (split root) added to the ViT class token")
@@ -71,18 +70,18 @@ def parse_args(argv=None):
     g = runs.add_optimisation_args(
         p, lr=None, epochs=None, warmup_epochs=10, milestones=None, gamma=0.1, weight_decay=None,
         title="stage 2: optimisation",
-        helps={"lr": "base learning rate; default 5e-6 (ViT) / 3.5e-4 (ResNet)",
-               "weight_decay": "default 1e-4 (ViT) / 5e-4 (ResNet)", "epochs": "default 60 (ViT) / 120 (ResNet)",
-               "warmup_epochs": "linear warm-up from --warmup_factor x lr",
-               "milestones": "epochs where lr is multiplied by --gamma; default 30 50 (ViT) / 40 70 (ResNet)",
-               "ls": "label smoothing of the ID and image->text losses"})
+        description="every weight learns at --lr, biases at --bias_lr_factor x --lr; warm-up starts from "
+                    "--warmup_factor x lr; --ls also smooths the image->text loss. Left unset, --lr, "
+                    "--weight_decay, --epochs, --milestones, --warmup_factor and --id_weight take the reference "
+                    "values of the backbone: ViT 5e-6, 1e-4, 60, [30 50], 0.1, 0.25; ResNet 3.5e-4, 5e-4, 120, "
+                    "[40 70], 0.01, 1.0")
     g.add_argument("--bias_lr_factor", type=float, default=2.0, help="learning-rate multiplier of biases")
-    g.add_argument("--warmup_factor", type=float, default=None, help="warm-up start factor; 0.1 (ViT) / 0.01 (ResNet)")
-    g.add_argument("--id_weight", type=float, default=None, help="ID loss weight; default 0.25 (ViT) / 1.0 (ResNet)")
+    g.add_argument("--warmup_factor", type=float, default=None, help="warm-up start factor")
+    g.add_argument("--id_weight", type=float, default=None, help="ID loss weight")
     g.add_argument("--triplet_weight", type=float, default=1.0)
     g.add_argument("--i2t_weight", type=float, default=1.0, help="image->text cross-entropy weight")
     g.add_argument("--margin", type=float, default=0.3, help="triplet margin")
-    g = runs.add_input_args(p, erasing_p=0.5, cache_root="<first data_dir>", color_jitter=False)
+    g = runs.add_input_args(p, erasing_p=0.5, cache_root="<first data_dir>")
     g.add_argument("--padding", type=int, default=10, help="zero padding before the random crop")
     g.add_argument("--feature", default=models.DEFAULT_FEATURE, choices=models.FEATURE_CHOICES,
                    help="retrieval feature for validation (and the default of the evaluator)")
@@ -136,14 +135,8 @@ def resolve_backbone_defaults(args, spec):
 
 def split_root_key(data_dir):
     """Name of a split root's aspect: splits.json "aspect" (11k), else its dataset (HD), else the folder."""
-    import json
-    manifest = os.path.join(data_dir, "splits.json")
-    if os.path.isfile(manifest):
-        with open(manifest) as f:
-            info = json.load(f)
-        if info.get("aspect") or info.get("dataset"):
-            return info.get("aspect") or info.get("dataset")
-    return os.path.basename(os.path.normpath(data_dir))
+    manifest = splits.read_manifest(data_dir) or {}
+    return manifest.get("aspect") or manifest.get("dataset") or os.path.basename(os.path.normpath(data_dir))
 
 
 def load_training_data(data_dirs, train_all):
@@ -204,69 +197,20 @@ def clipreid_train_transform(input_size, padding=10, erasing_p=0.5):
 
 
 def build_datasets(args, hands, input_size, dist_info):
-    """Stage-2 train set, stage-1 feature set (train images, no augmentation) and per-root (val,
-    gallery) sets for validation; every image is read at input_size (optionally from one cache)."""
-    galleries = [runs.val_gallery_items(root["train"], root["val"], args.train_all) for root in hands["roots"]]
-    cache = None
-    if args.cache_resized is not None:
-        cache_dir = args.cache_resized or os.path.join(args.data_dir[0], ".cache_resized")
-        paths = sorted({p for p, _ in hands["train"] + hands["val"]})
-        for turn in ("main", "others"):  # rank 0 builds the cache file, the other ranks then open it
-            if (turn == "main") == dist_info.is_main:
-                cache = data.ResizedImageCache(paths, input_size, cache_dir,
-                                                desc=f"caching images at {input_size[0]}x{input_size[1]}")
-            distributed.barrier(dist_info)
+    """Stage-2 train set, stage-1 feature set (train images, no augmentation) and per-root (aspect,
+    val set, gallery set) for validation; every image is read at input_size."""
     eval_tf = data.eval_transform(input_size)
-
-    def dataset(items, transform):
-        return data.LabeledImageDataset(items, input_size, transform, SubsetCache.of(cache, items))
-
-    train_set = dataset(hands["train"], clipreid_train_transform(input_size, args.padding, args.erasing_p))
-    feature_set = dataset(hands["train"], eval_tf)
-    val_sets = [(root["key"], dataset(root["val"], eval_tf), dataset(gallery, eval_tf))
-                for root, gallery in zip(hands["roots"], galleries)]
-    return train_set, feature_set, val_sets
-
-
-class SubsetCache:
-    """A view of a ResizedImageCache for a subset of its images, in the subset's order."""
-
-    def __init__(self, cache, paths):
-        position = {p: i for i, p in enumerate(cache.paths)}
-        self.cache, self.paths, self.size = cache, list(paths), cache.size
-        self.rows = [position[p] for p in self.paths]
-
-    @classmethod
-    def of(cls, cache, items):
-        return None if cache is None else cls(cache, [p for p, _ in items])
-
-    def image(self, index):
-        return self.cache.image(self.rows[index])
+    sets = {"train": (hands["train"], input_size, clipreid_train_transform(input_size, args.padding, args.erasing_p)),
+            "features": (hands["train"], input_size, eval_tf)}
+    for i, root in enumerate(hands["roots"]):
+        sets[f"val{i}"] = (root["val"], input_size, eval_tf)
+        sets[f"gallery{i}"] = (runs.val_gallery_items(root["train"], root["val"], args.train_all), input_size, eval_tf)
+    built = runs.image_datasets(sets, runs.cache_dir(args, args.data_dir[0]), dist_info)
+    val_sets = [(root["key"], built[f"val{i}"], built[f"gallery{i}"]) for i, root in enumerate(hands["roots"])]
+    return built["train"], built["features"], val_sets
 
 
 # ---- stage 1 ----
-
-class Stage1CosineLR(torch.optim.lr_scheduler.LRScheduler):
-    """CLIP-ReID's stage-1 schedule per epoch n = 1..epochs (timm CosineLRScheduler, t = n): linear
-    warm-up warmup_lr + n (base - warmup_lr) / warmup_epochs for n < warmup_epochs, then
-    min_lr + (base - min_lr)(1 + cos(pi n / epochs)) / 2, and min_lr at n = epochs. Call step() once
-    after every epoch."""
-
-    def __init__(self, optimizer, epochs, warmup_epochs=5, warmup_lr=1e-5, min_lr=1e-6, last_epoch=-1):
-        self.epochs, self.warmup_epochs = int(epochs), int(warmup_epochs)
-        self.warmup_lr, self.min_lr = float(warmup_lr), float(min_lr)
-        super().__init__(optimizer, last_epoch)
-
-    def lr_at(self, number, base_lr):
-        if number < self.warmup_epochs:
-            return self.warmup_lr + number * (base_lr - self.warmup_lr) / self.warmup_epochs
-        if number >= self.epochs:
-            return self.min_lr
-        return self.min_lr + 0.5 * (base_lr - self.min_lr) * (1 + math.cos(math.pi * number / self.epochs))
-
-    def get_lr(self):
-        return [self.lr_at(self.last_epoch + 1, base_lr) for base_lr in self.base_lrs]
-
 
 def stage1_batches(features, labels, batch_size, seed, epoch):
     """A random permutation of the cached features per (seed, epoch), in chunks of batch_size; the
@@ -284,8 +228,8 @@ def cache_image_features(visual, feature_set, args, device, amp):
                                          num_workers=args.num_workers, pin_memory=str(device).startswith("cuda"))
     was_training = visual.training
     visual.eval()
-    features, labels = evaluation.collect_outputs(visual, loader, device, amp, progress=args.progress,
-                                             desc="stage 1: caching image features")
+    features, labels = evaluation.extract_features(visual, loader, device, amp, progress=args.progress,
+                                                   desc="stage 1: caching image features")
     visual.train(was_training)
     return features.to(device), labels.to(device)
 
@@ -309,6 +253,7 @@ def run_stage1(args, run, visual, clip_model, feature_set, log):
     identity (computed once here, frozen for all of stage 2)."""
     out_dir, device, amp = run["out_dir"], run["device"], run["amp"]
     hands = run["data"]
+    alone = distributed.DistInfo(device=device)  # stage 1 runs in rank 0 only
     last_path = os.path.join(out_dir, "stage1_last.pth")
     features_path = os.path.join(out_dir, "stage1_features.pth")
     resuming = args.resume and os.path.isfile(last_path)
@@ -321,25 +266,25 @@ def run_stage1(args, run, visual, clip_model, feature_set, log):
         training.save_checkpoint(features_path, {"features": features.cpu(), "labels": labels.cpu()})
     if len(labels) != len(hands["train"]):
         raise errors.TrainingInputError(f"{features_path} holds {len(labels)} cached features but the training set "
-                                       f"has {len(hands['train'])} images; start a new run")
+                                        f"has {len(hands['train'])} images; start a new run")
 
     io.set_seed(args.seed)  # the same prompt initialisation whether or not the run resumes
-    text_encoder = models.PromptTextEncoder(clip_model, len(hands["class_names"]), args.prompt_template,
+    text_encoder = prompt_models.PromptTextEncoder(clip_model, len(hands["class_names"]), args.prompt_template,
                                             full_length=args.full_text_length).to(device)
-    params = [text_encoder.prompt_learner.cls_ctx]
-    optimizer = training.make_optimizer("adam", [{"params": params, "lr": args.stage1_lr,
-                                               "weight_decay": args.stage1_weight_decay, "name": "prompts"}],
-                                     args.stage1_lr, args.stage1_weight_decay)
-    scheduler = Stage1CosineLR(optimizer, args.stage1_epochs, args.stage1_warmup_epochs, args.stage1_warmup_lr,
-                               args.stage1_min_lr)
+    criterion = ClipReIDPromptLoss(text_encoder)
+    prompts = text_encoder.prompt_learner.cls_ctx
+    optimizer = training.make_optimizer("adam", [{"params": [prompts], "lr": args.stage1_lr,
+                                                  "weight_decay": args.stage1_weight_decay, "name": "prompts"}],
+                                        args.stage1_lr, args.stage1_weight_decay)
+    scheduler = training.Stage1CosineLR(optimizer, args.stage1_epochs, args.stage1_warmup_epochs,
+                                        args.stage1_warmup_lr, args.stage1_min_lr)
     scaler = training.make_grad_scaler(amp, device)
-    supcon = SupConLoss(temperature=1.0)
     history, start_epoch = [], 0
     if resuming:
         state = training.load_checkpoint(last_path)
-        if state.get("template") != args.prompt_template or tuple(state["cls_ctx_shape"]) != tuple(params[0].shape):
+        if state.get("template") != args.prompt_template or tuple(state["cls_ctx_shape"]) != tuple(prompts.shape):
             raise errors.TrainingInputError(f"{last_path} was written with another --prompt_template or other "
-                                           f"identities; resume with the run's own settings")
+                                            f"identities; resume with the run's own settings")
         text_encoder.prompt_learner.load_state_dict(state["prompt_learner"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -347,43 +292,29 @@ def run_stage1(args, run, visual, clip_model, feature_set, log):
         history, start_epoch = list(state["history"]), int(state["epoch"])
         log.info(f"stage 1: resumed from {last_path} after epoch {start_epoch}")
 
-    def compute_loss(encoder, image_features, batch_labels):
-        text_features = encoder(batch_labels)
-        loss_i2t = supcon(image_features, text_features, batch_labels, batch_labels)
-        loss_t2i = supcon(text_features, image_features, batch_labels, batch_labels)
-        return loss_i2t + loss_t2i, {"loss_i2t": loss_i2t, "loss_t2i": loss_t2i}, None
-
     log.info(f"stage 1: {len(labels)} cached image features, {len(hands['class_names'])} identities x "
-             f"{params[0].shape[1]} tokens of width {params[0].shape[2]} ({args.prompt_template!r}); text tower "
+             f"{prompts.shape[1]} tokens of width {prompts.shape[2]} ({args.prompt_template!r}); text tower "
              f"on {text_encoder.prompt_learner.template_embeds.shape[1]} positions; {args.stage1_epochs} epochs, "
              f"batch {args.stage1_batch_size}")
     for epoch in range(start_epoch, args.stage1_epochs):
         number = epoch + 1
         lr = optimizer.param_groups[0]["lr"]
         batches = stage1_batches(features, labels, args.stage1_batch_size, args.seed, epoch)
-        try:
-            result = training.train_one_epoch(text_encoder, batches, compute_loss, [optimizer], scaler, amp, device,
-                                           number, grad_clip=args.grad_clip, progress=False)
-        except errors.NonFiniteLossError as err:
-            raise runs.stopped_by_nonfinite_loss(err, log, last_path, history[-1]["epoch"] if history else start_epoch,
-                                                  "stage 1") from None
+        with runs.stop_on_nonfinite_loss(log, last_path, history, "stage 1"):
+            result = training.train_one_epoch(criterion, batches, training.module_loss, [optimizer], scaler, amp,
+                                              device, number, args.grad_clip, progress=False)
         scheduler.step()
         row = {"epoch": number, "lr": lr, **result.losses, "train_acc": None,
                "features_per_s": result.images_per_s, "epoch_seconds": result.seconds}
         if number % args.eval_every == 0 or number == args.stage1_epochs:
             row["train_acc"] = text_accuracy(text_encoder, features, labels)
-        history.append(row)
-        training.save_checkpoint(last_path, {
-            "epoch": number, "template": args.prompt_template, "cls_ctx_shape": list(params[0].shape),
-            "prompt_learner": text_encoder.prompt_learner.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history})
-        io.write_metrics_csv(os.path.join(out_dir, "stage1_metrics.csv"), history)
-        if row["train_acc"] is not None:  # plotting costs more than a stage-1 epoch: only now and then
-            runs.plot_training_curve(os.path.join(out_dir, "stage1_curve.png"), history)
-        acc = f" | text acc {row['train_acc']:.4f}" if row["train_acc"] is not None else ""
-        log.info(f"stage 1 epoch {number}/{args.stage1_epochs} lr {lr:.3g} | "
-                 + ", ".join(f"{k} {v:.4f}" for k, v in result.losses.items())
-                 + f"{acc} | {result.seconds:.2f} s")
+        state = {"epoch": number, "template": args.prompt_template, "cls_ctx_shape": list(prompts.shape),
+                 "prompt_learner": text_encoder.prompt_learner.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
+        runs.end_of_epoch(out_dir, row, history, None, log, alone, args.stage1_epochs, state,
+                          plot=row["train_acc"] is not None, stage="stage 1", accuracy_name="text acc",
+                          last_file="stage1_last.pth", metrics_file="stage1_metrics.csv",
+                          curve_file="stage1_curve.png")
     text_encoder.eval()
     text_features = text_encoder.all_class_features()
     record = prompts_record(text_encoder, hands["class_names"], run["spec"], args.stage1_epochs, text_features)
@@ -410,7 +341,7 @@ def prompt_text_encoder(record, path, spec, clip_model, device):
     if record["backbone"]["name"] != spec["name"] or record["backbone"].get("arch") != spec.get("arch"):
         raise errors.TrainingInputError(f"{path} was learned with the text tower of {record['backbone']['name']}, "
                                        f"not {spec['name']}; use the prompts of a run with the same --backbone_name")
-    text_encoder = models.PromptTextEncoder(clip_model, len(record["class_names"]), record["template"])
+    text_encoder = prompt_models.PromptTextEncoder(clip_model, len(record["class_names"]), record["template"])
     if tuple(record["cls_ctx"].shape) != tuple(text_encoder.prompt_learner.cls_ctx.shape):
         raise errors.TrainingInputError(f"{path}: prompt tokens of shape {tuple(record['cls_ctx'].shape)} do not "
                                        f"fit template {record['template']!r}")
@@ -419,34 +350,6 @@ def prompt_text_encoder(record, path, spec, clip_model, device):
 
 
 # ---- stage 2 ----
-
-class ClipReIDLoss(nn.Module):
-    """The stage-2 model plus its objective (one module, for DDP):
-    id_weight * [LS-CE(BN pre_proj head) + LS-CE(BN proj head)]
-    + triplet_weight * [Tri(penultimate | layer3) + Tri(pre_proj) + Tri(proj)]   (pre-BN features)
-    + i2t_weight * LS-CE(proj feature @ text_features^T)   (all identities' frozen text features)."""
-
-    def __init__(self, model, text_features, ls=0.1, id_weight=0.25, triplet_weight=1.0, i2t_weight=1.0,
-                 margin=0.3):
-        super().__init__()
-        self.model = model
-        self.register_buffer("text_features", text_features.detach().float().clone())
-        self.ls, self.id_weight, self.triplet_weight, self.i2t_weight = ls, id_weight, triplet_weight, i2t_weight
-        self.id_loss = CrossEntropyLabelSmooth(ls)
-        self.triplet = TripletLoss(margin)
-        first = "layer3" if "layer3" in model.visual.feature_dims else "penultimate"
-        self.triplet_keys = (first, "pre_proj", "proj")
-
-    def forward(self, images, labels):
-        scores, features = self.model(images, labels)
-        i2t_logits = features["proj"].float() @ self.text_features.t()
-        terms = {"loss_id": self.id_loss(scores[0], labels) + self.id_loss(scores[1], labels),
-                 "loss_triplet": sum(self.triplet(features[k], labels) for k in self.triplet_keys),
-                 "loss_i2t": cross_entropy_label_smooth(i2t_logits, labels, self.ls)}
-        total = (self.id_weight * terms["loss_id"] + self.triplet_weight * terms["loss_triplet"]
-                 + self.i2t_weight * terms["loss_i2t"])
-        return total, terms, i2t_logits
-
 
 def stage2_param_groups(model, lr, weight_decay, bias_lr_factor=2.0):
     """Every trainable parameter at lr, biases (names containing "bias") at bias_lr_factor x lr, as in
@@ -500,30 +403,46 @@ def run_stage2(args, run, model, text_features, train_set, sampler, val_sets, lo
     criterion = ClipReIDLoss(model, text_features, args.ls, args.id_weight, args.triplet_weight, args.i2t_weight,
                              args.margin).to(device)
     optimizer = training.make_optimizer(args.optimizer, stage2_param_groups(model, args.lr, args.weight_decay,
-                                                                         args.bias_lr_factor),
-                                     args.lr, args.weight_decay)
+                                                                            args.bias_lr_factor),
+                                        args.lr, args.weight_decay)
     scheduler = training.WarmupMultiStepLR(optimizer, args.milestones, args.gamma, args.warmup_epochs,
-                                        args.warmup_factor)
+                                           args.warmup_factor)
     scaler = training.make_grad_scaler(amp, device)
 
+    last_path = os.path.join(out_dir, "net_last.pth")
     history, best, start_epoch = [], None, 0
     if run["stage2_state"] is not None:
         history, best, start_epoch = runs.restore_training_state(run["stage2_state"], optimizer, scheduler, scaler,
-                                                                  sampler, log, os.path.join(out_dir, "net_last.pth"),
-                                                                  "stage 2")
+                                                                 sampler, log, last_path, "stage 2")
 
     log.info(f"stage 2: {len(train_set)} images, {args.epochs} epochs, lr {args.lr:g} "
              f"(biases x{args.bias_lr_factor:g}), weight decay {args.weight_decay:g}, warm-up {args.warmup_epochs} "
              f"epochs from x{args.warmup_factor:g}, x{args.gamma:g} at {args.milestones}; loss {args.id_weight:g} ID "
              f"+ {args.triplet_weight:g} triplet + {args.i2t_weight:g} image->text")
-    loop = {"model": model, "train_module": distributed.wrap_ddp(criterion, dist_info),
-            "optimizers": [optimizer], "scheduler": scheduler, "scaler": scaler, "sampler": sampler,
-            "train_set": train_set, "validate": lambda: validate(model, val_sets, args, device, amp),
-            "record": lambda epoch, row: models.checkpoint_record("clipreid", model, run["spec"], epoch, row),
-            "extra_state": lambda: {"text_features": criterion.text_features.cpu()},
-            "out_dir": out_dir, "dist_info": dist_info, "device": device, "amp": amp}
-    best, _ = runs.run_epochs(args, loop, log, history, best, start_epoch, stage="stage 2",
-                               lr_names=("lr", "lr_bias"), accuracy_name="i2t acc")
+    train_module = distributed.wrap_ddp(criterion, dist_info)
+    for epoch in range(start_epoch, args.epochs):
+        number = epoch + 1  # epochs are numbered from 1 in logs and file names
+        loader = data.epoch_loader(train_set, sampler, args.batch_size, args.num_workers, args.seed, epoch, device)
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        with runs.stop_on_nonfinite_loss(log, last_path, history, "stage 2"):
+            result = training.train_one_epoch(train_module, loader, training.module_loss, [optimizer], scaler, amp,
+                                              device, number, args.grad_clip, dist_info,
+                                              progress=args.progress and dist_info.is_main)
+        scheduler.step()
+        row = runs.epoch_row(number, lrs, result, lr_names=("lr", "lr_bias"))
+        validated = number % args.eval_every == 0 or number == args.epochs
+        if validated and dist_info.is_main:
+            model.eval()
+            row.update(validate(model, val_sets, args, device, amp))
+            model.train()
+        best = runs.end_of_epoch(
+            out_dir, row, history, best, log, dist_info, args.epochs,
+            state=runs.resume_state(optimizer, scheduler, scaler, sampler, dist_info,
+                                    text_features=criterion.text_features.cpu()),
+            record=models.checkpoint_record("clipreid", model, run["spec"], number, row) if dist_info.is_main else None,
+            train_all=args.train_all, save_every=args.save_every, plot=validated, stage="stage 2",
+            accuracy_name="i2t acc")
+    runs.check_ranks_agree(model, dist_info, log)
     return best
 
 
@@ -532,6 +451,9 @@ def run_stage2(args, run, model, text_features, train_set, sampler, val_sets, lo
 def resume_point(out_dir, args):
     """Where a resumed run continues: "stage2" (net_last.pth), "stage2_start" (prompts.pth, stage 2 not
     begun) or "stage1" (stage1_last.pth or nothing yet)."""
+    if not os.path.isfile(os.path.join(out_dir, "config.json")):
+        raise errors.TrainingInputError(f"--resume: {os.path.join(out_dir, 'config.json')} does not exist; start "
+                                        f"the run without --resume")
     if os.path.isfile(os.path.join(out_dir, "net_last.pth")):
         point = "stage2"
     elif os.path.isfile(os.path.join(out_dir, "prompts.pth")):
@@ -568,7 +490,6 @@ def train(args, dist_info):
     out_dir = os.path.join(args.f_name, args.m_name)
     hands = load_training_data(args.data_dir, args.train_all)
     num_classes = len(hands["class_names"])
-    runs.prepare_run_folder(out_dir, args, RUN_FILES, resume_file="config.json")
     point = resume_point(out_dir, args) if args.resume else "stage1" if args.stage != "2" else "stage2_start"
     prompts_path = (os.path.join(out_dir, "prompts.pth") if args.resume else args.prompts) \
         if point == "stage2_start" else None
@@ -579,10 +500,7 @@ def train(args, dist_info):
         prompts = read_prompts(prompts_path, hands["class_names"])
         if prompts["template"] != args.prompt_template:
             args.prompt_template = prompts["template"]  # recorded in config.json as used
-    log = runs.open_run_folder(out_dir, args, dist_info, RUN_FILES)
-    io.set_seed(args.seed)
-    if device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+    out_dir, log = runs.start_run(args, dist_info, RUN_FILES, resume_file="config.json")
 
     # the image encoder (and the text tower when prompts must be learned or read)
     clip_model, stage2_state, old_config = None, None, None

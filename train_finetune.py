@@ -24,9 +24,10 @@ def parse_args(argv=None):
     p = runs.trainer_parser(__doc__, m_name="clip_hand_vit")
     runs.add_batching_args(p, batch_size=20)
     runs.add_optimisation_args(p, lr=5e-6, epochs=70, warmup_epochs=10, milestones=[40, 60], gamma=0.5,
-                                helps={"lr": "learning rate of the image encoder; heads get 10x",
-                                       "ls": "label smoothing of the ID losses (0 disables)"})
-    runs.add_input_args(p)
+                               description="the image encoder learns at --lr, the new heads at 10 x --lr; "
+                                           "warm-up starts from 0.01 x lr")
+    g = runs.add_input_args(p)
+    g.add_argument("--color_jitter", action="store_true", help="brightness/contrast/saturation jitter of 0.1")
     g = p.add_argument_group("sampling and extra losses")
     runs.add_sampler_args(g, sampler="random")
     g.add_argument("--triplet_weight", type=float, default=0.0, help="batch-hard triplet (margin 0.3) weight")
@@ -68,16 +69,19 @@ def train(args, dist_info):
     device, amp = dist_info.device, io.resolve_amp(args.amp, dist_info.device)
     hands = data.load_train_val(args.data_dir, args.train_all)
     num_classes = len(hands["class_names"])
-    out_dir, log = runs.start_run(args, dist_info, runs.RUN_FILES)
+    out_dir, log = runs.start_run(args, dist_info)
 
     model, model_config, spec = build_model(args, out_dir, hands, dist_info)
     criterion = FinetuneLoss(model, args.ls, args.triplet_weight, args.center_weight).to(device)
     speed_note = models.speed_up_image_encoder(model.visual, device, args.compile)
 
-    train_set, val_set, gallery_set = runs.build_datasets(args, hands, tuple(args.input_size), dist_info)
+    input_size = tuple(args.input_size)
+    train_set, val_set, gallery_set = runs.build_datasets(
+        hands, data.build_train_transform(input_size, args.color_jitter, args.erasing_p), input_size,
+        args.train_all, runs.cache_dir(args, args.data_dir), dist_info)
     sampler = runs.make_sampler(args, train_set, dist_info, log)
     optimizer = training.make_optimizer(args.optimizer, training.param_groups(model, args.lr, args.weight_decay),
-                                     args.lr, args.weight_decay)
+                                        args.lr, args.weight_decay)
     optimizers = [optimizer]
     if criterion.centers is not None:  # plain SGD on the centres (lr 0.5, gradient / center_weight as in BoT)
         optimizers.append(torch.optim.SGD(criterion.centers.parameters(), lr=0.5 / args.center_weight))
@@ -107,21 +111,31 @@ def train(args, dist_info):
              f"{models.describe_backbone(spec)}; retrieval feature {args.feature} ({model.feature_dim()}-d); "
              + runs.batch_summary(args, dist_info, amp, speed_note))
 
-    def validate():
-        return evaluation.validate(model, lambda x: model.predict_logits(x)[1], val_set, gallery_set, device, amp,
-                              batch_size=max(args.batch_size, 64), num_workers=args.num_workers)
-
-    def extra_state():
-        if criterion.centers is None:
-            return {}
-        return {"centers": criterion.centers.state_dict(), "center_optimizer": optimizers[1].state_dict()}
-
-    loop = {"model": model, "train_module": distributed.wrap_ddp(criterion, dist_info),
-            "optimizers": optimizers, "scheduler": scheduler, "scaler": scaler, "sampler": sampler,
-            "train_set": train_set, "validate": validate, "extra_state": extra_state,
-            "record": lambda epoch, row: models.checkpoint_record("finetune", model, spec, epoch, row),
-            "out_dir": out_dir, "dist_info": dist_info, "device": device, "amp": amp}
-    best, history = runs.run_epochs(args, loop, log, history, best, start_epoch)
+    train_module = distributed.wrap_ddp(criterion, dist_info)
+    for epoch in range(start_epoch, args.epochs):
+        number = epoch + 1  # epochs are numbered from 1 in logs and file names
+        loader = data.epoch_loader(train_set, sampler, args.batch_size, args.num_workers, args.seed, epoch, device)
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        with runs.stop_on_nonfinite_loss(log, last_path, history):
+            result = training.train_one_epoch(train_module, loader, training.module_loss, optimizers, scaler, amp,
+                                              device, number, args.grad_clip, dist_info,
+                                              progress=args.progress and dist_info.is_main)
+        scheduler.step()
+        row = runs.epoch_row(number, lrs, result)
+        validated = number % args.eval_every == 0 or number == args.epochs
+        if validated and dist_info.is_main:
+            model.eval()
+            row.update(evaluation.validate(model, lambda x: model.predict_logits(x)[1], val_set, gallery_set, device,
+                                           amp, batch_size=max(args.batch_size, 64), num_workers=args.num_workers))
+            model.train()
+        centers = {} if criterion.centers is None else {"centers": criterion.centers.state_dict(),
+                                                        "center_optimizer": optimizers[1].state_dict()}
+        best = runs.end_of_epoch(
+            out_dir, row, history, best, log, dist_info, args.epochs,
+            state=runs.resume_state(optimizer, scheduler, scaler, sampler, dist_info, **centers),
+            record=models.checkpoint_record("finetune", model, spec, number, row) if dist_info.is_main else None,
+            train_all=args.train_all, save_every=args.save_every, plot=validated)
+    runs.check_ranks_agree(model, dist_info, log)
 
     if dist_info.is_main:
         if args.final_test and os.path.isfile(best_path):
@@ -129,8 +143,8 @@ def train(args, dist_info):
             models.load_model_weights(model, checkpoint["model"], best_path)
             model.eval()
             runs.final_test(model, args, args.data_dir, out_dir, "final_test", f"{args.m_name} (net_best)", amp,
-                             device, log, extra={"which_epoch": "best", "epoch": checkpoint["epoch"],
-                                                 "feature": model.feature})
+                            device, log, extra={"which_epoch": "best", "epoch": checkpoint["epoch"],
+                                                "feature": model.feature})
         log.info(f"Wrote the fine-tuned model (net_best: epoch {best['epoch']}) to {out_dir}")
     return {"out_dir": out_dir, "best": best, "history": history}
 

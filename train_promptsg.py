@@ -17,8 +17,8 @@ as train_finetune.py; evaluate with eval_query_gallery_finetune.py [--inference_
 """
 import os
 
-
 import models
+import prompt_models
 from utils import errors, io, data, evaluation, distributed, training, runs
 from losses import PromptSGLoss
 
@@ -26,11 +26,12 @@ from losses import PromptSGLoss
 def parse_args(argv=None):
     p = runs.trainer_parser(__doc__, m_name="clip_promptsg_vit")
     runs.add_batching_args(p, batch_size=64)
-    runs.add_optimisation_args(
-        p, lr=5e-6, epochs=60, warmup_epochs=0, milestones=[20, 40], gamma=0.1,
-        helps={"lr": "learning rate of the image encoder; the new modules (inversion, interaction, head) get 10x",
-               "warmup_epochs": "linear warm-up from 0.01 x lr (0: the paper's plain step schedule)"})
-    runs.add_input_args(p)
+    runs.add_optimisation_args(p, lr=5e-6, epochs=60, warmup_epochs=0, milestones=[20, 40], gamma=0.1,
+                               description="the image encoder learns at --lr, the new modules (inversion, "
+                                           "interaction, head) at 10 x --lr; warm-up (0: the paper's plain step "
+                                           "schedule) starts from 0.01 x lr")
+    g = runs.add_input_args(p)
+    g.add_argument("--color_jitter", action="store_true", help="brightness/contrast/saturation jitter of 0.1")
     g = p.add_argument_group("sampling and losses")
     runs.add_sampler_args(g, sampler="pk")
     g.add_argument("--triplet_weight", type=float, default=1.0, help="batch-hard triplet (margin 0.3) weight")
@@ -40,9 +41,9 @@ def parse_args(argv=None):
                    help="temperature of that loss on cosine similarities (default: the CLIP checkpoint's own, "
                         "1 / exp(logit_scale), 0.01 for OpenAI's models)")
     g = p.add_argument_group("PromptSG model")
-    g.add_argument("--prompt_template", default=models.PROMPTSG_TEMPLATE,
+    g.add_argument("--prompt_template", default=prompt_models.PROMPTSG_TEMPLATE,
                    help="composed prompt; S* marks where the pseudo-word goes")
-    g.add_argument("--fixed_prompt", default=models.PROMPTSG_FIXED_PROMPT,
+    g.add_argument("--fixed_prompt", default=prompt_models.PROMPTSG_FIXED_PROMPT,
                    help="the prompt that guides the attention at inference with --inference_prompt fixed")
     g.add_argument("--inference_prompt", default="fixed", choices=models.INFERENCE_PROMPTS,
                    help="which prompt guides the attention in validation (and by default in the evaluator)")
@@ -69,8 +70,8 @@ def check_args(args):
     if args.batch_size < 2:
         problems.append("--batch_size must be at least 2 (the inversion network ends with a BatchNorm)")
     try:
-        models.composed_prompt_tokens(args.prompt_template)
-    except ValueError as err:
+        prompt_models.composed_prompt_tokens(args.prompt_template)
+    except errors.TrainingInputError as err:
         problems.append(str(err))
     if problems:
         raise errors.TrainingInputError("; ".join(problems))
@@ -137,23 +138,26 @@ def train(args, dist_info):
     device, amp = dist_info.device, io.resolve_amp(args.amp, dist_info.device)
     hands = data.load_train_val(args.data_dir, args.train_all)
     num_classes = len(hands["class_names"])
-    out_dir, log = runs.start_run(args, dist_info, runs.RUN_FILES)
+    out_dir, log = runs.start_run(args, dist_info)
 
     model, model_config, spec = build_model(args, out_dir, num_classes, hands["class_names"], dist_info)
     model.to(device)
     speed_note = models.speed_up_image_encoder(model.visual, device, args.compile)
     criterion = PromptSGLoss(model, args.ls, args.triplet_weight, args.lambda_sc, args.sc_temperature)
 
-    train_set, val_set, gallery_set = runs.build_datasets(args, hands, tuple(args.input_size), dist_info)
+    input_size = tuple(args.input_size)
+    train_set, val_set, gallery_set = runs.build_datasets(
+        hands, data.build_train_transform(input_size, args.color_jitter, args.erasing_p), input_size,
+        args.train_all, runs.cache_dir(args, args.data_dir), dist_info)
     sampler = runs.make_sampler(args, train_set, dist_info, log)
     # "visual." = the pretrained image encoder at --lr; inversion, interaction, BNNeck and classifier at 10x;
     # the text tower is frozen (requires_grad False) and left out
     optimizer = training.make_optimizer(args.optimizer, training.param_groups(model, args.lr, args.weight_decay),
-                                     args.lr, args.weight_decay)
+                                        args.lr, args.weight_decay)
     scheduler = training.WarmupMultiStepLR(optimizer, args.milestones, args.gamma, args.warmup_epochs, 0.01)
     scaler = training.make_grad_scaler(amp, device)
 
-    best_path = os.path.join(out_dir, "net_best.pth")
+    last_path, best_path = os.path.join(out_dir, "net_last.pth"), os.path.join(out_dir, "net_best.pth")
     _, history, best, start_epoch = models.resume_from_last(args, out_dir, model, spec, dist_info, log,
                                                             optimizer, scheduler, scaler, sampler)
 
@@ -172,16 +176,29 @@ def train(args, dist_info):
              f"{args.inference_prompt}; retrieval feature {args.feature} ({model.feature_dim()}-d); "
              + runs.batch_summary(args, dist_info, amp, speed_note))
 
-    def validate():
-        return evaluation.validate(model, lambda x: model.predict_logits(x)[0], val_set, gallery_set, device, amp,
-                              batch_size=max(args.batch_size, 64), num_workers=args.num_workers)
-
-    loop = {"model": model, "train_module": distributed.wrap_ddp(criterion, dist_info),
-            "optimizers": [optimizer], "scheduler": scheduler, "scaler": scaler, "sampler": sampler,
-            "train_set": train_set, "validate": validate,
-            "record": lambda epoch, row: models.checkpoint_record("promptsg", model, spec, epoch, row),
-            "out_dir": out_dir, "dist_info": dist_info, "device": device, "amp": amp}
-    best, history = runs.run_epochs(args, loop, log, history, best, start_epoch)
+    train_module = distributed.wrap_ddp(criterion, dist_info)
+    for epoch in range(start_epoch, args.epochs):
+        number = epoch + 1  # epochs are numbered from 1 in logs and file names
+        loader = data.epoch_loader(train_set, sampler, args.batch_size, args.num_workers, args.seed, epoch, device)
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        with runs.stop_on_nonfinite_loss(log, last_path, history):
+            result = training.train_one_epoch(train_module, loader, training.module_loss, [optimizer], scaler, amp,
+                                              device, number, args.grad_clip, dist_info,
+                                              progress=args.progress and dist_info.is_main)
+        scheduler.step()
+        row = runs.epoch_row(number, lrs, result)
+        validated = number % args.eval_every == 0 or number == args.epochs
+        if validated and dist_info.is_main:  # guided by the --inference_prompt prompt
+            model.eval()
+            row.update(evaluation.validate(model, lambda x: model.predict_logits(x)[0], val_set, gallery_set, device,
+                                           amp, batch_size=max(args.batch_size, 64), num_workers=args.num_workers))
+            model.train()
+        best = runs.end_of_epoch(
+            out_dir, row, history, best, log, dist_info, args.epochs,
+            state=runs.resume_state(optimizer, scheduler, scaler, sampler, dist_info),
+            record=models.checkpoint_record("promptsg", model, spec, number, row) if dist_info.is_main else None,
+            train_all=args.train_all, save_every=args.save_every, plot=validated)
+    runs.check_ranks_agree(model, dist_info, log)
 
     final = {}
     if dist_info.is_main:

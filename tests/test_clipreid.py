@@ -13,7 +13,9 @@ import torch
 import clip
 import eval_query_gallery_clip_zeroshot
 import eval_query_gallery_finetune
+import losses
 import models
+import prompt_models
 import train_clipreid
 from utils import io
 
@@ -40,29 +42,29 @@ def tiny_clip(tiny_vit_checkpoint):
     return model
 
 
-def fresh_text_encoder(tiny_vit_checkpoint, num_classes=5, template=models.DEFAULT_PROMPT_TEMPLATE, **kwargs):
+def fresh_text_encoder(tiny_vit_checkpoint, num_classes=5, template=prompt_models.DEFAULT_PROMPT_TEMPLATE, **kwargs):
     model, _ = clip.load(tiny_vit_checkpoint, device="cpu")
     torch.manual_seed(0)
-    return models.PromptTextEncoder(model, num_classes, template, **kwargs)
+    return prompt_models.PromptTextEncoder(model, num_classes, template, **kwargs)
 
 
 def test_template_parsing_counts_placeholders():
-    tokens, positions, eot = models.parse_prompt_template("A photo of a X X X X hand.")
+    tokens, positions, eot = prompt_models.parse_prompt_template("A photo of a X X X X hand.")
     assert positions == [5, 6, 7, 8] and eot == 11
     assert tokens[eot] == 49407 and tokens[9] == clip.tokenize("hand")[0, 1]
-    _, positions, eot = models.parse_prompt_template("X X hand of X.")
+    _, positions, eot = prompt_models.parse_prompt_template("X X hand of X.")
     assert positions == [1, 2, 5] and eot == 7
 
 
 @pytest.mark.parametrize("template", ["A photo of a hand.", "A photo of a " + "word " * 80 + "X."])
 def test_template_without_placeholder_or_too_long_is_refused(template):
     with pytest.raises(ValueError, match="--prompt_template"):
-        models.parse_prompt_template(template)
+        prompt_models.parse_prompt_template(template)
 
 
 def test_prompt_splice_positions_and_end_token(tiny_clip):
     torch.manual_seed(0)
-    learner = models.PromptLearner(4, "A photo of a X X X X hand.", tiny_clip.token_embedding)
+    learner = prompt_models.PromptLearner(4, "A photo of a X X X X hand.", tiny_clip.token_embedding)
     assert learner.cls_ctx.shape == (4, 4, tiny_clip.token_embedding.weight.shape[1])
     assert 0.015 < learner.cls_ctx.std().item() < 0.025  # N(0, 0.02^2) initialisation
     labels = torch.tensor([2, 0, 2])
@@ -105,20 +107,6 @@ def test_text_tower_is_frozen_and_only_prompts_get_gradients(tiny_vit_checkpoint
     assert grad is not None and grad[[0, 1, 4]].abs().sum() > 0 and grad[[2, 3]].abs().sum() == 0
     assert all(p.grad is None for p in encoder.clip_model.parameters())
     assert encoder.clip_model.visual is None
-
-
-def test_stage1_schedule_matches_the_reference():
-    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=3.5e-4)
-    scheduler = train_clipreid.Stage1CosineLR(optimizer, epochs=120, warmup_epochs=5, warmup_lr=1e-5, min_lr=1e-6)
-    lrs = []
-    for _ in range(120):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    # epochs 1..4 warm up linearly from 1e-5; the cosine clock starts at 0, so epoch 5 is ~3.49e-4
-    assert lrs[:4] == pytest.approx([7.8e-5, 1.46e-4, 2.14e-4, 2.82e-4], rel=1e-9)
-    assert lrs[4] == pytest.approx(1e-6 + 0.5 * (3.5e-4 - 1e-6) * (1 + math.cos(math.pi * 5 / 120)), rel=1e-9)
-    assert lrs[59] == pytest.approx(1e-6 + 0.5 * (3.5e-4 - 1e-6), rel=1e-9) and lrs[119] == 1e-6
 
 
 def test_stage2_optimizer_groups_double_the_bias_lr(tiny_vit_checkpoint):
@@ -165,7 +153,7 @@ def test_stage1_lowers_the_loss_and_separates_identities(clipreid_run, tiny_vit_
     assert float(rows[-1]["loss_i2t"]) < float(rows[0]["loss_i2t"])
     assert float(rows[-1]["loss_t2i"]) < float(rows[0]["loss_t2i"])
     prompts = torch.load(os.path.join(clipreid_run["run_dir"], "prompts.pth"), weights_only=True)
-    assert prompts["cls_ctx"].shape == (12, 4, 64) and prompts["template"] == models.DEFAULT_PROMPT_TEMPLATE
+    assert prompts["cls_ctx"].shape == (12, 4, 64) and prompts["template"] == prompt_models.DEFAULT_PROMPT_TEMPLATE
 
     def mean_cosine(text):  # mean similarity between the text features of different identities
         text = torch.nn.functional.normalize(text, dim=1)
@@ -222,9 +210,9 @@ def test_run_folder_and_evaluator(clipreid_run, hand_data, tmp_path):
 def test_stage2_from_saved_prompts_computes_text_features_once(clipreid_run, hand_data, tiny_vit_checkpoint,
                                                                tmp_path, monkeypatch):
     calls = {"all_class_features": 0, "text_forward": 0, "stage2_batches": 0}
-    all_class_features = models.PromptTextEncoder.all_class_features
-    text_forward = models.PromptTextEncoder.forward
-    loss_forward = train_clipreid.ClipReIDLoss.forward
+    all_class_features = prompt_models.PromptTextEncoder.all_class_features
+    text_forward = prompt_models.PromptTextEncoder.forward
+    loss_forward = losses.ClipReIDLoss.forward
 
     def count(name, function):
         def counted(*args, **kwargs):
@@ -232,9 +220,10 @@ def test_stage2_from_saved_prompts_computes_text_features_once(clipreid_run, han
             return function(*args, **kwargs)
         return counted
 
-    monkeypatch.setattr(models.PromptTextEncoder, "all_class_features", count("all_class_features", all_class_features))
-    monkeypatch.setattr(models.PromptTextEncoder, "forward", count("text_forward", text_forward))
-    monkeypatch.setattr(train_clipreid.ClipReIDLoss, "forward", count("stage2_batches", loss_forward))
+    monkeypatch.setattr(prompt_models.PromptTextEncoder, "all_class_features",
+                        count("all_class_features", all_class_features))
+    monkeypatch.setattr(prompt_models.PromptTextEncoder, "forward", count("text_forward", text_forward))
+    monkeypatch.setattr(losses.ClipReIDLoss, "forward", count("stage2_batches", loss_forward))
     prompts = os.path.join(clipreid_run["run_dir"], "prompts.pth")
     run_train(hand_data, tmp_path, "s2", tiny_vit_checkpoint, *SMALL, "--stage", "2", "--prompts", prompts)
     assert calls["stage2_batches"] == 3 * 3  # 3 epochs of 3 batches (60 images, 16 per batch)
@@ -399,7 +388,7 @@ def test_prompts_of_other_identities_or_backbone_are_refused(clipreid_run, hand_
 @pytest.mark.parametrize("stage", ["1", "2"])
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(hand_data, tiny_vit_checkpoint, tmp_path, monkeypatch,
                                                            stage):
-    target = train_clipreid.SupConLoss if stage == "1" else train_clipreid.ClipReIDLoss
+    target = losses.SupConLoss if stage == "1" else losses.ClipReIDLoss
     forward, calls = target.forward, {"n": 0}
     # stage 1: 4 batches per epoch (60 features, 16 per batch), two SupCon calls each -> call 11 is
     # epoch 2, batch 2; stage 2: 3 PK batches per epoch -> call 5

@@ -18,7 +18,7 @@ import prepare_train_val_test_11k_r_l as prep11k
 import prepare_train_val_test_hd as prephd
 import query_ranking_result_demo as ranking
 from utils import data, errors, evaluation, splits, synthetic
-from test_eval import colour_encoder, make_split_root
+from test_evaluation import colour_encoder, make_split_root
 
 ROOTS_11K = [f"train_val_test_split_{folder}" for folder in splits.ASPECT_FOLDERS_11K.values()]
 

@@ -14,6 +14,7 @@ import torch
 import clip
 import losses
 import models
+import prompt_models
 import train_promptsg
 
 INPUT_SIZE = {"vit": (32, 32), "rn": (64, 64)}
@@ -63,11 +64,11 @@ def batch(kind, n=8, seed=0):
 # ---- the composed prompt ----
 
 def test_template_tokens_put_one_placeholder_at_s_star():
-    tokens, pseudo_index, eot_index = models.composed_prompt_tokens("A photo of a S* hand.")
+    tokens, pseudo_index, eot_index = prompt_models.composed_prompt_tokens("A photo of a S* hand.")
     assert torch.equal(tokens, clip.tokenize("A photo of a x hand.")[0])
     assert int(tokens[pseudo_index]) == int(clip.tokenize("x")[0, 1])
     assert eot_index == int(tokens.argmax()) == 8  # sot a photo of a x hand . eot
-    _, pseudo_index, eot_index = models.composed_prompt_tokens("S* is a hand")
+    _, pseudo_index, eot_index = prompt_models.composed_prompt_tokens("S* is a hand")
     assert (pseudo_index, eot_index) == (1, 5)
 
 
@@ -75,7 +76,7 @@ def test_template_tokens_put_one_placeholder_at_s_star():
                          ids=["no S*", "two S*", "too long"])
 def test_bad_template_is_refused(template):
     with pytest.raises(ValueError, match="prompt_template"):
-        models.composed_prompt_tokens(template)
+        prompt_models.composed_prompt_tokens(template)
 
 
 def test_pseudo_token_sits_at_s_star_and_end_token_survives(vit_model):

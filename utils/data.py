@@ -8,15 +8,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from clip import CLIP_MEAN, CLIP_STD
 from .errors import ImageLoadError, TrainingInputError
-from .io import _atomic_write
+from .io import _atomic_write, set_seed
 from .splits import IMAGE_EXTENSIONS
-
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-
-
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def load_image(path, size=None):
@@ -172,7 +167,7 @@ class LabeledImageDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.cache = cache
         if cache is not None and (cache.paths != self.paths or cache.size != self.size):
-            raise ValueError("the resized-image cache was built for other images or another size")
+            raise TrainingInputError("the resized-image cache was built for other images or another size")
 
     def __len__(self):
         return len(self.paths)
@@ -217,6 +212,22 @@ class ResizedImageCache:
 
     def __getstate__(self):
         return dict(self.__dict__, _array=None)
+
+
+class SubsetCache:
+    """A view of a ResizedImageCache for a subset of its images, in the subset's order."""
+
+    def __init__(self, cache, paths):
+        position = {p: i for i, p in enumerate(cache.paths)}
+        self.cache, self.paths, self.size = cache, list(paths), cache.size
+        self.rows = [position[p] for p in self.paths]
+
+    @classmethod
+    def of(cls, cache, items):
+        return None if cache is None else cls(cache, [p for p, _ in items])
+
+    def image(self, index):
+        return self.cache.image(self.rows[index])
 
 
 class _EpochSampler(torch.utils.data.Sampler):
@@ -324,6 +335,14 @@ def make_loader(dataset, batch_size, sampler=None, num_workers=0, seed=0, epoch=
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
         pin_memory=str(device).startswith("cuda"), drop_last=drop_last, generator=generator,
         worker_init_fn=_seed_worker)
+
+
+def epoch_loader(dataset, sampler, batch_size, num_workers, seed, epoch, device):
+    """The training DataLoader of one epoch (0-based): seeds the global RNGs for the epoch and moves the
+    sampler to it first, so a resumed run draws the same batches and augmentations."""
+    set_seed(epoch_seed(seed, epoch))
+    sampler.set_epoch(epoch)
+    return make_loader(dataset, batch_size, sampler, num_workers, seed, epoch, device, drop_last=True)
 
 
 def _seed_worker(worker_id):

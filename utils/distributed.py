@@ -1,5 +1,6 @@
 """torch.distributed set-up for torchrun jobs (DDP), and the few collectives the trainers use."""
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,17 @@ def barrier(dist_info):
         torch.distributed.barrier()
 
 
+@contextmanager
+def rank0_first(dist_info):
+    """Run the block on rank 0 first and on the other ranks after it: rank 0 downloads a file or
+    builds a cache, the others then read it."""
+    if not dist_info.is_main:
+        barrier(dist_info)
+    yield
+    if dist_info.is_main:
+        barrier(dist_info)
+
+
 def ranks_agree(model, dist_info):
     """True when every rank holds the same parameters (checksums compared). BatchNorm running
     statistics are not compared: DDP syncs them from rank 0 at each forward, then each rank updates
@@ -73,6 +85,7 @@ def broadcast_object(obj, dist_info):
 
 
 def wrap_ddp(module, dist_info):
+    """DistributedDataParallel around `module` in a torchrun job, the module itself otherwise."""
     if not dist_info.distributed:
         return module
     device_ids = [dist_info.local_rank] if dist_info.device.startswith("cuda") else None

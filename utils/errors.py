@@ -7,7 +7,8 @@ class ClipFHError(Exception):
 
 
 class SplitInputError(ClipFHError, ValueError):
-    """Bad input to split preparation; the message names the file or flag to fix."""
+    """Bad input to split preparation, or a split root that cannot be read; the message names the
+    file or flag to fix."""
 
 
 class ImageLoadError(ClipFHError, ValueError):
@@ -25,3 +26,11 @@ class OutputExistsError(ClipFHError, FileExistsError):
 
 class NonFiniteLossError(ClipFHError, RuntimeError):
     """A NaN or inf loss; the message names the epoch and batch."""
+
+
+class EvaluationInputError(ClipFHError, ValueError):
+    """Bad input to an evaluation (flags, images, result files, non-finite features)."""
+
+
+class OutputExistsError(ClipFHError, FileExistsError):
+    """An earlier result that is only replaced with --force."""

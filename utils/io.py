@@ -9,6 +9,7 @@ import sys
 import tempfile
 
 import numpy as np
+import scipy.io
 import torch
 
 from .errors import TrainingInputError
@@ -87,7 +88,6 @@ def atomic_torch_save(obj, path):
 
 
 def atomic_savemat(path, mdict):
-    import scipy.io
     _atomic_write(path, lambda f: scipy.io.savemat(f, mdict), mode="wb")
 
 
@@ -110,37 +110,18 @@ def mean_std(values):
     return float(values.mean()), float(values.std(ddof=0)) if len(values) > 1 else 0.0
 
 
-def format_results_table(rows, title=None):
-    """Paper-style table. `rows`: list of (name, {"rank1": [...], "rank5": [...], "rank10": [...],
-    "mAP": [...]}) where each list holds one fraction per split; printed as mean ± std in percent."""
-    columns = [("Rank-1", "rank1"), ("Rank-5", "rank5"), ("Rank-10", "rank10"), ("mAP", "mAP")]
-    name_width = max([len("method")] + [len(name) for name, _ in rows])
-    cells = []
-    for name, metrics in rows:
-        row = []
-        for _, key in columns:
-            mean, std = mean_std(metrics[key])
-            row.append(f"{100 * mean:.2f} ± {100 * std:.2f}")
-        cells.append((name, row))
-    col_width = max([len(c) for _, row in cells for c in row] + [7])
-    lines = []
-    if title:
-        lines.append(title)
-    header = "method".ljust(name_width) + " | " + " | ".join(h.rjust(col_width) for h, _ in columns)
-    lines += [header, "-" * len(header)]
-    for name, row in cells:
-        lines.append(name.ljust(name_width) + " | " + " | ".join(c.rjust(col_width) for c in row))
-    return "\n".join(lines)
+PAPER_COLUMNS = (("Rank-1", "rank1"), ("Rank-5", "rank5"), ("Rank-10", "rank10"), ("mAP", "mAP"))
 
 
-def _metric_table(rows, columns):
-    """Plain-text table of mean ± std (percent) for extra metric columns [(header, key)]."""
+def format_results_table(rows, title=None, columns=PAPER_COLUMNS):
+    """Paper-style table. `rows`: list of (name, {key: [one fraction per split]}); `columns`:
+    (header, key) pairs. Each cell is mean ± std over the splits, in percent with two decimals."""
     cells = [(name, [f"{100 * m:.2f} ± {100 * s:.2f}" for m, s in (mean_std(metrics[key]) for _, key in columns)])
              for name, metrics in rows]
     name_width = max([len("method")] + [len(name) for name, _ in cells])
     width = max([len(c) for _, row in cells for c in row] + [len(h) for h, _ in columns])
     header = "method".ljust(name_width) + " | " + " | ".join(h.rjust(width) for h, _ in columns)
-    lines = [header, "-" * len(header)]
+    lines = ([title] if title else []) + [header, "-" * len(header)]
     lines += [name.ljust(name_width) + " | " + " | ".join(c.rjust(width) for c in row) for name, row in cells]
     return "\n".join(lines)
 
@@ -161,28 +142,31 @@ def resolve_amp(amp, device):
 
 
 def autocast(amp, device):
+    """torch.autocast to `amp` ("bf16" or "fp16") on `device`'s type; "none" or None: autocast off."""
     device_type = torch.device(device).type
-    if amp == "none":
+    if amp in (None, "none"):
         return torch.autocast(device_type, enabled=False)
     return torch.autocast(device_type, dtype=AMP_DTYPES[amp])
 
 
-def write_metrics_csv(path, rows):
-    """Rows (dicts) -> CSV, columns in first-seen order; written atomically."""
-    columns = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
+def write_metrics_csv(path, rows, columns=None, float_format=".6g"):
+    """Rows (dicts) -> CSV, written atomically. Columns: `columns`, or every key in first-seen order.
+    A missing or None value is an empty cell; floats are written with `float_format`."""
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
     lines = [",".join(columns)]
     for row in rows:
-        lines.append(",".join(_csv_cell(row.get(c)) for c in columns))
+        lines.append(",".join(_csv_cell(row.get(c), float_format) for c in columns))
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def _csv_cell(value):
+def _csv_cell(value, float_format):
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return format(value, float_format)
     return str(value)
 
 

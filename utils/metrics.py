@@ -2,7 +2,13 @@
 importable without torch."""
 
 import numpy as np
-import torch
+
+
+def as_numpy(array):
+    """A numpy view of an array-like; torch tensors (on any device) are accepted without importing torch."""
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    return np.asarray(array)
 
 
 _COUNTING_MAX_MATCHES = 2  # above this many true matches per query, sorting rows is cheaper than counting
@@ -104,7 +110,7 @@ def rank_metrics(scores, q_pids, g_pids, q_camids=None, g_camids=None, max_rank=
     convention "hand": trapezoid AP, every query counts (no match -> 0), cameras not allowed.
     convention "standard": non-interpolated AP, same pid+camera gallery items removed when cameras
     are given, queries without a match skipped."""
-    scores = scores.detach().cpu().numpy() if torch.is_tensor(scores) else np.asarray(scores)
+    scores = as_numpy(scores)
     if not np.issubdtype(scores.dtype, np.floating):
         scores = scores.astype(np.float64)
     if distance:
@@ -131,14 +137,20 @@ def rank_metrics(scores, q_pids, g_pids, q_camids=None, g_camids=None, max_rank=
 
 REPORTED_RANKS = (1, 5, 10, 20)
 
-
+# Every metric an evaluation reports, in column order: results.json, results.csv, the summary and the
+# printed tables all follow this tuple. A new metric is computed in query_gallery_metrics and named here.
 METRIC_NAMES = ("rank1", "rank5", "rank10", "rank20", "mAP_hand", "mAP_standard", "mINP")
+# Table headings (a metric without one is printed under its own name).
+METRIC_LABELS = {"rank1": "Rank-1", "rank5": "Rank-5", "rank10": "Rank-10", "rank20": "Rank-20",
+                 "mAP_hand": "mAP", "mAP_standard": "mAP (standard)", "mINP": "mINP"}
+# The headline table, as hand-identification papers report it; the other metrics follow in a second one.
+PAPER_METRICS = ("rank1", "rank5", "rank10", "mAP_hand")
 
 
 def query_gallery_metrics(sim, q_labels, g_labels, max_rank=50):
     """Every reported metric for one query/gallery pair (no cameras): Rank-1/5/10/20 and mAP in the
     hand convention, mAP in the standard convention, mINP (all queries; no match counts 0)."""
-    sim = sim.detach().cpu().numpy() if torch.is_tensor(sim) else np.asarray(sim)
+    sim = as_numpy(sim)
     matches = np.asarray(q_labels)[:, None] == np.asarray(g_labels)[None, :]
     q_idx, ranks = _match_ranks(sim, matches)
     length = max(max_rank, max(REPORTED_RANKS))
@@ -161,13 +173,10 @@ def re_ranking(qf, gf, k1=20, k2=6, lambda_value=0.3):
     distance (lower = closer). Memory is O((num_q + num_g)^2). The neighbour weights V and the
     Jaccard distance are kept in float16 as in the public code (Zhong et al., TransReID, CLIP-ReID);
     published re-ranked numbers depend on that rounding (float32 moves them by ~1e-3)."""
-    qf = torch.as_tensor(qf, dtype=torch.float32).cpu()
-    gf = torch.as_tensor(gf, dtype=torch.float32).cpu()
-    num_q = len(qf)
-    feats = torch.cat([qf, gf])
-    num_all = len(feats)
-    sq = feats.pow(2).sum(1, keepdim=True)
-    dist = (sq + sq.t() - 2 * feats @ feats.t()).numpy()
+    feats = np.concatenate([as_numpy(qf), as_numpy(gf)]).astype(np.float32)
+    num_q, num_all = len(qf), len(feats)
+    sq = np.square(feats).sum(1, keepdims=True)
+    dist = sq + sq.T - 2 * feats @ feats.T
     dist = np.transpose(dist / np.max(dist, axis=0))  # column-normalised, as in the original
     initial_rank = np.argsort(dist, axis=1).astype(np.int32)
 

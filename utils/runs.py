@@ -5,17 +5,20 @@ import logging
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 
 import torch
 
-from .errors import NonFiniteLossError, TrainingInputError
+import clip
+from .errors import ClipFHError, NonFiniteLossError, TrainingInputError
 from . import io
 from .io import AMP_CHOICES, _atomic_write, add_common_args, read_config, set_seed, write_run_config
 from .splits import read_split_layout
-from .data import LabeledImageDataset, PKSampler, ResizedImageCache, ShuffleSampler, build_train_transform, epoch_seed, eval_transform, make_loader, train_load_size
+from .data import (LabeledImageDataset, PKSampler, ResizedImageCache, ShuffleSampler, SubsetCache, eval_transform,
+                   train_load_size)
 from .evaluation import evaluate_query_gallery
-from .distributed import barrier, cleanup_distributed, ranks_agree, setup_distributed
-from .training import capture_rng_state, restore_rng_state, save_checkpoint, train_one_epoch
+from .distributed import barrier, cleanup_distributed, rank0_first, ranks_agree, setup_distributed
+from .training import capture_rng_state, restore_rng_state, save_checkpoint
 
 
 def setup_logger(out_dir, is_main=True, name="clipfh.train", filename="train.log"):
@@ -84,7 +87,6 @@ def parse_pretrained(value, backbone_name):
     """--pretrained true/false, else True for an official CLIP name and None (unknown) for a file."""
     if value is not None:
         return value == "true"
-    import clip
     return True if backbone_name in clip.available_models() else None
 
 
@@ -136,28 +138,27 @@ def add_sampler_args(group, sampler):
 
 
 def add_optimisation_args(parser, lr, epochs, warmup_epochs, milestones, gamma, weight_decay=5e-4,
-                          title="optimisation", helps=None):
-    """The optimiser and learning-rate schedule flags; helps: {flag name: help text}."""
-    helps = helps or {}
-    g = parser.add_argument_group(title)
-    g.add_argument("--lr", type=float, default=lr, help=helps.get("lr"))
+                          title="optimisation", description=None):
+    """The optimiser and step-schedule flags every trainer has (a trainer's description says which
+    parameter groups get a multiple of --lr)."""
+    g = parser.add_argument_group(title, description)
+    g.add_argument("--lr", type=float, default=lr, help="base learning rate (of the pretrained image encoder)")
     g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
-    g.add_argument("--weight_decay", type=float, default=weight_decay, help=helps.get("weight_decay"))
-    g.add_argument("--epochs", type=int, default=epochs, help=helps.get("epochs"))
+    g.add_argument("--weight_decay", type=float, default=weight_decay)
+    g.add_argument("--epochs", type=int, default=epochs)
     g.add_argument("--warmup_epochs", type=int, default=warmup_epochs,
-                   help=helps.get("warmup_epochs", "linear warm-up from 0.01 x lr"))
+                   help="epochs of linear warm-up from a fraction of --lr (0: none)")
     g.add_argument("--milestones", type=int, nargs="*", default=milestones,
-                   help=helps.get("milestones", "epochs where lr is multiplied by --gamma"))
+                   help="epochs where lr is multiplied by --gamma")
     g.add_argument("--gamma", type=float, default=gamma)
-    g.add_argument("--ls", type=float, default=0.1, help=helps.get("ls", "label smoothing of the ID loss (0 disables)"))
+    g.add_argument("--ls", type=float, default=0.1, help="label smoothing of the ID losses (0 disables)")
     return g
 
 
-def add_input_args(parser, erasing_p=0.0, cache_root="<data_dir>", color_jitter=True):
-    """Augmentation, input geometry and the resized-image cache."""
+def add_input_args(parser, erasing_p=0.0, cache_root="<data_dir>"):
+    """Input geometry, random erasing and the resized-image cache (a trainer adds its own augmentation flags
+    to the group this returns)."""
     group = parser.add_argument_group("augmentation and input")
-    if color_jitter:
-        group.add_argument("--color_jitter", action="store_true")
     group.add_argument("--erasing_p", type=float, default=erasing_p, help="random erasing probability")
     group.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
     group.add_argument("--stride", type=int, default=16, help="ViT patch stride (< patch size: overlapping patches)")
@@ -204,38 +205,34 @@ def common_arg_problems(args):
     return problems
 
 
-def prepare_run_folder(out_dir, args, run_files, resume_file="net_last.pth"):
-    """Refuse to overwrite a run without --force; --resume needs `resume_file` in the run folder."""
-    if args.resume:
-        path = os.path.join(out_dir, resume_file)
-        if not os.path.isfile(path):
-            raise TrainingInputError(f"--resume: {path} does not exist; start the run without --resume")
-        return
+def start_run(args, dist_info, run_files=RUN_FILES, resume_file="net_last.pth"):
+    """Claim the run folder <f_name>/<m_name>, open train.log and seed; returns (out_dir, log).
+    A folder holding a run is refused without --force (which empties it of run_files, net_*.pth and
+    final_test/) or --resume (which needs resume_file there)."""
+    out_dir = os.path.join(args.f_name, args.m_name)
+    if args.resume and not os.path.isfile(os.path.join(out_dir, resume_file)):
+        raise TrainingInputError(f"--resume: {os.path.join(out_dir, resume_file)} does not exist; start the run "
+                                 f"without --resume")
     existing = [f for f in run_files if os.path.exists(os.path.join(out_dir, f))]
-    if existing and not args.force:
+    if existing and not args.force and not args.resume:
         raise TrainingInputError(f"{out_dir} already holds a run ({', '.join(existing)}); pass --resume to "
                                  f"continue it, --force to overwrite it, or choose another --m_name")
-
-
-def clear_run_folder(out_dir, run_files):
-    for name in os.listdir(out_dir):
-        if name in run_files or (name.startswith("net_") and name.endswith(".pth")):
-            os.remove(os.path.join(out_dir, name))
-    if os.path.isdir(os.path.join(out_dir, "final_test")):
-        shutil.rmtree(os.path.join(out_dir, "final_test"))
-
-
-def open_run_folder(out_dir, args, dist_info, run_files):
-    """Create (or with --force, empty) the run folder on rank 0, then open train.log on every rank."""
     barrier(dist_info)
     if dist_info.is_main:
         os.makedirs(out_dir, exist_ok=True)
         if args.force and not args.resume:
-            clear_run_folder(out_dir, run_files)
+            for name in os.listdir(out_dir):
+                if name in run_files or (name.startswith("net_") and name.endswith(".pth")):
+                    os.remove(os.path.join(out_dir, name))
+            if os.path.isdir(os.path.join(out_dir, "final_test")):
+                shutil.rmtree(os.path.join(out_dir, "final_test"))
     barrier(dist_info)
     log = setup_logger(out_dir, dist_info.is_main)
     log.info("command: " + " ".join(sys.argv))
-    return log
+    set_seed(args.seed)
+    if dist_info.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+    return out_dir, log
 
 
 def val_gallery_items(train_items, val_items, train_all):
@@ -247,28 +244,39 @@ def val_gallery_items(train_items, val_items, train_all):
     return [(p, label) for p, label in train_items if (os.path.basename(p), label) not in val_files]
 
 
-def build_datasets(args, data, input_size, dist_info):
-    """(train set with augmentation, val set, val gallery = train images) of one split root."""
-    load_size = train_load_size(input_size)
-    gallery_items = val_gallery_items(data["train"], data["val"], args.train_all)
-    caches = {"train": None, "val": None, "gallery": None}
-    if args.cache_resized is not None:
-        cache_dir = args.cache_resized or os.path.join(args.data_dir, ".cache_resized")
-        wanted = {"train": (data["train"], load_size), "val": (data["val"], input_size),
-                  "gallery": (gallery_items, input_size)}
-        for turn in ("main", "others"):  # rank 0 builds the cache files, the other ranks then open them
-            if (turn == "main") == dist_info.is_main:
-                for name, (items, size) in wanted.items():
-                    caches[name] = ResizedImageCache([p for p, _ in items], size, cache_dir,
-                                                     desc=f"caching {name} images at {size[0]}x{size[1]}")
-            barrier(dist_info)
+def cache_dir(args, data_dir):
+    """Where --cache_resized keeps its files (None: no cache)."""
+    if args.cache_resized is None:
+        return None
+    return args.cache_resized or os.path.join(data_dir, ".cache_resized")
+
+
+def image_datasets(sets, cache_dir, dist_info):
+    """{name: (items, size, transform)} -> {name: LabeledImageDataset}. With a cache_dir, every image
+    is decoded and resized once into one ResizedImageCache per size (rank 0 builds it, the other ranks
+    then open it), and each data set reads its images from a view of it."""
+    caches = {}
+    if cache_dir is not None:
+        paths = {}
+        for items, size, _ in sets.values():
+            paths.setdefault(tuple(size), set()).update(p for p, _ in items)
+        with rank0_first(dist_info):
+            caches = {size: ResizedImageCache(sorted(found), size, cache_dir,
+                                              desc=f"caching images at {size[0]}x{size[1]}")
+                      for size, found in paths.items()}
+    return {name: LabeledImageDataset(items, size, transform, SubsetCache.of(caches.get(tuple(size)), items))
+            for name, (items, size, transform) in sets.items()}
+
+
+def build_datasets(data, train_transform, input_size, train_all, cache_dir, dist_info):
+    """(train set, val set, val gallery = the train images) of one split root; the train images are
+    read at train_load_size(input_size) for train_transform's random crop."""
     eval_tf = eval_transform(input_size)
-    train_set = LabeledImageDataset(data["train"], load_size,
-                                    build_train_transform(input_size, args.color_jitter, args.erasing_p),
-                                    caches["train"])
-    val_set = LabeledImageDataset(data["val"], input_size, eval_tf, caches["val"])
-    gallery_set = LabeledImageDataset(gallery_items, input_size, eval_tf, caches["gallery"])
-    return train_set, val_set, gallery_set
+    sets = image_datasets({"train": (data["train"], train_load_size(input_size), train_transform),
+                           "val": (data["val"], input_size, eval_tf),
+                           "gallery": (val_gallery_items(data["train"], data["val"], train_all), input_size, eval_tf)},
+                          cache_dir, dist_info)
+    return sets["train"], sets["val"], sets["gallery"]
 
 
 def make_sampler(args, train_set, dist_info, log):
@@ -329,88 +337,77 @@ def training_config(args, method, data, amp, dist_info, num_train_images, num_va
             "num_train_images": num_train_images, "num_val_images": num_val_images, **extra}
 
 
-def stopped_by_nonfinite_loss(err, log, last_path, done_epoch, stage=""):
-    """Log a NaN/inf loss and return the error that ends the run, naming the last good checkpoint."""
-    prefix = f"{stage}: " if stage else ""
-    kept = f"{last_path} (after epoch {done_epoch})" if os.path.exists(last_path) else \
-        f"none (no {stage + ' ' if stage else ''}epoch finished)"
-    log.error(f"{prefix}{err}; stopped. Last good checkpoint: {kept}")
-    return NonFiniteLossError(f"{prefix}{err}; training stopped, last good checkpoint: {kept}")
+def epoch_row(number, lrs, result, lr_names=("lr", "lr_heads")):
+    """The metrics.csv row of a finished epoch (lrs: the learning rates the epoch ran with, first
+    and last parameter group); validation fills in the val_* entries."""
+    return {"epoch": number, lr_names[0]: lrs[0], lr_names[1]: lrs[-1], **result.losses,
+            "train_acc": result.accuracy, "val_acc": None, "val_rank1": None, "val_mAP": None,
+            "images_per_s": result.images_per_s, "epoch_seconds": result.seconds}
 
 
-def _call_module(module, images, labels):
-    return module(images, labels)
+@contextmanager
+def stop_on_nonfinite_loss(log, last_path, history, stage=""):
+    """Around train_one_epoch: a NaN/inf loss is logged and ends the run with an error that names
+    the last good checkpoint."""
+    try:
+        yield
+    except NonFiniteLossError as err:
+        prefix = f"{stage}: " if stage else ""
+        kept = f"{last_path} (after epoch {history[-1]['epoch'] if history else 0})" if os.path.exists(last_path) \
+            else f"none (no {stage + ' ' if stage else ''}epoch finished)"
+        log.error(f"{prefix}{err}; stopped. Last good checkpoint: {kept}")
+        raise NonFiniteLossError(f"{prefix}{err}; training stopped, last good checkpoint: {kept}") from None
 
 
-def run_epochs(args, loop, log, history=(), best=None, start_epoch=0, stage="", lr_names=("lr", "lr_heads"),
-               accuracy_name="train acc"):
-    """The epoch loop of every trainer: train, validate every --eval_every epochs (net_best on val
-    mAP, ties to the later epoch, the last epoch with --train_all), write net_last / net_best /
-    net_<epoch>.pth, metrics.csv and the curve. `loop` holds:
-      model; train_module: module(images, labels) -> (loss, terms, logits), DDP-wrapped if distributed;
-      optimizers (the first one is checkpointed), scheduler, scaler, sampler, train_set;
-      validate() -> val metrics; record(epoch, row) -> checkpoint dict; extra_state() -> more
-      net_last.pth entries (optional); out_dir, dist_info, device, amp.
-    Returns (best, history)."""
-    out_dir, dist_info, device, amp = loop["out_dir"], loop["dist_info"], loop["device"], loop["amp"]
-    optimizers, scheduler, sampler = loop["optimizers"], loop["scheduler"], loop["sampler"]
-    history, best = list(history), dict(best or {"epoch": None, "val_mAP": -1.0})
-    last_path, best_path = os.path.join(out_dir, "net_last.pth"), os.path.join(out_dir, "net_best.pth")
-    for epoch in range(start_epoch, args.epochs):
-        number = epoch + 1  # epochs are numbered from 1 in logs and file names
-        set_seed(epoch_seed(args.seed, epoch))
-        sampler.set_epoch(epoch)
-        loader = make_loader(loop["train_set"], args.batch_size, sampler, args.num_workers, args.seed, epoch, device,
-                             drop_last=True)
-        lrs = [group["lr"] for group in optimizers[0].param_groups]
-        try:
-            result = train_one_epoch(loop["train_module"], loader, _call_module, optimizers, loop["scaler"], amp,
-                                     device, number, grad_clip=args.grad_clip, dist_info=dist_info,
-                                     progress=args.progress and dist_info.is_main)
-        except NonFiniteLossError as err:
-            raise stopped_by_nonfinite_loss(err, log, last_path, history[-1]["epoch"] if history else start_epoch,
-                                            stage) from None
-        scheduler.step()
-        row = {"epoch": number, lr_names[0]: lrs[0], lr_names[1]: lrs[-1], **result.losses,
-               "train_acc": result.accuracy, "val_acc": None, "val_rank1": None, "val_mAP": None,
-               "images_per_s": result.images_per_s, "epoch_seconds": result.seconds}
-        validate_now = number % args.eval_every == 0 or number == args.epochs
-        improved = False
-        if validate_now and dist_info.is_main:
-            loop["model"].eval()
-            row.update(loop["validate"]())
-            loop["model"].train()
-            improved = args.train_all or row["val_mAP"] >= best["val_mAP"]
-            if improved:
-                best = {"epoch": number, "val_mAP": row["val_mAP"], "val_rank1": row["val_rank1"]}
-        history.append(row)
-        if dist_info.is_main:
-            record = loop["record"](number, row)
-            if improved:
-                save_checkpoint(best_path, record)
-            if args.save_every and number % args.save_every == 0:
-                save_checkpoint(os.path.join(out_dir, f"net_{number}.pth"), record)
-            state = dict(record, optimizer=optimizers[0].state_dict(), scheduler=scheduler.state_dict(),
-                         scaler=loop["scaler"].state_dict(), rng=capture_rng_state(), sampler=sampler.state_dict(),
-                         history=history, best=best, world_size=dist_info.world_size)
-            if loop.get("extra_state"):
-                state.update(loop["extra_state"]())
-            save_checkpoint(last_path, state)
-            io.write_metrics_csv(os.path.join(out_dir, "metrics.csv"), history)
-            if validate_now:  # drawing costs seconds: only when new val points arrive
-                plot_training_curve(os.path.join(out_dir, "training_curve.png"), history)
-            losses = ", ".join(f"{k} {v:.4f}" for k, v in result.losses.items())
-            val = (f" | val acc {row['val_acc']:.4f} Rank-1 {row['val_rank1']:.4f} mAP {row['val_mAP']:.4f}"
-                   + (" (best)" if improved else "")) if row["val_mAP"] is not None else ""
-            log.info(f"{stage + ' ' if stage else ''}epoch {number}/{args.epochs} lr {lrs[0]:.3g} | {losses} | "
-                     f"{accuracy_name} {result.accuracy:.4f}{val} | {result.images_per_s:.1f} img/s")
-        barrier(dist_info)
-    if dist_info.distributed:
-        agree = ranks_agree(loop["model"], dist_info)
-        log.info(f"model weights {'identical' if agree else 'DIFFERENT'} on all {dist_info.world_size} ranks")
-        if not agree:
-            raise RuntimeError("DDP ranks ended with different weights; the saved checkpoint is rank 0's")
-    return best, history
+def resume_state(optimizer, scheduler, scaler, sampler, dist_info, **extra):
+    """What net_last.pth holds besides the model record, the history and the best epoch, for --resume."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": capture_rng_state(), "sampler": sampler.state_dict(), "world_size": dist_info.world_size, **extra}
+
+
+def end_of_epoch(out_dir, row, history, best, log, dist_info, epochs, state, record=None, train_all=False,
+                 save_every=0, plot=True, stage="", accuracy_name="train acc", last_file="net_last.pth",
+                 metrics_file="metrics.csv", curve_file="training_curve.png"):
+    """What every epoch ends with. Tracks the best epoch (highest val mAP, ties to the later epoch;
+    with train_all the last validated one), appends row to history and, on rank 0, writes
+    net_best.pth (record, when the epoch is the best) and net_<epoch>.pth (record, every save_every
+    epochs), last_file (record + state + history + best: what --resume reads), metrics_file, the
+    curve (with plot) and the log line; then waits for every rank. Returns the best epoch's
+    {"epoch", "val_mAP", "val_rank1"}."""
+    number = row["epoch"]
+    best = dict(best or {"epoch": None, "val_mAP": -1.0})
+    improved = row.get("val_mAP") is not None and (train_all or row["val_mAP"] >= best["val_mAP"])
+    if improved:
+        best = {"epoch": number, "val_mAP": row["val_mAP"], "val_rank1": row["val_rank1"]}
+    history.append(row)
+    if dist_info.is_main:
+        if record is not None and improved:
+            save_checkpoint(os.path.join(out_dir, "net_best.pth"), record)
+        if record is not None and save_every and number % save_every == 0:
+            save_checkpoint(os.path.join(out_dir, f"net_{number}.pth"), record)
+        save_checkpoint(os.path.join(out_dir, last_file), dict(record or {}, **state, history=history, best=best))
+        io.write_metrics_csv(os.path.join(out_dir, metrics_file), history)
+        if plot:  # drawing costs seconds (more than a stage-1 epoch): only when new points matter
+            plot_training_curve(os.path.join(out_dir, curve_file), history)
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("loss"))
+        accuracy = f" | {accuracy_name} {row['train_acc']:.4f}" if row.get("train_acc") is not None else ""
+        val = (f" | val acc {row['val_acc']:.4f} Rank-1 {row['val_rank1']:.4f} mAP {row['val_mAP']:.4f}"
+               + (" (best)" if improved else "")) if row.get("val_mAP") is not None else ""
+        speed = f", {row['images_per_s']:.1f} img/s" if "images_per_s" in row else ""
+        log.info(f"{stage + ' ' if stage else ''}epoch {number}/{epochs} lr {row['lr']:.3g} | {losses}{accuracy}"
+                 f"{val} | {row['epoch_seconds']:.2f} s{speed}")
+    barrier(dist_info)
+    return best
+
+
+def check_ranks_agree(model, dist_info, log):
+    """After DDP training: every rank must hold the same weights (checkpoints hold rank 0's)."""
+    if not dist_info.distributed:
+        return
+    agree = ranks_agree(model, dist_info)
+    log.info(f"model weights {'identical' if agree else 'DIFFERENT'} on all {dist_info.world_size} ranks")
+    if not agree:
+        raise RuntimeError("DDP ranks ended with different weights; the saved checkpoint is rank 0's")
 
 
 def final_test(model, args, data_dir, out_dir, folder, method_name, amp, device, log, extra, what="net_best"):
@@ -432,21 +429,11 @@ def final_test(model, args, data_dir, out_dir, folder, method_name, amp, device,
     return results
 
 
-def start_run(args, dist_info, run_files, resume_file="net_last.pth"):
-    """Claim the run folder <f_name>/<m_name> (see prepare_run_folder), open train.log and seed;
-    returns (out_dir, log)."""
-    out_dir = os.path.join(args.f_name, args.m_name)
-    prepare_run_folder(out_dir, args, run_files, resume_file)
-    log = open_run_folder(out_dir, args, dist_info, run_files)
-    set_seed(args.seed)
-    if dist_info.device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-    return out_dir, log
-
-
 def run_training(args, check_args, train_fn):
     """main() of a trainer: check_args(args), then train_fn(args, dist_info) in this process's share
-    of a torchrun job (or alone). Bad input and NaN losses end with a clear message, not a traceback."""
+    of a torchrun job (or alone). The project's own errors (bad input, unreadable checkpoints, NaN
+    losses) and failed downloads end with a one-line message; anything else is a bug and keeps its
+    traceback."""
     try:
         check_args(args)
         dist_info = setup_distributed(args.device)
@@ -455,5 +442,5 @@ def run_training(args, check_args, train_fn):
         finally:
             close_logger(get_logger(os.path.join(args.f_name, args.m_name)))
             cleanup_distributed(dist_info)
-    except (TrainingInputError, NonFiniteLossError, ValueError) as err:
+    except (ClipFHError, clip.ModelDownloadError) as err:
         raise SystemExit(f"error: {err}") from None

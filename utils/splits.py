@@ -377,8 +377,8 @@ def read_split_layout(test_dir):
     when present, else from the folder names. Returns {"dataset", "num_splits", "gallery_variants",
     "manifest": bool}."""
     if not os.path.isdir(test_dir):
-        raise ValueError(f"--test_dir {test_dir} is not a folder; point it at a split root made by a "
-                         f"prepare_train_val_test_*.py script (it holds query0/, gallery0/, ...)")
+        raise SplitInputError(f"--test_dir {test_dir} is not a folder; point it at a split root made by a "
+                              f"prepare_train_val_test_*.py script (it holds query0/, gallery0/, ...)")
     manifest = read_manifest(test_dir)
     names = set(manifest["sets"]) if manifest else {
         n for n in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, n))}
@@ -386,8 +386,8 @@ def read_split_layout(test_dir):
     while f"query{num_splits}" in names and f"gallery{num_splits}" in names:
         num_splits += 1
     if num_splits == 0:
-        raise ValueError(f"{test_dir} has no query0/ and gallery0/ " + ("sets in splits.json" if manifest
-                         else "folders") + "; is it a split root made by a prepare script?")
+        raise SplitInputError(f"{test_dir} has no query0/ and gallery0/ " + ("sets in splits.json" if manifest
+                              else "folders") + "; is it a split root made by a prepare script?")
     if manifest and manifest.get("gallery_variants"):
         variants = [v for v in GALLERY_VARIANTS if v in manifest["gallery_variants"]]
     else:
@@ -409,13 +409,13 @@ def read_split_sets(test_dir, split_names):
     for name in split_names:
         if manifest is not None:
             if name not in manifest["sets"]:
-                raise ValueError(f"{os.path.join(test_dir, 'splits.json')} has no set '{name}'")
+                raise SplitInputError(f"{os.path.join(test_dir, 'splits.json')} has no set '{name}'")
             sets[name] = [(os.path.join(test_dir, *relpath.split("/")), str(label), "source:" + source)
                           for relpath, label, source in manifest["sets"][name]]
             continue
         folder = os.path.join(test_dir, name)
         if not os.path.isdir(folder):
-            raise ValueError(f"split folder {folder} is missing")
+            raise SplitInputError(f"split folder {folder} is missing")
         entries = []
         for label in sorted(os.listdir(folder)):
             label_dir = os.path.join(folder, label)
@@ -426,6 +426,6 @@ def read_split_sets(test_dir, split_names):
                     path = os.path.join(label_dir, file)
                     entries.append((path, label, f"file:{label}/{file}/{os.path.getsize(path)}"))
         if not entries:
-            raise ValueError(f"split folder {folder} holds no images (expected {folder}/<identity>/<image>)")
+            raise SplitInputError(f"split folder {folder} holds no images (expected {folder}/<identity>/<image>)")
         sets[name] = entries
     return sets

@@ -5,9 +5,11 @@ import os
 import shutil
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from .io import atomic_write_json, atomic_write_text
-from .splits import ASPECTS_11K, HAND_INFO_COLUMNS, HD_DISTRACTOR_FOLDER, HD_IMAGE_DIR, HD_LAST_TRAIN_ID, HD_SUBJECT_FOLDER, LAST_TRAIN_ID_11K
+from .splits import (ASPECTS_11K, HAND_INFO_COLUMNS, HD_DISTRACTOR_FOLDER, HD_IMAGE_DIR, HD_LAST_TRAIN_ID,
+                     HD_SUBJECT_FOLDER, LAST_TRAIN_ID_11K)
 
 
 SKIN_TONES = {"very fair": (236, 200, 178), "fair": (222, 176, 146), "medium": (190, 140, 106),
@@ -166,7 +168,6 @@ def _draw_hand(draw, person, side, aspect, rng, to_pixels, line_px, accessory):
 
 def render_synthetic_hand(person, side, aspect, rng, image_size=(160, 120), accessory=False, supersample=2):
     """One synthetic hand photo (PIL RGB image of size image_size=(W, H)) with random pose and lighting."""
-    from PIL import Image, ImageDraw
     W, H = image_size
     w2, h2 = W * supersample, H * supersample
     base_bg = rng.uniform(195, 245) + rng.normal(0, 6, 3)

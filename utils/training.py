@@ -1,6 +1,7 @@
 """Training pieces: error types, learning-rate schedules, parameter groups, optimizers, the AMP
 grad scaler, one training epoch, RNG state and checkpoints."""
 import bisect
+import math
 import os
 import random
 import time
@@ -34,6 +35,28 @@ class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
 
     def get_lr(self):
         return [base_lr * self.lr_factor(self.last_epoch) for base_lr in self.base_lrs]
+
+
+class Stage1CosineLR(torch.optim.lr_scheduler.LRScheduler):
+    """CLIP-ReID's stage-1 schedule per epoch n = 1..epochs (timm CosineLRScheduler, t = n): linear
+    warm-up warmup_lr + n (base - warmup_lr) / warmup_epochs for n < warmup_epochs, then
+    min_lr + (base - min_lr)(1 + cos(pi n / epochs)) / 2, and min_lr at n = epochs. Call step() once
+    after every epoch."""
+
+    def __init__(self, optimizer, epochs, warmup_epochs=5, warmup_lr=1e-5, min_lr=1e-6, last_epoch=-1):
+        self.epochs, self.warmup_epochs = int(epochs), int(warmup_epochs)
+        self.warmup_lr, self.min_lr = float(warmup_lr), float(min_lr)
+        super().__init__(optimizer, last_epoch)
+
+    def lr_at(self, number, base_lr):
+        if number < self.warmup_epochs:
+            return self.warmup_lr + number * (base_lr - self.warmup_lr) / self.warmup_epochs
+        if number >= self.epochs:
+            return self.min_lr
+        return self.min_lr + 0.5 * (base_lr - self.min_lr) * (1 + math.cos(math.pi * number / self.epochs))
+
+    def get_lr(self):
+        return [self.lr_at(self.last_epoch + 1, base_lr) for base_lr in self.base_lrs]
 
 
 def param_groups(model, lr, weight_decay, head_lr_mult=10.0, backbone_prefixes=("visual.",)):
@@ -97,6 +120,12 @@ def _first_bad(values, epoch, offset, names, dist_info):
         raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, batch {offset + step + 1}: {terms}")
     raise NonFiniteLossError(f"non-finite loss on another rank at epoch {epoch}, batches "
                              f"{offset + 1}..{offset + len(values)}")
+
+
+def module_loss(module, images, labels):
+    """The compute_loss of train_one_epoch for a module that is model and objective in one
+    (FinetuneLoss, ClipReIDLoss, PromptSGLoss), so DDP can wrap it whole."""
+    return module(images, labels)
 
 
 def train_one_epoch(model, loader, compute_loss, optimizers, scaler, amp, device, epoch, grad_clip=None,

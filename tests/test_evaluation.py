@@ -1,5 +1,5 @@
-"""Image loading, retrieval metrics (parity with the reference vectors), the shared query/gallery
-evaluation pipeline, the zero-shot evaluator and the ranking figure."""
+"""utils/evaluation.py: the shared query/gallery evaluation (encode -> score -> summarise -> write) on
+hand-made split folders, the zero-shot evaluator end to end and the ranking figure it feeds."""
 import collections
 import csv
 import json
@@ -13,144 +13,7 @@ import torch
 from PIL import Image
 
 from utils import errors, splits, data, metrics, evaluation
-from conftest import vectors_dir
 
-
-def vector_cases(name):
-    with open(os.path.join(vectors_dir(name), "expected.json")) as f:
-        return json.load(f)["cases"]
-
-
-# ---- metrics parity ---------------------------------------------------------------------------
-
-@pytest.mark.parametrize("method", ["count", "bisect"])
-@pytest.mark.parametrize("case", vector_cases("metrics"), ids=lambda c: c["file"])
-def test_metrics_match_reference_vectors(case, method):
-    vec = np.load(os.path.join(vectors_dir("metrics"), case["file"]))
-    checks = {
-        "market": metrics.rank_metrics(vec["dist"], vec["q_pids"], vec["g_pids"], vec["q_camids"],
-                                     vec["g_camids"], max_rank=50, convention="standard", distance=True,
-                                     method=method),
-        "market_nocam": metrics.rank_metrics(vec["dist"], vec["q_pids"], vec["g_pids"], max_rank=50,
-                                           convention="standard", distance=True, method=method),
-        "hand": metrics.rank_metrics(vec["sim"], vec["q_pids"], vec["g_pids"], max_rank=50,
-                                   convention="hand", method=method),
-    }
-    for name, got in checks.items():
-        np.testing.assert_allclose(got["cmc"], case[f"{name}_cmc"], atol=1e-6, rtol=0, err_msg=name)
-        assert abs(got["mAP"] - case[f"{name}_mAP"]) < 1e-6, name
-
-
-@pytest.mark.parametrize("case", vector_cases("reranking"), ids=lambda c: c["file"])
-def test_reranking_matches_reference_vectors(case):
-    vec = np.load(os.path.join(vectors_dir("reranking"), case["file"]))
-    got = metrics.re_ranking(vec["qf"], vec["gf"], k1=case["k1"], k2=case["k2"], lambda_value=case["lambda"])
-    assert got.shape == vec["expected"].shape
-    np.testing.assert_allclose(got, vec["expected"], atol=1e-5, rtol=0)
-
-
-def stable_sort_reference(sim, q, g, convention, max_rank):
-    """Per-query loop with a stable descending sort: the semantics the vectorised code must have."""
-    aps, cmc, counted = [], np.zeros(max_rank), 0
-    for i in range(len(q)):
-        hits = np.flatnonzero(g[np.argsort(-sim[i], kind="stable")] == q[i])
-        if len(hits) == 0:
-            if convention == "hand":
-                aps.append(0.0)
-                counted += 1
-            continue
-        counted += 1
-        cmc[hits[0]:] += 1
-        k = np.arange(1, len(hits) + 1)
-        precision = k / (hits + 1)
-        before = np.where(hits == 0, 1.0, (k - 1) / np.maximum(hits, 1))
-        aps.append(((before + precision) / 2 if convention == "hand" else precision).mean())
-    return cmc / counted, float(np.mean(aps))
-
-
-def test_metrics_with_ties_equal_a_stable_sort_loop():
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        num_q, num_g = rng.integers(2, 25), rng.integers(2, 40)
-        sim = rng.integers(0, 4, size=(num_q, num_g)).astype(np.float32)  # many ties
-        q, g = rng.integers(0, 5, num_q), rng.integers(0, 5, num_g)
-        if not np.isin(q, g).any():
-            continue
-        for convention in ("hand", "standard"):
-            want_cmc, want_map = stable_sort_reference(sim, q, g, convention, num_g + 2)
-            for method in ("count", "bisect"):
-                got = metrics.rank_metrics(sim, q, g, max_rank=num_g + 2, convention=convention, method=method)
-                np.testing.assert_allclose(got["cmc"], want_cmc, atol=1e-12)
-                assert abs(got["mAP"] - want_map) < 1e-12
-
-
-def test_metric_conventions_on_a_hand_made_ranking():
-    # query 0: true matches at ranks 1 and 3; query 1: no match in the gallery
-    sim = np.array([[0.9, 0.8, 0.7, 0.6], [0.9, 0.8, 0.7, 0.6]])
-    q, g = np.array([1, 5]), np.array([0, 1, 2, 1])
-    hand = metrics.rank_metrics(sim, q, g, max_rank=4, convention="hand")
-    standard = metrics.rank_metrics(sim, q, g, max_rank=4, convention="standard")
-    # trapezoid AP = ((1/1 + 1/2)/2 ... ) : hits at 0-based ranks 1, 3 -> ((0+1/2)/2 + (1/1... see spec
-    ap_hand = ((0 / 1 + 1 / 2) / 2 + (1 / 3 + 2 / 4) / 2) / 2
-    assert hand["mAP"] == pytest.approx(ap_hand / 2)  # the unmatched query counts 0
-    assert standard["mAP"] == pytest.approx((1 / 2 + 2 / 4) / 2)  # the unmatched query is skipped
-    assert hand["cmc"].tolist() == [0, 0.5, 0.5, 0.5]
-    assert standard["cmc"].tolist() == [0, 1, 1, 1]
-    assert hand["mINP"] == pytest.approx(2 / 4 / 2)
-    assert hand["first_rank"].tolist() == [1, -1]
-    with pytest.raises(ValueError, match="camera"):
-        metrics.rank_metrics(sim, q, g, [0, 0], [1, 1, 1, 1], convention="hand")
-    with pytest.raises(ValueError, match="no query has a true match"):
-        metrics.rank_metrics(sim, np.array([7, 8]), g, convention="standard")
-
-
-# ---- image loading ----------------------------------------------------------------------------
-
-def test_load_image_decodes_jpeg_draft_to_the_exact_size(tmp_path):
-    rng = np.random.default_rng(0)
-    pixels = np.kron(rng.integers(0, 255, (30, 40, 3)), np.ones((20, 20, 1))).astype(np.uint8)  # 600 x 800
-    path = tmp_path / "photo.jpg"
-    Image.fromarray(pixels).save(path, quality=95)
-    with Image.open(path) as img:
-        img.draft("RGB", (90, 120))
-        assert img.size == (200, 150)  # 1/4 scale: the smallest that is still >= 90 x 120
-    img = data.load_image(path, (120, 90))
-    assert img.mode == "RGB" and img.size == (90, 120)  # (W, H): squashed, not cropped
-    with Image.open(path) as full:
-        reference = np.asarray(full.convert("RGB").resize((90, 120), Image.BICUBIC), dtype=np.float32)
-    assert np.abs(np.asarray(img, dtype=np.float32) - reference).mean() < 8
-    gray = tmp_path / "gray.png"
-    Image.fromarray(pixels[..., 0]).save(gray)
-    assert data.load_image(gray, (32, 48)).size == (48, 32) and data.load_image(gray).size == (800, 600)
-
-
-def broken_images(folder):
-    good = folder / "good.jpg"
-    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(good)
-    not_image = folder / "not_an_image.jpg"
-    not_image.write_bytes(b"this is text, not a JPEG")
-    truncated = folder / "truncated.jpg"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(truncated)
-    truncated.write_bytes(truncated.read_bytes()[:3000])
-    return good, [not_image, truncated, folder / "missing.jpg"]
-
-
-def test_loader_errors_name_the_file(tmp_path):
-    good, broken = broken_images(tmp_path)
-    for path in broken:
-        with pytest.raises(errors.ImageLoadError, match=str(path.name)):
-            data.load_image(path, (32, 32))
-    # inside a DataLoader worker process the error still names the file
-    dataset = data.ImageListDataset([good, broken[1]], size=(32, 32))
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1))
-    try:
-        with pytest.raises(errors.ImageLoadError, match="truncated.jpg"):
-            next(batches)
-    finally:
-        batches._shutdown_workers()  # else the worker lingers until garbage collection
-
-
-# ---- the shared evaluation pipeline on hand-made split folders --------------------------------
 
 COLOURS = {"0001": (220, 30, 30), "0002": (30, 200, 40), "0003": (40, 60, 230), "0004": (230, 220, 40),
            "9001": (200, 40, 200), "9002": (30, 210, 210)}
@@ -212,7 +75,7 @@ def test_pipeline_11k_style_encodes_each_image_once_and_writes_results(tmp_path,
     loaded, calls = counting_loader(monkeypatch), []
     out = tmp_path / "out"
     results = evaluation.evaluate_query_gallery(colour_encoder(calls), str(root), str(out), input_size=(16, 16),
-                                           batch_size=5, method_name="colour")
+                                                batch_size=5, method_name="colour")
     # every distinct image (copies in several sets share label/file/size) is decoded and encoded once
     assert sum(calls) == num_images == len(loaded) == results["num_images_encoded"]
     assert set(loaded.values()) == {1}
@@ -254,7 +117,7 @@ def test_pipeline_flip_encodes_mirrors_too(tmp_path):
     num_images = make_split_root(str(root), num_splits=1, with_all=False)
     calls = []
     results = evaluation.evaluate_query_gallery(colour_encoder(calls), str(root), str(tmp_path / "out"),
-                                           input_size=(16, 16), flip=True, verbose=False)
+                                                input_size=(16, 16), flip=True, verbose=False)
     assert sum(calls) == 2 * num_images and results["flip"] is True
 
 
@@ -264,7 +127,7 @@ def test_pipeline_hd_style_has_only_the_own_gallery(tmp_path):
     layout = splits.read_split_layout(str(root))
     assert layout["num_splits"] == 2 and layout["gallery_variants"] == ["own"]
     results = evaluation.evaluate_query_gallery(colour_encoder([]), str(root), str(tmp_path / "out"),
-                                           gallery="both", input_size=(16, 16), verbose=False)
+                                                gallery="both", input_size=(16, 16), verbose=False)
     assert results["gallery_variants"] == ["own"] and len(results["rows"]) == 2
     assert sorted(os.listdir(tmp_path / "out")) == ["result_split0.mat", "result_split1.mat", "results.csv",
                                                     "results.json"]
@@ -273,12 +136,58 @@ def test_pipeline_hd_style_has_only_the_own_gallery(tmp_path):
     # with re-ranking the ranking (and the .mat) use the re-ranked distance of the stored features
     rerank = {"k1": 4, "k2": 2, "lambda_value": 0.3}
     results = evaluation.evaluate_query_gallery(colour_encoder([]), str(root), str(tmp_path / "out3"),
-                                           input_size=(16, 16), rerank=rerank, verbose=False)
+                                                input_size=(16, 16), rerank=rerank, verbose=False)
     mat = evaluation.load_result_mat(str(tmp_path / "out3" / "result_split1.mat"))
     np.testing.assert_allclose(mat["rerank_dist"], metrics.re_ranking(mat["query_f"], mat["gallery_f"], **rerank))
     assert results["rerank"] == rerank and results["rows"][1]["rank1"] == 1.0
     with pytest.raises(ValueError, match="query0"):
         splits.read_split_layout(str(root / "query0"))
+
+
+def test_a_new_metric_needs_only_metric_names(tmp_path, monkeypatch, capsys):
+    # a metric computed by query_gallery_metrics and named in METRIC_NAMES reaches results.json (rows and
+    # summary), results.csv and the printed tables without touching the evaluation code
+    real = metrics.query_gallery_metrics
+
+    def with_gap(sim, q_labels, g_labels, max_rank=50):
+        top2 = np.sort(sim, axis=1)[:, -2:]
+        return {**real(sim, q_labels, g_labels, max_rank), "top_gap": float((top2[:, 1] - top2[:, 0]).mean())}
+
+    monkeypatch.setattr(metrics, "query_gallery_metrics", with_gap)
+    monkeypatch.setattr(metrics, "METRIC_NAMES", metrics.METRIC_NAMES + ("top_gap",))
+    root = tmp_path / "split"
+    make_split_root(str(root), num_splits=2, with_all=False)
+    results = evaluation.evaluate_query_gallery(colour_encoder([]), str(root), str(tmp_path / "out"),
+                                                input_size=(16, 16))
+    gaps = [r["top_gap"] for r in results["rows"]]
+    assert 0 < min(gaps) and results["summary"]["own"]["mean"]["top_gap"] == pytest.approx(np.mean(gaps))
+    assert results["metrics"][-1] == "top_gap"
+    with open(tmp_path / "out" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[-1] == "top_gap" and float(rows[-2]["top_gap"]) == pytest.approx(np.mean(gaps), abs=1e-6)
+    assert f"{100 * np.mean(gaps):.2f} ± {100 * np.std(gaps):.2f}" in capsys.readouterr().out
+
+
+def test_the_steps_score_each_split_against_its_own_gallery(tmp_path):
+    root = tmp_path / "split"
+    make_split_root(str(root), num_splits=2)
+    encoded = evaluation.encode_split_images(colour_encoder([]), str(root), 2, ["own", "all"], size=(16, 16))
+    assert len(encoded["paths"]) == len(set(encoded["paths"])) == encoded["features"].shape[0]
+    np.testing.assert_allclose(np.linalg.norm(encoded["features"], axis=1), 1, atol=1e-6)
+    rows, mats = evaluation.score_splits(encoded, 2, ["own", "all"], max_rank=5)
+    assert sorted(mats) == ["result_split0.mat", "result_split0_all.mat", "result_split1.mat", "result_split1_all.mat"]
+    for row in rows:
+        mat = mats[splits.result_mat_name(row["split"], row["gallery"])]
+        assert len(mat["gallery_label"]) == row["num_gallery"] and len(row["cmc"]) == 5
+        expected = metrics.query_gallery_metrics(mat["query_f"] @ mat["gallery_f"].T, mat["query_label"],
+                                                 mat["gallery_label"], max_rank=5)
+        assert {k: row[k] for k in metrics.METRIC_NAMES} == {k: expected[k] for k in metrics.METRIC_NAMES}
+    summary = evaluation.summarise(rows, ["own", "all"])
+    own = [r["mAP_standard"] for r in rows if r["gallery"] == "own"]
+    assert summary["own"]["mean"]["mAP_standard"] == np.mean(own)
+    assert summary["own"]["std"]["mAP_standard"] == np.std(own)
+    with pytest.raises(errors.EvaluationInputError, match="--gallery own"):
+        evaluation.wanted_gallery_variants({"gallery_variants": ["own"]}, "all", "HD")
 
 
 # ---- zero-shot evaluator and ranking figure (synthetic 11k, tiny OpenAI-format checkpoint) --------
@@ -330,7 +239,7 @@ def test_ranking_figure_reports_missing_images(tmp_path):
     root = tmp_path / "split"
     make_split_root(str(root), num_splits=1, with_all=False)
     evaluation.evaluate_query_gallery(colour_encoder([]), str(root), str(tmp_path / "out"), input_size=(16, 16),
-                                 verbose=False)
+                                      verbose=False)
     shutil.rmtree(root / "gallery0" / "0002")
     with pytest.raises(SystemExit, match="cannot be read: image file not found: .*gallery0.0002.*--image_root"):
         demo.main(["--mat", str(tmp_path / "out" / "result_split0.mat"), "--num_queries", "8",
