@@ -288,3 +288,79 @@ def test_every_flag_has_a_help_text_and_no_default_is_printed_twice(name, monkey
         assert shown.lower().count("default") <= 1, f"{name} {flag}: default printed twice: {shown!r}"
         if adds_defaults and action.default is None:
             assert "(default: None)" not in shown, f"{name} {flag}: prints '(default: None)'"
+
+
+# ---- trainers: --force, backbone, images, Ctrl-C ----
+
+def train(data_dir, out_root, checkpoint, *extra):
+    import train_finetune
+    return train_finetune.main(["--data_dir", data_dir, "--f_name", str(out_root), "--m_name", "run",
+                                "--backbone_name", checkpoint, "--input_size", "32", "32", "--num_workers", "0",
+                                "--no-progress", "--device", "cpu", "--epochs", "2", "--batch_size", "4",
+                                "--eval_every", "1", "--warmup_epochs", "0", *extra])
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+def test_force_with_an_invalid_new_run_keeps_the_old_run_byte_identical(prepared_11k, tmp_path, tiny_vit_checkpoint):
+    data_dir = os.path.join(prepared_11k, ROOTS_11K[0])
+    result = train(data_dir, tmp_path, tiny_vit_checkpoint, "--no-final_test")
+    run_dir = result["out_dir"]
+    assert splits.read_manifest(data_dir)["dataset"] == "11k"
+    import json
+    assert json.load(open(os.path.join(run_dir, "config.json")))["args"]["data_type"] == "11k"
+    before = tree_digest(run_dir)
+    old_log = open(os.path.join(run_dir, "train.log")).read()
+    with pytest.raises(SystemExit, match=r"^error: .*lower --batch_size$"):
+        train(data_dir, tmp_path, tiny_vit_checkpoint, "--force", "--batch_size", "500")
+    after = tree_digest(run_dir)
+    assert after.pop("train.log") != before.pop("train.log") and after == before  # net_best.pth included
+    log = open(os.path.join(run_dir, "train.log")).read()
+    assert log.startswith(old_log) and "error: " in log[len(old_log):] and "--batch_size" in log[len(old_log):]
+    with pytest.raises(SystemExit, match=r"^error: --data_type HD disagrees with .*dataset 11k"):
+        train(data_dir, tmp_path, tiny_vit_checkpoint, "--force", "--data_type", "HD")
+    assert tree_digest(run_dir) == dict(after, **{"train.log": tree_digest(run_dir)["train.log"]})
+
+
+def test_trainer_with_a_junk_backbone_leaves_no_run_folder(prepared_11k, tmp_path):
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with pytest.raises(SystemExit) as info:
+        train(os.path.join(prepared_11k, ROOTS_11K[0]), tmp_path / "runs", readme)
+    message = str(info.value)
+    assert message.startswith(f"error: {readme} is not a CLIP checkpoint") and "\n" not in message
+    assert "weights_only=False" not in message and not os.path.exists(tmp_path / "runs" / "run")
+
+
+@pytest.mark.parametrize("which", ["train", "test"])
+def test_unreadable_image_stops_the_trainer_before_any_work(prepared_11k, tmp_path, tiny_vit_checkpoint, which):
+    data_dir = os.path.join(prepared_11k, ROOTS_11K[0])
+    sets = splits.read_manifest(data_dir)["sets"]
+    source = sets["train"][0][2] if which == "train" else sets["query0"][0][2]
+    victim = os.path.join(prepared_11k, source)
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    with pytest.raises(SystemExit, match=r"^error: 1 of \d+ images of the training run cannot be read: "
+                                         r"cannot read image .*; replace these files"):
+        train(data_dir, tmp_path / "runs", tiny_vit_checkpoint)  # --final_test is the default
+    assert not os.path.exists(tmp_path / "runs" / "run")
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+def test_ctrl_c_in_a_trainer_exits_130_with_a_resume_hint(prepared_11k, tmp_path, tiny_vit_checkpoint,
+                                                          monkeypatch, capsys):
+    from utils import training
+    real, calls = training.train_one_epoch, []
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(training, "train_one_epoch", interrupted_in_epoch_2)
+    with pytest.raises(SystemExit) as info:
+        train(os.path.join(prepared_11k, ROOTS_11K[0]), tmp_path, tiny_vit_checkpoint, "--no-final_test")
+    assert info.value.code == 130
+    assert "interrupted in epoch 2; continue with --resume" in capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    assert training.load_checkpoint(str(run_dir / "net_last.pth"))["epoch"] == 1
+    assert [n for n in os.listdir(run_dir) if n.startswith(".")] == []  # no temporary file left
+    assert "interrupted (Ctrl-C)" in (run_dir / "train.log").read_text()
