@@ -364,3 +364,14 @@ def test_ctrl_c_in_a_trainer_exits_130_with_a_resume_hint(prepared_11k, tmp_path
     assert training.load_checkpoint(str(run_dir / "net_last.pth"))["epoch"] == 1
     assert [n for n in os.listdir(run_dir) if n.startswith(".")] == []  # no temporary file left
     assert "interrupted (Ctrl-C)" in (run_dir / "train.log").read_text()
+
+
+def test_an_unreadable_image_inside_a_worker_is_one_line(tmp_path):
+    from utils import runs
+    bad = make_bad_images(str(tmp_path), 1)[0]
+    loader = data.make_loader(data.ImageListDataset([bad], size=(16, 16)), batch_size=1, num_workers=1)
+    with pytest.raises(errors.ImageLoadError) as info:
+        next(iter(loader))
+    assert "Original Traceback" in str(info.value)
+    message = runs.one_line(info.value)
+    assert message.startswith(f"cannot read image {bad}: ") and "\n" not in message

@@ -542,7 +542,7 @@ def run_training(args, check_args, train_fn):
             close_logger(get_logger(out_dir))
             cleanup_distributed(dist_info)
     except (ClipFHError, clip.ModelDownloadError, clip.CheckpointError) as err:
-        raise SystemExit(f"error: {err}") from None
+        raise SystemExit(f"error: {one_line(err)}") from None
     except KeyboardInterrupt:
         done = epochs_done(out_dir) if undone == "kept" else 0
         print(f"interrupted in epoch {done + 1}; continue with --resume" if done else
@@ -550,6 +550,15 @@ def run_training(args, check_args, train_fn):
               + (f" and the earlier run in {out_dir} is back as it was" if undone == "restored" else ""),
               file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def one_line(err):
+    """The message of an error; one re-raised from a DataLoader worker carries the worker's traceback,
+    of which only the last line (the original message) is shown (train.log keeps all of it)."""
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def epochs_done(out_dir):
