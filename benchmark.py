@@ -326,10 +326,13 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="benchmark_results.json",
                         help="JSON file the figures are merged into (earlier parts are kept)")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs is reported")
-    parser.add_argument("--decode_images", type=int, default=20)
-    parser.add_argument("--photo_size", type=int, nargs=2, default=[1600, 1200], metavar=("W", "H"))
-    parser.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
-    parser.add_argument("--metrics_shape", type=int, nargs=2, default=[2000, 10000], metavar=("Q", "G"))
+    parser.add_argument("--decode_images", type=int, default=20, help="photos timed in the decoding benchmark (default 20)")
+    parser.add_argument("--photo_size", type=int, nargs=2, default=[1600, 1200], metavar=("W", "H"),
+                        help="size of the synthetic photos (default 1600 1200, as 11k)")
+    parser.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
+                        help="network input size (default 224 224)")
+    parser.add_argument("--metrics_shape", type=int, nargs=2, default=[2000, 10000], metavar=("Q", "G"),
+                        help="queries and gallery size of the metrics benchmark (default 2000 10000)")
     parser.add_argument("--matches_per_query", type=int, nargs="+", default=[1, 5],
                         help="gallery images per identity in the metrics part (1 = the hand protocol)")
     g = parser.add_argument_group("train / infer throughput")
@@ -341,7 +344,8 @@ def parse_args(argv=None):
                    help="AMP settings to time (default: none and bf16 on CUDA, none on CPU)")
     g.add_argument("--compile", action="store_true",
                    help="also time every case with the image encoder's forward_features torch.compiled (CUDA only)")
-    g.add_argument("--data_paths", nargs="+", choices=["memory", "jpeg", "cache"], default=["memory", "jpeg", "cache"])
+    g.add_argument("--data_paths", nargs="+", choices=["memory", "jpeg", "cache"], default=["memory", "jpeg", "cache"],
+                   help="where training images come from in the timed runs (default: all three)")
     g.add_argument("--iters", type=int, default=30, help="timed batches per measurement")
     g.add_argument("--warmup", type=int, default=5, help="untimed batches before each measurement")
     g.add_argument("--train_batch", type=int, default=None, help="default 128 on CUDA, 4 on CPU")

@@ -24,7 +24,7 @@ import sys
 import time
 
 import clip
-from utils import io, synthetic
+from utils import io, splits, synthetic
 
 ASPECT = "dorsal_r"
 # PK batches of 8 identities x 4 images
@@ -66,7 +66,8 @@ def parse_args(argv=None):
                         "3e-4 for its CLIP-ReID)")
     p.add_argument("--methods", nargs="*", default=["finetune", "clipreid", "promptsg", "handid"],
                    choices=["finetune", "clipreid", "promptsg", "handid"], help="training methods to run after zero-shot")
-    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader workers of every step (default: up to 4, one per CPU core)")
     io.add_common_args(p)
     return p.parse_args(argv)
 
@@ -154,7 +155,8 @@ def main(argv=None):
     zs = zeroshot.main(["--test_dir", split_root, "--f_name", args.out, "--backbone_name", backbone,
                         "--download_root", args.download_root, "--force", *size_args, *common,
                         *pretrained_flag])
-    zs_dir = os.path.join(args.out, "clip_zero_shot", zeroshot.backbone_folder_name(backbone))
+    zs_dir = os.path.join(args.out, "clip_zero_shot", zeroshot.backbone_folder_name(backbone),
+                          splits.test_set_name(split_root))
     rows = [table_rows(zs, "zero-shot CLIP")]
 
     print("[4/7] ranking figure", flush=True)

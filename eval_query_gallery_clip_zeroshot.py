@@ -4,14 +4,15 @@ cosine similarity of CLIP image embeddings, over all Monte-Carlo splits of a spl
     python eval_query_gallery_clip_zeroshot.py --test_dir ./11k/train_val_test_split_dorsal_r \
         --f_name ./model_eval --backbone_name ViT-B/16
 
-Writes <f_name>/clip_zero_shot/<backbone>/: result_split{i}.mat (and result_split{i}_all.mat for
+Writes <f_name>/clip_zero_shot/<backbone>/<test set>/ (test set: the 11k aspect such as dorsal_r,
+or HD, so two test sets never share a folder): result_split{i}.mat (and result_split{i}_all.mat for
 11k's gallery{i}_all), results.json, results.csv and config.json.
 """
 import argparse
 import os
 
 import clip
-from utils import errors, evaluation, io, protocols, splits
+from utils import data, errors, evaluation, io, protocols, splits
 
 
 def backbone_folder_name(backbone_name):
@@ -32,8 +33,9 @@ def parse_args(argv=None):
     parser.add_argument("--pretrained", choices=["true", "false"], default=None,
                         help="record whether the checkpoint holds pretrained weights (default: true for "
                              "official names, unknown for local files)")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--batch_size", type=int, default=64, help="images per encoding batch (default 64)")
+    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="DataLoader workers that decode images (default: up to 4, one per CPU core)")
     parser.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
                         help="images are resized (bicubic, no crop) to H x W (default 224 224)")
     parser.add_argument("--protocol", choices=list(protocols.PROTOCOLS), default=protocols.DEFAULT_PROTOCOL,
@@ -54,6 +56,8 @@ def parse_args(argv=None):
                         help="autocast on CUDA (default: the protocol's precision, fp16 for clip-handid as its "
                              "zero-shot CLIP; none = fp32)")
     parser.add_argument("--force", action="store_true", help="overwrite an earlier result in the output folder")
+    parser.add_argument("--allow_mixed_seeds", action="store_true",
+                        help="accept a split root whose sibling aspect roots were prepared with another --seed")
     io.add_common_args(parser)
     args = parser.parse_args(argv)
     if min(args.input_size) < 1 or args.batch_size < 1 or args.max_rank < 1 or args.num_workers < 0:
@@ -63,38 +67,40 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    io.set_seed(args.seed)
-    out_dir = os.path.join(args.f_name, "clip_zero_shot", backbone_folder_name(args.backbone_name))
-    if os.path.exists(os.path.join(out_dir, "results.json")) and not args.force:
-        raise SystemExit(f"{out_dir} already holds results; pass --force to overwrite them")
     try:
-        layout = splits.read_split_layout(args.test_dir)
-    except errors.ClipFHError as e:
-        raise SystemExit(str(e)) from None
+        return evaluate(args)
+    except (errors.ClipFHError, clip.ModelDownloadError, clip.CheckpointError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def evaluate(args):
+    io.set_seed(args.seed)
+    layout = splits.read_split_layout(args.test_dir)
     setting = protocols.settings(args.protocol, None, flip=args.flip, amp=args.amp, gallery=args.gallery,
                                  available=layout["gallery_variants"], cuda=str(args.device).startswith("cuda"))
+    image_paths = splits.query_gallery_paths(args.test_dir)
+    out_dir = os.path.join(args.f_name, "clip_zero_shot", backbone_folder_name(args.backbone_name),
+                           splits.test_set_name(args.test_dir))
+    if os.path.exists(os.path.join(out_dir, "results.json")) and not args.force:
+        raise errors.OutputExistsError(f"{out_dir} already holds results; pass --force to overwrite them")
+    seeds = splits.check_split_seeds([args.test_dir], args.allow_mixed_seeds)
     official = args.backbone_name in clip.available_models()
     pretrained = {"true": True, "false": False}.get(args.pretrained, True if official else None)
-
-    try:
-        model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
-                             input_size=tuple(args.input_size), patch_stride=args.stride,
-                             pos_interp=args.pos_interp)
-    except RuntimeError as e:  # clip reports an unknown name, a bad file and a failed download this way
-        raise SystemExit(f"cannot load --backbone_name {args.backbone_name}: {e}") from None
+    model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
+                         input_size=tuple(args.input_size), patch_stride=args.stride, pos_interp=args.pos_interp)
     model.eval()
+    data.check_images(image_paths, tuple(args.input_size), args.num_workers,
+                      what=f"images of {args.test_dir}")
     extra = {"backbone": args.backbone_name, "pretrained": pretrained, "feature": "CLIP encode_image",
-             "preprocessing": "bicubic resize to H x W (no crop), CLIP mean/std", "protocol": setting}
-    try:
-        results = evaluation.evaluate_query_gallery(
-            model.encode_image, args.test_dir, out_dir, gallery=setting["gallery"],
-            method_name=f"CLIP {args.backbone_name} zero-shot" if official
-            else f"CLIP zero-shot ({os.path.basename(args.backbone_name)})",
-            input_size=tuple(args.input_size), batch_size=args.batch_size, num_workers=args.num_workers,
-            device=args.device, flip=setting["flip"], amp=io.resolve_amp(setting["amp"], args.device),
-            max_rank=args.max_rank, overwrite=args.force, extra=extra, table_mAP=setting["mAP"])
-    except errors.ClipFHError as e:
-        raise SystemExit(str(e)) from None
+             "preprocessing": "bicubic resize to H x W (no crop), CLIP mean/std", "protocol": setting,
+             "split_seed": seeds.get(os.path.abspath(args.test_dir))}
+    results = evaluation.evaluate_query_gallery(
+        model.encode_image, args.test_dir, out_dir, gallery=setting["gallery"],
+        method_name=f"CLIP {args.backbone_name} zero-shot" if official
+        else f"CLIP zero-shot ({os.path.basename(args.backbone_name)})",
+        input_size=tuple(args.input_size), batch_size=args.batch_size, num_workers=args.num_workers,
+        device=args.device, flip=setting["flip"], amp=io.resolve_amp(setting["amp"], args.device),
+        max_rank=args.max_rank, overwrite=args.force, extra=extra, table_mAP=setting["mAP"])
     io.write_run_config(out_dir, args, extra=extra)
     variant = protocols.headline_gallery(results["gallery_variants"])
     mean = results["summary"][variant]["mean"]

@@ -17,7 +17,7 @@ import os
 
 import models
 import models_handid  # noqa: F401  (registers the "handid" model kind)
-from utils import errors, evaluation, io, protocols, splits
+from utils import data, errors, evaluation, io, protocols, splits
 
 
 def parse_args(argv=None):
@@ -46,13 +46,16 @@ def parse_args(argv=None):
     p.add_argument("--gallery", choices=["own", "all", "both"], default=None,
                    help="own: gallery{i}; all: gallery{i}_all (11k, other aspects as distractors); both "
                         "(default: the protocol's)")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--batch_size", type=int, default=64, help="images per encoding batch")
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader workers that decode images (default: up to 4, one per CPU core)")
     p.add_argument("--max_rank", type=int, default=50, help="length of the stored CMC curves")
     p.add_argument("--amp", choices=io.AMP_CHOICES, default=None,
                    help="autocast on CUDA, faster (default: the protocol's precision, fp32 for clip-handid)")
     p.add_argument("--out_dir", default=None, help="output folder (default: inside the run folder, see above)")
     p.add_argument("--force", action="store_true", help="overwrite earlier results in the output folder")
+    p.add_argument("--allow_mixed_seeds", action="store_true",
+                   help="accept a --test_dir prepared with another --seed than the run's training split roots")
     io.add_common_args(p)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.max_rank < 1 or args.num_workers < 0:
@@ -83,8 +86,12 @@ def main(argv=None):
     io.set_seed(args.seed)
     run_dir = os.path.join(args.f_name, args.m_name)
     try:
-        splits.read_split_layout(args.test_dir)
+        image_paths = splits.query_gallery_paths(args.test_dir)
         model, config, checkpoint = models.load_trained_model(run_dir, args.which_epoch, device=args.device)
+        trained_on = config.get("args", {}).get("data_dir") or []
+        trained_on = [trained_on] if isinstance(trained_on, str) else trained_on
+        seeds = splits.check_split_seeds([args.test_dir] + [d for d in trained_on if os.path.isdir(d)],
+                                         args.allow_mixed_seeds)
     except errors.ClipFHError as err:
         raise SystemExit(f"error: {err}") from None
     if hasattr(model, "set_test_dir"):  # models with per-aspect parts (CLIP-ReID --sie) pick the test aspect
@@ -122,6 +129,11 @@ def main(argv=None):
              "feature": feature, "rerank": rerank, "protocol": setting, "inference_prompt": getattr(model, "inference_prompt", None),
              "trained_on": config.get("args", {}).get("data_dir"), "pretrained": config.get("pretrained"),
              "preprocessing": "bicubic resize to the training input size (no crop), CLIP mean/std"}
+    extra["split_seed"] = seeds.get(os.path.abspath(args.test_dir))
+    try:
+        data.check_images(image_paths, input_size, args.num_workers, what=f"images of {args.test_dir}")
+    except errors.ImageLoadError as err:
+        raise SystemExit(f"error: {err}") from None
     method = f"{args.m_name} ({extra['model_kind']}, net_{args.which_epoch})" + (" + RK" if rerank else "")
     try:
         results = evaluation.evaluate_query_gallery(

@@ -94,7 +94,7 @@ def main(argv=None):
         linker = splits.FileLinker(args.link)
         images, num_missing = collect_images(args.data_dir, args.skip_missing)
         sets_by_aspect = build_sets(images, args.num_splits, args.seed, csv_path)
-        counts = {}
+        counts, outputs = {}, {}
         for aspect, sets in sets_by_aspect.items():
             manifest = splits.split_manifest(
                 sets, dataset="11k", aspect=aspect, seed=args.seed, num_splits=args.num_splits,
@@ -102,9 +102,9 @@ def main(argv=None):
                 distractor_offsets=DISTRACTOR_OFFSETS_11K[aspect], gallery_variants=["own", "all"],
                 source_root="..")
             counts[aspect] = splits.split_counts(sets)
-            splits.write_split_root(args.data_dir, roots[aspect], manifest, linker, args,
-                                   extra={"dataset": "11k", "aspect": aspect, "counts": counts[aspect],
-                                          "missing_skipped": num_missing})
+            outputs[roots[aspect]] = (manifest, {"dataset": "11k", "aspect": aspect, "counts": counts[aspect],
+                                                 "missing_skipped": num_missing})
+        splits.write_split_roots(args.data_dir, outputs, linker, args)  # all four aspects or none
     except SplitInputError as e:
         raise SystemExit(f"error: {e}") from None
     print(splits.format_split_counts(counts))

@@ -71,8 +71,9 @@ def main(argv=None):
             distractor_offsets={HD_DISTRACTOR_FOLDER: HD_DISTRACTOR_OFFSET},
             gallery_variants=["own"], source_root="..")
         counts = {"HD": splits.split_counts(sets)}
-        root = splits.write_split_root(args.data_dir, SPLIT_ROOT, manifest, linker, args,
-                                      extra={"dataset": "HD", "counts": counts["HD"]})
+        root, = splits.write_split_roots(args.data_dir, {SPLIT_ROOT: (manifest, {"dataset": "HD",
+                                                                               "counts": counts["HD"]})},
+                                         linker, args)
     except SplitInputError as e:
         raise SystemExit(f"error: {e}") from None
     print(splits.format_split_counts(counts, first_column="dataset"))

@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from utils import data, evaluation
+from utils import data, errors, evaluation
 
 CORRECT, WRONG = "#1a9641", "#d7191c"
 
@@ -33,10 +33,29 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="picks the random queries")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out figure (and its PDF)")
     parser.add_argument("--title", default=None, help="figure title (default: method, backbone, split and gallery)")
+    parser.add_argument("--image_root", action="append", default=[], metavar="OLD=NEW",
+                        help="read images stored under OLD from NEW instead (split folders moved since the "
+                             "evaluation); repeat for several folders")
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.num_queries < 1:
         parser.error("--top_k and --num_queries must be at least 1")
+    bad = [r for r in args.image_root if "=" not in r or not r.split("=", 1)[0]]
+    if bad:
+        parser.error(f"--image_root takes OLD=NEW (the folder stored in the .mat = where it is now), got {bad[0]!r}")
     return args
+
+
+def remap_paths(paths, image_roots):
+    """Replace the folder prefix OLD by NEW for each "OLD=NEW" (the longest matching OLD wins)."""
+    pairs = sorted((tuple(os.path.normpath(p) for p in r.split("=", 1)) for r in image_roots),
+                   key=lambda pair: -len(pair[0]))
+
+    def remap(path):
+        for old, new in pairs:
+            if path == old or path.startswith(old + os.sep):
+                return new + path[len(old):]
+        return path
+    return np.array([remap(p) for p in paths])
 
 
 def rank_gallery(result, query_index):
@@ -160,6 +179,8 @@ def main(argv=None):
     if result["query_path"] is None or result["gallery_path"] is None:
         raise SystemExit(f"{args.mat} stores no image paths (query_path / gallery_path); re-run the evaluator "
                          f"of this repository to write them")
+    result["query_path"] = remap_paths(result["query_path"], args.image_root)
+    result["gallery_path"] = remap_paths(result["gallery_path"], args.image_root)
     if not args.out.lower().endswith(".png"):
         raise SystemExit(f"--out must name a .png file, got {args.out}")
     outputs = [args.out] + ([os.path.splitext(args.out)[0] + ".pdf"] if args.pdf else [])
@@ -171,10 +192,10 @@ def main(argv=None):
     for q in queries:
         order = rank_gallery(result, q)[0]
         needed += [result["gallery_path"][g] for g in order[:args.top_k]]
-    missing = [p for p in needed if not os.path.isfile(p)]
-    if missing:
-        raise SystemExit(f"image {missing[0]} named in {args.mat} does not exist ({len(missing)} missing); "
-                         f"the split folders moved or were deleted since the evaluation")
+    try:
+        data.check_images(needed, what=f"images named in {args.mat}", progress=False)
+    except errors.ImageLoadError as err:
+        raise SystemExit(f"error: {err}; if the split folders moved, pass --image_root OLD=NEW") from None
     for q in queries:
         order, is_match, _ = rank_gallery(result, q)
         hits = np.flatnonzero(is_match)

@@ -60,10 +60,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("stage 1 (prompt learning on cached image features)")
     g.add_argument("--stage1_epochs", type=int, default=None, help="default 120 (ViT) / 60 (ResNet)")
     g.add_argument("--stage1_lr", type=float, default=3.5e-4, help="Adam learning rate of the prompt tokens")
-    g.add_argument("--stage1_batch_size", type=int, default=64)
-    g.add_argument("--stage1_weight_decay", type=float, default=1e-4)
+    g.add_argument("--stage1_batch_size", type=int, default=64, help="cached image features per stage-1 batch")
+    g.add_argument("--stage1_weight_decay", type=float, default=1e-4, help="stage-1 weight decay")
     g.add_argument("--stage1_warmup_epochs", type=int, default=5, help="linear warm-up from --stage1_warmup_lr")
-    g.add_argument("--stage1_warmup_lr", type=float, default=1e-5)
+    g.add_argument("--stage1_warmup_lr", type=float, default=1e-5, help="stage-1 lr at the start of its warm-up")
     g.add_argument("--stage1_min_lr", type=float, default=1e-6, help="end of the cosine decay")
     g = runs.add_batching_args(p, batch_size=64, title="stage 2: batching")
     runs.add_sampler_args(g, sampler="pk")
@@ -78,13 +78,13 @@ def parse_args(argv=None):
     g.add_argument("--bias_lr_factor", type=float, default=2.0, help="learning-rate multiplier of biases")
     g.add_argument("--warmup_factor", type=float, default=None, help="warm-up start factor")
     g.add_argument("--id_weight", type=float, default=None, help="ID loss weight")
-    g.add_argument("--triplet_weight", type=float, default=1.0)
+    g.add_argument("--triplet_weight", type=float, default=1.0, help="triplet loss weight")
     g.add_argument("--i2t_weight", type=float, default=1.0, help="image->text cross-entropy weight")
     g.add_argument("--margin", type=float, default=0.3, help="triplet margin")
     g = runs.add_input_args(p, erasing_p=0.5, cache_root="<first data_dir>")
     g.add_argument("--padding", type=int, default=10, help="zero padding before the random crop")
     g.add_argument("--feature", default=models.DEFAULT_FEATURE, choices=models.FEATURE_CHOICES,
-                   help="retrieval feature for validation (and the default of the evaluator)")
+                   help="retrieval feature for validation (the evaluator uses it unless told otherwise)")
     runs.add_run_control_args(
         p, resume_help="continue the run in <f_name>/<m_name> (in stage 1 or stage 2, wherever it stopped)",
         final_test_help="evaluate net_best on the query/gallery splits of --data_dir at the end")
@@ -489,6 +489,7 @@ def train(args, dist_info):
     input_size = tuple(args.input_size)
     out_dir = os.path.join(args.f_name, args.m_name)
     hands = load_training_data(args.data_dir, args.train_all)
+    runs.preflight(args, hands, args.data_dir)  # before the run folder is touched
     num_classes = len(hands["class_names"])
     point = resume_point(out_dir, args) if args.resume else "stage1" if args.stage != "2" else "stage2_start"
     prompts_path = (os.path.join(out_dir, "prompts.pth") if args.resume else args.prompts) \

@@ -34,7 +34,7 @@ def parse_args(argv=None):
     g.add_argument("--center_weight", type=float, default=0.0, help="center loss weight")
     g.add_argument("--arcface", action="store_true", help="ArcFace heads (s 30, m 0.5) instead of linear classifiers")
     g.add_argument("--feature", default=models.DEFAULT_FEATURE, choices=models.FEATURE_CHOICES,
-                   help="retrieval feature for validation (and the default of the evaluator)")
+                   help="retrieval feature for validation (the evaluator uses it unless told otherwise)")
     runs.add_run_control_args(p, resume_help="continue the run in <f_name>/<m_name> from net_last.pth",
                                final_test_help="evaluate net_best on the query/gallery splits of --data_dir at the end")
     return p.parse_args(argv)
@@ -68,6 +68,7 @@ def build_model(args, out_dir, hands, dist_info):
 def train(args, dist_info):
     device, amp = dist_info.device, io.resolve_amp(args.amp, dist_info.device)
     hands = data.load_train_val(args.data_dir, args.train_all)
+    runs.preflight(args, hands, args.data_dir)  # before the run folder is touched
     num_classes = len(hands["class_names"])
     out_dir, log = runs.start_run(args, dist_info)
 

@@ -46,7 +46,7 @@ def parse_args(argv=None):
     g.add_argument("--fixed_prompt", default=prompt_models.PROMPTSG_FIXED_PROMPT,
                    help="the prompt that guides the attention at inference with --inference_prompt fixed")
     g.add_argument("--inference_prompt", default="fixed", choices=models.INFERENCE_PROMPTS,
-                   help="which prompt guides the attention in validation (and by default in the evaluator)")
+                   help="which prompt guides the attention in validation (the evaluator uses it unless told otherwise)")
     g.add_argument("--interaction_blocks", type=int, default=2, help="transformer blocks after the cross-attention")
     g.add_argument("--feature", default="fused", choices=models.PROMPTSG_FEATURES,
                    help="retrieval feature: fused (language-guided feature before BN), fused_bn, concat "
@@ -137,6 +137,7 @@ def build_model(args, out_dir, num_classes, class_names, dist_info):
 def train(args, dist_info):
     device, amp = dist_info.device, io.resolve_amp(args.amp, dist_info.device)
     hands = data.load_train_val(args.data_dir, args.train_all)
+    runs.preflight(args, hands, args.data_dir)  # before the run folder is touched
     num_classes = len(hands["class_names"])
     out_dir, log = runs.start_run(args, dist_info)
 

@@ -17,7 +17,7 @@ from .model import (MODEL_CONFIGS, POS_INTERPOLATIONS, TOKENIZER_VOCAB_SIZE, Tok
 from .simple_tokenizer import SimpleTokenizer
 
 __all__ = ["available_models", "load", "tokenize", "check_tokenizer", "checkpoint_geometry", "random_state_dict",
-           "save_tiny_checkpoint", "tiny_config", "TINY_KINDS", "ModelDownloadError", "TokenizerMismatchError",
+           "save_tiny_checkpoint", "tiny_config", "TINY_KINDS", "ModelDownloadError", "TokenizerMismatchError", "CheckpointError",
            "MODEL_CONFIGS", "POS_INTERPOLATIONS", "CLIP_MEAN", "CLIP_STD"]
 
 _URL_ROOT = "https://openaipublic.azureedge.net/clip/models"
@@ -44,6 +44,10 @@ class ModelDownloadError(RuntimeError):
     """The official weights could not be downloaded or failed verification."""
 
 
+class CheckpointError(RuntimeError):
+    """A name that is neither an official model nor a readable checkpoint file."""
+
+
 def available_models():
     """Names of the nine released CLIP models, in OpenAI's order."""
     return list(_MODELS)
@@ -59,8 +63,8 @@ def sha256_file(path):
 
 def _offline_hint(target, expected_sha):
     return (f"To use it without network access, download it elsewhere and place it at {target} "
-            f"(expected SHA-256 {expected_sha}), or pass the path of a local checkpoint file to clip.load() "
-            f"instead of the model name.")
+            f"(expected SHA-256 {expected_sha}), or pass the path of a local checkpoint file as "
+            f"--backbone_name instead of the model name.")
 
 
 def _download(url, root):
@@ -168,13 +172,15 @@ def read_state_dict(path):
         return dict(archive.state_dict())
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RuntimeError(f"{path} is neither a TorchScript archive nor a plain state dict readable with "
-                           f"weights_only=True: {err}") from err
+    except Exception as err:  # torch's message would advise weights_only=False, which we never do
+        raise CheckpointError(f"{path} is not a CLIP checkpoint: neither a TorchScript archive nor a state dict "
+                              f"file ({type(err).__name__}); pass an official model name {available_models()} "
+                              f"or an OpenAI-format checkpoint file as --backbone_name") from err
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise RuntimeError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors); pass an "
+                              f"OpenAI-format checkpoint file as --backbone_name")
     return obj
 
 
@@ -202,8 +208,8 @@ def load(name_or_path, device=None, jit=False, download_root="~/.cache/clip", in
     elif os.path.isfile(os.path.expanduser(str(name_or_path))):
         path = os.path.expanduser(str(name_or_path))
     else:
-        raise RuntimeError(f"Model {name_or_path} not found: it is neither an official name {available_models()} "
-                           f"nor an existing checkpoint file")
+        raise CheckpointError(f"Model {name_or_path} not found: it is neither an official name "
+                              f"{available_models()} nor an existing checkpoint file (--backbone_name)")
     model = build_model(read_state_dict(path), input_size=input_size, patch_stride=patch_stride,
                         last_stride=last_stride, interpolation=pos_interp).to(device)
     return model, _transform(model.visual.input_size)

@@ -49,7 +49,7 @@ def test_demo_falls_back_to_random_weights_loudly(tmp_path, monkeypatch, capsys)
     printed = capsys.readouterr().out
     assert "RANDOMLY INITIALISED" in printed and "SMALL CLIP-FORMAT ViT" in printed and "no network" in printed
     assert read_json(out / "demo_config.json")["pretrained"] is False
-    zero_shot_dir = out / "clip_zero_shot" / "small_vit_random_init_seed0"
+    zero_shot_dir = out / "clip_zero_shot" / "small_vit_random_init_seed0" / "dorsal_r"
     assert read_json(zero_shot_dir / "config.json")["pretrained"] is False
     assert read_json(zero_shot_dir / "results.json")["pretrained"] is False
     config = read_json(out / "finetune" / "config.json")

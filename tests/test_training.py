@@ -69,7 +69,7 @@ def tiny_run_args(tmp_path, **changes):
     return types.SimpleNamespace(**dict(args, **changes))
 
 
-def test_start_run_refuses_to_overwrite_and_force_empties_the_folder(tmp_path):
+def test_start_run_refuses_to_overwrite_and_force_moves_the_old_run_aside(tmp_path):
     info = distributed.DistInfo()
     out_dir, log = runs.start_run(tiny_run_args(tmp_path), info)
     runs.close_logger(log)
@@ -81,7 +81,11 @@ def test_start_run_refuses_to_overwrite_and_force_empties_the_folder(tmp_path):
         runs.start_run(tiny_run_args(tmp_path, m_name="other", resume=True), info)
     _, log = runs.start_run(tiny_run_args(tmp_path, force=True), info)
     runs.close_logger(log)
-    assert sorted(os.listdir(out_dir)) == ["notes.txt", "train.log"]  # the user's own file stays
+    aside = f"{runs.REPLACED_PREFIX}{os.getpid()}"
+    assert sorted(os.listdir(out_dir)) == [aside, "notes.txt", "train.log"]  # the user's own file stays
+    assert sorted(os.listdir(os.path.join(out_dir, aside))) == ["net_7.pth", "net_last.pth", "train.log"]
+    runs.discard_old_run(out_dir)  # what the new run's first checkpoint does
+    assert sorted(os.listdir(out_dir)) == ["notes.txt", "train.log"]
 
 
 def test_end_of_epoch_tracks_the_best_epoch_and_writes_the_run_files(tmp_path):

@@ -34,6 +34,40 @@ def load_image(path, size=None):
     return img
 
 
+class _DecodeCheck(torch.utils.data.Dataset):
+    """Items: "" when the image decodes, else the ImageLoadError message."""
+
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            load_image(self.paths[index], self.size)
+            return ""
+        except ImageLoadError as err:
+            return str(err)
+
+
+def check_images(paths, size=None, num_workers=0, what="images", progress=True):
+    """Pre-flight check: decode every image of `paths` once (as load_image(path, size) will),
+    over `num_workers` DataLoader workers, so that a bad file stops a run before any work instead of
+    hours into it. Raises one ImageLoadError listing the first 10 unreadable files and their count;
+    returns the number of images checked."""
+    paths = list(dict.fromkeys(os.fspath(p) for p in paths))
+    loader = torch.utils.data.DataLoader(_DecodeCheck(paths, size), batch_size=16, num_workers=num_workers,
+                                         collate_fn=list)
+    bad = [message for batch in tqdm(loader, desc=f"checking {len(paths)} {what}", unit="batch", leave=False,
+                                     disable=not progress) for message in batch if message]
+    if bad:
+        raise ImageLoadError(f"{len(bad)} of {len(paths)} {what} cannot be read: " + "; ".join(bad[:10])
+                             + ("; ..." if len(bad) > 10 else "") + "; replace these files, or remove them from "
+                             "the source data and re-run the prepare script")
+    return len(paths)
+
+
 def eval_transform(size, mean=CLIP_MEAN, std=CLIP_STD):
     """Resize to exactly size=(H, W) (bicubic, a no-op for load_image output), to tensor, normalise."""
     from torchvision import transforms

@@ -20,6 +20,10 @@ class TrainingInputError(ClipFHError, ValueError):
     """Bad training input (data folder, flags, checkpoint); the message says what to fix."""
 
 
+class OutputExistsError(ClipFHError, FileExistsError):
+    """An output folder or file that holds earlier results; the message names the flag to pass."""
+
+
 class NonFiniteLossError(ClipFHError, RuntimeError):
     """A NaN or inf loss; the message names the epoch and batch."""
 

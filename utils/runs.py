@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import sys
+import traceback
 from contextlib import contextmanager
 
 import torch
@@ -14,8 +15,9 @@ import clip
 from .errors import ClipFHError, NonFiniteLossError, TrainingInputError
 from . import io, protocols
 from .io import AMP_CHOICES, _atomic_write, add_common_args, read_config, set_seed, write_run_config
+from . import splits
 from .splits import read_split_layout
-from .data import (LabeledImageDataset, PKSampler, ResizedImageCache, ShuffleSampler, SubsetCache, eval_transform,
+from .data import (LabeledImageDataset, check_images, PKSampler, ResizedImageCache, ShuffleSampler, SubsetCache, eval_transform,
                    train_load_size)
 from .evaluation import evaluate_query_gallery
 from .distributed import barrier, cleanup_distributed, rank0_first, ranks_agree, setup_distributed
@@ -110,10 +112,19 @@ def parse_pretrained(value, backbone_name):
 RUN_FILES = ("config.json", "train.log", "metrics.csv", "training_curve.png", "net_last.pth", "net_best.pth")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default once: argparse appends it unless the help text already names it (a
+    default of None means "decided later", which the help text says in words)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
 def trainer_parser(doc, m_name, several_roots=False):
     """A trainer's ArgumentParser (description: the first paragraph of doc) with the data and output flags."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
     add_data_output_args(parser, m_name, several_roots)
     return parser
 
@@ -129,7 +140,11 @@ def add_data_output_args(parser, m_name, several_roots=False):
                        help="split root holding train/ (or train_all/) and val/")
     g.add_argument("--f_name", default="./model_11k_d_r", help="output root")
     g.add_argument("--m_name", default=m_name, help="run folder inside --f_name")
-    g.add_argument("--data_type", default="11k", choices=["11k", "HD"], help="dataset kind (recorded in config.json)")
+    g.add_argument("--data_type", default=None, choices=["11k", "HD"],
+                   help="dataset kind, read from the split manifest (a value that disagrees is an error); "
+                        "needed only for split folders made by hand")
+    g.add_argument("--allow_mixed_seeds", action="store_true",
+                   help="accept split roots (and their sibling aspects) prepared with different --seed values")
     g.add_argument("--backbone_name", default="ViT-B/16",
                    help="CLIP model name (ViT-B/16, RN50, ...) or path to an OpenAI-format checkpoint")
     g.add_argument("--pretrained", choices=["true", "false"], default=None,
@@ -137,8 +152,11 @@ def add_data_output_args(parser, m_name, several_roots=False):
                         "names, unknown for local files)")
     g.add_argument("--train_all", action="store_true",
                    help="train on train_all (train + val); val then overlaps training, so net_best = last epoch")
-    g.add_argument("--download_root", default=None, help="where pretrained CLIP weights are cached (~/.cache/clip)")
-    g.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    g.add_argument("--download_root", default=None,
+                   help="where pretrained CLIP weights are cached (default ~/.cache/clip)")
+    g.add_argument("--force", action="store_true",
+                   help="replace an existing run: it is moved aside once the new run's input checked out, deleted "
+                        "after the new run's first checkpoint and put back if the new run fails before that")
     return g
 
 
@@ -150,7 +168,8 @@ def add_batching_args(parser, batch_size, title="batching"):
 
 
 def add_sampler_args(group, sampler):
-    group.add_argument("--sampler", default=sampler, choices=["random", "pk"])
+    group.add_argument("--sampler", default=sampler, choices=["random", "pk"],
+                       help="random: shuffled batches; pk: P identities x K images per batch")
     group.add_argument("--num_instances", type=int, default=4, help="K images per identity with --sampler pk")
 
 
@@ -160,14 +179,14 @@ def add_optimisation_args(parser, lr, epochs, warmup_epochs, milestones, gamma, 
     parameter groups get a multiple of --lr)."""
     g = parser.add_argument_group(title, description)
     g.add_argument("--lr", type=float, default=lr, help="base learning rate (of the pretrained image encoder)")
-    g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
-    g.add_argument("--weight_decay", type=float, default=weight_decay)
-    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"], help="optimizer")
+    g.add_argument("--weight_decay", type=float, default=weight_decay, help="weight decay")
+    g.add_argument("--epochs", type=int, default=epochs, help="training epochs")
     g.add_argument("--warmup_epochs", type=int, default=warmup_epochs,
                    help="epochs of linear warm-up from a fraction of --lr (0: none)")
     g.add_argument("--milestones", type=int, nargs="*", default=milestones,
                    help="epochs where lr is multiplied by --gamma")
-    g.add_argument("--gamma", type=float, default=gamma)
+    g.add_argument("--gamma", type=float, default=gamma, help="lr factor at each milestone")
     g.add_argument("--ls", type=float, default=0.1, help="label smoothing of the ID losses (0 disables)")
     return g
 
@@ -177,7 +196,8 @@ def add_input_args(parser, erasing_p=0.0, cache_root="<data_dir>"):
     to the group this returns)."""
     group = parser.add_argument_group("augmentation and input")
     group.add_argument("--erasing_p", type=float, default=erasing_p, help="random erasing probability")
-    group.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    group.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
+                       help="network input height and width")
     group.add_argument("--stride", type=int, default=None,
                        help="ViT patch stride; default: the backbone's own patch size (smaller: overlapping patches)")
     group.add_argument("--pos_interp", choices=["bilinear", "bicubic"], default="bilinear",
@@ -193,7 +213,7 @@ def add_input_args(parser, erasing_p=0.0, cache_root="<data_dir>"):
 
 def add_run_control_args(parser, resume_help, final_test_help):
     g = parser.add_argument_group("run control")
-    g.add_argument("--amp", default=None, choices=AMP_CHOICES, help="default: bf16 on CUDA, none on CPU")
+    g.add_argument("--amp", default=None, choices=AMP_CHOICES, help="autocast dtype (default: bf16 on CUDA, none on CPU)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the image encoder (CUDA only; the first steps are slower while it compiles)")
     g.add_argument("--grad_clip", type=float, default=0.0, help="max gradient norm (0: off); applied before the step")
@@ -231,8 +251,8 @@ def common_arg_problems(args):
 
 def start_run(args, dist_info, run_files=RUN_FILES, resume_file="net_last.pth"):
     """Claim the run folder <f_name>/<m_name>, open train.log and seed; returns (out_dir, log).
-    A folder holding a run is refused without --force (which empties it of run_files, net_*.pth and
-    final_test/) or --resume (which needs resume_file there)."""
+    A folder holding a run is refused without --force (which moves its run_files, net_*.pth and
+    final_test/ aside: see move_old_run_aside) or --resume (which needs resume_file there)."""
     out_dir = os.path.join(args.f_name, args.m_name)
     if args.resume and not os.path.isfile(os.path.join(out_dir, resume_file)):
         raise TrainingInputError(f"--resume: {os.path.join(out_dir, resume_file)} does not exist; start the run "
@@ -245,11 +265,7 @@ def start_run(args, dist_info, run_files=RUN_FILES, resume_file="net_last.pth"):
     if dist_info.is_main:
         os.makedirs(out_dir, exist_ok=True)
         if args.force and not args.resume:
-            for name in os.listdir(out_dir):
-                if name in run_files or (name.startswith("net_") and name.endswith(".pth")):
-                    os.remove(os.path.join(out_dir, name))
-            if os.path.isdir(os.path.join(out_dir, "final_test")):
-                shutil.rmtree(os.path.join(out_dir, "final_test"))
+            move_old_run_aside(out_dir, run_files)
     barrier(dist_info)
     log = setup_logger(out_dir, dist_info.is_main)
     log.info("command: " + " ".join(sys.argv))
@@ -257,6 +273,81 @@ def start_run(args, dist_info, run_files=RUN_FILES, resume_file="net_last.pth"):
     if dist_info.device.startswith("cuda") and not args.deterministic:
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     return out_dir, log
+
+
+REPLACED_PREFIX = ".replaced-run-"
+
+
+def move_old_run_aside(out_dir, run_files):
+    """--force: move the old run's files into out_dir/.replaced-run-<pid>/; discard_old_run deletes
+    them after the new run's first checkpoint, undo_failed_start puts them back if it fails before."""
+    old = [n for n in os.listdir(out_dir) if n in run_files or n == "final_test"
+           or (n.startswith("net_") and n.endswith(".pth"))]
+    if old:
+        aside = os.path.join(out_dir, f"{REPLACED_PREFIX}{os.getpid()}")
+        os.mkdir(aside)
+        for name in old:
+            os.rename(os.path.join(out_dir, name), os.path.join(aside, name))
+
+
+def replaced_runs(out_dir):
+    if not os.path.isdir(out_dir):
+        return []
+    return [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.startswith(REPLACED_PREFIX)]
+
+
+def discard_old_run(out_dir):
+    for aside in replaced_runs(out_dir):
+        shutil.rmtree(aside)
+
+
+def undo_failed_start(out_dir, existed, err):
+    """A run that fails before its first checkpoint leaves things as they were: the run --force
+    replaced is put back (the failed attempt's train.log appended to its own) and a run folder this
+    run created is removed. A later failure keeps the folder; train.log gets the traceback.
+    Returns "restored", "removed" or "kept"."""
+    log_path = os.path.join(out_dir, "train.log")
+    if isinstance(err, KeyboardInterrupt):
+        note = "interrupted (Ctrl-C)\n"
+    elif isinstance(err, ClipFHError):
+        note = f"error: {err}\n"
+    else:
+        note = "".join(traceback.format_exception(err))
+    asides = replaced_runs(out_dir)
+    attempt = open(log_path).read() if asides and os.path.isfile(log_path) else ""
+    for aside in asides:
+        for name in os.listdir(out_dir):
+            path = os.path.join(out_dir, name)
+            if path != aside and (name in os.listdir(aside) or (name.startswith("net_") and name.endswith(".pth"))):
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        for name in os.listdir(aside):
+            os.rename(os.path.join(aside, name), os.path.join(out_dir, name))
+        os.rmdir(aside)
+    if not os.path.isdir(out_dir):
+        return "removed"
+    if not existed and not any(n.endswith(".pth") for n in os.listdir(out_dir)):
+        shutil.rmtree(out_dir)
+        return "removed"
+    with open(log_path, "a") as f:
+        f.write(attempt + note)
+    return "restored" if asides else "kept"
+
+
+def preflight(args, hands, data_dirs, what="training"):
+    """Before anything is written: one --seed across the split roots, --data_type from their
+    manifests, and every image the run will read decodes (train, val and, with --final_test, the
+    query/gallery sets). Sets args.data_type."""
+    data_dirs = [data_dirs] if isinstance(data_dirs, str) else list(data_dirs)
+    splits.check_split_seeds(data_dirs, args.allow_mixed_seeds)
+    args.data_type = splits.dataset_of_roots(data_dirs, args.data_type)
+    paths = [p for p, _ in hands["train"]] + [p for p, _ in hands["val"]]
+    if args.final_test:
+        for data_dir in data_dirs:
+            try:
+                paths += splits.query_gallery_paths(data_dir)
+            except ClipFHError:
+                pass  # a root without test splits: the final test skips it
+    check_images(paths, None, args.num_workers, what=f"images of the {what} run", progress=args.progress)
 
 
 def val_gallery_items(train_items, val_items, train_all):
@@ -413,6 +504,7 @@ def end_of_epoch(out_dir, row, history, best, log, dist_info, epochs, state, rec
         if record is not None and save_every and number % save_every == 0:
             save_checkpoint(os.path.join(out_dir, f"net_{number}.pth"), record)
         save_checkpoint(os.path.join(out_dir, last_file), dict(record or {}, **state, history=history, best=best))
+        discard_old_run(out_dir)
         io.write_metrics_csv(os.path.join(out_dir, metrics_file), history)
         if plot:  # drawing costs seconds (more than a stage-1 epoch): only when new points matter
             plot_training_curve(os.path.join(out_dir, curve_file), history)
@@ -472,13 +564,46 @@ def run_training(args, check_args, train_fn):
     of a torchrun job (or alone). The project's own errors (bad input, unreadable checkpoints, NaN
     losses) and failed downloads end with a one-line message; anything else is a bug and keeps its
     traceback."""
+    out_dir = os.path.join(args.f_name, args.m_name)
+    existed, undone = os.path.isdir(out_dir), "kept"
     try:
         check_args(args)
         dist_info = setup_distributed(args.device)
         try:
             return train_fn(args, dist_info)
+        except BaseException as err:
+            close_logger(get_logger(out_dir))
+            if dist_info.is_main:
+                undone = undo_failed_start(out_dir, existed, err)
+            raise
         finally:
-            close_logger(get_logger(os.path.join(args.f_name, args.m_name)))
+            close_logger(get_logger(out_dir))
             cleanup_distributed(dist_info)
-    except (ClipFHError, clip.ModelDownloadError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except (ClipFHError, clip.ModelDownloadError, clip.CheckpointError) as err:
+        raise SystemExit(f"error: {one_line(err)}") from None
+    except KeyboardInterrupt:
+        done = epochs_done(out_dir) if undone == "kept" else 0
+        print(f"interrupted in epoch {done + 1}; continue with --resume" if done else
+              f"interrupted before the first checkpoint; nothing was kept"
+              + (f" and the earlier run in {out_dir} is back as it was" if undone == "restored" else ""),
+              file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def one_line(err):
+    """The message of an error; one re-raised from a DataLoader worker carries the worker's traceback,
+    of which only the last line (the original message) is shown (train.log keeps all of it)."""
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def epochs_done(out_dir):
+    """Epochs finished so far: the rows of the metrics CSV (stage 2's, else stage 1's)."""
+    for name in ("metrics.csv", "stage1_metrics.csv"):
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return max(0, sum(1 for _ in f) - 1)
+    return 0

@@ -198,37 +198,133 @@ def check_split_roots_free(paths, force):
             raise SplitInputError(f"{path} exists and is not a folder; remove it by hand")
 
 
-def write_split_root(data_dir, root_name, manifest, linker, args, extra=None, desc=None):
-    """Build <data_dir>/<root_name> (folders <set>/<label>/<file>, splits.json, prepare_config.json)
-    under a temporary name and rename it into place when complete (replacing an old one with --force)."""
-    final = os.path.join(data_dir, root_name)
-    tmp = os.path.join(data_dir, f".{root_name}.tmp-{os.getpid()}")  # mkdtemp would make it private (0700)
-    if os.path.lexists(tmp):
-        shutil.rmtree(tmp)
-    os.mkdir(tmp)
+def build_split_root(folder, data_dir, manifest, linker, args, extra=None, desc=None):
+    """Fill the new folder `folder` with <set>/<label>/<file> (sources relative to data_dir),
+    splits.json and prepare_config.json."""
+    os.mkdir(folder)
+    jobs = [(row[0], row[2]) for rows in manifest["sets"].values() for row in rows]
+    for subfolder in sorted({relpath.rsplit("/", 1)[0] for relpath, _ in jobs}):
+        os.makedirs(os.path.join(folder, subfolder), exist_ok=True)
+    for relpath, source in tqdm(jobs, desc=desc, unit="file", leave=False,
+                                disable=len(jobs) < 2000 or not sys.stderr.isatty()):
+        linker(data_dir + os.sep + source, folder + os.sep + relpath)
+    with open(os.path.join(folder, SPLITS_MANIFEST), "w") as f:  # the folder itself is the temporary
+        f.write(manifest_text(manifest))
+    write_run_config(folder, args, extra={"link_used": linker.mode, **(extra or {})}, name=PREPARE_CONFIG)
+
+
+def write_split_roots(data_dir, roots, linker, args):
+    """All or nothing: build every split root of `roots` {root name: (manifest, prepare_config extra)}
+    under a temporary name in data_dir, then swap them all into place (an old root is replaced only
+    with --force). Until the swap nothing existing is touched, so an error or Ctrl-C leaves the old
+    roots exactly as they were; a failure during the swap puts the old roots back.
+    Returns the final paths."""
+    final = {name: os.path.join(data_dir, name) for name in roots}
+    tmp = {name: os.path.join(data_dir, f".{name}.tmp-{os.getpid()}") for name in roots}  # not mkdtemp: 0700
+    old = {name: os.path.join(data_dir, f".{name}.old-{os.getpid()}") for name in roots}
+    check_split_roots_free(final.values(), getattr(args, "force", False))
+    for path in list(tmp.values()) + list(old.values()):
+        if os.path.lexists(path):
+            shutil.rmtree(path)
     try:
-        jobs = [(row[0], row[2]) for rows in manifest["sets"].values() for row in rows]
-        for folder in sorted({relpath.rsplit("/", 1)[0] for relpath, _ in jobs}):
-            os.makedirs(os.path.join(tmp, folder), exist_ok=True)
-        for relpath, source in tqdm(jobs, desc=desc or root_name, unit="file", leave=False,
-                                    disable=len(jobs) < 2000 or not sys.stderr.isatty()):
-            linker(data_dir + os.sep + source, tmp + os.sep + relpath)
-        with open(os.path.join(tmp, SPLITS_MANIFEST), "w") as f:  # the folder itself is the temporary
-            f.write(manifest_text(manifest))
-        write_run_config(tmp, args, extra={"link_used": linker.mode, **(extra or {})}, name=PREPARE_CONFIG)
-        if os.path.lexists(final):
-            if not getattr(args, "force", False):
-                raise SplitInputError(f"{final} already exists; pass --force to replace it")
-            old = os.path.join(data_dir, f".{root_name}.old-{os.getpid()}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+        for name, (manifest, extra) in roots.items():
+            build_split_root(tmp[name], data_dir, manifest, linker, args, extra, desc=name)
+        moved, placed = [], []
+        try:
+            for name in roots:
+                if os.path.lexists(final[name]):
+                    os.rename(final[name], old[name])
+                    moved.append(name)
+            for name in roots:
+                os.rename(tmp[name], final[name])
+                placed.append(name)
+        except BaseException:
+            for name in placed:
+                os.rename(final[name], tmp[name])
+            for name in moved:
+                os.rename(old[name], final[name])
+            raise
+    finally:
+        for path in tmp.values():
+            shutil.rmtree(path, ignore_errors=True)
+    for name in moved:
+        shutil.rmtree(old[name], ignore_errors=True)
+    return [final[name] for name in roots]
+
+
+def sibling_roots(split_root):
+    """The split roots one prepare call writes together with `split_root`: for 11k the four aspect
+    roots beside it (those that exist), else the root alone."""
+    manifest = read_manifest(split_root)
+    if not manifest or manifest.get("dataset") != "11k":
+        return [split_root]
+    parent = os.path.dirname(os.path.abspath(split_root))
+    found = [os.path.join(parent, f"train_val_test_split_{folder}") for folder in ASPECT_FOLDERS_11K.values()]
+    return [split_root] + [path for path in found if os.path.isfile(os.path.join(path, SPLITS_MANIFEST))]
+
+
+def check_split_seeds(roots, allow_mixed=False):
+    """Refuse split roots (with their 11k sibling aspects) whose manifests record different seeds:
+    their val images and galleries do not come from one protocol instance. Returns {root: seed} of
+    the roots whose manifest records one; with allow_mixed the mix is only reported on stderr."""
+    seeds = {}
+    for root in roots:
+        for path in sibling_roots(root):
+            manifest = read_manifest(path)
+            if manifest and manifest.get("seed") is not None:
+                seeds[os.path.abspath(path)] = manifest["seed"]
+    if len(set(seeds.values())) > 1:
+        listing = ", ".join(f"{path} (seed {seed})" for path, seed in sorted(seeds.items()))
+        if not allow_mixed:
+            raise SplitInputError(f"split roots prepared with different --seed values: {listing}; re-run the "
+                                  f"prepare script with --force and one --seed, or pass --allow_mixed_seeds")
+        print(f"warning: --allow_mixed_seeds: split roots prepared with different seeds: {listing}",
+              file=sys.stderr)
+    return seeds
+
+
+def dataset_of_roots(roots, data_type=None):
+    """The dataset kind ('11k' or 'HD') the manifests of `roots` record; a --data_type that disagrees
+    is an error. Roots without a manifest (made by hand) take --data_type, else 'unknown'."""
+    found = {}
+    for root in roots:
+        manifest = read_manifest(root)
+        if manifest and manifest.get("dataset"):
+            found[root] = manifest["dataset"]
+    kinds = sorted(set(found.values()))
+    if len(kinds) > 1:
+        raise SplitInputError("split roots of different datasets: " + ", ".join(
+            f"{root} ({kind})" for root, kind in found.items()) + "; train on roots of one dataset")
+    if kinds and data_type is not None and data_type != kinds[0]:
+        root = next(iter(found))
+        raise SplitInputError(f"--data_type {data_type} disagrees with {os.path.join(root, SPLITS_MANIFEST)}, "
+                              f"which records dataset {kinds[0]}; drop --data_type (it is read from the manifest)")
+    return kinds[0] if kinds else (data_type or "unknown")
+
+
+def test_set_name(test_dir):
+    """Short name of a split root for output folders: the 11k aspect (dorsal_r, ...), HD, or else
+    the folder name without the train_val_test_split_ prefix."""
+    manifest = read_manifest(test_dir) or {}
+    if manifest.get("dataset") == "11k" and manifest.get("aspect") in ASPECT_FOLDERS_11K:
+        return ASPECT_FOLDERS_11K[manifest["aspect"]]
+    if manifest.get("dataset") == "HD":
+        return "HD"
+    name = os.path.basename(os.path.normpath(os.path.abspath(test_dir)))
+    return name.removeprefix("train_val_test_split_") or name
+
+
+def query_gallery_paths(test_dir):
+    """The image paths an evaluation of `test_dir` reads: every query{i} and gallery{i}[_all] image,
+    one path per image (sets share images)."""
+    layout = read_split_layout(test_dir)
+    names = [f"query{i}" for i in range(layout["num_splits"])]
+    names += [gallery_set_name(i, v) for i in range(layout["num_splits"]) for v in layout["gallery_variants"]]
+    first_path = {}
+    for entries in read_split_sets(test_dir, names).values():
+        for path, _, key in entries:
+            first_path.setdefault(key, path)
+    return list(first_path.values())
 
 
 def split_counts(sets):
