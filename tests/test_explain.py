@@ -154,7 +154,7 @@ def test_zero_shot_cli_and_bad_input(hand_data, tiny_vit_checkpoint, tiny_rn_che
     eval_query_gallery_clip_zeroshot.main(["--test_dir", hand_data, "--f_name", str(tmp_path), "--backbone_name",
                                            tiny_vit_checkpoint, "--input_size", "64", "64", "--gallery", "own", "--no-flip",
                                            "--num_workers", "0", "--device", "cpu"])
-    mat = str(next((tmp_path / "clip_zero_shot").glob("*/result_split0.mat")))
+    mat = str(next((tmp_path / "clip_zero_shot").glob("*/*/result_split0.mat")))
     out_dir = tmp_path / "explain"
     common = ["--mat", mat, "--query_index", "0", "3", "--top_k", "2", "--num_random", "2", "--out_dir", str(out_dir),
               *QUIET[2:]]

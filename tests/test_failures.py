@@ -241,7 +241,7 @@ def test_ranking_figure_reports_unreadable_images_and_follows_moved_folders(tmp_
     shutil.move(str(root), str(moved))
     with pytest.raises(SystemExit, match=r"^error: 5 of 5 images .* image file not found: "):
         ranking.main(argv)
-    png, pdf = ranking.main(argv + ["--image_root", f"{root}={moved}"])
+    png, pdf = ranking.main(argv + ["--image_root", f"{root}={moved}", "--pdf"])
     assert os.path.getsize(png) > 0 and os.path.getsize(pdf) > 0
     with pytest.raises(SystemExit):
         ranking.parse_args(["--mat", mat, "--image_root", "no-equals-sign"])
