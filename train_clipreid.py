@@ -27,7 +27,7 @@ import torch
 
 import models
 import prompt_models
-from utils import errors, io, splits, data, evaluation, distributed, training, runs
+from utils import errors, io, splits, data, evaluation, distributed, training, flags, runs
 from losses import ClipReIDLoss, ClipReIDPromptLoss
 
 RUN_FILES = runs.RUN_FILES + ("stage1_metrics.csv", "stage1_curve.png", "stage1_last.pth", "stage1_features.pth",
@@ -44,7 +44,7 @@ BACKBONE_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = runs.trainer_parser(__doc__, m_name="clipreid_vit", several_roots=True)
+    p = flags.trainer_parser(__doc__, m_name="clipreid_vit", several_roots=True)
     g = p.add_argument_group("method")
     g.add_argument("--stage", default="both", choices=["1", "2", "both"],
                    help="1: learn and save the prompts only; 2: fine-tune from --prompts; both: 1 then 2")
@@ -65,9 +65,9 @@ def parse_args(argv=None):
     g.add_argument("--stage1_warmup_epochs", type=int, default=5, help="linear warm-up from --stage1_warmup_lr")
     g.add_argument("--stage1_warmup_lr", type=float, default=1e-5, help="stage-1 lr at the start of its warm-up")
     g.add_argument("--stage1_min_lr", type=float, default=1e-6, help="end of the cosine decay")
-    g = runs.add_batching_args(p, batch_size=64, title="stage 2: batching")
-    runs.add_sampler_args(g, sampler="pk")
-    g = runs.add_optimisation_args(
+    g = flags.add_batching_args(p, batch_size=64, title="stage 2: batching")
+    flags.add_sampler_args(g, sampler="pk")
+    g = flags.add_optimisation_args(
         p, lr=None, epochs=None, warmup_epochs=10, milestones=None, gamma=0.1, weight_decay=None,
         title="stage 2: optimisation",
         description="every weight learns at --lr, biases at --bias_lr_factor x --lr; warm-up starts from "
@@ -81,18 +81,18 @@ def parse_args(argv=None):
     g.add_argument("--triplet_weight", type=float, default=1.0, help="triplet loss weight")
     g.add_argument("--i2t_weight", type=float, default=1.0, help="image->text cross-entropy weight")
     g.add_argument("--margin", type=float, default=0.3, help="triplet margin")
-    g = runs.add_input_args(p, erasing_p=0.5, cache_root="<first data_dir>")
+    g = flags.add_input_args(p, erasing_p=0.5, cache_root="<first data_dir>")
     g.add_argument("--padding", type=int, default=10, help="zero padding before the random crop")
     g.add_argument("--feature", default=models.DEFAULT_FEATURE, choices=models.FEATURE_CHOICES,
                    help="retrieval feature for validation (the evaluator uses it unless told otherwise)")
-    runs.add_run_control_args(
+    flags.add_run_control_args(
         p, resume_help="continue the run in <f_name>/<m_name> (in stage 1 or stage 2, wherever it stopped)",
         final_test_help="evaluate net_best on the query/gallery splits of --data_dir at the end")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    problems = runs.common_arg_problems(args)
+    problems = flags.common_arg_problems(args)
     if args.stage1_epochs is not None and args.stage1_epochs < 1:
         problems.append(f"--stage1_epochs must be positive, got {args.stage1_epochs}")
     if args.stage1_batch_size < 2:

@@ -16,32 +16,32 @@ import os
 import torch
 
 import models
-from utils import errors, io, data, evaluation, distributed, training, runs
+from utils import errors, io, data, evaluation, distributed, training, flags, runs
 from losses import FinetuneLoss
 
 
 def parse_args(argv=None):
-    p = runs.trainer_parser(__doc__, m_name="clip_hand_vit")
-    runs.add_batching_args(p, batch_size=20)
-    runs.add_optimisation_args(p, lr=5e-6, epochs=70, warmup_epochs=10, milestones=[40, 60], gamma=0.5,
+    p = flags.trainer_parser(__doc__, m_name="clip_hand_vit")
+    flags.add_batching_args(p, batch_size=20)
+    flags.add_optimisation_args(p, lr=5e-6, epochs=70, warmup_epochs=10, milestones=[40, 60], gamma=0.5,
                                description="the image encoder learns at --lr, the new heads at 10 x --lr; "
                                            "warm-up starts from 0.01 x lr")
-    g = runs.add_input_args(p)
+    g = flags.add_input_args(p)
     g.add_argument("--color_jitter", action="store_true", help="brightness/contrast/saturation jitter of 0.1")
     g = p.add_argument_group("sampling and extra losses")
-    runs.add_sampler_args(g, sampler="random")
+    flags.add_sampler_args(g, sampler="random")
     g.add_argument("--triplet_weight", type=float, default=0.0, help="batch-hard triplet (margin 0.3) weight")
     g.add_argument("--center_weight", type=float, default=0.0, help="center loss weight")
     g.add_argument("--arcface", action="store_true", help="ArcFace heads (s 30, m 0.5) instead of linear classifiers")
     g.add_argument("--feature", default=models.DEFAULT_FEATURE, choices=models.FEATURE_CHOICES,
                    help="retrieval feature for validation (the evaluator uses it unless told otherwise)")
-    runs.add_run_control_args(p, resume_help="continue the run in <f_name>/<m_name> from net_last.pth",
+    flags.add_run_control_args(p, resume_help="continue the run in <f_name>/<m_name> from net_last.pth",
                                final_test_help="evaluate net_best on the query/gallery splits of --data_dir at the end")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    problems = runs.common_arg_problems(args)
+    problems = flags.common_arg_problems(args)
     if args.triplet_weight < 0 or args.center_weight < 0:
         problems.append("--triplet_weight and --center_weight must not be negative")
     if problems:

@@ -21,24 +21,24 @@ import os
 
 import models
 import models_handid
-from utils import errors, io, data, evaluation, distributed, training, runs
+from utils import errors, io, data, evaluation, distributed, training, flags, runs
 from losses import HandIDLoss
 
 BATCH_SIZE = {"vit": 20, "rn": 4}  # the reference's batch sizes for ViT-B/16 and RN50
 
 
 def parse_args(argv=None):
-    p = runs.trainer_parser(__doc__, m_name="clip_handid_vit")
-    runs.add_batching_args(p, batch_size=None)
-    runs.add_optimisation_args(p, lr=5e-6, epochs=70, warmup_epochs=10, milestones=[40, 60], gamma=0.5,
+    p = flags.trainer_parser(__doc__, m_name="clip_handid_vit")
+    flags.add_batching_args(p, batch_size=None)
+    flags.add_optimisation_args(p, lr=5e-6, epochs=70, warmup_epochs=10, milestones=[40, 60], gamma=0.5,
                                description="the image encoder learns at --lr, the new layers (heads, BNNecks, "
                                            "inversion network) at 10 x --lr; warm-up starts from 0.01 x lr")
-    g = runs.add_input_args(p)
+    g = flags.add_input_args(p)
     g.add_argument("--color_jitter", action="store_true", help="brightness/contrast/saturation jitter of 0.1")
     g.add_argument("--norm", default="clip", choices=models_handid.INPUT_NORMS,
                    help="input statistics: CLIP's mean/std (ours) or ImageNet's (the reference's)")
     g = p.add_argument_group("CLIP-HandID model")
-    runs.add_sampler_args(g, sampler="random")
+    flags.add_sampler_args(g, sampler="random")
     g.add_argument("--prompt_template", default=models_handid.HANDID_TEMPLATE,
                    help="composed prompt; S* marks where the pseudo-word goes")
     g.add_argument("--reference_no_grad_text", action="store_true",
@@ -53,7 +53,7 @@ def parse_args(argv=None):
                         "both BNNeck features, the reference's")
     g.add_argument("--select_by", default="val_mAP", choices=["val_mAP", "val_acc"],
                    help="net_best: best val retrieval mAP (ours) or best closed-set val accuracy (the reference's)")
-    runs.add_run_control_args(p, resume_help="continue the run in <f_name>/<m_name> from net_last.pth",
+    flags.add_run_control_args(p, resume_help="continue the run in <f_name>/<m_name> from net_last.pth",
                                final_test_help="evaluate net_best on the query/gallery splits of --data_dir at the end")
     args = p.parse_args(argv)
     if args.batch_size is None:
@@ -62,7 +62,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    problems = runs.common_arg_problems(args)
+    problems = flags.common_arg_problems(args)
     if args.interaction_blocks < 0:
         problems.append(f"--interaction_blocks must not be negative, got {args.interaction_blocks}")
     try:

@@ -19,21 +19,21 @@ import os
 
 import models
 import prompt_models
-from utils import errors, io, data, evaluation, distributed, training, runs
+from utils import errors, io, data, evaluation, distributed, training, flags, runs
 from losses import PromptSGLoss
 
 
 def parse_args(argv=None):
-    p = runs.trainer_parser(__doc__, m_name="clip_promptsg_vit")
-    runs.add_batching_args(p, batch_size=64)
-    runs.add_optimisation_args(p, lr=5e-6, epochs=60, warmup_epochs=0, milestones=[20, 40], gamma=0.1,
+    p = flags.trainer_parser(__doc__, m_name="clip_promptsg_vit")
+    flags.add_batching_args(p, batch_size=64)
+    flags.add_optimisation_args(p, lr=5e-6, epochs=60, warmup_epochs=0, milestones=[20, 40], gamma=0.1,
                                description="the image encoder learns at --lr, the new modules (inversion, "
                                            "interaction, head) at 10 x --lr; warm-up (0: the paper's plain step "
                                            "schedule) starts from 0.01 x lr")
-    g = runs.add_input_args(p)
+    g = flags.add_input_args(p)
     g.add_argument("--color_jitter", action="store_true", help="brightness/contrast/saturation jitter of 0.1")
     g = p.add_argument_group("sampling and losses")
-    runs.add_sampler_args(g, sampler="pk")
+    flags.add_sampler_args(g, sampler="pk")
     g.add_argument("--triplet_weight", type=float, default=1.0, help="batch-hard triplet (margin 0.3) weight")
     g.add_argument("--lambda_sc", type=float, default=0.5,
                    help="weight of the symmetric image<->composed-prompt supervised contrastive loss")
@@ -51,14 +51,14 @@ def parse_args(argv=None):
     g.add_argument("--feature", default="fused", choices=models.PROMPTSG_FEATURES,
                    help="retrieval feature: fused (language-guided feature before BN), fused_bn, concat "
                         "(global CLIP feature + fused) or proj (global CLIP feature alone)")
-    runs.add_run_control_args(p, resume_help="continue the run in <f_name>/<m_name> from net_last.pth",
+    flags.add_run_control_args(p, resume_help="continue the run in <f_name>/<m_name> from net_last.pth",
                                final_test_help="evaluate net_best on the query/gallery splits of --data_dir at the "
                                                "end (fixed and composed prompt)")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    problems = runs.common_arg_problems(args)
+    problems = flags.common_arg_problems(args)
     if args.triplet_weight < 0:
         problems.append(f"--triplet_weight must not be negative, got {args.triplet_weight}")
     if args.lambda_sc < 0:

@@ -1,0 +1,143 @@
+"""The command-line flags every trainer shares (data and output, batching, optimisation, input,
+run control), the help formatter that prints each default once, and their common checks.
+Method-specific flags are declared in each trainer."""
+import argparse
+import os
+from .io import AMP_CHOICES, add_common_args
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default once: argparse appends it unless the help text already names it (a
+    default of None means "decided later", which the help text says in words)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
+def trainer_parser(doc, m_name, several_roots=False):
+    """A trainer's ArgumentParser (description: the first paragraph of doc) with the data and output flags."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+    add_data_output_args(parser, m_name, several_roots)
+    return parser
+
+
+def add_data_output_args(parser, m_name, several_roots=False):
+    g = parser.add_argument_group("data and output")
+    if several_roots:
+        g.add_argument("--data_dir", nargs="+", default=["./11k/train_val_test_split_dorsal_r"],
+                       help="split root(s) holding train/ (or train_all/) and val/; several roots train one model "
+                            "on several aspects (each root's identities are separate classes)")
+    else:
+        g.add_argument("--data_dir", default="./11k/train_val_test_split_dorsal_r",
+                       help="split root holding train/ (or train_all/) and val/")
+    g.add_argument("--f_name", default="./model_11k_d_r", help="output root")
+    g.add_argument("--m_name", default=m_name, help="run folder inside --f_name")
+    g.add_argument("--data_type", default=None, choices=["11k", "HD"],
+                   help="dataset kind, read from the split manifest (a value that disagrees is an error); "
+                        "needed only for split folders made by hand")
+    g.add_argument("--allow_mixed_seeds", action="store_true",
+                   help="accept split roots (and their sibling aspects) prepared with different --seed values")
+    g.add_argument("--backbone_name", default="ViT-B/16",
+                   help="CLIP model name (ViT-B/16, RN50, ...) or path to an OpenAI-format checkpoint")
+    g.add_argument("--pretrained", choices=["true", "false"], default=None,
+                   help="record whether the backbone weights are pretrained (default: true for official CLIP "
+                        "names, unknown for local files)")
+    g.add_argument("--train_all", action="store_true",
+                   help="train on train_all (train + val); val then overlaps training, so net_best = last epoch")
+    g.add_argument("--download_root", default=None,
+                   help="where pretrained CLIP weights are cached (default ~/.cache/clip)")
+    g.add_argument("--force", action="store_true",
+                   help="replace an existing run: it is moved aside once the new run's input checked out, deleted "
+                        "after the new run's first checkpoint and put back if the new run fails before that")
+    return g
+
+
+def add_batching_args(parser, batch_size, title="batching"):
+    g = parser.add_argument_group(title)
+    g.add_argument("--batch_size", type=int, default=batch_size, help="images per batch (per process under DDP)")
+    g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
+    return g
+
+
+def add_sampler_args(group, sampler):
+    group.add_argument("--sampler", default=sampler, choices=["random", "pk"],
+                       help="random: shuffled batches; pk: P identities x K images per batch")
+    group.add_argument("--num_instances", type=int, default=4, help="K images per identity with --sampler pk")
+
+
+def add_optimisation_args(parser, lr, epochs, warmup_epochs, milestones, gamma, weight_decay=5e-4,
+                          title="optimisation", description=None):
+    """The optimiser and step-schedule flags every trainer has (a trainer's description says which
+    parameter groups get a multiple of --lr)."""
+    g = parser.add_argument_group(title, description)
+    g.add_argument("--lr", type=float, default=lr, help="base learning rate (of the pretrained image encoder)")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"], help="optimizer")
+    g.add_argument("--weight_decay", type=float, default=weight_decay, help="weight decay")
+    g.add_argument("--epochs", type=int, default=epochs, help="training epochs")
+    g.add_argument("--warmup_epochs", type=int, default=warmup_epochs,
+                   help="epochs of linear warm-up from a fraction of --lr (0: none)")
+    g.add_argument("--milestones", type=int, nargs="*", default=milestones,
+                   help="epochs where lr is multiplied by --gamma")
+    g.add_argument("--gamma", type=float, default=gamma, help="lr factor at each milestone")
+    g.add_argument("--ls", type=float, default=0.1, help="label smoothing of the ID losses (0 disables)")
+    return g
+
+
+def add_input_args(parser, erasing_p=0.0, cache_root="<data_dir>"):
+    """Input geometry, random erasing and the resized-image cache (a trainer adds its own augmentation flags
+    to the group this returns)."""
+    group = parser.add_argument_group("augmentation and input")
+    group.add_argument("--erasing_p", type=float, default=erasing_p, help="random erasing probability")
+    group.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
+                       help="network input height and width")
+    group.add_argument("--stride", type=int, default=None,
+                       help="ViT patch stride; default: the backbone's own patch size (smaller: overlapping patches)")
+    group.add_argument("--pos_interp", choices=["bilinear", "bicubic"], default="bilinear",
+                       help="resizing of the pretrained positional embedding to the input's token grid "
+                            "(bilinear, as CLIP-ReID and CLIP-HandID)")
+    group.add_argument("--last_stride", type=int, default=1, choices=[1, 2],
+                       help="ResNet layer4 stride (1 as in CLIP-HandID: 14x14 map at 224)")
+    group.add_argument("--cache_resized", nargs="?", const="", default=None, metavar="DIR",
+                       help=f"decode and resize every photo once into a uint8 cache (default DIR: "
+                            f"{cache_root}/.cache_resized) so epochs skip JPEG decoding")
+    return group
+
+
+def add_run_control_args(parser, resume_help, final_test_help):
+    g = parser.add_argument_group("run control")
+    g.add_argument("--amp", default=None, choices=AMP_CHOICES, help="autocast dtype (default: bf16 on CUDA, none on CPU)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the image encoder (CUDA only; the first steps are slower while it compiles)")
+    g.add_argument("--grad_clip", type=float, default=0.0, help="max gradient norm (0: off); applied before the step")
+    g.add_argument("--resume", action="store_true", help=resume_help)
+    g.add_argument("--save_every", type=int, default=0, help="also keep net_<epoch>.pth every N epochs (0: never)")
+    g.add_argument("--eval_every", type=int, default=5, help="validate every N epochs (and after the last)")
+    g.add_argument("--final_test", action=argparse.BooleanOptionalAction, default=True, help=final_test_help)
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels, cuDNN autotuning off (slower): a resumed GPU run then ends "
+                        "with the same weights as an uninterrupted one")
+    add_common_args(g)
+    return g
+
+
+def common_arg_problems(args):
+    """Messages for the flags every trainer shares (a flag still None takes a backbone default later)."""
+    problems = []
+    for flag in ("batch_size", "epochs", "eval_every"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            problems.append(f"--{flag} must be positive, got {value}")
+    if args.lr is not None and args.lr <= 0:
+        problems.append(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.ls < 1:
+        problems.append(f"--ls must be in [0, 1), got {args.ls}")
+    if not 0 <= args.erasing_p <= 1:
+        problems.append(f"--erasing_p must be in [0, 1], got {args.erasing_p}")
+    if args.save_every < 0 or args.warmup_epochs < 0 or args.grad_clip < 0:
+        problems.append("--save_every, --warmup_epochs and --grad_clip must not be negative")
+    if min(args.input_size) < 1 or (args.stride is not None and args.stride < 1):
+        problems.append(f"--input_size and --stride must be positive, got {args.input_size} and {args.stride}")
+    return problems
