@@ -11,6 +11,7 @@ import argparse
 import os
 
 import clip
+import models
 from utils import errors, io, splits, evaluation
 
 
@@ -44,6 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--amp", choices=io.AMP_CHOICES, default=None,
                         help="autocast on CUDA (default: bf16 on CUDA, none on CPU)")
     parser.add_argument("--force", action="store_true", help="overwrite an earlier result in the output folder")
+    io.add_compile_arg(parser)
     io.add_common_args(parser)
     args = parser.parse_args(argv)
     if min(args.input_size) < 1 or args.batch_size < 1 or args.max_rank < 1 or args.num_workers < 0:
@@ -70,6 +72,10 @@ def main(argv=None):
     except RuntimeError as e:  # clip reports an unknown name, a bad file and a failed download this way
         raise SystemExit(f"cannot load --backbone_name {args.backbone_name}: {e}") from None
     model.eval()
+    note = models.speed_up_image_encoder(model.visual, args.device, args.compile)
+    args.compile = models.use_compile(args.compile, args.device)  # config.json records what ran
+    if note:
+        print(note)
     extra = {"backbone": args.backbone_name, "pretrained": pretrained, "feature": "CLIP encode_image",
              "preprocessing": "bicubic resize to H x W (no crop), CLIP mean/std"}
     try:

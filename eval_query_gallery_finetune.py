@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--max_rank", type=int, default=50, help="length of the stored CMC curves")
     p.add_argument("--amp", choices=io.AMP_CHOICES, default=None,
                    help="autocast on CUDA (default: bf16 on CUDA, none on CPU)")
+    io.add_compile_arg(p)
     p.add_argument("--out_dir", default=None, help="output folder (default: inside the run folder, see above)")
     p.add_argument("--force", action="store_true", help="overwrite earlier results in the output folder")
     io.add_common_args(p)
@@ -83,6 +84,10 @@ def main(argv=None):
         note = model.set_test_dir(args.test_dir)
         if note:
             print(note)
+    note = models.speed_up_image_encoder(model.visual, args.device, args.compile)
+    args.compile = models.use_compile(args.compile, args.device)  # config.json records what ran
+    if note:
+        print(note)
     run_feature = getattr(model, "feature", None)
     feature = args.feature or run_feature
     if args.feature is not None:

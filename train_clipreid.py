@@ -531,6 +531,7 @@ def train(args, dist_info):
     dims = visual.feature_dims
     retrieval_dim = (dims["pre_proj"] + dims["proj"] if args.feature.startswith("concat")
                      else dims["proj"] if args.feature.startswith("proj") else dims["pre_proj"])
+    args.compile = models.use_compile(args.compile, device)  # config.json records what stage 2 runs
     if dist_info.is_main:
         extra = runs.training_config(
             args, "clipreid", hands, amp, dist_info, len(train_set), len(hands["val"]), model=model_config,
@@ -579,6 +580,7 @@ def train(args, dist_info):
         models.load_model_weights(model, stage2_state["model"], os.path.join(out_dir, "net_last.pth"))
     model.to(device)
     speed_note = models.speed_up_image_encoder(model.visual, device, args.compile)
+    args.compile = models.use_compile(args.compile, device)  # config.json records what ran
     if speed_note:
         log.info(f"stage 2 image encoder: {speed_note}")
     best = run_stage2(args, run, model, text_features, train_set, sampler, val_sets, log)
