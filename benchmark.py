@@ -507,7 +507,7 @@ def parse_args(argv=None):
     g.add_argument("--bench_workers", type=int, default=min(16, os.cpu_count() or 1), help="DataLoader workers")
     g.add_argument("--bench_photos", type=int, default=64, help="generated photos for the jpeg/cache paths")
     g.add_argument("--photo_dir", default=None, help="where the photos and their cache go (default: a temp folder)")
-    g.add_argument("--stride", type=int, default=16, help="ViT patch stride")
+    g.add_argument("--stride", type=int, default=None, help="ViT patch stride (default: the backbone's patch size)")
     g.add_argument("--last_stride", type=int, default=1, choices=[1, 2], help="RN layer4 stride (1 as in training)")
     g.add_argument("--peak_tflops", type=float, nargs="+", default=[990.0, 790.0],
                    help="peak FLOP/s (TFLOP/s) for the ceilings; H100 SXM dense bf16 = 990")

@@ -12,7 +12,7 @@ import os
 
 import clip
 import models
-from utils import errors, io, splits, evaluation
+from utils import errors, evaluation, io, protocols, splits
 
 
 def backbone_folder_name(backbone_name):
@@ -37,13 +37,23 @@ def parse_args(argv=None):
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
                         help="images are resized (bicubic, no crop) to H x W (default 224 224)")
-    parser.add_argument("--flip", action="store_true", help="feature = f(image) + f(mirrored image)")
-    parser.add_argument("--gallery", choices=["own", "all", "both"], default="both",
+    parser.add_argument("--protocol", choices=list(protocols.PROTOCOLS), default=protocols.DEFAULT_PROTOCOL,
+                        help="the reference whose flip, precision, galleries and mAP convention to use (README "
+                             "'Protocols'); a flag given explicitly wins")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="feature = f(image) + f(mirrored image) (default: the protocol's)")
+    parser.add_argument("--gallery", choices=["own", "all", "both"], default=None,
                         help="own: gallery{i}; all: gallery{i}_all with the other aspects as distractors "
-                             "(11k only); both (default): every variant the split root has")
+                             "(11k only); both: every variant the split root has (default: the protocol's)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="ViT patch stride; default: the backbone's own patch size")
+    parser.add_argument("--pos_interp", choices=list(clip.POS_INTERPOLATIONS), default="bilinear",
+                        help="how positional embeddings are resized for another input size (bilinear, as "
+                             "CLIP-ReID and CLIP-HandID)")
     parser.add_argument("--max_rank", type=int, default=50, help="length of the stored CMC curves")
     parser.add_argument("--amp", choices=io.AMP_CHOICES, default=None,
-                        help="autocast on CUDA (default: bf16 on CUDA, none on CPU)")
+                        help="autocast on CUDA (default: the protocol's precision, fp16 for clip-handid as its "
+                             "zero-shot CLIP; none = fp32)")
     parser.add_argument("--force", action="store_true", help="overwrite an earlier result in the output folder")
     io.add_compile_arg(parser)
     io.add_common_args(parser)
@@ -60,15 +70,18 @@ def main(argv=None):
     if os.path.exists(os.path.join(out_dir, "results.json")) and not args.force:
         raise SystemExit(f"{out_dir} already holds results; pass --force to overwrite them")
     try:
-        splits.read_split_layout(args.test_dir)
+        layout = splits.read_split_layout(args.test_dir)
     except errors.ClipFHError as e:
         raise SystemExit(str(e)) from None
+    setting = protocols.settings(args.protocol, None, flip=args.flip, amp=args.amp, gallery=args.gallery,
+                                 available=layout["gallery_variants"], cuda=str(args.device).startswith("cuda"))
     official = args.backbone_name in clip.available_models()
     pretrained = {"true": True, "false": False}.get(args.pretrained, True if official else None)
 
     try:
         model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
-                             input_size=tuple(args.input_size))
+                             input_size=tuple(args.input_size), patch_stride=args.stride,
+                             pos_interp=args.pos_interp)
     except RuntimeError as e:  # clip reports an unknown name, a bad file and a failed download this way
         raise SystemExit(f"cannot load --backbone_name {args.backbone_name}: {e}") from None
     model.eval()
@@ -77,22 +90,24 @@ def main(argv=None):
     if note:
         print(note)
     extra = {"backbone": args.backbone_name, "pretrained": pretrained, "feature": "CLIP encode_image",
-             "preprocessing": "bicubic resize to H x W (no crop), CLIP mean/std"}
+             "preprocessing": "bicubic resize to H x W (no crop), CLIP mean/std", "protocol": setting}
     try:
         results = evaluation.evaluate_query_gallery(
-            model.encode_image, args.test_dir, out_dir, gallery=args.gallery,
+            model.encode_image, args.test_dir, out_dir, gallery=setting["gallery"],
             method_name=f"CLIP {args.backbone_name} zero-shot" if official
             else f"CLIP zero-shot ({os.path.basename(args.backbone_name)})",
             input_size=tuple(args.input_size), batch_size=args.batch_size, num_workers=args.num_workers,
-            device=args.device, flip=args.flip, amp=io.resolve_amp(args.amp, args.device), max_rank=args.max_rank,
-            overwrite=args.force, extra=extra)
+            device=args.device, flip=setting["flip"], amp=io.resolve_amp(setting["amp"], args.device),
+            max_rank=args.max_rank, overwrite=args.force, extra=extra, table_mAP=setting["mAP"])
     except errors.ClipFHError as e:
         raise SystemExit(str(e)) from None
     io.write_run_config(out_dir, args, extra=extra)
-    own = results["summary"][results["gallery_variants"][0]]["mean"]
+    variant = protocols.headline_gallery(results["gallery_variants"])
+    mean = results["summary"][variant]["mean"]
     print(f"Wrote results.json, results.csv and {len(results['rows'])} result_split*.mat for "
-          f"{results['num_splits']} split(s) to {out_dir} ({results['gallery_variants'][0]} gallery: "
-          f"Rank-1 {100 * own['rank1']:.2f}%, mAP {100 * own['mAP_hand']:.2f}%)")
+          f"{results['num_splits']} split(s) to {out_dir} (protocol {args.protocol}, gallery{{i}}"
+          f"{'_all' if variant == 'all' else ''}: Rank-1 {100 * mean['rank1']:.2f}%, "
+          f"{setting['mAP']} {100 * mean[setting['mAP']]:.2f}%)")
     return results
 
 

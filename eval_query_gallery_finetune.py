@@ -16,7 +16,7 @@ import argparse
 import os
 
 import models
-from utils import errors, io, splits, evaluation
+from utils import errors, evaluation, io, protocols, splits
 
 
 def parse_args(argv=None):
@@ -33,18 +33,23 @@ def parse_args(argv=None):
     p.add_argument("--inference_prompt", default=None, choices=models.INFERENCE_PROMPTS,
                    help="PromptSG runs: the prompt that guides the attention, fixed (encoded once) or composed "
                         "(each image's own pseudo-word); default: the run's --inference_prompt")
-    p.add_argument("--flip", action="store_true", help="feature = f(image) + f(mirrored image)")
+    p.add_argument("--protocol", choices=list(protocols.PROTOCOLS), default=protocols.DEFAULT_PROTOCOL,
+                   help="the reference whose flip, feature, precision, galleries and mAP convention to use "
+                        "(README 'Protocols'); a flag given explicitly wins")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="feature = f(image) + f(mirrored image) (default: the protocol's)")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (Zhong et al. 2017)")
     p.add_argument("--k1", type=int, default=20, help="re-ranking k1")
     p.add_argument("--k2", type=int, default=6, help="re-ranking k2")
     p.add_argument("--lambda_value", type=float, default=0.3, help="re-ranking weight of the original distance")
-    p.add_argument("--gallery", choices=["own", "all", "both"], default="both",
-                   help="own: gallery{i}; all: gallery{i}_all (11k, other aspects as distractors); both")
+    p.add_argument("--gallery", choices=["own", "all", "both"], default=None,
+                   help="own: gallery{i}; all: gallery{i}_all (11k, other aspects as distractors); both "
+                        "(default: the protocol's)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--max_rank", type=int, default=50, help="length of the stored CMC curves")
     p.add_argument("--amp", choices=io.AMP_CHOICES, default=None,
-                   help="autocast on CUDA (default: bf16 on CUDA, none on CPU)")
+                   help="autocast on CUDA, faster (default: the protocol's precision, fp32 for clip-handid)")
     io.add_compile_arg(p)
     p.add_argument("--out_dir", default=None, help="output folder (default: inside the run folder, see above)")
     p.add_argument("--force", action="store_true", help="overwrite earlier results in the output folder")
@@ -60,9 +65,11 @@ def parse_args(argv=None):
 def default_out_dir(run_dir, args, feature, run_feature):
     test_name = "-".join(os.path.normpath(os.path.abspath(args.test_dir)).split(os.sep)[-2:])
     name = f"eval_{args.which_epoch}_{test_name}"
-    if args.flip:
-        name += "_flip"
-    if feature != run_feature:
+    if args.protocol != protocols.DEFAULT_PROTOCOL:
+        name += f"_{args.protocol}"
+    if args.flip is not None:
+        name += "_flip" if args.flip else "_noflip"
+    if args.feature is not None and feature != run_feature:
         name += f"_{feature}"
     if args.rerank:
         name += "_rerank"
@@ -89,15 +96,19 @@ def main(argv=None):
     if note:
         print(note)
     run_feature = getattr(model, "feature", None)
-    feature = args.feature or run_feature
-    if args.feature is not None:
-        if not hasattr(model, "feature"):
-            raise SystemExit(f"error: the {config['model'].get('kind')} model of {run_dir} has no --feature choice")
+    kind = config["model"].get("kind", "finetune")
+    setting = protocols.settings(args.protocol, kind, flip=args.flip, feature=args.feature, amp=args.amp,
+                                 gallery=args.gallery, available=splits.read_split_layout(args.test_dir)
+                                 ["gallery_variants"], cuda=str(args.device).startswith("cuda"))
+    if args.feature is not None and not hasattr(model, "feature"):
+        raise SystemExit(f"error: the {kind} model of {run_dir} has no --feature choice")
+    feature = setting["feature"] or run_feature
+    if hasattr(model, "feature"):
         try:
-            model.check_feature(args.feature)
+            model.check_feature(feature)
         except errors.ClipFHError as err:
             raise SystemExit(f"error: {err}") from None
-        model.feature = args.feature
+        model.feature = feature
     if args.inference_prompt is not None:
         if not hasattr(model, "inference_prompt"):
             raise SystemExit(f"error: --inference_prompt applies to PromptSG runs; {run_dir} holds a "
@@ -112,24 +123,25 @@ def main(argv=None):
     rerank = {"k1": args.k1, "k2": args.k2, "lambda_value": args.lambda_value} if args.rerank else None
     extra = {"run_dir": os.path.abspath(run_dir), "model_kind": config["model"].get("kind", "finetune"),
              "which_epoch": str(args.which_epoch), "epoch": checkpoint.get("epoch"), "backbone": backbone["name"],
-             "feature": feature, "rerank": rerank, "inference_prompt": getattr(model, "inference_prompt", None),
+             "feature": feature, "rerank": rerank, "protocol": setting, "inference_prompt": getattr(model, "inference_prompt", None),
              "trained_on": config.get("args", {}).get("data_dir"), "pretrained": config.get("pretrained"),
              "preprocessing": "bicubic resize to the training input size (no crop), CLIP mean/std"}
     method = f"{args.m_name} ({extra['model_kind']}, net_{args.which_epoch})" + (" + RK" if rerank else "")
     try:
         results = evaluation.evaluate_query_gallery(
-            model, args.test_dir, out_dir, gallery=args.gallery, method_name=method, input_size=input_size,
-            batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, flip=args.flip,
-            amp=io.resolve_amp(args.amp, args.device), max_rank=args.max_rank, rerank=rerank, overwrite=args.force,
-            extra=extra)
+            model, args.test_dir, out_dir, gallery=setting["gallery"], method_name=method, input_size=input_size,
+            batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, flip=setting["flip"],
+            amp=io.resolve_amp(setting["amp"], args.device), max_rank=args.max_rank, rerank=rerank,
+            overwrite=args.force, extra=extra, table_mAP=setting["mAP"])
     except errors.ClipFHError as err:
         raise SystemExit(f"error: {err}") from None
     io.write_run_config(out_dir, args, extra=extra)
-    variant = results["gallery_variants"][0]
+    variant = protocols.headline_gallery(results["gallery_variants"])
     mean = results["summary"][variant]["mean"]
     print(f"Wrote results.json, results.csv and {len(results['rows'])} result_split*.mat for "
-          f"{results['num_splits']} split(s) to {out_dir} ({variant} gallery: Rank-1 {100 * mean['rank1']:.2f}%, "
-          f"mAP {100 * mean['mAP_hand']:.2f}%)")
+          f"{results['num_splits']} split(s) to {out_dir} (protocol {args.protocol}, gallery{{i}}"
+          f"{'_all' if variant == 'all' else ''}: Rank-1 {100 * mean['rank1']:.2f}%, "
+          f"{setting['mAP']} {100 * mean[setting['mAP']]:.2f}%)")
     return results
 
 

@@ -20,7 +20,7 @@ import clip
 from clip.model import CLIP, ModifiedResNet, build_model, infer_config, random_state_dict
 from losses import ArcFace
 from prompt_models import (PROMPTSG_FIXED_PROMPT, PROMPTSG_TEMPLATE, InversionNetwork, MultimodalInteraction,
-                           composed_prompt_tokens)
+                           check_text_tower, composed_prompt_tokens)
 from utils import io, distributed, training, runs, splits
 from utils.errors import TrainingInputError
 
@@ -122,14 +122,16 @@ def load_trained_model(run_dir, which_epoch="best", device="cpu"):
 
 # ---- backbones ----
 
-def backbone_spec(name, input_size=(224, 224), patch_stride=16, last_stride=1):
+def backbone_spec(name, input_size=(224, 224), patch_stride=None, last_stride=1, pos_interp="bilinear"):
     """How to build a backbone: the `clip.load` name or checkpoint path and the input geometry.
     patch_stride applies to ViTs only, last_stride to ResNets only (1: layer4 at 1/16 of the input,
-    as in CLIP-HandID). load_backbone fills "arch" (the CLIP constructor arguments) so the model
-    can be rebuilt without the pretrained file."""
+    as in CLIP-HandID; patch_stride None: the patch size). pos_interp: how the pretrained positional
+    embedding is resized to the input's token grid (bilinear as CLIP-ReID and CLIP-HandID, or
+    bicubic). load_backbone fills "arch" (the CLIP constructor arguments) so the model can be
+    rebuilt without the pretrained file."""
     return {"name": name, "input_size": [int(s) for s in input_size],
             "patch_stride": None if patch_stride is None else int(patch_stride),
-            "last_stride": int(last_stride), "arch": None}
+            "last_stride": int(last_stride), "pos_interp": pos_interp, "arch": None}
 
 
 def is_resnet_arch(arch):
@@ -163,10 +165,12 @@ def load_clip_model(spec, weights="pretrained", download_root=None, text_tower=T
     elif not spec.get("arch"):
         raise TrainingInputError(f"backbone '{spec['name']}' has no recorded architecture ('arch'); cannot "
                                  f"rebuild it without its pretrained weights")
-    geometry = _geometry(spec, spec["arch"])
     arch = dict(spec["arch"])
     if is_resnet_arch(arch):
         arch["vision_layers"] = tuple(arch["vision_layers"])
+    elif spec["patch_stride"] is None:  # no --stride: the backbone's own patch size, no overlap
+        spec["patch_stride"] = int(arch["vision_patch_size"])
+    geometry = _geometry(spec, spec["arch"])
     if weights == "empty":
         with torch.device("meta"):
             model = CLIP(**arch, **geometry)
@@ -177,7 +181,7 @@ def load_clip_model(spec, weights="pretrained", download_root=None, text_tower=T
         state_dict = random_state_dict(arch, seed=0)
     elif weights != "pretrained":
         raise TrainingInputError(f"weights must be pretrained, random or empty, got {weights!r}")
-    model = build_model(state_dict, **geometry).float()
+    model = build_model(state_dict, **geometry, interpolation=spec.get("pos_interp", "bilinear")).float()
     return model if text_tower else model.visual
 
 
@@ -199,6 +203,8 @@ def resumed_run(out_dir, args, class_names, where):
     config = io.read_config(out_dir)
     spec = config["model"]["backbone"]
     wanted = backbone_spec(args.backbone_name, args.input_size, args.stride, args.last_stride)
+    if wanted["patch_stride"] is None:  # no --stride given: the run's own
+        wanted["patch_stride"] = spec["patch_stride"]
     if spec["name"] != wanted["name"] or backbone_signature(dict(spec, arch=None)) != backbone_signature(wanted):
         raise TrainingInputError(f"{where} was trained with backbone {describe_backbone(spec)} but this command "
                                  f"asks for {describe_backbone(wanted)}; resume with the run's own settings or "
@@ -466,6 +472,7 @@ class PromptSGModel(nn.Module):
     def __init__(self, clip_model, num_classes, prompt_template=PROMPTSG_TEMPLATE,
                  fixed_prompt=PROMPTSG_FIXED_PROMPT, feature="fused", inference_prompt="fixed", num_blocks=2):
         super().__init__()
+        check_text_tower(clip_model)
         self.visual = clip_model.visual
         del clip_model.visual  # what remains is the text tower; CLIP.encode_text_embeddings runs on it
         self.text = clip_model.requires_grad_(False)

@@ -15,7 +15,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import clip
 from clip.model import LayerNorm, ResidualAttentionBlock
@@ -75,6 +74,14 @@ class PromptLearner(nn.Module):
         return embeds
 
 
+def check_text_tower(clip_model):
+    """TrainingInputError (both sizes named) unless the text tower embeds clip.tokenize's ids."""
+    try:
+        clip.check_tokenizer(clip_model, clip_model.context_length)
+    except clip.TokenizerMismatchError as err:
+        raise TrainingInputError(f"--backbone_name: {err}") from None
+
+
 def freeze(module):
     for param in module.parameters():
         param.requires_grad_(False)
@@ -93,6 +100,7 @@ class PromptTextEncoder(nn.Module):
         clip_model.visual = None
         self.clip_model = freeze(clip_model).eval()
         self.full_length = full_length
+        check_text_tower(clip_model)
         self.prompt_learner = PromptLearner(num_classes, template, clip_model.token_embedding,
                                             clip_model.context_length, full_length)
 
@@ -193,21 +201,22 @@ class CrossAttention(nn.Module):
         batch, length, width = x.shape
         return x.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
 
-    def forward(self, queries, keys_values, return_weights=False):
+    def forward(self, queries, keys_values):
+        """(output (N, Lq, D), attention weights averaged over the heads (N, Lq, Lk))."""
         q = self.split_heads(self.q_proj(queries))
         k = self.split_heads(self.k_proj(keys_values))
         v = self.split_heads(self.v_proj(keys_values))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-        if not return_weights:
-            return self.out_proj(out)
-        weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1).mean(dim=1)
-        return self.out_proj(out), weights
+        weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)
+        out = (weights @ v).transpose(1, 2).flatten(2)
+        return self.out_proj(out), weights.mean(dim=1)
 
 
 class MultimodalInteraction(nn.Module):
-    """Text feature (query) attends over visual tokens (keys/values: global + patch tokens), with a
-    residual; then `num_blocks` pre-LN transformer blocks. Returns the language-guided visual
-    feature (N, width)."""
+    """PromptSG's multimodal interaction module (Yang et al., CVPR 2024, Fig. 3). The text feature
+    (query) attends over the visual tokens [global, patches] (keys/values); the attention map
+    re-weights the tokens (x L, so a uniform map leaves them as they are); `num_blocks` pre-LN
+    transformer blocks run over [attended text token, re-weighted visual tokens]; the output
+    (N, width) is that sequence average-pooled after ln_post."""
 
     def __init__(self, width, heads, num_blocks=2):
         super().__init__()
@@ -219,7 +228,8 @@ class MultimodalInteraction(nn.Module):
 
     def forward(self, text_feature, visual_tokens, return_weights=False):
         query = text_feature[:, None].to(visual_tokens.dtype)
-        attended = self.cross_attn(self.ln_query(query), self.ln_tokens(visual_tokens), return_weights)
-        attended, weights = attended if return_weights else (attended, None)
-        fused = self.ln_post(self.blocks(query + attended))[:, 0]
+        attended, weights = self.cross_attn(self.ln_query(query), self.ln_tokens(visual_tokens))
+        reweighted = visual_tokens * (visual_tokens.shape[1] * weights[:, 0, :, None])
+        sequence = torch.cat([query + attended, reweighted], dim=1)
+        fused = self.ln_post(self.blocks(sequence)).mean(dim=1)
         return (fused, weights) if return_weights else fused

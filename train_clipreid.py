@@ -406,7 +406,7 @@ def run_stage2(args, run, model, text_features, train_set, sampler, val_sets, lo
                                                                             args.bias_lr_factor),
                                         args.lr, args.weight_decay)
     scheduler = training.WarmupMultiStepLR(optimizer, args.milestones, args.gamma, args.warmup_epochs,
-                                           args.warmup_factor)
+                                           args.warmup_factor, first_epoch=1)
     scaler = training.make_grad_scaler(amp, device)
 
     last_path = os.path.join(out_dir, "net_last.pth")
@@ -507,7 +507,7 @@ def train(args, dist_info):
     if args.resume:
         spec, old_config = check_resumed_run(out_dir, args, hands)
     else:
-        spec = models.backbone_spec(args.backbone_name, input_size, args.stride, args.last_stride)
+        spec = models.backbone_spec(args.backbone_name, input_size, args.stride, args.last_stride, args.pos_interp)
     if point == "stage2":
         last_path = os.path.join(out_dir, "net_last.pth")
         stage2_state = models.read_run_checkpoint(spec, last_path, dist_info)
@@ -580,7 +580,6 @@ def train(args, dist_info):
         models.load_model_weights(model, stage2_state["model"], os.path.join(out_dir, "net_last.pth"))
     model.to(device)
     speed_note = models.speed_up_image_encoder(model.visual, device, args.compile)
-    args.compile = models.use_compile(args.compile, device)  # config.json records what ran
     if speed_note:
         log.info(f"stage 2 image encoder: {speed_note}")
     best = run_stage2(args, run, model, text_features, train_set, sampler, val_sets, log)

@@ -59,7 +59,7 @@ def build_model(args, out_dir, hands, dist_info):
         spec, _ = models.resumed_run(out_dir, args, hands["class_names"], os.path.join(out_dir, "net_last.pth"))
         visual = models.load_backbone(spec, weights="empty")
     else:
-        spec = models.backbone_spec(args.backbone_name, tuple(args.input_size), args.stride, args.last_stride)
+        spec = models.backbone_spec(args.backbone_name, tuple(args.input_size), args.stride, args.last_stride, args.pos_interp)
         visual = models.load_pretrained(spec, args.download_root, dist_info, text_tower=False)
     model_config = models.finetune_model_config(spec, classifier="arcface" if args.arcface else "linear",
                                                 feature=args.feature)

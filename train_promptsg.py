@@ -129,7 +129,7 @@ def build_model(args, out_dir, num_classes, class_names, dist_info):
         check_resumable(old_config["model"], args, os.path.join(out_dir, "net_last.pth"))
         model_config = model_config_from_args(args, spec)
         return models.build_promptsg_model(model_config, num_classes), model_config, spec
-    spec = models.backbone_spec(args.backbone_name, tuple(args.input_size), args.stride, args.last_stride)
+    spec = models.backbone_spec(args.backbone_name, tuple(args.input_size), args.stride, args.last_stride, args.pos_interp)
     clip_model = models.load_pretrained(spec, args.download_root, dist_info)
     model_config = model_config_from_args(args, spec)
     return models.build_promptsg_model(model_config, num_classes, clip_model=clip_model), model_config, spec

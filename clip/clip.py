@@ -12,11 +12,13 @@ from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 from tqdm import tqdm
 
-from .model import MODEL_CONFIGS, build_model, random_state_dict
+from .model import (MODEL_CONFIGS, POS_INTERPOLATIONS, TOKENIZER_VOCAB_SIZE, TokenizerMismatchError, build_model,
+                    checkpoint_geometry, random_state_dict)
 from .simple_tokenizer import SimpleTokenizer
 
-__all__ = ["available_models", "load", "tokenize", "random_state_dict", "save_tiny_checkpoint",
-           "ModelDownloadError", "MODEL_CONFIGS", "CLIP_MEAN", "CLIP_STD"]
+__all__ = ["available_models", "load", "tokenize", "check_tokenizer", "checkpoint_geometry", "random_state_dict",
+           "save_tiny_checkpoint", "tiny_config", "TINY_KINDS", "ModelDownloadError", "TokenizerMismatchError",
+           "MODEL_CONFIGS", "POS_INTERPOLATIONS", "CLIP_MEAN", "CLIP_STD"]
 
 _URL_ROOT = "https://openaipublic.azureedge.net/clip/models"
 # name -> (SHA-256 of the released file, file name); the URL is <root>/<sha256>/<file name>
@@ -177,14 +179,16 @@ def read_state_dict(path):
 
 
 def load(name_or_path, device=None, jit=False, download_root="~/.cache/clip", input_size=None, patch_stride=None,
-         last_stride=None):
+         last_stride=None, pos_interp="bilinear"):
     """Load a CLIP model; returns (model, preprocess).
 
     name_or_path: one of available_models() (downloaded and SHA-256-verified into download_root) or
     a local checkpoint (TorchScript archive or state-dict file). The model has fp32 weights, is in
     eval mode and sits on `device` (default: cuda when available). input_size / patch_stride /
     last_stride: see clip.model.build_model (None = what the checkpoint was made for: the
-    pre-training size, stride = patch size, last_stride 2 for the released files).
+    pre-training size, stride = patch size, last_stride 2 for the released files). pos_interp:
+    how a positional embedding is resized for another token grid ("bilinear", as CLIP-ReID and
+    CLIP-HandID, or "bicubic").
     jit=True is not supported (NotImplementedError).
     """
     if jit:
@@ -201,7 +205,7 @@ def load(name_or_path, device=None, jit=False, download_root="~/.cache/clip", in
         raise RuntimeError(f"Model {name_or_path} not found: it is neither an official name {available_models()} "
                            f"nor an existing checkpoint file")
     model = build_model(read_state_dict(path), input_size=input_size, patch_stride=patch_stride,
-                        last_stride=last_stride).to(device)
+                        last_stride=last_stride, interpolation=pos_interp).to(device)
     return model, _transform(model.visual.input_size)
 
 
@@ -213,6 +217,20 @@ def _get_tokenizer():
     if _tokenizer is None:
         _tokenizer = SimpleTokenizer()
     return _tokenizer
+
+
+def check_tokenizer(model, context_length=77):
+    """Raise TokenizerMismatchError unless `model`'s text tower embeds what tokenize(..., context_length)
+    produces: a vocabulary of exactly the tokenizer's size (another size means another tokenizer)
+    and at least context_length positions. The message names both sizes."""
+    vocab_size = _get_tokenizer().vocab_size
+    if model.vocab_size != vocab_size:
+        raise TokenizerMismatchError(f"the checkpoint's text tower has a vocabulary of {model.vocab_size} tokens but "
+                                     f"CLIP's tokenizer has {vocab_size}; use a checkpoint made for CLIP's tokenizer")
+    if model.context_length < context_length:
+        raise TokenizerMismatchError(f"the checkpoint's text tower has a context length of {model.context_length} "
+                                     f"but the text is tokenized to {context_length} positions; tokenize with "
+                                     f"context_length={model.context_length}")
 
 
 def tokenize(texts, context_length=77, truncate=False):
@@ -235,31 +253,44 @@ def tokenize(texts, context_length=77, truncate=False):
     return result
 
 
+# Tiny test models with the geometries of the released ones that differ: patch size, the pre-training
+# grid (224 / patch, 336 / 14), and the RN50x4 width (80: not a power of two, 40 heads of 64) with its
+# 9x9 attention-pool grid (288 / 32), each scaled down. Text towers: width 64, 2 layers.
 _TINY_CONFIGS = {
     "vit": dict(embed_dim=32, image_resolution=64, vision_layers=2, vision_width=64, vision_patch_size=16),
+    "vit-b32": dict(embed_dim=32, image_resolution=64, vision_layers=2, vision_width=64, vision_patch_size=32),
+    "vit-l14": dict(embed_dim=48, image_resolution=56, vision_layers=2, vision_width=128, vision_patch_size=14),
+    "vit-l14-336": dict(embed_dim=48, image_resolution=84, vision_layers=2, vision_width=128, vision_patch_size=14),
     "rn": dict(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16, vision_patch_size=None),
+    "rn50x4": dict(embed_dim=40, image_resolution=96, vision_layers=(1, 1, 1, 1), vision_width=20,
+                   vision_patch_size=None),
 }
+# the released model whose geometry each tiny kind copies
+TINY_KINDS = {"vit": "ViT-B/16", "vit-b32": "ViT-B/32", "vit-l14": "ViT-L/14", "vit-l14-336": "ViT-L/14@336px",
+              "rn": "RN50", "rn50x4": "RN50x4"}
 
 
-def tiny_config(kind="vit", image_resolution=None):
-    """Config of the tiny test models (real 49,408-token vocabulary so clip.tokenize ids work)."""
+def tiny_config(kind="vit", image_resolution=None, vocab_size=49408, context_length=77):
+    """Config of a tiny test model (see TINY_KINDS); the real 49,408-token vocabulary by default, so
+    clip.tokenize ids work. A smaller vocab_size or context_length makes a mismatching text tower."""
     if kind not in _TINY_CONFIGS:
-        raise ValueError(f"kind must be 'vit' or 'rn', got {kind!r}")
-    config = dict(_TINY_CONFIGS[kind], context_length=77, vocab_size=49408, transformer_width=64,
-                  transformer_heads=1, transformer_layers=2)
+        raise ValueError(f"kind must be one of {list(_TINY_CONFIGS)}, got {kind!r}")
+    config = dict(_TINY_CONFIGS[kind], context_length=int(context_length), vocab_size=int(vocab_size),
+                  transformer_width=64, transformer_heads=1, transformer_layers=2)
     if image_resolution is not None:
         config["image_resolution"] = int(image_resolution)
     return config
 
 
-def save_tiny_checkpoint(path, kind="vit", seed=0, image_resolution=None):
+def save_tiny_checkpoint(path, kind="vit", seed=0, image_resolution=None, vocab_size=49408, context_length=77):
     """Write a tiny OpenAI-format fp16 state dict (.pt) to `path` and return the path.
 
     kind "vit": ViT with patch 16, width 64, 2 layers, default 64 px; kind "rn": ModifiedResNet with
-    layers (1, 1, 1, 1), width 16, default 64 px. Both: embed dim 32, text width 64, 2 layers.
+    layers (1, 1, 1, 1), width 16, default 64 px; the other kinds copy the geometry of the released
+    model TINY_KINDS names (patch 32 or 14, a 336 px-style grid, RN50x4's width and pool grid).
     image_resolution must be a multiple of the patch size (ViT) or of 32 (ResNet).
     """
-    config = tiny_config(kind, image_resolution)
+    config = tiny_config(kind, image_resolution, vocab_size, context_length)
     unit = config["vision_patch_size"] or 32
     if config["image_resolution"] % unit:
         raise ValueError(f"image_resolution must be a multiple of {unit} for kind {kind!r}")

@@ -4,7 +4,8 @@ Differences from OpenAI's module layout (the state-dict keys are the same):
 - transformers run batch-first, (N, L, D), and attention calls F.scaled_dot_product_attention
   (flash / memory-efficient kernels on CUDA); the text tower uses is_causal instead of a mask;
 - input sizes other than the pre-training size, overlapping ViT patches and a stride-1 last ResNet
-  stage are supported (positional embeddings are resized as 2-D grids by build_model);
+  stage are supported (positional embeddings are resized as 2-D grids by build_model, bilinear by
+  default as CLIP-ReID and CLIP-HandID do);
 - `visual.forward_features(x)` returns intermediate features for fine-tuning;
 - weights stay fp32; run under torch.autocast for bf16/fp16.
 """
@@ -145,12 +146,19 @@ def resnet_grid_size(input_size, last_stride=2):
     return grid
 
 
-def resize_pos_embed(pos_embed, new_grid, old_grid=None, mode="bicubic"):
+# How build_model may resize a positional embedding; bilinear is what CLIP-ReID and CLIP-HandID use.
+POS_INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def resize_pos_embed(pos_embed, new_grid, old_grid=None, mode="bilinear"):
     """Resize a (1 + h0*w0, D) positional embedding to (1 + h*w, D) as a 2-D grid.
 
     The first row (class token / mean token) is kept; the h0 x w0 grid (default: square) is
-    interpolated to h x w. The same grid comes back unchanged.
+    interpolated to h x w with F.interpolate(mode, align_corners=False), as the references do.
+    The same grid comes back unchanged.
     """
+    if mode not in POS_INTERPOLATIONS:
+        raise ValueError(f"positional-embedding interpolation must be one of {POS_INTERPOLATIONS}, got {mode!r}")
     rows = pos_embed.shape[0] - 1
     if old_grid is None:
         side = math.isqrt(rows)
@@ -162,8 +170,7 @@ def resize_pos_embed(pos_embed, new_grid, old_grid=None, mode="bicubic"):
         return pos_embed.clone()
     first, grid = pos_embed[:1], pos_embed[1:]
     grid = grid.float().reshape(1, old_grid[0], old_grid[1], -1).permute(0, 3, 1, 2)
-    align = False if mode in ("bilinear", "bicubic") else None
-    grid = F.interpolate(grid, size=new_grid, mode=mode, align_corners=align)
+    grid = F.interpolate(grid, size=new_grid, mode=mode, align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], -1).to(pos_embed.dtype)
     return torch.cat([first, grid], dim=0)
 
@@ -356,6 +363,14 @@ class VisionTransformer(nn.Module):
         return {"penultimate": penultimate, "pre_proj": pre_proj, "proj": pre_proj @ self.proj, "tokens": tokens}
 
 
+# Size of clip.simple_tokenizer's vocabulary: 256 bytes, 256 bytes + </w>, 48,894 merges, SOT and EOT.
+TOKENIZER_VOCAB_SIZE = 49408
+
+
+class TokenizerMismatchError(ValueError):
+    """Token ids that the checkpoint's text tower cannot embed (vocabulary or context length)."""
+
+
 class CLIP(nn.Module):
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
                  context_length, vocab_size, transformer_width, transformer_heads, transformer_layers,
@@ -457,8 +472,22 @@ class CLIP(nn.Module):
         x = x[torch.arange(x.shape[0], device=x.device), eot_index]
         return self.ln_final(x) @ self.text_projection
 
+    def check_tokens(self, text):
+        """Raise TokenizerMismatchError when token ids (N, L) do not fit this text tower: an id
+        outside its vocabulary or an end token beyond its context length (both sizes named)."""
+        largest, eot_index = int(text.max()), int(text.argmax(dim=-1).max())
+        if largest >= self.vocab_size:
+            raise TokenizerMismatchError(
+                f"token id {largest} is outside the checkpoint's vocabulary of {self.vocab_size} tokens (CLIP's "
+                f"tokenizer has {TOKENIZER_VOCAB_SIZE}); use a checkpoint made for CLIP's tokenizer")
+        if eot_index >= self.context_length:
+            raise TokenizerMismatchError(
+                f"the text needs {eot_index + 1} token positions but the checkpoint's context length is "
+                f"{self.context_length}; shorten the text")
+
     def encode_text(self, text):
         """Token ids (N, L) from clip.tokenize -> (N, embed_dim); pooled at the EOT id (the largest)."""
+        self.check_tokens(text)
         eot_index = text.argmax(dim=-1)
         length = int(eot_index.max()) + 1
         return self.encode_text_embeddings(self.token_embedding(text[:, :length]), eot_index)
@@ -527,7 +556,26 @@ def checkpoint_layout(state_dict):
     return dict(layout, input_size=size, grid=(side, side))
 
 
-def build_model(state_dict, input_size=None, patch_stride=None, last_stride=None, interpolation="bicubic"):
+def checkpoint_geometry(state_dict):
+    """What an OpenAI-layout state dict fixes about the backbone, read from its tensors and entries.
+
+    kind ("vit" or "resnet"), patch_size (ViT; None for ResNets), patch_stride, last_stride,
+    input_size (H, W) and grid (rows, cols) of its visual positional embedding, vision_width,
+    vision_heads (width // 64 for ViTs, width * 32 // 64 for ResNets, as OpenAI's build_model),
+    embed_dim, vocab_size and context_length of the text tower.
+    """
+    config = infer_config(state_dict)
+    layout = checkpoint_layout(state_dict)
+    is_vit = config["vision_patch_size"] is not None
+    width = config["vision_width"]
+    return dict(kind="vit" if is_vit else "resnet", patch_size=config["vision_patch_size"],
+                patch_stride=layout["patch_stride"], last_stride=None if is_vit else layout["last_stride"],
+                input_size=tuple(layout["input_size"]), grid=tuple(layout["grid"]), vision_width=width,
+                vision_heads=max(1, width // 64) if is_vit else width * 32 // 64, embed_dim=config["embed_dim"],
+                vocab_size=config["vocab_size"], context_length=config["context_length"])
+
+
+def build_model(state_dict, input_size=None, patch_stride=None, last_stride=None, interpolation="bilinear"):
     """Build an fp32 CLIP in eval mode from an OpenAI-layout state dict (fp16 or fp32).
 
     input_size: int or (H, W). patch_stride (ViT): smaller than the patch size gives overlapping
@@ -535,7 +583,8 @@ def build_model(state_dict, input_size=None, patch_stride=None, last_stride=None
     checkpoint was made for (its input_resolution / patch_stride / last_stride entries), i.e. the
     pre-training resolution, stride = patch size and last_stride 2 for the released files.
     When the token grid differs from the checkpoint's, the visual positional embedding is resized as
-    a 2-D grid (F.interpolate mode `interpolation`; the class / mean-token row is kept).
+    a 2-D grid (interpolation "bilinear", as CLIP-ReID and CLIP-HandID, or "bicubic"; the class /
+    mean-token row is kept).
     The caller's dict is not modified.
     """
     config = infer_config(state_dict)
@@ -545,14 +594,15 @@ def build_model(state_dict, input_size=None, patch_stride=None, last_stride=None
         patch_stride = layout["patch_stride"]
     if not is_vit and last_stride is None:
         last_stride = layout["last_stride"]
-    weights = {k: v for k, v in state_dict.items() if k not in METADATA_KEYS}
+    # fresh fp32 copies: the model never shares storage with the caller's tensors, and the resized
+    # positional embedding is not rounded back to the checkpoint's fp16
+    weights = {k: v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone()
+               for k, v in state_dict.items() if k not in METADATA_KEYS}
     with torch.device("meta"):
         model = CLIP(**config, input_size=input_size, patch_stride=patch_stride, last_stride=last_stride or 2)
     pos_key = "visual.positional_embedding" if is_vit else "visual.attnpool.positional_embedding"
     weights[pos_key] = resize_pos_embed(weights[pos_key], model.visual.grid_size, old_grid=layout["grid"],
                                         mode=interpolation)
-    # fresh fp32 copies: the model never shares storage with the caller's tensors
-    weights = {k: v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone() for k, v in weights.items()}
     model.load_state_dict(weights, strict=True, assign=True)
     return model.eval()
 

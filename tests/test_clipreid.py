@@ -169,11 +169,15 @@ def test_stage1_lowers_the_loss_and_separates_identities(clipreid_run, tiny_vit_
 
 
 def test_stage2_beats_zero_shot(clipreid_run, hand_data, tiny_vit_checkpoint, tmp_path):
+    # both under CLIP-ReID's own protocol (pre-BN concatenation, no flip), the one these margins were
+    # measured with
+    protocol = ["--protocol", "clip-reid", "--gallery", "both", "--num_workers", "0", "--device", "cpu"]
     zero_shot = eval_query_gallery_clip_zeroshot.main(
         ["--test_dir", hand_data, "--f_name", str(tmp_path), "--backbone_name", tiny_vit_checkpoint,
-         "--input_size", "64", "64", "--num_workers", "0", "--device", "cpu"])
-    tuned = read_json(os.path.join(clipreid_run["run_dir"], "final_test", "results.json"))
-    assert tuned["feature_dim"] == 64 + 32  # pre-BN concatenation: CLS after ln_post + projection
+         "--input_size", "64", "64", *protocol])
+    tuned = eval_query_gallery_finetune.main(["--f_name", clipreid_run["out_root"], "--m_name", "vit", "--test_dir",
+                                              hand_data, "--out_dir", str(tmp_path / "eval"), *protocol])
+    assert tuned["feature_dim"] == 64 + 32 and tuned["feature"] == "concat"  # CLS after ln_post + projection
     for variant in ("own", "all"):
         zs, ft = zero_shot["summary"][variant]["mean"], tuned["summary"][variant]["mean"]
         # seeds 0, 1, 2 (checkpoint and training) gave margins of 0.09-0.12 (own) and 0.055-0.07 (all)
@@ -202,7 +206,7 @@ def test_run_folder_and_evaluator(clipreid_run, hand_data, tmp_path):
     # the fine-tuning evaluator rebuilds the model from config.json and reproduces the final test
     results = eval_query_gallery_finetune.main(
         ["--f_name", clipreid_run["out_root"], "--m_name", "vit", "--test_dir", hand_data,
-         "--out_dir", str(tmp_path / "eval"), "--num_workers", "0", "--device", "cpu"])
+         "--out_dir", str(tmp_path / "eval"), "--num_workers", "0", "--device", "cpu", "--gallery", "both"])
     final = read_json(os.path.join(run_dir, "final_test", "results.json"))
     assert results["summary"] == final["summary"] and results["model_kind"] == "clipreid"
 

@@ -203,7 +203,7 @@ def test_zero_shot_end_to_end_and_ranking_figure(synthetic_11k, tiny_vit_checkpo
     loaded = counting_loader(monkeypatch)
     results = zero_shot.main(["--test_dir", test_dir, "--f_name", str(tmp_path / "runs"), "--backbone_name",
                               tiny_vit_checkpoint, "--pretrained", "false", "--input_size", "64", "48",
-                              "--num_workers", "0", "--device", "cpu"])
+                              "--num_workers", "0", "--device", "cpu", "--gallery", "both"])
     out_dir = tmp_path / "runs" / "clip_zero_shot" / "tiny_vit"
     assert results["num_images_encoded"] == len(sources) == len(loaded) and set(loaded.values()) == {1}
     assert results["gallery_variants"] == ["own", "all"] and results["num_splits"] == 3

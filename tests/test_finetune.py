@@ -209,7 +209,7 @@ def test_pk_sampler_batches_shares_and_determinism():
 def test_finetuning_beats_zero_shot(finetuned, hand_data, tiny_vit_checkpoint, tmp_path):
     zero_shot = eval_query_gallery_clip_zeroshot.main(
         ["--test_dir", hand_data, "--f_name", str(tmp_path), "--backbone_name", tiny_vit_checkpoint,
-         "--input_size", "64", "64", "--num_workers", "0", "--device", "cpu"])
+         "--input_size", "64", "64", "--num_workers", "0", "--device", "cpu", "--gallery", "both"])
     tuned = read_json(os.path.join(finetuned["run_dir"], "final_test", "results.json"))
     for variant in ("own", "all"):
         zs, ft = zero_shot["summary"][variant]["mean"], tuned["summary"][variant]["mean"]
@@ -245,7 +245,7 @@ def test_eval_script_reproduces_training_final_numbers(finetuned, hand_data, tmp
     out_dir = str(tmp_path / "eval")
     results = eval_query_gallery_finetune.main(
         ["--f_name", finetuned["out_root"], "--m_name", "vit", "--test_dir", hand_data, "--which_epoch", "best",
-         "--out_dir", out_dir, "--num_workers", "0", "--device", "cpu"])
+         "--out_dir", out_dir, "--num_workers", "0", "--device", "cpu", "--gallery", "both"])
     final = read_json(os.path.join(finetuned["run_dir"], "final_test", "results.json"))
     assert results["summary"] == final["summary"]
     assert os.path.isfile(os.path.join(out_dir, "result_split1_all.mat"))

@@ -9,7 +9,7 @@ def test_results_table_is_mean_and_std_in_percent_with_two_decimals():
     rows = [("method A", {"rank1": [0.5, 1.0], "mAP": [0.25, 0.25]}), ("B", {"rank1": [1 / 3], "mAP": [0.0]})]
     table = io.format_results_table(rows, title="title", columns=[("Rank-1", "rank1"), ("mAP", "mAP")]).split("\n")
     assert table[0] == "title" and table[1].split(" | ") == ["method  ", "       Rank-1", "          mAP"]
-    assert table[3] == "method A | 75.00 ± 25.00 |  25.00 ± 0.00"  # one width for every metric column
+    assert table[3] == "method A | 75.00 ± 35.36 |  25.00 ± 0.00"  # sample std (ddof 1) of 50 and 100  # one width for every metric column
     assert table[4] == "B        |  33.33 ± 0.00 |   0.00 ± 0.00"
     assert len({len(line) for line in table[1:]}) == 1
     with pytest.raises(KeyError):

@@ -207,7 +207,8 @@ def trained_run(synthetic_11k, tiny_vit_checkpoint, tmp_path_factory):
                                          "--save_every", "6"))
     zero_shot = eval_query_gallery_clip_zeroshot.main([
         "--test_dir", os.path.join(synthetic_11k, "train_val_test_split_dorsal_r"), "--f_name", str(root / "zs"),
-        "--backbone_name", tiny_vit_checkpoint, "--input_size", "32", "32", "--num_workers", "0", "--device", "cpu"])
+        "--backbone_name", tiny_vit_checkpoint, "--input_size", "32", "32", "--num_workers", "0", "--device", "cpu",
+        "--gallery", "both"])
     return {"root": root, "out": out, "zero_shot": zero_shot}
 
 
@@ -242,7 +243,7 @@ def test_evaluator_reproduces_the_final_test(trained_run, synthetic_11k, prompt)
     results = eval_query_gallery_finetune.main([
         "--f_name", str(trained_run["root"]), "--m_name", "psg", "--which_epoch", "best",
         "--test_dir", os.path.join(synthetic_11k, "train_val_test_split_dorsal_r"), "--num_workers", "0",
-        "--device", "cpu", "--inference_prompt", prompt])
+        "--device", "cpu", "--inference_prompt", prompt, "--gallery", "both"])
     assert results["inference_prompt"] == prompt
     for variant in ("own", "all"):
         expected = out["final_test"][prompt]["summary"][variant]["mean"]

@@ -65,7 +65,7 @@ def test_rank0_first_runs_rank_0_before_the_others(monkeypatch):
 
 
 def tiny_run_args(tmp_path, **changes):
-    args = dict(f_name=str(tmp_path), m_name="run", resume=False, force=False, seed=0)
+    args = dict(f_name=str(tmp_path), m_name="run", resume=False, force=False, seed=0, deterministic=False)
     return types.SimpleNamespace(**dict(args, **changes))
 
 

@@ -2,8 +2,13 @@
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+
+# CLIP-ReID's stage 1 runs on rank 0 while the other ranks wait in a collective; torch's default of
+# 10 (nccl) / 30 (gloo) minutes would end a long stage 1, so the process group waits up to 12 hours.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=12)
 
 
 @dataclass
@@ -36,7 +41,7 @@ def setup_distributed(device):
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=str(device))
 
 

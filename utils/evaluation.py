@@ -19,8 +19,9 @@ from .data import CLIP_MEAN, CLIP_STD, ImageListDataset, eval_transform
 METRIC_CONVENTIONS = {
     "rank1..rank20, mAP_hand, mINP": "all queries count; a query without a true match counts 0 (MBA-Net / "
                                     "CLIP-HandID / CLIP-FH)",
-    "mAP_hand": "trapezoid-rule AP (MBA-Net / CLIP-HandID / CLIP-FH tables)",
-    "mAP_standard": "non-interpolated AP over queries with a match (torchreid / CLIP-ReID / fast-reid)"}
+    "mAP_hand": "trapezoid-rule AP (MBA-Net / CLIP-HandID tables)",
+    "mAP_standard": "non-interpolated AP over queries with a match (torchreid / CLIP-ReID / fast-reid / CLIP-FH)",
+    "std": "sample standard deviation over the splits (ddof 1)"}
 
 
 @torch.no_grad()
@@ -191,27 +192,30 @@ def write_results(out_dir, results, mats, overwrite=False):
 
 
 def print_results(results, test_dir):
-    """The paper-style table (PAPER_METRICS) and one of the other metrics, mean ± std in percent."""
+    """The paper-style table (Rank-1/5/10 and the protocol's mAP) and one of the other metrics,
+    mean ± std in percent."""
+    table_mAP = results.get("table_mAP", "mAP_hand")
+    paper = ("rank1", "rank5", "rank10", table_mAP)
     table_rows = []
     for variant in results["gallery_variants"]:
         mine = [r for r in results["rows"] if r["gallery"] == variant]
         table_rows.append((f"{results['method']} [gallery {variant}]",
                            {k: [r[k] for r in mine] for k in metrics.METRIC_NAMES}))
-    others = [k for k in metrics.METRIC_NAMES if k not in metrics.PAPER_METRICS]
-    for keys, title in ((metrics.PAPER_METRICS, f"{test_dir}: mean ± std over "
-                         f"{results['num_splits']} split(s), percent; mAP = hand convention"), (others, None)):
-        columns = [(metrics.METRIC_LABELS.get(k, k), k) for k in keys]
+    others = [k for k in metrics.METRIC_NAMES if k not in paper]
+    for keys, title in ((paper, f"{test_dir}: mean ± std over {results['num_splits']} split(s), percent; "
+                         f"mAP = {table_mAP}"), (others, None)):
+        columns = [("mAP" if k == table_mAP else metrics.METRIC_LABELS.get(k, k), k) for k in keys]
         print(format_results_table(table_rows, title=title, columns=columns))
 
 
 def evaluate_query_gallery(encode_fn, test_dir, out_dir, *, gallery=None, method_name="model",
                            input_size=(224, 224), batch_size=64, num_workers=0, device="cpu", flip=False,
-                           amp=None, max_rank=50, mean=CLIP_MEAN, std=CLIP_STD, rerank=None,
-                           overwrite=False, extra=None, verbose=True):
+                           amp="none", max_rank=50, mean=CLIP_MEAN, std=CLIP_STD, rerank=None,
+                           overwrite=False, extra=None, verbose=True, table_mAP="mAP_hand"):
     """The query/gallery evaluation shared by the zero-shot and fine-tuned evaluators.
 
     encode_fn(images) -> (B, D) features for a normalised batch (B, 3, H, W) already on `device`
-    (called under torch.no_grad and autocast `amp`; None: bf16 on CUDA, none elsewhere). Every image
+    (called under torch.no_grad and autocast `amp`; default fp32). Every image
     of every query{i}, gallery{i} and gallery{i}_all of the split root `test_dir` is encoded exactly
     once; with `flip` the feature is f(x) + f(mirror(x)); features are L2-normalised and ranked by
     cosine similarity, or by the k-reciprocal re-ranked distance when `rerank` is a dict
@@ -219,8 +223,8 @@ def evaluate_query_gallery(encode_fn, test_dir, out_dir, *, gallery=None, method
     gallery: "own", "all", "both" or None (every variant the split root has: 11k own + all, HD own).
     Writes to `out_dir`: result_split{i}.mat (own gallery) and result_split{i}_all.mat
     (gallery{i}_all) with query_f, query_label, query_path, gallery_f, gallery_label, gallery_path;
-    results.json; results.csv. Prints the paper-style tables when `verbose`. Returns the results
-    dict (as in results.json)."""
+    results.json; results.csv. Prints the paper-style tables when `verbose`, whose mAP column is
+    `table_mAP` (the protocol's convention). Returns the results dict (as in results.json)."""
     layout = read_split_layout(test_dir)
     variants = wanted_gallery_variants(layout, gallery, test_dir)
     results_path = os.path.join(out_dir, "results.json")
@@ -234,7 +238,8 @@ def evaluate_query_gallery(encode_fn, test_dir, out_dir, *, gallery=None, method
     rows, mats = score_splits(encoded, num_splits, variants, max_rank, rerank)
     results = {"method": method_name, "test_dir": os.path.abspath(test_dir), "dataset": layout["dataset"],
                "num_splits": num_splits, "gallery_variants": variants, "metrics": list(metrics.METRIC_NAMES),
-               "metric_conventions": METRIC_CONVENTIONS, "input_size": list(input_size), "flip": bool(flip),
+               "metric_conventions": METRIC_CONVENTIONS, "table_mAP": table_mAP, "input_size": list(input_size),
+               "flip": bool(flip), "amp": resolve_amp(amp, device),
                "rerank": dict(rerank) if rerank else None, "feature_dim": int(encoded["features"].shape[1]),
                "num_images_encoded": len(encoded["paths"]), "encode_seconds": round(encoded["seconds"], 3),
                "rows": rows, "summary": summarise(rows, variants), **(extra or {})}

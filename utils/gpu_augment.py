@@ -46,7 +46,7 @@ class DeviceImageCache:
             raise TrainingInputError("the data set has no resized-image cache to put on the device (--cache_resized)")
         base, rows = (view.cache, np.asarray(view.rows)) if hasattr(view, "rows") else (view, None)
         array = np.load(base.file, mmap_mode="r")
-        self.images = torch.from_numpy(np.ascontiguousarray(array if rows is None else array[rows])).to(device)
+        self.images = torch.from_numpy(np.array(array) if rows is None else array[rows]).to(device)  # copies
         self.labels = torch.tensor(dataset.labels, dtype=torch.long, device=device)
 
     @staticmethod

@@ -39,12 +39,17 @@ def add_compile_arg(parser):
 
 
 def set_seed(seed, deterministic=False):
+    """Seed Python, numpy and torch. deterministic=True also turns cuDNN autotuning off and makes
+    torch use deterministic kernels only (an op without one raises), with the cuBLAS workspace
+    setting they need; then a GPU run repeats bit for bit on the same GPU, software and flags."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
 
 
 def git_commit():
@@ -115,8 +120,10 @@ def write_run_config(out_dir, args, extra=None, name="config.json"):
 
 
 def mean_std(values):
+    """Mean and sample standard deviation (ddof 1: the splits are a sample of possible splits);
+    the std is 0.0 for a single value."""
     values = np.asarray(values, dtype=np.float64)
-    return float(values.mean()), float(values.std(ddof=0)) if len(values) > 1 else 0.0
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 PAPER_COLUMNS = (("Rank-1", "rank1"), ("Rank-5", "rank5"), ("Rank-10", "rank10"), ("mAP", "mAP"))

@@ -11,7 +11,7 @@ import torch
 
 import clip
 from .errors import ClipFHError, NonFiniteLossError, TrainingInputError
-from . import io
+from . import io, protocols
 from .io import AMP_CHOICES, _atomic_write, add_common_args, read_config, set_seed, write_run_config
 from .splits import read_split_layout
 from .data import (LabeledImageDataset, PKSampler, ResizedImageCache, ShuffleSampler, SubsetCache, eval_transform,
@@ -161,7 +161,11 @@ def add_input_args(parser, erasing_p=0.0, cache_root="<data_dir>"):
     group = parser.add_argument_group("augmentation and input")
     group.add_argument("--erasing_p", type=float, default=erasing_p, help="random erasing probability")
     group.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
-    group.add_argument("--stride", type=int, default=16, help="ViT patch stride (< patch size: overlapping patches)")
+    group.add_argument("--stride", type=int, default=None,
+                       help="ViT patch stride; default: the backbone's own patch size (smaller: overlapping patches)")
+    group.add_argument("--pos_interp", choices=["bilinear", "bicubic"], default="bilinear",
+                       help="resizing of the pretrained positional embedding to the input's token grid "
+                            "(bilinear, as CLIP-ReID and CLIP-HandID)")
     group.add_argument("--last_stride", type=int, default=1, choices=[1, 2],
                        help="ResNet layer4 stride (1 as in CLIP-HandID: 14x14 map at 224)")
     group.add_argument("--cache_resized", nargs="?", const="", default=None, metavar="DIR",
@@ -187,6 +191,9 @@ def add_run_control_args(parser, resume_help, final_test_help):
     g.add_argument("--eval_every", type=int, default=5, help="validate every N epochs (and after the last)")
     g.add_argument("--final_test", action=argparse.BooleanOptionalAction, default=True, help=final_test_help)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels, cuDNN autotuning off (slower): a resumed GPU run then ends "
+                        "with the same weights as an uninterrupted one")
     add_common_args(g)
     return g
 
@@ -206,7 +213,7 @@ def common_arg_problems(args):
         problems.append(f"--erasing_p must be in [0, 1], got {args.erasing_p}")
     if args.save_every < 0 or args.warmup_epochs < 0 or args.grad_clip < 0:
         problems.append("--save_every, --warmup_epochs and --grad_clip must not be negative")
-    if min(args.input_size) < 1 or args.stride < 1:
+    if min(args.input_size) < 1 or (args.stride is not None and args.stride < 1):
         problems.append(f"--input_size and --stride must be positive, got {args.input_size} and {args.stride}")
     return problems
 
@@ -235,8 +242,8 @@ def start_run(args, dist_info, run_files=RUN_FILES, resume_file="net_last.pth"):
     barrier(dist_info)
     log = setup_logger(out_dir, dist_info.is_main)
     log.info("command: " + " ".join(sys.argv))
-    set_seed(args.seed)
-    if dist_info.device.startswith("cuda"):
+    set_seed(args.seed, args.deterministic)
+    if dist_info.device.startswith("cuda") and not args.deterministic:
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     return out_dir, log
 
@@ -418,19 +425,30 @@ def check_ranks_agree(model, dist_info, log):
 
 def final_test(model, args, data_dir, out_dir, folder, method_name, amp, device, log, extra, what="net_best"):
     """Evaluate `model` on the query/gallery splits of data_dir into out_dir/folder with the shared
-    pipeline; None (and a log line) when data_dir has no test splits."""
+    pipeline under the default protocol (clip-handid: fp32, the mirrored image added, the feature
+    after the BNNeck) on every gallery variant; the log line reports the published tables' gallery
+    (11k: gallery{i}_all). None (and a log line) when data_dir has no test splits. `amp` (the
+    training precision) is not used."""
     try:
         read_split_layout(data_dir)
     except ValueError as err:
         log.info(f"final test skipped: {err}")
         return None
-    results = evaluate_query_gallery(
-        model, data_dir, os.path.join(out_dir, folder), method_name=method_name, input_size=tuple(args.input_size),
-        batch_size=max(args.batch_size, 64), num_workers=args.num_workers, device=device, amp=amp, overwrite=True,
-        extra=extra)
-    variant = results["gallery_variants"][-1]
+    kind = "promptsg" if hasattr(model, "inference_prompt") else "finetune"
+    setting = protocols.settings(protocols.DEFAULT_PROTOCOL, kind, gallery="both")
+    run_feature, model.feature = model.feature, setting["feature"]
+    try:
+        results = evaluate_query_gallery(
+            model, data_dir, os.path.join(out_dir, folder), method_name=method_name,
+            input_size=tuple(args.input_size), batch_size=max(args.batch_size, 64), num_workers=args.num_workers,
+            device=device, amp="none", flip=setting["flip"], overwrite=True, table_mAP=setting["mAP"],
+            extra=dict(extra, feature=setting["feature"], protocol=dict(setting, amp="none")))
+    finally:
+        model.feature = run_feature
+    variant = protocols.headline_gallery(results["gallery_variants"])
     mean = results["summary"][variant]["mean"]
-    log.info(f"final test ({what}, gallery {variant}): Rank-1 {100 * mean['rank1']:.2f} "
+    log.info(f"final test ({what}, protocol {protocols.DEFAULT_PROTOCOL}, gallery{{i}}"
+             f"{'_all' if variant == 'all' else ''}): Rank-1 {100 * mean['rank1']:.2f} "
              f"mAP {100 * mean['mAP_hand']:.2f} -> {os.path.join(out_dir, folder)}")
     return results
 

@@ -16,12 +16,15 @@ from .io import atomic_torch_save, autocast
 
 
 class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
-    """Per-epoch schedule (CLIP-HandID): linear warm-up from warmup_factor x lr over warmup_epochs,
-    then x gamma at every milestone. Factor at epoch e < warmup_epochs: f + (1 - f) * e / warmup_epochs;
-    afterwards gamma ** (number of milestones <= e). Call step() once after every epoch."""
+    """Per-epoch schedule: linear warm-up from warmup_factor x lr over warmup_epochs, then x gamma at
+    every milestone. Factor at epoch e < warmup_epochs: f + (1 - f) * e / warmup_epochs; afterwards
+    gamma ** (number of milestones <= e). Call step() once after every epoch. The first epoch is
+    e = first_epoch: 0 in CLIP-HandID, 1 in CLIP-ReID (which steps the scheduler at the start of
+    each epoch n = 1, 2, ..., so its epoch 1 already trains at f + (1 - f) / warmup_epochs)."""
 
     def __init__(self, optimizer, milestones=(40, 60), gamma=0.5, warmup_epochs=10, warmup_factor=0.01,
-                 last_epoch=-1):
+                 last_epoch=-1, first_epoch=0):
+        self.first_epoch = int(first_epoch)
         if list(milestones) != sorted(milestones):
             raise TrainingInputError(f"--milestones must be increasing, got {list(milestones)}")
         self.milestones = [int(m) for m in milestones]
@@ -34,7 +37,7 @@ class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
         return self.gamma ** bisect.bisect_right(self.milestones, epoch)
 
     def get_lr(self):
-        return [base_lr * self.lr_factor(self.last_epoch) for base_lr in self.base_lrs]
+        return [base_lr * self.lr_factor(self.last_epoch + self.first_epoch) for base_lr in self.base_lrs]
 
 
 class Stage1CosineLR(torch.optim.lr_scheduler.LRScheduler):
