@@ -21,6 +21,19 @@ Parts:
            next to the FLOP ceiling: images/s = peak FLOP/s / FLOPs per image (x3 for training);
            peaks --peak_tflops (H100 dense bf16 990 SXM / 790). Targets on one H100: ViT-B/16 bf16
            training >= 2,500 img/s, inference >= 8,000 img/s, and the data paths keeping up.
+           The "device" data path is the --gpu_augment one: the cache held on the GPU as uint8 and
+           augmented there in whole batches (utils/gpu_augment.py).
+
+    python benchmark.py --gpu            # issue 14's table in one JSON (--out), on one CUDA GPU
+    python benchmark.py --protocol_run   # 11k dorsal-right-sized fine-tune (70 epochs) + 10-split evaluation
+
+--gpu times ViT-B/16 and RN50 training and inference at 224x224, bf16, from every data path, eager
+and compiled, and writes the device, torch/CUDA versions, each figure, its fraction of the FLOP
+ceiling at 790 TFLOP/s and whether each target is met. --protocol_run draws a synthetic data set of
+the 11k dorsal-right size (1600x1200 photos), prepares 10 splits, fine-tunes a random-weight ViT-B/16
+for 70 epochs with --cache_resized and evaluates it with eval_query_gallery_finetune.py, and reports
+the wall time of each step. --tiny makes both run in seconds on a CPU (tiny models and images; the
+figures mean nothing then, the JSON has the same structure).
 """
 import argparse
 import itertools
@@ -32,7 +45,7 @@ import time
 import numpy as np
 
 import models
-from utils import io, data, metrics, training, verification
+from utils import io, data, gpu_augment, metrics, synthetic, training, verification
 
 
 def best_time(fn, repeats):
@@ -169,6 +182,9 @@ def throughput_model(backbone, args, num_classes):
     import losses
     spec = models.backbone_spec(backbone, tuple(args.input_size), args.stride, args.last_stride)
     spec["arch"] = dict(clip.model.MODEL_CONFIGS[backbone])
+    if args.tiny:  # the same kind of encoder, a few layers wide
+        spec["arch"] = clip.clip.tiny_config("rn" if models.is_resnet_arch(spec["arch"]) else "vit",
+                                        image_resolution=spec["arch"]["image_resolution"])
     if args.method == "promptsg":
         clip_model = models.load_clip_model(spec, weights="random")
         model = models.build_promptsg_model(models.promptsg_model_config(spec), num_classes, clip_model=clip_model)
@@ -198,10 +214,27 @@ def batches_source(kind, dataset, batch_size, steps, args, device):
         images = torch.randn(batch_size, 3, *args.input_size, device=device)
         labels = torch.arange(batch_size, device=device) % 72
         return [(images, labels)] * steps
+    if kind == "device":
+        return device_batches(dataset, batch_size, steps, args, device)
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batch_size * steps)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=args.bench_workers,
                                        pin_memory=device.startswith("cuda"), drop_last=True,
                                        persistent_workers=False, prefetch_factor=4 if args.bench_workers else None)
+
+
+def device_batches(dataset, batch_size, steps, args, device):
+    """Batches drawn with replacement from the cache held on the device: augmented there as the
+    trainers' --gpu_augment does for training (dataset at the load size), normalised only for inference."""
+    import torch
+    if not hasattr(dataset, "device_cache"):
+        dataset.device_cache = gpu_augment.DeviceImageCache(dataset, device)
+    cache = dataset.device_cache
+    train = tuple(dataset.size) != tuple(args.input_size)
+    augmenter = gpu_augment.BatchAugmenter(args.input_size, flip_p=0.5 if train else 0.0)
+    generator = torch.Generator().manual_seed(args.seed)
+    for _ in range(steps):
+        index = torch.randint(len(cache.labels), (batch_size,), generator=generator).to(device)
+        yield augmenter(cache.images[index], generator), cache.labels[index]
 
 
 def throughput_datasets(args, folder, train):
@@ -212,7 +245,8 @@ def throughput_datasets(args, folder, train):
     items = list(zip(paths, labels))
     cache = data.ResizedImageCache(paths, size, os.path.join(folder, "cache"), desc="building the resized cache")
     return {"jpeg": data.LabeledImageDataset(items, size, transform),
-            "cache": data.LabeledImageDataset(items, size, transform, cache=cache)}
+            "cache": data.LabeledImageDataset(items, size, transform, cache=cache),
+            "device": data.LabeledImageDataset(items, size, transform, cache=cache)}
 
 
 def time_training(loss_module, source_fn, args, device, amp):
@@ -274,7 +308,7 @@ def bench_throughput(args, train):
         ceilings = {f"{peak:g}": peak * 1e12 / flops for peak in args.peak_tflops}
         model.to(device)
         loss_module.to(device)
-        models.speed_up_image_encoder(model.visual, device)  # channels_last for ResNets, as the trainers
+        models.speed_up_image_encoder(model.visual, device, compile=False)  # channels_last for ResNets
         entry = {"gflop_per_image": flops / 1e9, "ceiling_images_per_s": ceilings}
         for compiled in compile_modes:
             if compiled:
@@ -295,6 +329,8 @@ def bench_throughput(args, train):
         del model, loss_module
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
+    for dataset in datasets.values():
+        dataset.__dict__.pop("device_cache", None)
     return figures
 
 
@@ -317,12 +353,147 @@ def bench_verification(args):
     return {"shape_QxG": [num_q, num_g], "seconds": seconds, "target_seconds": 1.0}
 
 
-PARTS = {"decode": bench_decode, "metrics": bench_metrics, "verification": bench_verification, "train": bench_train, "infer": bench_infer}
+# issue 14's targets (img/s on one GPU, bf16, 224x224, data loading included) and the whole-protocol row
+TARGETS = {"train": {"ViT-B/16": 4000, "RN50": 6000}, "infer": {"ViT-B/16": 12000, "RN50": 20000}}
+PROTOCOL_TARGET_S = 180
+TARGET_PEAK_TFLOPS = 790.0
+TARGET_PATH = "device"  # the trainers' default on CUDA with --cache_resized
+
+
+def gpu_table(figures, measured):
+    """One row per (train | infer, backbone) of the measured figures: eager and compiled img/s of every
+    data path, the target path's share of the FLOP ceiling at 790 TFLOP/s, and whether the target is met
+    (None unless `measured`: full-size models on a CUDA GPU)."""
+    rows = []
+    for mode in ("train", "infer"):
+        for backbone, entry in figures.get(mode, {}).items():
+            if not isinstance(entry, dict) or "gflop_per_image" not in entry:
+                continue
+            ceiling = entry["ceiling_images_per_s"][f"{TARGET_PEAK_TFLOPS:g}"]
+            rates = {key: value for key, value in entry.items() if key.startswith("bf16/")}
+            best = max((v for k, v in rates.items() if k.split("/")[1] == TARGET_PATH), default=None)
+            target = TARGETS[mode].get(backbone)
+            rows.append({"mode": mode, "backbone": backbone, "images_per_s": rates,
+                         "eager": rates.get(f"bf16/{TARGET_PATH}"), "compiled": rates.get(f"bf16/{TARGET_PATH}/compiled"),
+                         "best": best, "target_path": TARGET_PATH, "ceiling_images_per_s": ceiling,
+                         "fraction_of_peak": None if best is None else best / ceiling,
+                         "target_images_per_s": target,
+                         "target_met": None if best is None or target is None or not measured else best >= target})
+    return rows
+
+
+def bench_gpu(args):
+    """Issue 14's table: train and infer parts for ViT-B/16 and RN50, bf16, every data path, eager and
+    compiled (compiled only on CUDA), and the summary rows."""
+    import torch
+    if not args.device.startswith("cuda") and not args.tiny:
+        raise SystemExit("error: --gpu measures a CUDA GPU; pass --device cuda (or --tiny for a CPU smoke run)")
+    args.backbones, args.amps, args.data_paths = ["ViT-B/16", "RN50"], ["bf16"], list(DATA_PATHS)
+    args.compile = args.device.startswith("cuda")
+    figures = {"device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
+               "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+               "tiny": args.tiny, "input_size": list(args.input_size), "peak_tflops": TARGET_PEAK_TFLOPS,
+               "train": bench_train(args), "infer": bench_infer(args)}
+    figures["rows"] = gpu_table(figures, measured=args.device.startswith("cuda") and not args.tiny)
+    for row in figures["rows"]:
+        met = {True: "met", False: "MISSED", None: "not measured"}[row["target_met"]]
+        compiled = "n/a" if row["compiled"] is None else f"{row['compiled']:,.0f}"
+        print(f"{row['mode']} {row['backbone']}: eager {row['eager']:,.0f}, compiled {compiled} "
+              f"img/s ({row['target_path']} path); {100 * (row['fraction_of_peak'] or 0):.1f}% of the "
+              f"{row['ceiling_images_per_s']:,.0f} img/s ceiling; target {row['target_images_per_s']:,} {met}")
+    return figures
+
+
+def write_protocol_photos(root, photo_size, seed, workers):
+    """Replace every synthetic photo under root/Hands by itself upscaled (bicubic) to photo_size: the
+    11k file size and decoding cost, at a fraction of the rendering time."""
+    from concurrent.futures import ProcessPoolExecutor
+    folder = os.path.join(root, "Hands")
+    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder))
+    with ProcessPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(upscale_photo, paths, [tuple(photo_size)] * len(paths), chunksize=16))
+    return len(paths)
+
+
+def upscale_photo(path, photo_size):
+    from PIL import Image
+    with Image.open(path) as img:
+        big = img.convert("RGB").resize(photo_size, Image.BICUBIC)
+    big.save(path, quality=90)
+
+
+def bench_protocol(args):
+    """The 11k dorsal-right protocol end to end on synthetic data of its size: fine-tune (70 epochs,
+    --cache_resized) and the 10-split evaluation, each step timed by wall clock."""
+    import clip
+    import torch
+    import prepare_train_val_test_11k_r_l as prepare
+    import train_finetune
+    import eval_query_gallery_finetune as evaluate
+    tiny = args.tiny
+    root = os.path.join(args.photo_dir or os.path.join(tempfile.gettempdir(), "clipfh_protocol_run"), "11k")
+    seconds = {}
+    start = time.perf_counter()
+    num_ids, per_id = (8, (3, 4)) if tiny else (args.protocol_ids, (6, 8))
+    info = synthetic.make_synthetic_11k(root, num_ids_per_aspect=num_ids, images_per_id=per_id,
+                                        image_size=(80, 60), seed=args.seed)
+    photos = write_protocol_photos(root, args.photo_size, args.seed, os.cpu_count() or 1)
+    seconds["generate"] = time.perf_counter() - start
+    start = time.perf_counter()
+    num_splits = 2 if tiny else 10
+    prepare.main(["--data_dir", root, "--num_splits", str(num_splits), "--seed", str(args.seed), "--force"])
+    split_root = os.path.join(root, "train_val_test_split_dorsal_r")
+    seconds["prepare"] = time.perf_counter() - start
+    checkpoint = os.path.join(root, "random_vit.pt")
+    if tiny:
+        clip.save_tiny_checkpoint(checkpoint, kind="vit", image_resolution=args.input_size[0])
+    else:
+        torch.save(clip.model.random_state_dict("ViT-B/16", seed=args.seed), checkpoint)
+    epochs = 1 if tiny else args.protocol_epochs
+    out_root = os.path.join(root, "runs")
+    common = ["--device", args.device, "--seed", str(args.seed)]
+    train_args = ["--data_dir", split_root, "--f_name", out_root, "--m_name", "protocol", "--backbone_name",
+                  checkpoint, "--pretrained", "false", "--epochs", str(epochs), "--cache_resized", "--force",
+                  "--no-final_test", "--no-progress", "--input_size", *map(str, args.input_size), *common]
+    if tiny:
+        train_args += ["--batch_size", "4", "--num_workers", "0"]
+    start = time.perf_counter()
+    result = train_finetune.main(train_args)
+    seconds["train"] = time.perf_counter() - start
+    start = time.perf_counter()
+    evaluate.main(["--f_name", out_root, "--m_name", "protocol", "--test_dir", split_root, "--which_epoch", "best",
+                   "--force", *(["--num_workers", "0"] if tiny else []), *common])
+    seconds["evaluate"] = time.perf_counter() - start
+    counts = {name: sum(len(files) for _, _, files in os.walk(os.path.join(split_root, name)))
+              for name in ("train_all", "test")}
+    end_to_end = seconds["train"] + seconds["evaluate"]
+    measured = args.device.startswith("cuda") and not tiny
+    figures = {"tiny": tiny, "photo_size": list(args.photo_size), "photos_written": photos,
+               "train_images": counts["train_all"], "test_images": counts["test"], "num_ids_per_aspect": num_ids,
+               "synthetic": info["dataset"], "epochs": epochs, "num_splits": num_splits, "seconds": seconds,
+               "end_to_end_s": end_to_end, "target_s": PROTOCOL_TARGET_S, "target_met": end_to_end <= PROTOCOL_TARGET_S if measured else None,
+               "train_images_per_s_last_epoch": result["history"][-1]["images_per_s"], "run_dir": result["out_dir"]}
+    print(f"protocol run: {counts['train_all']} train / {counts['test']} test images of {args.photo_size[0]}x"
+          f"{args.photo_size[1]}, {epochs} epochs + {num_splits}-split evaluation: train {seconds['train']:.1f} s, "
+          f"evaluate {seconds['evaluate']:.1f} s -> {end_to_end:.1f} s end to end (target <= {PROTOCOL_TARGET_S} s)")
+    return figures
+
+
+DATA_PATHS = ["memory", "jpeg", "cache", "device"]
+PARTS = {"decode": bench_decode, "metrics": bench_metrics, "verification": bench_verification, "train": bench_train, "infer": bench_infer,
+         "gpu": bench_gpu, "protocol_run": bench_protocol}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=list(PARTS), default=list(PARTS), help="parts to run")
+    parser.add_argument("--only", nargs="+", choices=list(PARTS)[:4], default=list(PARTS)[:4], help="parts to run")
+    parser.add_argument("--gpu", action="store_true", help="issue 14's table only (see above)")
+    parser.add_argument("--protocol_run", action="store_true", help="the whole-protocol run only (see above)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny models, images and counts: a CPU check of the outputs' structure in seconds")
+    parser.add_argument("--protocol_ids", type=int, default=290,
+                        help="--protocol_run identities per aspect (half train, half test; 6-8 photos each)")
+    parser.add_argument("--protocol_epochs", type=int, default=70)
     parser.add_argument("--out", default="benchmark_results.json",
                         help="JSON file the figures are merged into (earlier parts are kept)")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs is reported")
@@ -344,8 +515,8 @@ def parse_args(argv=None):
                    help="AMP settings to time (default: none and bf16 on CUDA, none on CPU)")
     g.add_argument("--compile", action="store_true",
                    help="also time every case with the image encoder's forward_features torch.compiled (CUDA only)")
-    g.add_argument("--data_paths", nargs="+", choices=["memory", "jpeg", "cache"], default=["memory", "jpeg", "cache"],
-                   help="where training images come from in the timed runs (default: all three)")
+    g.add_argument("--data_paths", nargs="+", choices=DATA_PATHS, default=DATA_PATHS,
+                   help="where training images come from in the timed runs (default: all four)")
     g.add_argument("--iters", type=int, default=30, help="timed batches per measurement")
     g.add_argument("--warmup", type=int, default=5, help="untimed batches before each measurement")
     g.add_argument("--train_batch", type=int, default=None, help="default 128 on CUDA, 4 on CPU")
@@ -358,7 +529,14 @@ def parse_args(argv=None):
     g.add_argument("--peak_tflops", type=float, nargs="+", default=[990.0, 790.0],
                    help="peak FLOP/s (TFLOP/s) for the ceilings; H100 SXM dense bf16 = 990")
     io.add_common_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.gpu or args.protocol_run:
+        args.only = ["gpu"] * args.gpu + ["protocol_run"] * args.protocol_run
+    if args.tiny:
+        args.input_size, args.photo_size, args.bench_photos = [32, 32], [64, 48], 4
+        args.iters, args.warmup, args.bench_workers = 1, 1, 0
+        args.train_batch, args.infer_batch = args.train_batch or 2, args.infer_batch or 2
+    return args
 
 
 def main(argv=None):

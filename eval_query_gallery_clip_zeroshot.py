@@ -12,6 +12,7 @@ import argparse
 import os
 
 import clip
+import models
 from utils import data, errors, evaluation, io, protocols, splits
 
 
@@ -58,6 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--force", action="store_true", help="overwrite an earlier result in the output folder")
     parser.add_argument("--allow_mixed_seeds", action="store_true",
                         help="accept a split root whose sibling aspect roots were prepared with another --seed")
+    io.add_compile_arg(parser)
     io.add_common_args(parser)
     args = parser.parse_args(argv)
     if min(args.input_size) < 1 or args.batch_size < 1 or args.max_rank < 1 or args.num_workers < 0:
@@ -91,6 +93,10 @@ def evaluate(args):
     model.eval()
     data.check_images(image_paths, tuple(args.input_size), args.num_workers,
                       what=f"images of {args.test_dir}")
+    note = models.speed_up_image_encoder(model.visual, args.device, args.compile)
+    args.compile = models.use_compile(args.compile, args.device)  # config.json records what ran
+    if note:
+        print(note)
     extra = {"backbone": args.backbone_name, "pretrained": pretrained, "feature": "CLIP encode_image",
              "preprocessing": "bicubic resize to H x W (no crop), CLIP mean/std", "protocol": setting,
              "split_seed": seeds.get(os.path.abspath(args.test_dir))}

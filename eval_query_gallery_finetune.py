@@ -52,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--max_rank", type=int, default=50, help="length of the stored CMC curves")
     p.add_argument("--amp", choices=io.AMP_CHOICES, default=None,
                    help="autocast on CUDA, faster (default: the protocol's precision, fp32 for clip-handid)")
+    io.add_compile_arg(p)
     p.add_argument("--out_dir", default=None, help="output folder (default: inside the run folder, see above)")
     p.add_argument("--force", action="store_true", help="overwrite earlier results in the output folder")
     p.add_argument("--allow_mixed_seeds", action="store_true",
@@ -98,6 +99,10 @@ def main(argv=None):
         note = model.set_test_dir(args.test_dir)
         if note:
             print(note)
+    note = models.speed_up_image_encoder(model.visual, args.device, args.compile)
+    args.compile = models.use_compile(args.compile, args.device)  # config.json records what ran
+    if note:
+        print(note)
     run_feature = getattr(model, "feature", None)
     kind = config["model"].get("kind", "finetune")
     setting = protocols.settings(args.protocol, kind, flip=args.flip, feature=args.feature, amp=args.amp,

@@ -235,17 +235,22 @@ def resume_from_last(args, out_dir, model, spec, dist_info, log, optimizer, sche
     return (state, *runs.restore_training_state(state, optimizer, scheduler, scaler, sampler, log, path))
 
 
-def speed_up_image_encoder(visual, device, compile=False):
-    """On CUDA: channels_last weights for ResNets (cuDNN's fastest convolutions) and, with compile,
-    torch.compile of forward_features. The bound method is compiled, not the module, so state-dict
-    keys stay unchanged. Returns what was done, for the log."""
+def use_compile(flag, device):
+    """--compile / --no-compile: None (the default) compiles on CUDA; nothing is compiled on a CPU."""
+    return str(device).startswith("cuda") and flag is not False
+
+
+def speed_up_image_encoder(visual, device, compile=None):
+    """On CUDA: channels_last weights for ResNets (cuDNN's fastest convolutions) and, unless compile
+    is False, torch.compile of forward_features. The bound method is compiled, not the module, so
+    state-dict keys stay unchanged. Returns what was done, for the log."""
     if not str(device).startswith("cuda"):
         return "--compile ignored: it needs CUDA" if compile else ""
     done = []
     if isinstance(visual, ModifiedResNet):
         visual.to(memory_format=torch.channels_last)
         done.append("channels_last")
-    if compile:
+    if use_compile(compile, device):
         visual.forward_features = torch.compile(visual.forward_features)
         done.append("torch.compile(forward_features)")
     return ", ".join(done)

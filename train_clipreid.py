@@ -532,6 +532,7 @@ def train(args, dist_info):
     dims = visual.feature_dims
     retrieval_dim = (dims["pre_proj"] + dims["proj"] if args.feature.startswith("concat")
                      else dims["proj"] if args.feature.startswith("proj") else dims["pre_proj"])
+    args.compile = models.use_compile(args.compile, device)  # config.json records what stage 2 runs
     if dist_info.is_main:
         extra = runs.training_config(
             args, "clipreid", hands, amp, dist_info, len(train_set), len(hands["val"]), model=model_config,

@@ -16,7 +16,7 @@ import os
 import torch
 
 import models
-from utils import errors, io, data, evaluation, distributed, training, flags, runs
+from utils import errors, io, data, gpu_augment, evaluation, distributed, training, flags, runs
 from losses import FinetuneLoss
 
 
@@ -28,6 +28,7 @@ def parse_args(argv=None):
                                            "warm-up starts from 0.01 x lr")
     g = flags.add_input_args(p)
     g.add_argument("--color_jitter", action="store_true", help="brightness/contrast/saturation jitter of 0.1")
+    flags.add_gpu_augment_arg(g)
     g = p.add_argument_group("sampling and extra losses")
     flags.add_sampler_args(g, sampler="random")
     g.add_argument("--triplet_weight", type=float, default=0.0, help="batch-hard triplet (margin 0.3) weight")
@@ -75,11 +76,15 @@ def train(args, dist_info):
     model, model_config, spec = build_model(args, out_dir, hands, dist_info)
     criterion = FinetuneLoss(model, args.ls, args.triplet_weight, args.center_weight).to(device)
     speed_note = models.speed_up_image_encoder(model.visual, device, args.compile)
+    args.compile = models.use_compile(args.compile, device)  # config.json records what ran
 
     input_size = tuple(args.input_size)
     train_set, val_set, gallery_set = runs.build_datasets(
         hands, data.build_train_transform(input_size, args.color_jitter, args.erasing_p), input_size,
         args.train_all, runs.cache_dir(args, args.data_dir), dist_info)
+    device_images = gpu_augment.for_training(args.gpu_augment, train_set, device, log)
+    args.gpu_augment = device_images is not None
+    augmenter = gpu_augment.BatchAugmenter(input_size, args.color_jitter, args.erasing_p)
     sampler = runs.make_sampler(args, train_set, dist_info, log)
     optimizer = training.make_optimizer(args.optimizer, training.param_groups(model, args.lr, args.weight_decay),
                                         args.lr, args.weight_decay)
@@ -115,7 +120,10 @@ def train(args, dist_info):
     train_module = distributed.wrap_ddp(criterion, dist_info)
     for epoch in range(start_epoch, args.epochs):
         number = epoch + 1  # epochs are numbered from 1 in logs and file names
-        loader = data.epoch_loader(train_set, sampler, args.batch_size, args.num_workers, args.seed, epoch, device)
+        if device_images is not None:
+            loader = gpu_augment.EpochBatches(device_images, sampler, args.batch_size, augmenter, args.seed, epoch)
+        else:
+            loader = data.epoch_loader(train_set, sampler, args.batch_size, args.num_workers, args.seed, epoch, device)
         lrs = [group["lr"] for group in optimizer.param_groups]
         with runs.stop_on_nonfinite_loss(log, last_path, history):
             result = training.train_one_epoch(train_module, loader, training.module_loss, optimizers, scaler, amp,

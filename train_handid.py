@@ -107,6 +107,7 @@ def train(args, dist_info):
     model, model_config, spec = build_model(args, out_dir, hands, dist_info)
     model.to(device)
     speed_note = models.speed_up_image_encoder(model.visual, device, args.compile)
+    args.compile = models.use_compile(args.compile, device)  # config.json records what ran
     criterion = HandIDLoss(model, args.ls)
 
     input_size = tuple(args.input_size)

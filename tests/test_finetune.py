@@ -125,6 +125,67 @@ def test_speed_up_keeps_state_dict_keys(tiny_rn_checkpoint):
         "--compile ignored: it needs CUDA"
 
 
+def test_compile_is_on_by_default_on_cuda_only(tiny_vit_checkpoint, monkeypatch):
+    assert models.use_compile(None, "cuda") and models.use_compile(None, "cuda:1") and models.use_compile(True, "cuda")
+    assert not models.use_compile(False, "cuda") and not models.use_compile(None, "cpu")
+    assert not models.use_compile(True, "cpu")
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or fn)
+    visual = models.load_backbone(models.backbone_spec(tiny_vit_checkpoint, (64, 64)))
+    assert models.speed_up_image_encoder(visual, "cuda") == "torch.compile(forward_features)" and len(compiled) == 1
+    assert models.speed_up_image_encoder(visual, "cuda", compile=False) == "" and len(compiled) == 1
+    assert models.speed_up_image_encoder(visual, "cpu") == "" and len(compiled) == 1
+    for script in (train_finetune, eval_query_gallery_finetune, eval_query_gallery_clip_zeroshot):
+        assert script.parse_args([]).compile is None
+        assert script.parse_args(["--no-compile"]).compile is False
+
+
+def test_channels_last_resnet_gives_the_same_features_within_bf16(tiny_rn_checkpoint):
+    spec = models.backbone_spec(tiny_rn_checkpoint, (64, 64))
+    plain, fast = models.load_backbone(spec).eval(), models.load_backbone(spec).eval()
+    fast.to(memory_format=torch.channels_last)  # what speed_up_image_encoder does on CUDA
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        expected = plain.forward_features(images)
+        got = fast.forward_features(images.contiguous(memory_format=torch.channels_last))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_bf16 = fast.forward_features(images.contiguous(memory_format=torch.channels_last))
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got_bf16[key].float(), value, rtol=0.05, atol=0.05)
+        assert (got_bf16[key].float() - value).abs().max() > 0  # bf16 really ran
+
+
+def test_fused_adam_takes_the_same_steps():
+    torch.manual_seed(0)
+    weights = [torch.randn(30, 20, requires_grad=True) for _ in range(2)]
+    copies = [[w.detach().clone().requires_grad_() for w in weights] for _ in range(2)]
+    optimizers = [torch.optim.Adam(c, lr=1e-3, weight_decay=5e-4, fused=fused) for c, fused in zip(copies, (None, True))]
+    for step in range(3):
+        grads = [torch.randn_like(w) for w in weights]
+        for params, optimizer in zip(copies, optimizers):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b in zip(*copies):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(a, weights[0])
+
+
+def test_gpu_augment_training_runs_on_cpu_and_is_recorded(hand_data, tiny_vit_checkpoint, tmp_path):
+    args = ["--input_size", "32", "32", "--stride", "16", "--epochs", "2", "--batch_size", "16", "--no-final_test",
+            "--cache_resized", str(tmp_path / "cache"), "--erasing_p", "0.5", "--color_jitter", "--eval_every", "2"]
+    result = run_train(hand_data, tmp_path, "gpu_aug", tiny_vit_checkpoint, *args, "--gpu_augment")
+    config = read_json(tmp_path / "gpu_aug" / "config.json")["args"]
+    assert config["gpu_augment"] is True and config["compile"] is False
+    assert "augmented on cpu in whole batches" in (tmp_path / "gpu_aug" / "train.log").read_text()
+    again = run_train(hand_data, tmp_path, "gpu_aug2", tiny_vit_checkpoint, *args, "--gpu_augment")
+    assert [r["loss"] for r in again["history"]] == [r["loss"] for r in result["history"]]  # seeded per epoch
+    plain = run_train(hand_data, tmp_path, "plain", tiny_vit_checkpoint, *args)  # the CPU default: workers' path
+    assert read_json(tmp_path / "plain" / "config.json")["args"]["gpu_augment"] is False
+    assert all(abs(a["loss"] - b["loss"]) < 0.5 * b["loss"] for a, b in zip(result["history"], plain["history"]))
+
+
 def test_pk_sampler_batches_shares_and_determinism():
     labels = [i // 6 for i in range(60)] + [10, 10]  # identity 10 has only 2 images
     sampler = data.PKSampler(labels, batch_size=12, num_instances=4, seed=3)

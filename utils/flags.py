@@ -3,6 +3,7 @@ run control), the help formatter that prints each default once, and their common
 Method-specific flags are declared in each trainer."""
 import argparse
 import os
+from . import io
 from .io import AMP_CHOICES, add_common_args
 
 
@@ -105,11 +106,17 @@ def add_input_args(parser, erasing_p=0.0, cache_root="<data_dir>"):
     return group
 
 
+def add_gpu_augment_arg(group):
+    """--gpu_augment for trainers whose augmentation is data.build_train_transform's."""
+    group.add_argument("--gpu_augment", action=argparse.BooleanOptionalAction, default=None,
+                       help="keep the --cache_resized images on the GPU as uint8 and augment whole batches there "
+                            "(default: on with CUDA and --cache_resized when the cache fits)")
+
+
 def add_run_control_args(parser, resume_help, final_test_help):
     g = parser.add_argument_group("run control")
     g.add_argument("--amp", default=None, choices=AMP_CHOICES, help="autocast dtype (default: bf16 on CUDA, none on CPU)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the image encoder (CUDA only; the first steps are slower while it compiles)")
+    io.add_compile_arg(g)
     g.add_argument("--grad_clip", type=float, default=0.0, help="max gradient norm (0: off); applied before the step")
     g.add_argument("--resume", action="store_true", help=resume_help)
     g.add_argument("--save_every", type=int, default=0, help="also keep net_<epoch>.pth every N epochs (0: never)")

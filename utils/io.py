@@ -29,6 +29,15 @@ def add_common_args(parser):
     return parser
 
 
+def add_compile_arg(parser):
+    """--compile / --no-compile of the image encoder; None (the default) is resolved by models.use_compile."""
+    import argparse
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the image encoder (default: on with CUDA, off on a CPU; the first "
+                             "batches are slower while it compiles)")
+    return parser
+
+
 def set_seed(seed, deterministic=False):
     """Seed Python, numpy and torch. deterministic=True also turns cuDNN autotuning off and makes
     torch use deterministic kernels only (an op without one raises), with the cuBLAS workspace
