@@ -146,3 +146,11 @@ def test_both_evaluators_report_the_reference_numbers(synthetic_11k, tiny_vit_ch
     assert_results_match_reference(results, out_dir)
     roc = results["summary"]["all"]["roc_mean"]
     assert len(roc["far"]) == len(roc["tar"]) == len(verification.ROC_FAR_GRID) and roc["tar"][-1] == 1.0
+
+
+def test_std_over_splits_is_the_sample_std_as_for_retrieval():
+    from utils import io
+    values = [0.1, 0.25, 0.4]
+    assert verification.mean_std_or_none(values) == pytest.approx(io.mean_std(values))
+    assert verification.mean_std_or_none(values)[1] == pytest.approx(np.std(values, ddof=1))
+    assert verification.mean_std_or_none([0.1, None]) == (None, None)

@@ -98,11 +98,12 @@ def verification_metrics(scores, q_labels, g_labels, far_targets=FAR_TARGETS,
 
 
 def mean_std_or_none(values):
-    """(mean, std over splits) of a metric, or (None, None) when any split could not measure it."""
+    """(mean, sample std (ddof 1, as io.mean_std) over splits) of a metric, or (None, None) when any
+    split could not measure it."""
     if any(v is None for v in values):
         return None, None
     values = np.asarray(values, dtype=np.float64)
-    return float(values.mean()), float(values.std()) if len(values) > 1 else 0.0
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def mean_roc(rocs):
