@@ -174,7 +174,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         result = evaluation.load_result_mat(args.mat)
-    except ValueError as e:
+    except errors.ClipFHError as e:
         raise SystemExit(str(e)) from None
     if result["query_path"] is None or result["gallery_path"] is None:
         raise SystemExit(f"{args.mat} stores no image paths (query_path / gallery_path); re-run the evaluator "

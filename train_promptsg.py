@@ -185,10 +185,8 @@ def train(args, dist_info):
     train_module = distributed.wrap_ddp(criterion, dist_info)
     for epoch in range(start_epoch, args.epochs):
         number = epoch + 1  # epochs are numbered from 1 in logs and file names
-        if device_images is not None:
-            loader = gpu_augment.EpochBatches(device_images, sampler, args.batch_size, augmenter, args.seed, epoch)
-        else:
-            loader = data.epoch_loader(train_set, sampler, args.batch_size, args.num_workers, args.seed, epoch, device)
+        loader = gpu_augment.training_batches(device_images, augmenter, train_set, sampler, args.batch_size,
+                                              args.num_workers, args.seed, epoch, device)
         lrs = [group["lr"] for group in optimizer.param_groups]
         with runs.stop_on_nonfinite_loss(log, last_path, history):
             result = training.train_one_epoch(train_module, loader, training.module_loss, [optimizer], scaler, amp,

@@ -1,6 +1,7 @@
 """OpenAI-compatible entry points: available_models, load, tokenize (+ offline helpers)."""
 import hashlib
 import os
+import pickle
 import tempfile
 import urllib.error
 import urllib.request
@@ -172,7 +173,9 @@ def read_state_dict(path):
         return dict(archive.state_dict())
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch's message would advise weights_only=False, which we never do
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        # what torch.load raises for a file that is not a checkpoint; its message would advise
+        # weights_only=False, which we never do
         raise CheckpointError(f"{path} is not a CLIP checkpoint: neither a TorchScript archive nor a state dict "
                               f"file ({type(err).__name__}); pass an official model name {available_models()} "
                               f"or an OpenAI-format checkpoint file as --backbone_name") from err

@@ -150,7 +150,7 @@ def load_prompts(path=None):
     try:
         with open(path, encoding="utf-8") as f:
             override = json.load(f)
-    except ValueError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AttributeInputError(f"--prompts {path} is not valid JSON: {err}") from None
     check_prompts(override, f"--prompts {path}")
     prompts.update(override)

@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from clip import CLIP_MEAN, CLIP_STD
@@ -18,7 +19,6 @@ def load_image(path, size=None):
     """Read `path` as an RGB PIL image resized (bicubic) to exactly size=(H, W); None keeps the size.
     No centre crop: a crop cuts fingers off. JPEGs are decoded at the smallest DCT scale (1/8, 1/4,
     1/2, 1) whose output is still at least H x W, which is several times faster for large photos."""
-    from PIL import Image
     path = os.fspath(path)
     try:
         with Image.open(path) as img:
@@ -27,7 +27,7 @@ def load_image(path, size=None):
             img = img.convert("RGB")  # decodes now, so truncated files fail here
     except FileNotFoundError:
         raise ImageLoadError(f"image file not found: {path}") from None
-    except Exception as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises for bad files
         raise ImageLoadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
     if size is not None and img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.BICUBIC)
@@ -205,7 +205,6 @@ class ResizedImageCache:
         _atomic_write(self.file, lambda f: np.save(f, array), mode="wb")
 
     def image(self, index):
-        from PIL import Image
         if self._array is None:  # opened lazily so DataLoader workers each map the file
             self._array = np.load(self.file, mmap_mode="r")
         return Image.fromarray(np.array(self._array[index]))

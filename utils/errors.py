@@ -32,9 +32,5 @@ class EvaluationInputError(ClipFHError, ValueError):
     """Bad input to an evaluation (flags, images, result files, non-finite features)."""
 
 
-class OutputExistsError(ClipFHError, FileExistsError):
-    """An earlier result that is only replaced with --force."""
-
-
 class AttributeInputError(ClipFHError, ValueError):
     """Bad input to the attribute evaluation (HandInfo.csv values, prompt file, flags)."""

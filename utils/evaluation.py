@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from . import metrics, verification
 from .errors import EvaluationInputError, OutputExistsError
-from .io import (atomic_savemat, atomic_write_json, autocast, format_results_table, mean_std, resolve_amp,
+from .io import (atomic_savemat, atomic_write_json, autocast, format_results_table, resolve_amp,
                  write_metrics_csv)
 from .splits import GALLERY_VARIANTS, gallery_set_name, read_split_layout, read_split_sets, result_mat_name
 from .data import CLIP_MEAN, CLIP_STD, ImageListDataset, eval_transform

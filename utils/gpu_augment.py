@@ -10,7 +10,7 @@ import torch
 
 from clip import CLIP_MEAN, CLIP_STD
 from .errors import TrainingInputError
-from .data import epoch_seed
+from .data import epoch_loader, epoch_seed
 from .io import set_seed
 
 JITTER = 0.1  # brightness / contrast / saturation factors in [0.9, 1.1], as build_train_transform
@@ -207,3 +207,11 @@ def for_training(flag, train_set, device, log):
         return None
     log.info(f"training images augmented on {device} in whole batches ({nbytes / 2 ** 20:.0f} MiB uint8 cache)")
     return DeviceImageCache(train_set, device)
+
+
+def training_batches(device_images, augmenter, train_set, sampler, batch_size, num_workers, seed, epoch, device):
+    """One epoch's training batches: augmented on the device from `device_images` when for_training
+    kept the cache there, else the usual DataLoader (data.epoch_loader)."""
+    if device_images is not None:
+        return EpochBatches(device_images, sampler, batch_size, augmenter, seed, epoch)
+    return epoch_loader(train_set, sampler, batch_size, num_workers, seed, epoch, device)

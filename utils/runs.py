@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 
 import clip
-from .errors import ClipFHError, NonFiniteLossError, TrainingInputError
+from .errors import ClipFHError, NonFiniteLossError, SplitInputError, TrainingInputError
 from . import io, protocols
 from .io import _atomic_write, read_config, set_seed, write_run_config
 from . import splits
@@ -399,7 +399,7 @@ def final_test(model, args, data_dir, out_dir, folder, method_name, amp, device,
     training precision) is not used."""
     try:
         read_split_layout(data_dir)
-    except ValueError as err:
+    except SplitInputError as err:
         log.info(f"final test skipped: {err}")
         return None
     kind = "promptsg" if hasattr(model, "inference_prompt") else "finetune"
@@ -446,7 +446,7 @@ def run_training(args, check_args, train_fn):
     except KeyboardInterrupt:
         done = epochs_done(out_dir) if undone == "kept" else 0
         print(f"interrupted in epoch {done + 1}; continue with --resume" if done else
-              f"interrupted before the first checkpoint; nothing was kept"
+              "interrupted before the first checkpoint; nothing was kept"
               + (f" and the earlier run in {out_dir} is back as it was" if undone == "restored" else ""),
               file=sys.stderr)
         raise SystemExit(130) from None
