@@ -365,7 +365,7 @@ def test_resnet_backbone_uses_its_reference_defaults(hand_data, tiny_rn_checkpoi
     (["--stage", "2"], "--stage 2 needs --prompts"),
     (["--stage", "both", "--prompts", __file__], "--prompts is only used with --stage 2"),
     (["--stage", "2", "--prompts", "/no/such/prompts.pth"], "does not exist"),
-    (["--stage", "2", "--prompts", __file__], "cannot read checkpoint"),
+    (["--stage", "2", "--prompts", __file__], "not a checkpoint of this project"),
     (["--prompt_template", "A photo of a hand."], "has no placeholder"),
     (["--stage1_batch_size", "1"], "at least 2"),
     (["--milestones", "5", "3"], "must be increasing"),

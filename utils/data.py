@@ -11,27 +11,33 @@ from tqdm import tqdm
 
 from clip import CLIP_MEAN, CLIP_STD
 from .errors import ImageLoadError, TrainingInputError
+from . import preprocessing
 from .io import _atomic_write, set_seed
 from .splits import IMAGE_EXTENSIONS
 
 
-def load_image(path, size=None):
-    """Read `path` as an RGB PIL image resized (bicubic) to exactly size=(H, W); None keeps the size.
-    No centre crop: a crop cuts fingers off. JPEGs are decoded at the smallest DCT scale (1/8, 1/4,
-    1/2, 1) whose output is still at least H x W, which is several times faster for large photos."""
+def load_image(path, size=None, resize="squash", decode="draft", interpolation="bicubic"):
+    """Read `path` as an RGB PIL image of exactly size=(H, W) (None keeps its size), resized (bicubic
+    unless told otherwise) as utils.preprocessing does: resize "squash" (the whole photo, no crop: a crop cuts fingers off)
+    or "crop" (shorter side, centre crop); decode "draft" decodes a JPEG at the smallest DCT scale
+    (1/8 .. 1) still at least the target size, several times faster for large photos, "full"
+    decodes it whole first. Any unreadable file is an ImageLoadError naming it."""
     path = os.fspath(path)
     try:
-        with Image.open(path) as img:
-            if size is not None and img.format == "JPEG":
-                img.draft("RGB", (size[1], size[0]))
-            img = img.convert("RGB")  # decodes now, so truncated files fail here
+        if size is None:
+            with Image.open(path) as img:
+                return img.convert("RGB")  # decodes now, so truncated files fail here
+        return preprocessing.load(path, preprocessing.record(size, resize, interpolation, decode=decode))
     except FileNotFoundError:
         raise ImageLoadError(f"image file not found: {path}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises for bad files
         raise ImageLoadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-    if size is not None and img.size != (size[1], size[0]):
-        img = img.resize((size[1], size[0]), Image.BICUBIC)
-    return img
+
+
+def load_preprocessed(path, rec):
+    """The image at `path` as the preprocessing record `rec` says (utils.preprocessing), as a tensor."""
+    image = load_image(path, rec["size"], rec["resize"], rec["decode"], rec["interpolation"])
+    return preprocessing.transform(rec)(image)
 
 
 class _DecodeCheck(torch.utils.data.Dataset):
@@ -79,17 +85,22 @@ def eval_transform(size, mean=CLIP_MEAN, std=CLIP_STD):
 
 
 class ImageListDataset(torch.utils.data.Dataset):
-    """Images from a list of paths; items are (image tensor, index into `paths`)."""
+    """Images from a list of paths; items are (image tensor, index into `paths`). With a
+    `preprocessing` record (utils.preprocessing) the images are decoded, resized and normalised as
+    it says; otherwise resized to `size` by load_image and passed through `transform`."""
 
-    def __init__(self, paths, size=(224, 224), transform=None):
+    def __init__(self, paths, size=(224, 224), transform=None, preprocessing=None):
         self.paths = [os.fspath(p) for p in paths]
-        self.size = tuple(size)
+        self.preprocessing = preprocessing
+        self.size = tuple(preprocessing["size"] if preprocessing else size)
         self.transform = transform if transform is not None else eval_transform(self.size)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
+        if self.preprocessing is not None:
+            return load_preprocessed(self.paths[index], self.preprocessing), index
         return self.transform(load_image(self.paths[index], self.size)), index
 
 

@@ -34,3 +34,12 @@ class EvaluationInputError(ClipFHError, ValueError):
 
 class AttributeInputError(ClipFHError, ValueError):
     """Bad input to the attribute evaluation (HandInfo.csv values, prompt file, flags)."""
+
+
+class OutputBusyError(ClipFHError):
+    """Another process holds the lock of an output folder; the message names the folder."""
+
+
+class OutputWriteError(ClipFHError, OSError):
+    """An output location that cannot take what a script writes (full, read-only, not writable);
+    the message names the path."""

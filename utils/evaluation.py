@@ -50,12 +50,13 @@ def extract_features(forward_fn, loader, device, amp="none", flip=False, progres
 
 
 def encode_images(encode_fn, paths, size=(224, 224), batch_size=64, num_workers=0, device="cpu", flip=False,
-                  amp="none", mean=CLIP_MEAN, std=CLIP_STD, desc="encode"):
+                  amp="none", mean=CLIP_MEAN, std=CLIP_STD, desc="encode", preprocessing=None):
     """L2-normalised features (N, D) float32 numpy of the images at `paths`, in order, resized
-    (bicubic, no crop) to `size` and normalised with mean/std (see extract_features)."""
+    (bicubic, no crop) to `size` and normalised with mean/std, or, with a `preprocessing` record
+    (utils.preprocessing), as it says (see extract_features)."""
     if len(paths) == 0:
         raise EvaluationInputError("no images to encode")
-    dataset = ImageListDataset(paths, size, eval_transform(size, mean, std))
+    dataset = ImageListDataset(paths, size, eval_transform(size, mean, std), preprocessing=preprocessing)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          pin_memory=str(device).startswith("cuda"))
     features, _ = extract_features(encode_fn, loader, device, amp, flip, progress=True, desc=desc)

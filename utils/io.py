@@ -1,6 +1,8 @@
 """Run bookkeeping shared by every script: seeds, default device, common flags, AMP choice, git commit,
 atomic writes, run config, mean ± std and the one results-table / CSV formatter."""
+import csv
 import datetime
+import io as _stdio
 import json
 import os
 import random
@@ -13,6 +15,7 @@ import scipy.io
 import torch
 
 from .errors import TrainingInputError
+from .outputs import output_errors
 
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,20 +76,22 @@ def _current_umask():
 
 
 def _atomic_write(path, write_fn, mode="w"):
-    """Write through `write_fn(file)` into a temporary file next to `path`, then rename it."""
+    """Write through `write_fn(file)` into a temporary file next to `path`, then rename it. A full
+    disk or a read-only location is an OutputWriteError naming `path`; nothing half-written is left."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write_fn(f)
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give them the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with output_errors(path):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, mode) as f:
+                write_fn(f)
+            os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give them the usual mode
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
 
 def atomic_write_text(path, text):
@@ -171,16 +176,19 @@ def autocast(amp, device):
 
 
 def write_metrics_csv(path, rows, columns=None, float_format=".6g"):
-    """Rows (dicts) -> CSV, written atomically. Columns: `columns`, or every key in first-seen order.
-    A missing or None value is an empty cell; floats are written with `float_format`."""
+    """Rows (dicts) -> CSV through the csv module (cells with commas, quotes or line breaks are
+    quoted), written atomically. Columns: `columns`, or every key in first-seen order. A missing or
+    None value is an empty cell; floats are written with `float_format`."""
     if columns is None:
         columns = []
         for row in rows:
             columns += [k for k in row if k not in columns]
-    lines = [",".join(columns)]
+    buffer = _stdio.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
     for row in rows:
-        lines.append(",".join(_csv_cell(row.get(c), float_format) for c in columns))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+        writer.writerow([_csv_cell(row.get(c), float_format) for c in columns])
+    atomic_write_text(path, buffer.getvalue())
 
 
 def _csv_cell(value, float_format):

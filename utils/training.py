@@ -1,10 +1,13 @@
 """Training pieces: error types, learning-rate schedules, parameter groups, optimizers, the AMP
 grad scaler, one training epoch, RNG state and checkpoints."""
 import bisect
+import hashlib
 import math
 import os
+import pickle
 import random
 import time
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -220,19 +223,62 @@ def _as_tuples(value):
     return value
 
 
+CHECKSUM_KEY = "tensors_sha256"
+
+
+def tensors_sha256(obj):
+    """SHA-256 over every tensor of a nested dict/list (the key path, dtype, shape and bytes of each,
+    dict keys in sorted order): what save_checkpoint records and load_checkpoint verifies."""
+    digest = hashlib.sha256()
+
+    def walk(value, path):
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{path}|{tensor.dtype}|{tuple(value.shape)}\n".encode())
+            if tensor.numel():
+                digest.update(tensor.view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                if not (path == "" and key == CHECKSUM_KEY):
+                    walk(value[key], f"{path}/{key}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{path}[{i}]")
+
+    walk(obj, "")
+    return digest.hexdigest()
+
+
 def save_checkpoint(path, state):
     """Atomic torch.save of a dict of tensors and plain Python values (no pickled objects), so
-    load_checkpoint can use weights_only=True."""
-    atomic_torch_save(state, path)
+    load_checkpoint can use weights_only=True; it records the SHA-256 of its tensors."""
+    atomic_torch_save(dict(state, **{CHECKSUM_KEY: tensors_sha256(state)}), path)
 
 
 def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint written by save_checkpoint, its tensors verified against the recorded SHA-256."""
     if not os.path.isfile(path):
         raise TrainingInputError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else is not ours
+        raise TrainingInputError(f"{path} is not a checkpoint of this project (not a torch.save archive); "
+                                 f"it may be truncated or another kind of file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated file, pickled objects, ...
-        raise TrainingInputError(f"cannot read checkpoint {path}: {err}") from None
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        # truncated or not a checkpoint at all (torch raises each of these); keep the first line only
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainingInputError(f"cannot read checkpoint {path} ({first}); it is damaged or not a checkpoint "
+                                 f"of this project") from None
+    if not isinstance(state, dict):
+        raise TrainingInputError(f"{path} is not a checkpoint of this project (it holds a {type(state).__name__})")
+    recorded = state.get(CHECKSUM_KEY)
+    if recorded is None:
+        raise TrainingInputError(f"{path} has no SHA-256 of its tensors (it was not written by this project's "
+                                 f"trainers); it cannot be verified")
+    if tensors_sha256(state) != recorded:
+        raise TrainingInputError(f"{path} is damaged: its tensors do not match the SHA-256 recorded when it was "
+                                 f"written; restore it or train again")
+    return state
 
 
 def checkpoint_path(run_dir, which_epoch="last"):
