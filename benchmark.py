@@ -312,7 +312,7 @@ def bench_throughput(args, train):
         entry = {"gflop_per_image": flops / 1e9, "ceiling_images_per_s": ceilings}
         for compiled in compile_modes:
             if compiled:
-                models.speed_up_image_encoder(model.visual, device, compile=True)
+                models.speed_up_image_encoder(model.visual, device, compile=True, for_training=train)
             for amp, kind in itertools.product(amps, args.data_paths):
                 def source_fn(steps, kind=kind):
                     return batches_source(kind, datasets.get(kind), batch_size, steps, args, device)

@@ -93,7 +93,7 @@ def evaluate(args):
     model.eval()
     data.check_images(image_paths, tuple(args.input_size), args.num_workers,
                       what=f"images of {args.test_dir}")
-    note = models.speed_up_image_encoder(model.visual, args.device, args.compile)
+    note = models.speed_up_image_encoder(model.visual, args.device, args.compile, for_training=False)
     args.compile = models.use_compile(args.compile, args.device)  # config.json records what ran
     if note:
         print(note)

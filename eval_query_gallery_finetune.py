@@ -99,7 +99,7 @@ def main(argv=None):
         note = model.set_test_dir(args.test_dir)
         if note:
             print(note)
-    note = models.speed_up_image_encoder(model.visual, args.device, args.compile)
+    note = models.speed_up_image_encoder(model.visual, args.device, args.compile, for_training=False)
     args.compile = models.use_compile(args.compile, args.device)  # config.json records what ran
     if note:
         print(note)

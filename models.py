@@ -23,6 +23,7 @@ from prompt_models import (PROMPTSG_FIXED_PROMPT, PROMPTSG_TEMPLATE, InversionNe
                            check_text_tower, composed_prompt_tokens, encode_spliced_prompt,
                            splice_pseudo_token)
 from utils import io, distributed, training, runs, splits
+from utils.speed import speed_up_image_encoder, use_compile  # noqa: F401  (the scripts call them as models.*)
 from utils.errors import TrainingInputError
 
 # Retrieval features a model can return at evaluation time (see HandReIDModel.retrieval_feature).
@@ -233,27 +234,6 @@ def resume_from_last(args, out_dir, model, spec, dist_info, log, optimizer, sche
     state = read_run_checkpoint(spec, path, dist_info)
     load_model_weights(model, state["model"], path)
     return (state, *runs.restore_training_state(state, optimizer, scheduler, scaler, sampler, log, path))
-
-
-def use_compile(flag, device):
-    """--compile / --no-compile: None (the default) compiles on CUDA; nothing is compiled on a CPU."""
-    return str(device).startswith("cuda") and flag is not False
-
-
-def speed_up_image_encoder(visual, device, compile=None):
-    """On CUDA: channels_last weights for ResNets (cuDNN's fastest convolutions) and, unless compile
-    is False, torch.compile of forward_features. The bound method is compiled, not the module, so
-    state-dict keys stay unchanged. Returns what was done, for the log."""
-    if not str(device).startswith("cuda"):
-        return "--compile ignored: it needs CUDA" if compile else ""
-    done = []
-    if isinstance(visual, ModifiedResNet):
-        visual.to(memory_format=torch.channels_last)
-        done.append("channels_last")
-    if use_compile(compile, device):
-        visual.forward_features = torch.compile(visual.forward_features)
-        done.append("torch.compile(forward_features)")
-    return ", ".join(done)
 
 
 # ==== SECTION FINE-TUNE ========================================================================

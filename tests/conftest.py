@@ -70,3 +70,34 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---- markers: `gpu` (tests/gpu/, needs CUDA) and `slow` (minutes on 2 cores) ----
+
+GPU_DEVICE_ENV = "CLIPFH_GPU_TESTS_DEVICE"  # "cpu": run the GPU suite's bodies on the CPU (a dry run)
+
+
+@pytest.fixture
+def gpu_device():
+    """The device of the GPU suite: cuda, or cpu for a dry run of its test bodies (CLIPFH_GPU_TESTS_DEVICE=cpu)."""
+    return os.environ.get(GPU_DEVICE_ENV) or "cuda"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tests/gpu/); run them with `python -m pytest -q -m gpu`")
+    config.addinivalue_line("markers", "slow: takes minutes on 2 CPU cores (torch.compile with inductor); "
+                                       "skipped unless selected with `-m slow`")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip (rather than deselect, so that the default run lists them) GPU tests without CUDA and slow
+    tests unless `-m` names `slow`."""
+    import torch
+    selected = config.getoption("markexpr") or ""
+    gpu_device = os.environ.get(GPU_DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else None)
+    for item in items:
+        if "gpu" in item.keywords and gpu_device is None:
+            item.add_marker(pytest.mark.skip(reason=f"needs a CUDA GPU (or {GPU_DEVICE_ENV}=cpu for a dry run "
+                                                    f"of the test bodies)"))
+        if "slow" in item.keywords and "slow" not in selected:
+            item.add_marker(pytest.mark.skip(reason="slow (inductor compiles, minutes on 2 cores): run with -m slow"))

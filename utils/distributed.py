@@ -17,10 +17,11 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: str = "cpu"
+    group: bool = False  # a process group runs (torchrun), even one of a single process
 
     @property
     def distributed(self):
-        return self.world_size > 1
+        return self.world_size > 1 or self.group
 
     @property
     def is_main(self):
@@ -28,10 +29,11 @@ class DistInfo:
 
 
 def setup_distributed(device):
-    """Under torchrun (WORLD_SIZE > 1) start the process group: nccl on CUDA (one GPU per local rank),
-    gloo on CPU. Returns a DistInfo; a plain run gets rank 0 of 1 on `device`."""
+    """Under torchrun start the process group: nccl on CUDA (one GPU per local rank), gloo on CPU; with
+    one process too (`--nproc_per_node 1`: DDP as asked, e.g. to check the NCCL path on one GPU).
+    Returns a DistInfo; a plain run gets rank 0 of 1 on `device`."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if world_size <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun sets it, even for one process
         return DistInfo(device=str(device))
     import torch.distributed as dist
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -42,7 +44,7 @@ def setup_distributed(device):
         backend = "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=str(device))
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=str(device), group=True)
 
 
 def cleanup_distributed(dist_info):

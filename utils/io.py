@@ -33,11 +33,11 @@ def add_common_args(parser):
 
 
 def add_compile_arg(parser):
-    """--compile / --no-compile of the image encoder; None (the default) is resolved by models.use_compile."""
+    """--compile / --no-compile of the image encoder; None (the default) is resolved by speed.use_compile."""
     import argparse
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the image encoder (default: on with CUDA, off on a CPU; the first "
-                             "batches are slower while it compiles)")
+                        help="torch.compile the image encoder on CUDA (default: off; the compile takes longer "
+                             "than it saves at the protocols' sizes, see README 'GPU')")
     return parser
 
 

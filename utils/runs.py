@@ -12,7 +12,7 @@ import torch
 
 import clip
 from .errors import ClipFHError, NonFiniteLossError, SplitInputError, TrainingInputError
-from . import io, protocols
+from . import io, protocols, speed
 from .io import _atomic_write, read_config, set_seed, write_run_config
 from . import splits
 from .splits import read_split_layout
@@ -132,8 +132,7 @@ def start_run(args, dist_info, run_files=RUN_FILES, resume_file="net_last.pth"):
     log = setup_logger(out_dir, dist_info.is_main)
     log.info("command: " + " ".join(sys.argv))
     set_seed(args.seed, args.deterministic)
-    if dist_info.device.startswith("cuda") and not args.deterministic:
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+    speed.autotune_convolutions(dist_info.device, args.deterministic)
     return out_dir, log
 
 
