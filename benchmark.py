@@ -26,13 +26,14 @@ Parts:
 
     python benchmark.py --gpu            # issue 14's table in one JSON (--out), on one CUDA GPU
     python benchmark.py --protocol_run   # 11k dorsal-right-sized fine-tune (70 epochs) + 10-split evaluation
+    python benchmark.py --fast_paths     # each CUDA fast path on and off, end to end (benchmark_fast_paths.py)
 
 --gpu times ViT-B/16 and RN50 training and inference at 224x224, bf16, from every data path, eager
 and compiled, and writes the device, torch/CUDA versions, each figure, its fraction of the FLOP
 ceiling at 790 TFLOP/s and whether each target is met. --protocol_run draws a synthetic data set of
 the 11k dorsal-right size (1600x1200 photos), prepares 10 splits, fine-tunes a random-weight ViT-B/16
 for 70 epochs with --cache_resized and evaluates it with eval_query_gallery_finetune.py, and reports
-the wall time of each step. --tiny makes both run in seconds on a CPU (tiny models and images; the
+the wall time of each step. --tiny makes each run in seconds on a CPU (tiny models and images; the
 figures mean nothing then, the JSON has the same structure).
 """
 import argparse
@@ -44,6 +45,7 @@ import time
 
 import numpy as np
 
+import benchmark_fast_paths
 import models
 from utils import io, data, gpu_augment, metrics, synthetic, training, verification
 
@@ -422,14 +424,15 @@ def upscale_photo(path, photo_size):
     big.save(path, quality=90)
 
 
-def bench_protocol(args):
-    """The 11k dorsal-right protocol end to end on synthetic data of its size: fine-tune (70 epochs,
-    --cache_resized) and the 10-split evaluation, each step timed by wall clock."""
+def protocol_data(args):
+    """The synthetic 11k data set of the dorsal-right protocol's size (1600x1200 photos), its split
+    root and a random-weight ViT-B/16 checkpoint (tiny: a few identities, a tiny ViT), made once per
+    invocation. Returns {"root", "split_root", "checkpoint", "info", "photos", "num_splits", "seconds"}."""
     import clip
     import torch
     import prepare_train_val_test_11k_r_l as prepare
-    import train_finetune
-    import eval_query_gallery_finetune as evaluate
+    if getattr(args, "protocol_data", None):
+        return args.protocol_data
     tiny = args.tiny
     root = os.path.join(args.photo_dir or os.path.join(tempfile.gettempdir(), "clipfh_protocol_run"), "11k")
     seconds = {}
@@ -442,13 +445,28 @@ def bench_protocol(args):
     start = time.perf_counter()
     num_splits = 2 if tiny else 10
     prepare.main(["--data_dir", root, "--num_splits", str(num_splits), "--seed", str(args.seed), "--force"])
-    split_root = os.path.join(root, "train_val_test_split_dorsal_r")
     seconds["prepare"] = time.perf_counter() - start
     checkpoint = os.path.join(root, "random_vit.pt")
     if tiny:
         clip.save_tiny_checkpoint(checkpoint, kind="vit", image_resolution=args.input_size[0])
     else:
         torch.save(clip.model.random_state_dict("ViT-B/16", seed=args.seed), checkpoint)
+    args.protocol_data = {"root": root, "split_root": os.path.join(root, "train_val_test_split_dorsal_r"),
+                          "checkpoint": checkpoint, "info": info, "photos": photos, "num_ids": num_ids,
+                          "num_splits": num_splits, "seconds": seconds}
+    return args.protocol_data
+
+
+def bench_protocol(args):
+    """The 11k dorsal-right protocol end to end on synthetic data of its size: fine-tune (70 epochs,
+    --cache_resized) and the 10-split evaluation, each step timed by wall clock."""
+    import train_finetune
+    import eval_query_gallery_finetune as evaluate
+    tiny = args.tiny
+    made = protocol_data(args)
+    root, split_root, checkpoint = made["root"], made["split_root"], made["checkpoint"]
+    num_ids, num_splits, info, photos = made["num_ids"], made["num_splits"], made["info"], made["photos"]
+    seconds = dict(made["seconds"])
     epochs = 1 if tiny else args.protocol_epochs
     out_root = os.path.join(root, "runs")
     common = ["--device", args.device, "--seed", str(args.seed)]
@@ -479,11 +497,15 @@ def bench_protocol(args):
     return figures
 
 
+def bench_fast_paths(args):
+    return benchmark_fast_paths.bench_fast_paths(args, protocol_data(args))
+
+
 DATA_PATHS = ["memory", "jpeg", "cache", "device"]
 PARTS = {"decode": bench_decode, "metrics": bench_metrics, "verification": bench_verification,
          "train": bench_train, "infer": bench_infer,
-         "gpu": bench_gpu, "protocol_run": bench_protocol}
-CPU_PARTS = ["decode", "metrics", "verification", "train", "infer"]  # --only; --gpu and --protocol_run have flags
+         "gpu": bench_gpu, "protocol_run": bench_protocol, "fast_paths": bench_fast_paths}
+CPU_PARTS = ["decode", "metrics", "verification", "train", "infer"]  # --only; the GPU parts have their flags
 
 
 def parse_args(argv=None):
@@ -491,6 +513,8 @@ def parse_args(argv=None):
     parser.add_argument("--only", nargs="+", choices=CPU_PARTS, default=CPU_PARTS, help="parts to run")
     parser.add_argument("--gpu", action="store_true", help="issue 14's table only (see above)")
     parser.add_argument("--protocol_run", action="store_true", help="the whole-protocol run only (see above)")
+    parser.add_argument("--fast_paths", action="store_true",
+                        help="each CUDA fast path on and off, end to end (benchmark_fast_paths.py)")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny models, images and counts: a CPU check of the outputs' structure in seconds")
     parser.add_argument("--protocol_ids", type=int, default=290,
@@ -530,14 +554,25 @@ def parse_args(argv=None):
     g.add_argument("--last_stride", type=int, default=1, choices=[1, 2], help="RN layer4 stride (1 as in training)")
     g.add_argument("--peak_tflops", type=float, nargs="+", default=[990.0, 790.0],
                    help="peak FLOP/s (TFLOP/s) for the ceilings; H100 SXM dense bf16 = 990")
+    g = parser.add_argument_group("--fast_paths")
+    g.add_argument("--fast_paths_configs", nargs="+", choices=list(benchmark_fast_paths.CONFIGS),
+                   default=list(benchmark_fast_paths.CONFIGS), help="configurations to run (default: all)")
+    g.add_argument("--fast_paths_backbones", nargs="+", default=["ViT-B/16"],
+                   help="backbones trained (random weights; default ViT-B/16, add RN50 for its fast paths)")
+    g.add_argument("--fast_paths_epochs", type=int, default=benchmark_fast_paths.PROTOCOL_EPOCHS,
+                   help="epochs of each training run (default 70, the protocol; fewer: the protocol is projected)")
+    g.add_argument("--fast_paths_encode", type=int, nargs="+", default=[1000, 10000],
+                   help="photos an evaluator encodes in the encode_N runs (default 1000 10000)")
+    g.add_argument("--fast_paths_timeout", type=int, default=3600, help="seconds one run may take")
     io.add_common_args(parser)
     args = parser.parse_args(argv)
-    if args.gpu or args.protocol_run:
-        args.only = ["gpu"] * args.gpu + ["protocol_run"] * args.protocol_run
+    if args.gpu or args.protocol_run or args.fast_paths:
+        args.only = ["gpu"] * args.gpu + ["protocol_run"] * args.protocol_run + ["fast_paths"] * args.fast_paths
     if args.tiny:
         args.input_size, args.photo_size, args.bench_photos = [32, 32], [64, 48], 4
         args.iters, args.warmup, args.bench_workers = 1, 1, 0
         args.train_batch, args.infer_batch = args.train_batch or 2, args.infer_batch or 2
+        args.fast_paths_epochs, args.fast_paths_encode = min(args.fast_paths_epochs, 2), [8]
     return args
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import benchmark
+import benchmark_fast_paths
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -41,3 +42,29 @@ def test_protocol_run_times_training_and_evaluation(tmp_path):
     with open(f"{run['run_dir']}/config.json") as f:
         args = json.load(f)["args"]
     assert args["cache_resized"] == "" and args["gpu_augment"] is False  # the CPU default; on CUDA it is on
+
+
+def test_fast_paths_runs_each_configuration_as_its_own_process(tmp_path):
+    out = tmp_path / "bench.json"
+    benchmark.main(["--fast_paths", "--tiny", "--device", "cpu", "--out", str(out), "--photo_dir", str(tmp_path),
+                    "--fast_paths_configs", "defaults", "no_cudnn_benchmark"])
+    figures = json.loads(out.read_text())["fast_paths"]
+    assert figures["measured"] is False and figures["epochs"] == 2
+    train = figures["train"]["ViT-B/16"]
+    assert set(train) == {"defaults", "no_cudnn_benchmark"}
+    for row in train.values():
+        assert row["wall_s"] > sum(row["epoch_seconds"]) > 0 and len(row["epoch_seconds"]) == 2
+        assert row["projected_protocol_s"] == pytest.approx(row["wall_s"] + 68 * row["epoch_to_epoch_s"])
+    decision = figures["decisions"]["train ViT-B/16"]["cudnn.benchmark"]
+    assert (decision["on_s"], decision["off_s"]) == (train["defaults"]["projected_protocol_s"],
+                                                     train["no_cudnn_benchmark"]["projected_protocol_s"])
+    assert set(figures["evaluate"]) == {"defaults"} and set(figures["encode"]["8"]) == {"defaults"}
+    log = (tmp_path / "fast_paths" / "ViT-B-16_no_cudnn_benchmark.log").read_text()
+    assert "utils.speed switches off: cudnn_benchmark" in log  # the switch reached the child process
+    assert "encoded 8 images" in (tmp_path / "fast_paths" / "encode8_defaults.log").read_text()
+
+
+def test_fast_paths_refuses_a_cpu_without_tiny(tmp_path):
+    with pytest.raises(SystemExit, match="CUDA"):
+        benchmark_fast_paths.bench_fast_paths(benchmark.parse_args(["--fast_paths", "--device", "cpu"]),
+                                              {"root": str(tmp_path)})
