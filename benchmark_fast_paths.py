@@ -4,10 +4,15 @@ compile, cuDNN autotuning, the cache on the GPU, every epoch, validation and che
 
   train     train_finetune.py on the protocol's data (benchmark.protocol_data: 11k dorsal-right size,
             --cache_resized), --fast_paths_epochs epochs (70 = the protocol), per backbone;
-  evaluate  eval_query_gallery_finetune.py on its 10 splits (about 1,000 test photos, 1600x1200);
+  evaluate  eval_query_gallery_finetune.py on its 10 splits (the dorsal-right test photos and the
+            gallery{i}_all distractors of the other aspects, 1600x1200);
   encode_N  an evaluator's model load and encoding of N photos (the protocol's, cycled; mirrored as
             the default protocol does): utils.evaluation.encode_images behind the same
             speed_up_image_encoder call, for N in --fast_paths_encode (1,000 and 10,000).
+
+An untimed warm-up run of each kind comes first (it builds the resized-image cache, fills the page
+cache and trains the one epoch whose weights the evaluations use; any weights time the same); --tiny
+(a CPU check of the structure) skips them.
 
 Configurations (--fast_paths_configs): "defaults" (the scripts' own on CUDA), "all_off", and one fast
 path changed from the defaults at a time: "compile_cold" (--compile, an empty inductor cache, as a
@@ -43,7 +48,7 @@ CONFIGS = {  # name: (extra script flags, speed switches off, inductor cache: No
     "no_cudnn_benchmark": ([], ["cudnn_benchmark"], None),
     "no_channels_last": ([], ["channels_last"], None),
 }
-EVAL_CONFIGS = ("defaults", "compile_cold", "compile_warm", "bf16", "fp32")  # what applies to an evaluator
+EVAL_CONFIGS = ("defaults", "all_off", "compile_cold", "compile_warm", "bf16", "fp32", "no_channels_last")
 # fast path: (configuration with it on, configuration with it off), each against the other
 DECISIONS = {"compile (first run)": ("compile_cold", "defaults"), "compile (inductor cache warm)": ("compile_warm", "defaults"),
              "bf16 autocast": ("bf16", "fp32"), "gpu_augment": ("defaults", "no_gpu_augment"),
@@ -115,50 +120,63 @@ def bench_fast_paths(args, data):
                "train": {}, "evaluate": {}, "encode": {}, "decisions": {}}
     common = ["--device", device, "--seed", str(args.seed), "--no-progress"]
     small = ["--num_workers", "0", "--batch_size", "4"] if args.tiny else []
-    for backbone in args.fast_paths_backbones:
+
+    def timed(command, config, name):
+        return run_child(command, config, work, os.path.join(work, f"{name}.log"), args.fast_paths_timeout)
+
+    def train_command(name, checkpoint, epochs, config):
+        return ["script", "train_finetune", "--data_dir", data["split_root"], "--f_name", work, "--m_name", name,
+                "--backbone_name", checkpoint, "--pretrained", "false", "--epochs", str(epochs), "--cache_resized",
+                "--force", "--no-final_test", "--input_size", *map(str, args.input_size), *common, *small,
+                *CONFIGS[config][0]]
+
+    for number, backbone in enumerate(args.fast_paths_backbones):
         checkpoint = data["checkpoint"] if backbone == "ViT-B/16" else random_checkpoint(backbone, work, args)
-        rows = {}
+        prefix = backbone.replace("/", "-")
+        # untimed: builds the resized-image cache and fills the page cache, which every timed run then finds;
+        # the first backbone's also gives the weights the evaluations time (--tiny: the first timed run's)
+        if not args.tiny:
+            timed(train_command(f"{prefix}_warmup", checkpoint, 1, "defaults"), "defaults", f"{prefix}_warmup")
+        rows = figures["train"][backbone] = {}
         for config in configs:
             if config == "no_channels_last" and backbone.startswith("ViT"):
                 continue
-            name = f"{backbone.replace('/', '-')}_{config}"
-            command = ["script", "train_finetune", "--data_dir", data["split_root"], "--f_name", work, "--m_name",
-                       name, "--backbone_name", checkpoint, "--pretrained", "false", "--epochs",
-                       str(args.fast_paths_epochs), "--cache_resized", "--force", "--no-final_test",
-                       "--input_size", *map(str, args.input_size), *common, *small, *CONFIGS[config][0]]
-            wall = run_child(command, config, work, os.path.join(work, f"{name}.log"), args.fast_paths_timeout)
+            name = f"{prefix}_{config}"
+            wall = timed(train_command(name, checkpoint, args.fast_paths_epochs, config), config, name)
             rows[config] = train_figures(wall, os.path.join(work, name), args.fast_paths_epochs)
             report(f"train {backbone} {config}", rows[config])
-        figures["train"][backbone] = rows
         key = "wall_s" if args.fast_paths_epochs >= PROTOCOL_EPOCHS else "projected_protocol_s"
         figures["decisions"][f"train {backbone}"] = decisions(rows, key)
 
-    # evaluation of the first backbone's "defaults" run (any trained weights time the same)
-    backbone = args.fast_paths_backbones[0]
-    run = f"{backbone.replace('/', '-')}_defaults"
-    if not os.path.isfile(os.path.join(work, run, "net_last.pth")):
-        return figures
-    eval_configs = [c for c in configs if c in EVAL_CONFIGS]
+    first = configs[0] if args.tiny else "warmup"
+    run = os.path.join(work, f"{args.fast_paths_backbones[0].replace('/', '-')}_{first}")
+    resnet = args.fast_paths_backbones[0].startswith("RN")
+    eval_configs = [c for c in configs if c in EVAL_CONFIGS and (resnet or c != "no_channels_last")]
+    evaluate = ["eval_query_gallery_finetune", "--f_name", work, "--m_name", os.path.basename(run), "--test_dir",
+                data["split_root"], "--which_epoch", "last", "--force", "--device", device, *small[:2]]
+    if not args.tiny:
+        timed(["script", *evaluate, "--out_dir", os.path.join(work, "eval_warmup")], "defaults", "eval_warmup")
     for config in eval_configs:
-        command = ["script", "eval_query_gallery_finetune", "--f_name", work, "--m_name", run, "--test_dir",
-                   data["split_root"], "--which_epoch", "last", "--force", "--out_dir",
-                   os.path.join(work, f"eval_{config}"), "--device", device, *small[:2],
-                   *[f for f in CONFIGS[config][0] if f != "--no-gpu_augment"]]
-        wall = run_child(command, config, work, os.path.join(work, f"eval_{config}.log"), args.fast_paths_timeout)
+        flags = [f for f in CONFIGS[config][0] if f != "--no-gpu_augment"]  # a trainer's flag
+        wall = timed(["script", *evaluate, "--out_dir", os.path.join(work, f"eval_{config}"), *flags], config,
+                     f"eval_{config}")
         figures["evaluate"][config] = {"wall_s": wall}
         report(f"evaluate {config}", figures["evaluate"][config])
     figures["decisions"]["evaluate"] = decisions(figures["evaluate"], "wall_s")
+
     paths = os.path.join(work, "photos.json")
+    hands = os.path.join(data["root"], "Hands")
     with open(paths, "w") as f:
-        json.dump(sorted(os.path.join(data["root"], "Hands", n) for n in os.listdir(os.path.join(data["root"], "Hands"))), f)
+        json.dump(sorted(os.path.join(hands, name) for name in os.listdir(hands)), f)
+    encode = ["encode", "--run_dir", run, "--paths", paths, "--device", device,
+              *(["--num_workers", "0"] if args.tiny else [])]
+    if not args.tiny:
+        timed([*encode, "--count", str(max(args.fast_paths_encode))], "defaults", "encode_warmup")
     for count in args.fast_paths_encode:
         rows = figures["encode"][str(count)] = {}
         for config in eval_configs:
-            command = ["encode", "--run_dir", os.path.join(work, run), "--paths", paths, "--count", str(count),
-                       "--device", device, *(["--num_workers", "0"] if args.tiny else []),
-                       *[f for f in CONFIGS[config][0] if f != "--no-gpu_augment"]]
-            rows[config] = {"wall_s": run_child(command, config, work, os.path.join(work, f"encode{count}_{config}.log"),
-                                                args.fast_paths_timeout)}
+            flags = [f for f in CONFIGS[config][0] if f != "--no-gpu_augment"]
+            rows[config] = {"wall_s": timed([*encode, "--count", str(count), *flags], config, f"encode{count}_{config}")}
             report(f"encode {count} images {config}", rows[config])
         figures["decisions"][f"encode {count}"] = decisions(rows, "wall_s")
     for what, found in figures["decisions"].items():

@@ -47,21 +47,28 @@ def test_protocol_run_times_training_and_evaluation(tmp_path):
 def test_fast_paths_runs_each_configuration_as_its_own_process(tmp_path):
     out = tmp_path / "bench.json"
     benchmark.main(["--fast_paths", "--tiny", "--device", "cpu", "--out", str(out), "--photo_dir", str(tmp_path),
-                    "--fast_paths_configs", "defaults", "no_cudnn_benchmark"])
+                    "--fast_paths_configs", "all_off"])
     figures = json.loads(out.read_text())["fast_paths"]
     assert figures["measured"] is False and figures["epochs"] == 2
-    train = figures["train"]["ViT-B/16"]
-    assert set(train) == {"defaults", "no_cudnn_benchmark"}
-    for row in train.values():
-        assert row["wall_s"] > sum(row["epoch_seconds"]) > 0 and len(row["epoch_seconds"]) == 2
-        assert row["projected_protocol_s"] == pytest.approx(row["wall_s"] + 68 * row["epoch_to_epoch_s"])
-    decision = figures["decisions"]["train ViT-B/16"]["cudnn.benchmark"]
-    assert (decision["on_s"], decision["off_s"]) == (train["defaults"]["projected_protocol_s"],
-                                                     train["no_cudnn_benchmark"]["projected_protocol_s"])
-    assert set(figures["evaluate"]) == {"defaults"} and set(figures["encode"]["8"]) == {"defaults"}
-    log = (tmp_path / "fast_paths" / "ViT-B-16_no_cudnn_benchmark.log").read_text()
-    assert "utils.speed switches off: cudnn_benchmark" in log  # the switch reached the child process
-    assert "encoded 8 images" in (tmp_path / "fast_paths" / "encode8_defaults.log").read_text()
+    row = figures["train"]["ViT-B/16"]["all_off"]
+    assert row["wall_s"] > sum(row["epoch_seconds"]) > 0 and len(row["epoch_seconds"]) == 2
+    assert row["projected_protocol_s"] == pytest.approx(row["wall_s"] + 68 * row["epoch_to_epoch_s"])
+    assert figures["evaluate"]["all_off"]["wall_s"] > 0 and figures["encode"]["8"]["all_off"]["wall_s"] > 0
+    log = (tmp_path / "fast_paths" / "ViT-B-16_all_off.log").read_text()
+    assert "utils.speed switches off: channels_last, cudnn_benchmark" in log  # the switches reached the child
+    with open(tmp_path / "fast_paths" / "ViT-B-16_all_off" / "config.json") as f:
+        assert json.load(f)["args"]["gpu_augment"] is False  # and the flags
+    assert "encoded 8 images" in (tmp_path / "fast_paths" / "encode8_all_off.log").read_text()
+
+
+def test_fast_path_decisions_compare_on_with_off():
+    rows = {"defaults": {"wall_s": 50.0}, "compile_cold": {"wall_s": 80.0}, "compile_warm": {"wall_s": 45.0},
+            "no_gpu_augment": {"wall_s": 60.0}, "bf16": {"wall_s": 40.0}}
+    found = benchmark_fast_paths.decisions(rows, "wall_s")
+    assert set(found) == {"compile (first run)", "compile (inductor cache warm)", "gpu_augment"}  # no fp32 row
+    assert found["compile (first run)"] == {"on": "compile_cold", "off": "defaults", "on_s": 80.0, "off_s": 50.0,
+                                            "on_wins": False}
+    assert found["compile (inductor cache warm)"]["on_wins"] and found["gpu_augment"]["on_wins"]
 
 
 def test_fast_paths_refuses_a_cpu_without_tiny(tmp_path):
