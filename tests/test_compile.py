@@ -27,8 +27,9 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 BACKENDS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
 NUM_CLASSES, SIZE, LR = 6, (64, 64), 1e-4
-# aot_eager runs the same ATen kernels; inductor fuses them, which moves fp32 sums in the last bits
-TOLERANCE = {"aot_eager": dict(rtol=1e-5, atol=1e-6), "inductor": dict(rtol=1e-4, atol=1e-5)}
+# aot_eager runs the same ATen kernels, but on channels_last ResNets other convolution kernels; inductor
+# fuses kernels; both move fp32 sums in the last bits (a wrong graph moves results by 1e-2 and more)
+TOLERANCE = {"aot_eager": dict(rtol=1e-4, atol=1e-5), "inductor": dict(rtol=1e-4, atol=1e-5)}
 
 
 class Graphs(list):
@@ -76,31 +77,45 @@ def clipreid_objective(checkpoint):
     return losses.ClipReIDLoss(model, torch.randn(NUM_CLASSES, visual.feature_dims["proj"]))
 
 
-def train_steps(objective, steps):
-    """train_one_epoch over `steps` one-batch epochs, as a trainer runs them; the per-step losses."""
+def trainer(objective):
+    """One-batch epochs of train_one_epoch, as a trainer runs them (Adam, lr LR); returns each loss."""
     optimizer = training.make_optimizer("adam", training.param_groups(objective.model, LR, 5e-4), LR, 5e-4)
     scaler = training.make_grad_scaler("none", "cpu")
-    return [training.train_one_epoch(objective, [batch], training.module_loss, [optimizer], scaler, "none", "cpu",
-                                     epoch, progress=False).losses["loss"] for epoch, batch in enumerate(steps, 1)]
+    return lambda batch, epoch: training.train_one_epoch(objective, [batch], training.module_loss, [optimizer], scaler,
+                                                         "none", "cpu", epoch, progress=False).losses["loss"]
+
+
+def flat(tensors):
+    return torch.cat([t.detach().double().flatten() for t in tensors])
 
 
 def assert_same_training(eager, fast, tolerance):
-    before = {name: p.detach().clone() for name, p in eager.named_parameters()}
+    """The first step's loss and gradients (from the same weights), then two more steps' losses and
+    where the three steps took the weights."""
+    before = flat(eager.parameters())
     steps = batches(3, 8, seed=1)
-    expected, got = train_steps(eager, steps), train_steps(fast, steps)
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), **tolerance)
+    train_eager, train_fast = trainer(eager), trainer(fast)
+    assert train_fast(steps[0], 1) == pytest.approx(train_eager(steps[0], 1), rel=tolerance["rtol"])
     fast_params = dict(fast.named_parameters())
     for name, param in eager.named_parameters():
         if param.grad is None:
             continue
-        largest = param.grad.abs().max().item()  # the last step's gradients, to a thousandth of the largest
-        torch.testing.assert_close(fast_params[name].grad, param.grad, rtol=1e-3, atol=1e-3 * largest + 1e-7)
-        # the weights after three Adam steps of up to lr each (a wrong gradient moves them by ~lr), where the
-        # gradient is more than rounding noise: Adam turns noise into +-lr steps, and some exact gradients
-        # are 0 (attention keys' bias; a bias before BNNeck's batch statistics), seen as ~1e-8
-        signal = param.grad.abs() > max(1e-4 * largest, 1e-6)
-        torch.testing.assert_close(fast_params[name].detach()[signal], param.detach()[signal], rtol=0, atol=LR / 2)
-    assert not torch.equal(before["model.visual.conv1.weight"], eager.model.visual.conv1.weight)  # it trained
+        got, expected = fast_params[name].grad.double(), param.grad.double()
+        if expected.abs().max() < 1e-6:  # some exact gradients are 0 (the attention keys' bias; a bias before
+            # BNNeck's batch statistics), seen as rounding noise of ~1e-8
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+            continue
+        # direction and size, not element by element: a gradient through batch norm sums large terms that
+        # cancel; with ATEN_CPU_CAPABILITY=default the eager fp32 kernels' result is 0.2 % off in size from
+        # fp64 (1 - cosine 1e-5), the compiled one's is closer; a wrong gradient is off by far more
+        assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.9999, name
+        assert got.norm() == pytest.approx(expected.norm(), rel=1e-2), name
+    for epoch, batch in enumerate(steps[1:], 2):
+        assert train_fast(batch, epoch) == pytest.approx(train_eager(batch, epoch), rel=tolerance["rtol"])
+    # Adam moves each weight by about +-lr a step, whatever the gradient's size, so gradients within rounding
+    # of 0 move some weights either way: the updates are compared as a whole
+    moved_eager, moved_fast = flat(eager.parameters()) - before, flat(fast.parameters()) - before
+    assert moved_eager.abs().max() > LR and torch.nn.functional.cosine_similarity(moved_fast, moved_eager, dim=0) > 0.999
 
 
 def eval_features(forward_fn):
