@@ -153,3 +153,14 @@ def test_feature_documentation_matches_the_code(capsys):
             assert f"`{protocols.NECK_FEATURES[kind][reference['neck']]}`" in row, (name, kind)
         assert ("net_best" if reference["checkpoint"] == "best" else "net_last") in row, name
         assert ("centre crop" if reference["zero_shot_resize"] == "crop" else "squash") in row, name
+
+
+def test_fast_decode_is_a_training_speed_option_with_its_own_cache(hand_data, tiny_vit_checkpoint, tmp_path):
+    cache = tmp_path / "cache"
+    result = train_finetune.main(["--data_dir", hand_data, "--f_name", str(tmp_path), "--m_name", "fast",
+                                  "--backbone_name", tiny_vit_checkpoint, "--input_size", "32", "32", "--epochs", "1",
+                                  "--batch_size", "16", "--warmup_epochs", "0", "--fast_decode", "--cache_resized",
+                                  str(cache), "--no-final_test", *QUIET])
+    assert sorted(os.listdir(cache)) and all("_draft_" in name for name in os.listdir(cache))
+    config = read_json(result["out_dir"], "config.json")
+    assert config["train_decode"] == "draft" and config["preprocessing"]["decode"] == "full"  # tests decode fully
