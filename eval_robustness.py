@@ -21,6 +21,7 @@ under every family and severity) and config.json.
 """
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 import clip
+import eval_query_gallery_clip_zeroshot as zero_shot
 import models
 import models_handid  # noqa: F401  (registers the "handid" model kind)
 from utils import corruptions, data, errors, evaluation, io, outputs, preprocessing, protocols, splits
@@ -87,8 +89,8 @@ def parse_args(argv=None):
     if run == (args.backbone_name is not None):
         p.error("name one model: --run_dir (or --f_name and --m_name) for a trained run, or --backbone_name for "
                 "zero-shot CLIP")
-    if args.run_dir is not None and args.m_name is not None:
-        p.error("--run_dir and --m_name name the same thing; give one")
+    if args.run_dir is not None and (args.m_name is not None or args.f_name is not None):
+        p.error("--run_dir names the run; --f_name/--m_name name it too: give one or the other")
     if run and (args.input_size or args.stride):
         p.error("--input_size and --stride are for zero-shot backbones; a run is evaluated at its own input size")
     if not run and args.feature:
@@ -167,8 +169,8 @@ def default_out_dir(args):
     suffix = (f"_{args.degrade}" if args.degrade != "query" else "") + (
         f"_{args.protocol}" if args.protocol != protocols.DEFAULT_PROTOCOL else "")
     if args.backbone_name is not None:
-        from eval_query_gallery_clip_zeroshot import backbone_folder_name
-        return os.path.join(args.f_name or "./model_eval", "clip_zero_shot", backbone_folder_name(args.backbone_name),
+        return os.path.join(args.f_name or "./model_eval", "clip_zero_shot",
+                            zero_shot.backbone_folder_name(args.backbone_name),
                             f"robustness_{test_name}{suffix}")
     return os.path.join(args.run_dir, f"robustness_{args.which_epoch}_{test_name}{suffix}")
 
@@ -203,7 +205,8 @@ class DecodedImages(torch.utils.data.Dataset):
 
 def decode_all(paths, rec, num_workers, batch_size=64):
     loader = torch.utils.data.DataLoader(DecodedImages(paths, rec), batch_size=batch_size, num_workers=num_workers)
-    return torch.cat(list(tqdm(loader, desc=f"decode {len(paths)} images", unit="batch", leave=False)))
+    return torch.cat(list(tqdm(loader, desc=f"decode {len(paths)} images", unit="batch", leave=False,
+                               disable=not sys.stderr.isatty())))
 
 
 def degraded_batches(images, identities, family, severity, seed, rec, device, batch_size):
@@ -241,13 +244,12 @@ def run_benchmark(model, args, layout):
     images = decode_all([encoded["paths"][r] for r in rows], rec, args.num_workers)
     _, hand_found = corruptions.hand_mask(images)
     runs = [(f, s) for f in args.families for s in args.severities]
-    for family, severity in tqdm(runs, desc="families x severities", unit="run"):
+    for family, severity in tqdm(runs, desc="families x severities", unit="run", disable=not sys.stderr.isatty()):
         features = encoded["features"].copy()
         features[rows] = encode_degraded(model["encode"], images, identities, family, severity, args, setting)
-        sides = {"query": features} if args.degrade == "query" else {"gallery": features} \
-            if args.degrade == "gallery" else {"query": features, "gallery": features}
-        scored[(family, severity)] = evaluation.score_splits({**encoded, **{f"{k}_features": v for k, v in
-                                                                             sides.items()}}, num_splits, variants)[0]
+        roles = ("query", "gallery") if args.degrade == "both" else (args.degrade,)
+        degraded = dict(encoded, **{f"{role}_features": features for role in roles})
+        scored[(family, severity)] = evaluation.score_splits(degraded, num_splits, variants)[0]
     results = report.summarise(scored, variants, args.families, args.severities, setting["mAP"],
                                protocols.headline_gallery(variants))
     results.update({
@@ -272,6 +274,13 @@ def main(argv=None):
     try:
         layout = splits.read_split_layout(args.test_dir)
         seeds = splits.check_split_seeds([args.test_dir], args.allow_mixed_seeds)
+        if args.run_dir is not None and not os.path.isfile(os.path.join(args.run_dir, "config.json")):
+            raise errors.TrainingInputError(f"{args.run_dir} holds no config.json: --run_dir (or --f_name/--m_name) "
+                                            f"must name a folder written by a CLIP-FH trainer")
+        if args.backbone_name is not None and not (args.backbone_name in clip.available_models()
+                                                   or os.path.isfile(os.path.expanduser(args.backbone_name))):
+            raise errors.EvaluationInputError(f"--backbone_name {args.backbone_name} is neither an official CLIP name "
+                                              f"({', '.join(clip.available_models())}) nor a checkpoint file")
         out_dir = args.out_dir or default_out_dir(args)
         with outputs.OutputFolder(out_dir, overwrite=args.force, what="another robustness benchmark") as out:
             out.check_space(8 * 2 ** 20)  # two figures, JSON and CSV: a few MB

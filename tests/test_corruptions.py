@@ -132,3 +132,15 @@ def test_degraded_images_decode_through_the_preprocessing_record(tmp_path, hands
     pixels = torch.from_numpy(np.array(data.load_image(path, rec["size"], rec["resize"], rec["decode"],
                                                        rec["interpolation"])))[None]
     assert torch.equal(corruptions.to_model_input(pixels, rec["mean"], rec["std"])[0], data.load_preprocessed(path, rec))
+
+
+def test_the_readme_table_mirrors_the_module():
+    import os
+    import re
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    found = {}
+    for line in readme.splitlines():
+        match = re.match(r"\| `(\w+)` \| [^|]+ \| [^|]+ \|((?: [0-9.]+ \|){5})$", line)
+        if match and match.group(1) in corruptions.SEVERITIES:
+            found[match.group(1)] = tuple(float(v) for v in match.group(2).strip(" |").split(" | "))
+    assert found == {family: tuple(float(v) for v in spec.values) for family, spec in corruptions.SEVERITIES.items()}

@@ -167,7 +167,7 @@ def test_degraded_path_at_severity_zero_gives_the_clean_features(run_dir, hand_d
 def test_refusals(run_dir, hand_data, tmp_path, tiny_vit_checkpoint):
     base = ["--run_dir", run_dir, "--test_dir", hand_data, *QUIET]
     for bad in (["--severities", "0"], ["--severities", "6"], ["--severities", "2", "2"], ["--families", "fog"],
-                ["--backbone_name", tiny_vit_checkpoint], ["--input_size", "32", "32"]):
+                ["--backbone_name", tiny_vit_checkpoint], ["--input_size", "32", "32"], ["--f_name", str(tmp_path)]):
         with pytest.raises(SystemExit) as err:
             eval_robustness.main(base + bad)
         assert err.value.code == 2, bad

@@ -75,6 +75,8 @@ def damage_line(results):
     def name(pick):
         share = "n/a" if pick["relative"] is None else f"{100 * pick['relative']:.1f}%"
         return f"{corruptions.SEVERITIES[pick['family']].label} (mAP {share} of clean)"
+    if len(results["families"]) == 1:
+        return f"one family: {name(results['most_damaging'])}"
     return f"most damaging: {name(results['most_damaging'])}, least damaging: {name(results['least_damaging'])}"
 
 
