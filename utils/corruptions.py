@@ -34,6 +34,7 @@ rectangles; rotation fills the corners with the border's median colour.
 import hashlib
 import io
 import math
+import numbers
 from collections import namedtuple
 
 import numpy as np
@@ -65,7 +66,7 @@ FAMILIES = tuple(SEVERITIES)
 MAX_SEVERITY = 5
 REFERENCE_SIDE = 224  # pixel-valued parameters are for this shorter side
 OCCLUDER_GREY, NUM_OCCLUDERS = 128.0, 3
-BORDER_FRACTION = 0.05  # the frame (of the shorter side) whose median colour is the background
+BORDER_FRACTION = 0.05  # the border frame (share of the shorter side) the background is estimated from
 MIN_FOREGROUND_CONTRAST, MIN_FOREGROUND_SHARE, MAX_FOREGROUND_SHARE = 12, 0.02, 0.9
 MAX_DISTANCE = math.sqrt(3) * 255  # the largest RGB distance
 BORDER_OUTLIERS = 0.2
@@ -74,14 +75,14 @@ BORDER_OUTLIERS = 0.2
 def check(family, severity):
     if family not in SEVERITIES:
         raise ValueError(f"unknown corruption family {family!r}; choose from {', '.join(FAMILIES)}")
-    if not (isinstance(severity, int) and 0 <= severity <= MAX_SEVERITY):
+    if isinstance(severity, bool) or not (isinstance(severity, numbers.Integral) and 0 <= severity <= MAX_SEVERITY):
         raise ValueError(f"severity must be an integer 0..{MAX_SEVERITY}, got {severity!r}")
 
 
 def parameter(family, severity):
     """The parameter of `family` at `severity` (1..5) as SEVERITIES lists it."""
     check(family, severity)
-    return SEVERITIES[family].values[severity - 1] if severity else None
+    return SEVERITIES[family].values[int(severity) - 1] if severity else None
 
 
 def describe(family, severity):
@@ -267,12 +268,11 @@ def _background_field(images):
     keep = max(6, int(len(bx) * (1 - BORDER_OUTLIERS)))
     coefficients = []
     for values in images[:, border].double():  # (P, 3) per image
-        rows = design
+        kept = slice(None)
         for _ in range(2):
-            coefficient = torch.linalg.lstsq(rows, values if rows is design else values[kept]).solution
+            coefficient = torch.linalg.lstsq(design[kept], values[kept]).solution
             residual = ((values - design @ coefficient) ** 2).sum(1)
             kept = residual.argsort(stable=True)[:keep]
-            rows = design[kept]
         coefficients.append(coefficient)
     c = torch.stack(coefficients).float()[:, :, None, None, :]  # (B, 6, 1, 1, 3); the surface row by row
     x, y = xs.float().view(1, 1, -1, 1), ys.float().view(1, -1, 1, 1)
