@@ -138,21 +138,23 @@ def encode_split_images(encode_fn, test_dir, num_splits, variants, **encode_args
 
 def score_splits(encoded, num_splits, variants, max_rank=50, rerank=None):
     """Rank each split's gallery for its queries: cosine similarity of the features, or the
-    k-reciprocal re-ranked distance when `rerank` is {"k1", "k2", "lambda_value"}.
+    k-reciprocal re-ranked distance when `rerank` is {"k1", "k2", "lambda_value"}. `encoded` may
+    also hold "query_features" / "gallery_features" (rows as "features"): what the query / gallery
+    sets take instead (eval_robustness.py: degraded queries against the clean gallery).
     Returns (rows: one metrics dict per split and variant, mats: {file name: .mat contents})."""
-    sets, features = encoded["sets"], encoded["features"]
+    sets = encoded["sets"]
 
-    def set_arrays(name):
-        entries = sets[name]
+    def set_arrays(name, role):
+        entries, features = sets[name], encoded.get(f"{role}_features", encoded["features"])
         return (features[[encoded["row_of_key"][key] for _, _, key in entries]],
                 [label for _, label, _ in entries], np.array([path for path, _, _ in entries], dtype=object))
 
     rows, mats = [], {}
     for i in range(num_splits):
-        query_f, query_labels, query_paths = set_arrays(f"query{i}")
+        query_f, query_labels, query_paths = set_arrays(f"query{i}", "query")
         for variant in variants:
             gallery_name = gallery_set_name(i, variant)
-            gallery_f, gallery_labels, gallery_paths = set_arrays(gallery_name)
+            gallery_f, gallery_labels, gallery_paths = set_arrays(gallery_name, "gallery")
             mat = {"query_f": query_f, "query_label": _labels_for_mat(query_labels), "query_path": query_paths,
                    "gallery_f": gallery_f, "gallery_label": _labels_for_mat(gallery_labels),
                    "gallery_path": gallery_paths}
