@@ -313,7 +313,7 @@ def check_photos(paths, settings, args, what):
 
 # ---- enroll ----
 
-def enroll(args, encode_fn, fingerprint, settings):
+def enroll(args):
     photos = scan_photos(args.images, args.labels)
     target = os.path.abspath(args.gallery)
     if os.path.isdir(target) and os.listdir(target) and not gallery.is_gallery(target):
@@ -321,6 +321,7 @@ def enroll(args, encode_fn, fingerprint, settings):
                             f"(nothing there is replaced)")
     with outputs.OutputFolder(target, overwrite=args.append or args.force, flag="--append (add photos) or --force "
                               "(replace it)", what="another enrolment", exists=gallery.is_gallery) as out:
+        encode_fn, _, fingerprint, settings = load_model(args)
         old = gallery.Gallery(target) if args.append and gallery.is_gallery(target) else None
         if old is not None:
             check_gallery_fits(old, fingerprint, settings)
@@ -504,14 +505,15 @@ def write_explanations(tmp, records, encode_fn, visual, settings, args):
     return aucs
 
 
-def search(args, encode_fn, visual, fingerprint, settings):
+def search(args):
     found = gallery.Gallery(args.gallery)
-    check_gallery_fits(found, fingerprint, settings)
     queries = scan_photos(args.query, args.query_labels, flag="--query")
-    check_photos([p for p, _ in queries], settings, args, f"query photos of {args.query}")
-    record = decision_threshold(args, found, fingerprint, settings)
     with outputs.OutputFolder(args.out_dir, overwrite=args.force, flag="--force", what="another search") as out:
         out.check_space(len(queries) * args.top_k * 400 + min(len(queries), args.figures) * 2 ** 21)
+        encode_fn, visual, fingerprint, settings = load_model(args)
+        check_gallery_fits(found, fingerprint, settings)
+        check_photos([p for p, _ in queries], settings, args, f"query photos of {args.query}")
+        record = decision_threshold(args, found, fingerprint, settings)
         start = time.perf_counter()
         features = encode(encode_fn, [p for p, _ in queries], settings, args, f"encode {len(queries)} queries")
         scores, indices = gallery.search(found, features, args.top_k, args.device)
@@ -551,15 +553,15 @@ def search(args, encode_fn, visual, fingerprint, settings):
 
 # ---- verify ----
 
-def verify(args, encode_fn, fingerprint, settings):
-    found = None
-    if args.gallery:
-        found = gallery.Gallery(args.gallery)
-        check_gallery_fits(found, fingerprint, settings)
+def verify(args):
+    found = gallery.Gallery(args.gallery) if args.gallery else None
     missing = [p for p in args.photos if not os.path.isfile(p)]
     if missing:
         raise IdentifyError(f"photo {missing[0]} does not exist (verify takes two photo files)")
     photos = [scan_photos(p, flag="photo")[0][0] for p in args.photos]
+    encode_fn, _, fingerprint, settings = load_model(args)
+    if found is not None:
+        check_gallery_fits(found, fingerprint, settings)
     check_photos(photos, settings, args, "photos to verify")
     record = decision_threshold(args, found, fingerprint, settings)
     features = encode(encode_fn, photos, settings, args, "encode 2 photos")
@@ -574,12 +576,7 @@ def main(argv=None):
     args = parse_args(argv)
     io.set_seed(args.seed)
     try:
-        encode_fn, visual, fingerprint, settings = load_model(args)
-        if args.command == "enroll":
-            return enroll(args, encode_fn, fingerprint, settings)
-        if args.command == "search":
-            return search(args, encode_fn, visual, fingerprint, settings)
-        return verify(args, encode_fn, fingerprint, settings)
+        return {"enroll": enroll, "search": search, "verify": verify}[args.command](args)
     except (ClipFHError, clip.ModelDownloadError, clip.CheckpointError) as err:
         raise SystemExit(f"error: {err}") from None
 

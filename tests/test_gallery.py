@@ -138,3 +138,12 @@ def test_benchmark_rows_and_cleanup(tmp_path):
     assert rows[1]["shard_bytes"] >= 3000 * 16 * 2 and rows[1]["bytes_per_million_entries"] == pytest.approx(
         rows[1]["shard_bytes"] * 1e6 / 3000)
     assert os.listdir(tmp_path) == []  # the temporary galleries are gone
+
+
+def test_benchmark_search_part_writes_its_rows(tmp_path):
+    import benchmark
+    out = tmp_path / "bench.json"
+    benchmark.main(["--only", "search", "--tiny", "--device", "cpu", "--out", str(out), "--repeats", "1"])
+    rows = json.loads(out.read_text())["search"]["rows"]
+    assert [r["entries"] for r in rows] == [1000, 5000] and all(r["dim"] == 512 for r in rows)
+    assert rows[0]["bytes_per_million_entries"] == pytest.approx(1.024e9, rel=1e-3)  # 512 float16 + .npy headers

@@ -208,3 +208,18 @@ def test_flat_folder_with_labels_csv_and_bad_input(evaluated, folder_split, tmp_
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
     with pytest.raises(SystemExit, match="is not a gallery"):
         run("search", evaluated["model"], "--gallery", str(tmp_path / "notes"), "--query", str(flat / "photo0.jpg"))
+
+
+def test_existing_search_is_kept_without_force(evaluated, folder_split, tmp_path):
+    g = str(tmp_path / "hands.gallery")
+    run("enroll", evaluated["model"], "--images", os.path.join(folder_split, "gallery0"), "--gallery", g)
+    query = ["--gallery", g, "--query", os.path.join(folder_split, "query0"), "--out_dir", str(tmp_path / "s"),
+             "--figures", "0"]
+    run("search", evaluated["model"], *query)
+    before = (tmp_path / "s" / "search.csv").read_bytes()
+    with pytest.raises(SystemExit, match="already holds results; pass --force"):
+        run("search", evaluated["model"], *query, "--top_k", "2")
+    assert (tmp_path / "s" / "search.csv").read_bytes() == before
+    replaced = run("search", evaluated["model"], *query, "--top_k", "2", "--force")
+    assert replaced["top_k"] == 2 and sorted(os.listdir(tmp_path / "s")) == ["search.csv", "search.json"]
+    assert sorted(os.listdir(tmp_path)) == ["hands.gallery", "s"]  # no lock or staging folder left
