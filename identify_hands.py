@@ -42,7 +42,7 @@ import models
 import models_handid  # noqa: F401  (registers the "handid" model kind)
 import query_ranking_result_demo as ranking_figure
 from utils import data, evaluation, gallery, io, outputs, preprocessing, protocols, training, verification
-from utils.errors import ClipFHError, EvaluationInputError
+from utils.errors import ClipFHError, EvaluationInputError, ImageLoadError
 from utils.splits import IMAGE_EXTENSIONS, FileLinker
 
 ABOVE, BELOW, UNKNOWN = "#2c7bb6", "#969696", "#969696"
@@ -307,8 +307,13 @@ def encode(encode_fn, paths, settings, args, desc):
     return features
 
 
-def check_photos(paths, settings, args, what):
-    data.check_images(paths, tuple(settings["preprocessing"]["size"]), args.num_workers, what=what)
+def check_photos(paths, settings, args, what, hint="replace or remove them"):
+    """Decode every photo once before the work (one line listing the unreadable ones)."""
+    size = tuple(settings["preprocessing"]["size"]) if settings else None
+    try:
+        data.check_images(paths, size, args.num_workers if settings else 0, what=what, progress=bool(settings))
+    except ImageLoadError as err:
+        raise IdentifyError(f"{str(err).split('; replace these files')[0]}; {hint}") from None
 
 
 # ---- enroll ----
@@ -375,8 +380,9 @@ def threshold_from_results(path, far, fingerprint, settings):
     expected = (fingerprint.get("run_dir"), fingerprint.get("which_epoch")) if kind == "run" else None
     if kind == "run" and (not evaluated[0] or not explain_matches.same_path(evaluated[0], expected[0])
                           or evaluated[1] != expected[1]):
-        raise IdentifyError(f"--results {path} evaluated {evaluated[0] or 'zero-shot CLIP'} net_{evaluated[1]}, not "
-                            f"{describe_model(fingerprint)}")
+        what = (f"run {evaluated[0]} net_{evaluated[1]}" if evaluated[0] else
+                f"zero-shot CLIP {results.get('backbone')}")
+        raise IdentifyError(f"--results {path} evaluated {what}, not {describe_model(fingerprint)}")
     if kind == "zero-shot" and (results.get("run_dir") or os.path.basename(str(evaluated)) != fingerprint["backbone"]):
         raise IdentifyError(f"--results {path} evaluated {results.get('run_dir') or evaluated}, not "
                             f"{describe_model(fingerprint)}")
@@ -520,8 +526,8 @@ def search(args):
         seconds = time.perf_counter() - start
         records = search_records(queries, found, scores, indices, record)
         drawn = records[:args.figures]
-        data.check_images([m["path"] for q in drawn for m in q["matches"]], what="gallery photos of the figures",
-                          progress=False)
+        check_photos([m["path"] for q in drawn for m in q["matches"]], None, args, "gallery photos of the figures",
+                     "the figures need them: restore them, or pass --figures 0")
         title = (f"{describe_model(fingerprint, short=True)}, gallery {os.path.basename(found.folder)} "
                  f"({len(found):,} entries)")
         with out.staged() as tmp:
