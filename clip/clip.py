@@ -17,9 +17,9 @@ from .model import (MODEL_CONFIGS, POS_INTERPOLATIONS, TOKENIZER_VOCAB_SIZE, Tok
                     checkpoint_geometry, random_state_dict)
 from .simple_tokenizer import SimpleTokenizer
 
-__all__ = ["available_models", "release_sha256", "load", "tokenize", "check_tokenizer", "checkpoint_geometry", "random_state_dict",
+__all__ = ["available_models", "load", "tokenize", "check_tokenizer", "checkpoint_geometry", "random_state_dict",
            "save_tiny_checkpoint", "tiny_config", "TINY_KINDS", "ModelDownloadError", "TokenizerMismatchError", "CheckpointError",
-           "MODEL_CONFIGS", "POS_INTERPOLATIONS", "CLIP_MEAN", "CLIP_STD"]
+           "MODEL_CONFIGS", "POS_INTERPOLATIONS", "CLIP_MEAN", "CLIP_STD", "release_sha256"]
 
 _URL_ROOT = "https://openaipublic.azureedge.net/clip/models"
 # name -> (SHA-256 of the released file, file name); the URL is <root>/<sha256>/<file name>
