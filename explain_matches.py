@@ -215,6 +215,27 @@ def shown_region(path, rec, longest=400):
     return photo
 
 
+def explain_ranked(encode, recorder, images, num_random, seed, batch_size):
+    """Maps, cosine similarities (see explain_query) and the deletion test of the query images[0]
+    against its rank-1 image images[1]."""
+    maps, similarity = explain_query(encode, recorder, images)
+    with torch.no_grad():
+        match_feature = normalized(encode, images[1:2])[0]
+    deletion = explanation.deletion_test(lambda batch: normalized(encode, batch) @ match_feature, images[0],
+                                         maps[0], recorder.grid_size, num_random, seed, batch_size=batch_size)
+    return maps, similarity, deletion
+
+
+def figure_row(query, paths, labels, colours, maps, similarity, deletion):
+    """One row of draw_figure: the query (name `query`) and its ranked images with their maps; labels
+    and paths start with the query's, colours are the ranked images' borders."""
+    panels = [{"path": paths[0], "map": maps[0].cpu().numpy(), "title": "query", "color": "black",
+               "caption": f"id {labels[0]}\nmap vs rank 1"}]
+    panels += [{"path": paths[r + 1], "map": maps[r + 1].cpu().numpy(), "title": str(r + 1), "color": colour,
+                "caption": f"id {labels[r + 1]}\ncos {float(similarity[r]):.3f}"} for r, colour in enumerate(colours)]
+    return {"query": query, "label": labels[0], "deletion": deletion, "panels": panels}
+
+
 def load_part_mask(folder, image_path, rec):
     path = os.path.join(folder, os.path.splitext(os.path.basename(image_path))[0] + ".png")
     if not os.path.isfile(path):
@@ -290,12 +311,8 @@ def main(argv=None):
             images = load_inputs(paths, rec, args.device)
         except ClipFHError as err:
             raise SystemExit(f"error: {err}") from None
-        maps, similarity = explain_query(encode, recorder, images)
-        with torch.no_grad():
-            match_feature = normalized(encode, images[1:2])[0]
-        deletion = explanation.deletion_test(lambda batch: normalized(encode, batch) @ match_feature, images[0],
-                                             maps[0], recorder.grid_size, args.num_random, args.seed,
-                                             batch_size=args.batch_size)
+        maps, similarity, deletion = explain_ranked(encode, recorder, images, args.num_random, args.seed,
+                                                    args.batch_size)
         labels = [result["query_label"][q], *result["gallery_label"][order[:top_k]]]
         record = {"query": q, "path": paths[0], "label": str(labels[0]), "matches": [
             {"rank": r + 1, "path": paths[r + 1], "label": str(labels[r + 1]), "same_identity": bool(is_match[r]),
@@ -308,12 +325,8 @@ def main(argv=None):
             record["mass_on_parts"] = [{"path": p, "map_mass": mass, "area": area} for p, (mass, area) in zip(paths, shares)]
             parts += [s for s in shares if s[0] is not None]
         records.append(record)
-        panels = [{"path": paths[0], "map": maps[0].cpu().numpy(), "title": "query", "color": "black",
-                   "caption": f"id {labels[0]}\nmap vs rank 1"}]
-        panels += [{"path": paths[r + 1], "map": maps[r + 1].cpu().numpy(), "title": str(r + 1),
-                    "color": CORRECT if is_match[r] else WRONG,
-                    "caption": f"id {labels[r + 1]}\ncos {float(similarity[r]):.3f}"} for r in range(top_k)]
-        rows.append({"query": q, "label": labels[0], "deletion": deletion, "panels": panels})
+        rows.append(figure_row(q, paths, labels, [CORRECT if is_match[r] else WRONG for r in range(top_k)], maps,
+                               similarity, deletion))
     seconds = (time.perf_counter() - start) / len(queries)
 
     aucs = {name: float(np.mean([r["deletion"]["auc"][name] for r in records])) for name in ("map", "random", "reverse")}
