@@ -12,6 +12,9 @@ Parts:
            Target: >= 5x.
   verification  verification.verification_metrics (EER, AUC, TAR@FAR, ROC curve) on a 2,000 x 10,000
            score matrix (20 M pairs). Target: well under a second.
+  search   queries/s of identify_hands.py's search (utils/gallery.py: memory-mapped float16 shards read in
+           chunks, running top-10) against synthetic galleries of --search_sizes 512-d entries, written to
+           a temporary folder and deleted afterwards, and the gallery's bytes per million entries.
   train    training images/s of the fine-tuning step (train_finetune.py's: two LS-CE heads, Adam,
            train_one_epoch) and
   infer    inference images/s (retrieval feature), each for --backbones (random weights) at --input_size,
@@ -32,8 +35,9 @@ Parts:
 and compiled, and writes the device, torch/CUDA versions, each figure, its fraction of the FLOP
 ceiling at 790 TFLOP/s and whether each target is met. --protocol_run draws a synthetic data set of
 the 11k dorsal-right size (1600x1200 photos), prepares 10 splits, fine-tunes a random-weight ViT-B/16
-for 70 epochs with --cache_resized and evaluates it with eval_query_gallery_finetune.py, and reports
-the wall time of each step. --tiny makes each run in seconds on a CPU (tiny models and images; the
+for 70 epochs with --cache_resized and the speed options (bf16, --fast_decode, validation every 5
+epochs) and evaluates it with eval_query_gallery_finetune.py (full decoding), and reports the wall
+time of each step. --tiny makes each run in seconds on a CPU (tiny models and images; the
 figures mean nothing then, the JSON has the same structure).
 """
 import argparse
@@ -46,8 +50,9 @@ import time
 import numpy as np
 
 import benchmark_fast_paths
+import benchmark_protocol
 import models
-from utils import io, data, gpu_augment, metrics, synthetic, training, verification
+from utils import io, data, gallery, gpu_augment, metrics, training, verification
 
 
 def best_time(fn, repeats):
@@ -96,7 +101,7 @@ def bench_decode(args):
     with tempfile.TemporaryDirectory() as folder:
         paths = write_test_photos(folder, args.decode_images, tuple(args.photo_size), args.seed)
         full, _ = best_time(lambda: [full_decode_resize(p, size) for p in paths], args.repeats)
-        draft, _ = best_time(lambda: [data.load_image(p, size) for p in paths], args.repeats)
+        draft, _ = best_time(lambda: [data.load_image(p, size, decode="draft") for p in paths], args.repeats)
         with Image.open(paths[0]) as img:
             img.draft("RGB", (size[1], size[0]))
             decoded_at = img.size
@@ -310,7 +315,7 @@ def bench_throughput(args, train):
         ceilings = {f"{peak:g}": peak * 1e12 / flops for peak in args.peak_tflops}
         model.to(device)
         loss_module.to(device)
-        models.speed_up_image_encoder(model.visual, device, compile=False)  # channels_last for ResNets
+        models.speed_up_image_encoder(model.visual, device, compile=False, for_training=train)  # channels_last
         entry = {"gflop_per_image": flops / 1e9, "ceiling_images_per_s": ceilings}
         for compiled in compile_modes:
             if compiled:
@@ -355,9 +360,18 @@ def bench_verification(args):
     return {"shape_QxG": [num_q, num_g], "seconds": seconds, "target_seconds": 1.0}
 
 
+def bench_search(args):
+    rows = gallery.benchmark_search(args.search_sizes, args.search_dim, args.search_queries, device=args.device,
+                                    seed=args.seed, repeats=args.repeats)
+    for row in rows:
+        print(f"search {row['entries']:,} x {row['dim']}-d on {row['device']}: {row['queries_per_s']:.1f} queries/s "
+              f"({row['queries']} queries in {row['seconds']:.2f} s); "
+              f"{row['bytes_per_million_entries'] / 1e9:.3f} GB per million entries")
+    return {"rows": rows}
+
+
 # issue 14's targets (img/s on one GPU, bf16, 224x224, data loading included) and the whole-protocol row
 TARGETS = {"train": {"ViT-B/16": 4000, "RN50": 6000}, "infer": {"ViT-B/16": 12000, "RN50": 20000}}
-PROTOCOL_TARGET_S = 180
 TARGET_PEAK_TFLOPS = 790.0
 TARGET_PATH = "device"  # the trainers' default on CUDA with --cache_resized
 
@@ -406,106 +420,12 @@ def bench_gpu(args):
     return figures
 
 
-def write_protocol_photos(root, photo_size, seed, workers):
-    """Replace every synthetic photo under root/Hands by itself upscaled (bicubic) to photo_size: the
-    11k file size and decoding cost, at a fraction of the rendering time."""
-    from concurrent.futures import ProcessPoolExecutor
-    folder = os.path.join(root, "Hands")
-    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder))
-    with ProcessPoolExecutor(max(1, workers)) as pool:
-        list(pool.map(upscale_photo, paths, [tuple(photo_size)] * len(paths), chunksize=16))
-    return len(paths)
-
-
-def upscale_photo(path, photo_size):
-    from PIL import Image
-    with Image.open(path) as img:
-        big = img.convert("RGB").resize(photo_size, Image.BICUBIC)
-    big.save(path, quality=90)
-
-
-def protocol_data(args):
-    """The synthetic 11k data set of the dorsal-right protocol's size (1600x1200 photos), its split
-    root and a random-weight ViT-B/16 checkpoint (tiny: a few identities, a tiny ViT), made once per
-    invocation. Returns {"root", "split_root", "checkpoint", "info", "photos", "num_splits", "seconds"}."""
-    import clip
-    import torch
-    import prepare_train_val_test_11k_r_l as prepare
-    if getattr(args, "protocol_data", None):
-        return args.protocol_data
-    tiny = args.tiny
-    root = os.path.join(args.photo_dir or os.path.join(tempfile.gettempdir(), "clipfh_protocol_run"), "11k")
-    seconds = {}
-    start = time.perf_counter()
-    num_ids, per_id = (8, (3, 4)) if tiny else (args.protocol_ids, (6, 8))
-    info = synthetic.make_synthetic_11k(root, num_ids_per_aspect=num_ids, images_per_id=per_id,
-                                        image_size=(80, 60), seed=args.seed)
-    photos = write_protocol_photos(root, args.photo_size, args.seed, os.cpu_count() or 1)
-    seconds["generate"] = time.perf_counter() - start
-    start = time.perf_counter()
-    num_splits = 2 if tiny else 10
-    prepare.main(["--data_dir", root, "--num_splits", str(num_splits), "--seed", str(args.seed), "--force"])
-    seconds["prepare"] = time.perf_counter() - start
-    checkpoint = os.path.join(root, "random_vit.pt")
-    if tiny:
-        clip.save_tiny_checkpoint(checkpoint, kind="vit", image_resolution=args.input_size[0])
-    else:
-        torch.save(clip.model.random_state_dict("ViT-B/16", seed=args.seed), checkpoint)
-    args.protocol_data = {"root": root, "split_root": os.path.join(root, "train_val_test_split_dorsal_r"),
-                          "checkpoint": checkpoint, "info": info, "photos": photos, "num_ids": num_ids,
-                          "num_splits": num_splits, "seconds": seconds}
-    return args.protocol_data
-
-
-def bench_protocol(args):
-    """The 11k dorsal-right protocol end to end on synthetic data of its size: fine-tune (70 epochs,
-    --cache_resized) and the 10-split evaluation, each step timed by wall clock."""
-    import train_finetune
-    import eval_query_gallery_finetune as evaluate
-    tiny = args.tiny
-    made = protocol_data(args)
-    root, split_root, checkpoint = made["root"], made["split_root"], made["checkpoint"]
-    num_ids, num_splits, info, photos = made["num_ids"], made["num_splits"], made["info"], made["photos"]
-    seconds = dict(made["seconds"])
-    epochs = 1 if tiny else args.protocol_epochs
-    out_root = os.path.join(root, "runs")
-    common = ["--device", args.device, "--seed", str(args.seed)]
-    train_args = ["--data_dir", split_root, "--f_name", out_root, "--m_name", "protocol", "--backbone_name",
-                  checkpoint, "--pretrained", "false", "--epochs", str(epochs), "--cache_resized", "--force",
-                  "--no-final_test", "--no-progress", "--input_size", *map(str, args.input_size), *common]
-    if tiny:
-        train_args += ["--batch_size", "4", "--num_workers", "0"]
-    start = time.perf_counter()
-    result = train_finetune.main(train_args)
-    seconds["train"] = time.perf_counter() - start
-    start = time.perf_counter()
-    evaluate.main(["--f_name", out_root, "--m_name", "protocol", "--test_dir", split_root, "--which_epoch", "best",
-                   "--force", *(["--num_workers", "0"] if tiny else []), *common])
-    seconds["evaluate"] = time.perf_counter() - start
-    counts = {name: sum(len(files) for _, _, files in os.walk(os.path.join(split_root, name)))
-              for name in ("train_all", "test")}
-    end_to_end = seconds["train"] + seconds["evaluate"]
-    measured = args.device.startswith("cuda") and not tiny
-    figures = {"tiny": tiny, "photo_size": list(args.photo_size), "photos_written": photos,
-               "train_images": counts["train_all"], "test_images": counts["test"], "num_ids_per_aspect": num_ids,
-               "synthetic": info["dataset"], "epochs": epochs, "num_splits": num_splits, "seconds": seconds,
-               "end_to_end_s": end_to_end, "target_s": PROTOCOL_TARGET_S, "target_met": end_to_end <= PROTOCOL_TARGET_S if measured else None,
-               "train_images_per_s_last_epoch": result["history"][-1]["images_per_s"], "run_dir": result["out_dir"]}
-    print(f"protocol run: {counts['train_all']} train / {counts['test']} test images of {args.photo_size[0]}x"
-          f"{args.photo_size[1]}, {epochs} epochs + {num_splits}-split evaluation: train {seconds['train']:.1f} s, "
-          f"evaluate {seconds['evaluate']:.1f} s -> {end_to_end:.1f} s end to end (target <= {PROTOCOL_TARGET_S} s)")
-    return figures
-
-
-def bench_fast_paths(args):
-    return benchmark_fast_paths.bench_fast_paths(args, protocol_data(args))
-
-
 DATA_PATHS = ["memory", "jpeg", "cache", "device"]
 PARTS = {"decode": bench_decode, "metrics": bench_metrics, "verification": bench_verification,
-         "train": bench_train, "infer": bench_infer,
-         "gpu": bench_gpu, "protocol_run": bench_protocol, "fast_paths": bench_fast_paths}
-CPU_PARTS = ["decode", "metrics", "verification", "train", "infer"]  # --only; the GPU parts have their flags
+         "train": bench_train, "infer": bench_infer, "search": bench_search,
+         "gpu": bench_gpu, "protocol_run": benchmark_protocol.bench_protocol,
+         "fast_paths": benchmark_fast_paths.bench_fast_paths}
+CPU_PARTS = ["decode", "metrics", "verification", "train", "infer", "search"]  # --only; the GPU parts have flags
 
 
 def parse_args(argv=None):
@@ -532,6 +452,10 @@ def parse_args(argv=None):
                         help="queries and gallery size of the metrics benchmark (default 2000 10000)")
     parser.add_argument("--matches_per_query", type=int, nargs="+", default=[1, 5],
                         help="gallery images per identity in the metrics part (1 = the hand protocol)")
+    parser.add_argument("--search_sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
+                        help="gallery sizes of the search part (default 10k 100k 1M)")
+    parser.add_argument("--search_dim", type=int, default=512, help="feature size of the search part (default 512)")
+    parser.add_argument("--search_queries", type=int, default=256, help="queries per timed search (default 256)")
     g = parser.add_argument_group("train / infer throughput")
     g.add_argument("--backbones", nargs="+", default=["ViT-B/16", "RN50"], help="official names, random weights")
     g.add_argument("--method", choices=["finetune", "promptsg"], default="finetune",
@@ -554,16 +478,7 @@ def parse_args(argv=None):
     g.add_argument("--last_stride", type=int, default=1, choices=[1, 2], help="RN layer4 stride (1 as in training)")
     g.add_argument("--peak_tflops", type=float, nargs="+", default=[990.0, 790.0],
                    help="peak FLOP/s (TFLOP/s) for the ceilings; H100 SXM dense bf16 = 990")
-    g = parser.add_argument_group("--fast_paths")
-    g.add_argument("--fast_paths_configs", nargs="+", choices=list(benchmark_fast_paths.CONFIGS),
-                   default=list(benchmark_fast_paths.CONFIGS), help="configurations to run (default: all)")
-    g.add_argument("--fast_paths_backbones", nargs="+", default=["ViT-B/16"],
-                   help="backbones trained (random weights; default ViT-B/16, add RN50 for its fast paths)")
-    g.add_argument("--fast_paths_epochs", type=int, default=benchmark_fast_paths.PROTOCOL_EPOCHS,
-                   help="epochs of each training run (default 70, the protocol; fewer: the protocol is projected)")
-    g.add_argument("--fast_paths_encode", type=int, nargs="+", default=[1000, 10000],
-                   help="photos an evaluator encodes in the encode_N runs (default 1000 10000)")
-    g.add_argument("--fast_paths_timeout", type=int, default=3600, help="seconds one run may take")
+    benchmark_fast_paths.add_arguments(parser)
     io.add_common_args(parser)
     args = parser.parse_args(argv)
     if args.gpu or args.protocol_run or args.fast_paths:
@@ -573,6 +488,7 @@ def parse_args(argv=None):
         args.iters, args.warmup, args.bench_workers = 1, 1, 0
         args.train_batch, args.infer_batch = args.train_batch or 2, args.infer_batch or 2
         args.fast_paths_epochs, args.fast_paths_encode = min(args.fast_paths_epochs, 2), [8]
+        args.search_sizes, args.search_queries = [1000, 5000], 8
     return args
 
 

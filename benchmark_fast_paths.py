@@ -2,7 +2,7 @@
 a fresh process of the real script, timed by wall clock from start to exit (imports, model build,
 compile, cuDNN autotuning, the cache on the GPU, every epoch, validation and checkpoints included):
 
-  train     train_finetune.py on the protocol's data (benchmark.protocol_data: 11k dorsal-right size,
+  train     train_finetune.py on the protocol's data (benchmark_protocol.protocol_data: 11k dorsal-right size,
             --cache_resized), --fast_paths_epochs epochs (70 = the protocol), per backbone;
   evaluate  eval_query_gallery_finetune.py on its 10 splits (the dorsal-right test photos and the
             gallery{i}_all distractors of the other aspects, 1600x1200);
@@ -50,8 +50,8 @@ CONFIGS = {  # name: (extra script flags, speed switches off, inductor cache: No
 }
 EVAL_CONFIGS = ("defaults", "all_off", "compile_cold", "compile_warm", "bf16", "fp32", "no_channels_last")
 # fast path: (configuration with it on, configuration with it off), each against the other
-DECISIONS = {"compile (first run)": ("compile_cold", "defaults"), "compile (inductor cache warm)": ("compile_warm", "defaults"),
-             "bf16 autocast": ("bf16", "fp32"), "gpu_augment": ("defaults", "no_gpu_augment"),
+DECISIONS = {"compile (first run)": ("compile_cold", "defaults"),
+             "compile (inductor cache warm)": ("compile_warm", "defaults"), "bf16 autocast": ("bf16", "fp32"), "gpu_augment": ("defaults", "no_gpu_augment"),
              "cudnn.benchmark": ("defaults", "no_cudnn_benchmark"), "channels_last": ("defaults", "no_channels_last")}
 
 
@@ -105,12 +105,28 @@ def decisions(rows, key):
     return found
 
 
-def bench_fast_paths(args, data):
+def add_arguments(parser):
+    """benchmark.py's --fast_paths_* flags."""
+    g = parser.add_argument_group("--fast_paths")
+    g.add_argument("--fast_paths_configs", nargs="+", choices=list(CONFIGS),
+                   default=list(CONFIGS), help="configurations to run (default: all)")
+    g.add_argument("--fast_paths_backbones", nargs="+", default=["ViT-B/16"],
+                   help="backbones trained (random weights; default ViT-B/16, add RN50 for its fast paths)")
+    g.add_argument("--fast_paths_epochs", type=int, default=PROTOCOL_EPOCHS,
+                   help="epochs of each training run (default 70, the protocol; fewer: the protocol is projected)")
+    g.add_argument("--fast_paths_encode", type=int, nargs="+", default=[1000, 10000],
+                   help="photos an evaluator encodes in the encode_N runs (default 1000 10000)")
+    g.add_argument("--fast_paths_timeout", type=int, default=3600, help="seconds one run may take")
+
+
+def bench_fast_paths(args):
     """The figures of every configuration and the decisions (see the module docstring)."""
     import torch
+    from benchmark_protocol import protocol_data
     device = args.device
     if not device.startswith("cuda") and not args.tiny:
         raise SystemExit("error: --fast_paths measures a CUDA GPU; pass --device cuda (or --tiny for a CPU smoke run)")
+    data = protocol_data(args)
     work = os.path.join(os.path.dirname(data["root"]), "fast_paths")
     os.makedirs(work, exist_ok=True)
     configs = [c for c in CONFIGS if c in args.fast_paths_configs]  # compile_warm after compile_cold
@@ -176,13 +192,15 @@ def bench_fast_paths(args, data):
         rows = figures["encode"][str(count)] = {}
         for config in eval_configs:
             flags = [f for f in CONFIGS[config][0] if f != "--no-gpu_augment"]
-            rows[config] = {"wall_s": timed([*encode, "--count", str(count), *flags], config, f"encode{count}_{config}")}
+            wall = timed([*encode, "--count", str(count), *flags], config, f"encode{count}_{config}")
+            rows[config] = {"wall_s": wall}
             report(f"encode {count} images {config}", rows[config])
         figures["decisions"][f"encode {count}"] = decisions(rows, "wall_s")
     for what, found in figures["decisions"].items():
         for fast_path, d in found.items():
+            caveat = "" if figures["measured"] else " (not a GPU measurement)"
             print(f"{what}: {fast_path}: on {d['on_s']:.1f} s, off {d['off_s']:.1f} s -> "
-                  f"{'on wins' if d['on_wins'] else 'off wins'}{'' if figures['measured'] else ' (not a GPU measurement)'}")
+                  f"{'on wins' if d['on_wins'] else 'off wins'}{caveat}")
     return figures
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 import clip
 import models
 from query_ranking_result_demo import CORRECT, WRONG, choose_queries, rank_gallery, save_png_and_pdf, style_panel
-from utils import data, evaluation, explanation, io
+from utils import data, evaluation, explanation, io, preprocessing
 from utils.errors import ClipFHError
 
 DELETION_FILL = ("0 in every channel of the normalised input, i.e. CLIP's normalisation mean colour "
@@ -124,7 +124,7 @@ def load_model(args, evaluated):
 def differences_from_evaluation(evaluated):
     """What the explained similarity does differently from the ranking in the .mat, for the log."""
     notes = []
-    if evaluated.get("args", {}).get("flip"):
+    if (evaluated.get("protocol") or {}).get("flip", evaluated.get("args", {}).get("flip")):
         notes.append("the .mat ranked f(image) + f(mirror) (--flip); the maps explain the plain feature")
     if evaluated.get("inference_prompt") == "composed":
         notes.append("the .mat used PromptSG's composed prompt; the maps use the fixed prompt")
@@ -191,20 +191,63 @@ def explain_query(encode, recorder, images):
     return maps.detach(), similarity.detach()
 
 
-def load_inputs(paths, size, device):
-    transform = data.eval_transform(size)
-    return torch.stack([transform(data.load_image(p, size)) for p in paths]).to(device)
+def input_preprocessing(evaluated, size):
+    """The preprocessing record the evaluation read its images with (its config.json), at `size`;
+    evaluations from before the record existed squashed the whole photo."""
+    recorded = evaluated.get("preprocessing")
+    if isinstance(recorded, dict):
+        return preprocessing.check(dict(recorded, size=list(size)), "the evaluation's preprocessing")
+    return preprocessing.record(size, "squash")
 
 
-def load_part_mask(folder, image_path, size):
+def load_inputs(paths, rec, device):
+    return torch.stack([data.load_preprocessed(p, rec) for p in paths]).to(device)
+
+
+def shown_region(path, rec, longest=400):
+    """The photo as drawn under its map: whole (aspect kept) for a squash, the centre crop for a crop."""
+    if rec["resize"] == "crop":
+        height, width = rec["size"]
+        scale = longest / max(height, width)
+        return preprocessing.load(path, dict(rec, size=[round(height * scale), round(width * scale)]))
+    photo = data.load_image(path)
+    photo.thumbnail((longest, longest))  # keeps the aspect; full-size photos would bloat the PDF
+    return photo
+
+
+def explain_ranked(encode, recorder, images, num_random, seed, batch_size):
+    """Maps, cosine similarities (see explain_query) and the deletion test of the query images[0]
+    against its rank-1 image images[1]."""
+    maps, similarity = explain_query(encode, recorder, images)
+    with torch.no_grad():
+        match_feature = normalized(encode, images[1:2])[0]
+    deletion = explanation.deletion_test(lambda batch: normalized(encode, batch) @ match_feature, images[0],
+                                         maps[0], recorder.grid_size, num_random, seed, batch_size=batch_size)
+    return maps, similarity, deletion
+
+
+def figure_row(query, paths, labels, colours, maps, similarity, deletion):
+    """One row of draw_figure: the query (name `query`) and its ranked images with their maps; labels
+    and paths start with the query's, colours are the ranked images' borders."""
+    panels = [{"path": paths[0], "map": maps[0].cpu().numpy(), "title": "query", "color": "black",
+               "caption": f"id {labels[0]}\nmap vs rank 1"}]
+    panels += [{"path": paths[r + 1], "map": maps[r + 1].cpu().numpy(), "title": str(r + 1), "color": colour,
+                "caption": f"id {labels[r + 1]}\ncos {float(similarity[r]):.3f}"} for r, colour in enumerate(colours)]
+    return {"query": query, "label": labels[0], "deletion": deletion, "panels": panels}
+
+
+def load_part_mask(folder, image_path, rec):
     path = os.path.join(folder, os.path.splitext(os.path.basename(image_path))[0] + ".png")
     if not os.path.isfile(path):
         raise SystemExit(f"--part_masks {folder} has no mask {os.path.basename(path)} for {image_path}; "
                          f"make the data with make_synthetic_11k(..., part_masks=True)")
+    if rec["resize"] == "crop":
+        return np.asarray(preprocessing.load(path, dict(rec, interpolation="bilinear")).convert("L")) >= 128
+    size = rec["size"]
     return np.asarray(data.load_image(path).convert("L").resize((size[1], size[0]), 0)) >= 128
 
 
-def draw_figure(rows, top_k, out_png):
+def draw_figure(rows, top_k, out_png, rec):
     """One row per explained query (query, then its top-k with their maps); saves PNG and PDF."""
     import matplotlib
     matplotlib.use("Agg")
@@ -217,8 +260,7 @@ def draw_figure(rows, top_k, out_png):
         subfig.suptitle(f"query {row['query']}, identity {row['label']}: deletion AUC map {auc['map']:.3f} / "
                         f"random {auc['random']:.3f} / reverse {auc['reverse']:.3f}", fontsize=9, x=0.01, ha="left")
         for ax, panel in zip(subfig.subplots(1, len(row["panels"])), row["panels"]):
-            photo = data.load_image(panel["path"])
-            photo.thumbnail((400, 400))  # keeps the aspect; full-size photos would bloat the PDF
+            photo = shown_region(panel["path"], rec)
             ax.imshow(explanation.overlay(np.asarray(photo), panel["map"]))
             ax.set_xlabel(panel["caption"], fontsize=7)
             style_panel(ax, panel["title"], panel["color"])
@@ -241,7 +283,8 @@ def main(argv=None):
         evaluated = evaluation_config(args.mat)
         result = evaluation.load_result_mat(args.mat)
         encode, visual, size, description = load_model(args, evaluated)
-    except ClipFHError as err:
+        rec = input_preprocessing(evaluated, size)
+    except (ClipFHError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     if result["query_path"] is None or result["gallery_path"] is None:
         raise SystemExit(f"{args.mat} stores no image paths (query_path / gallery_path); re-run the evaluator "
@@ -265,15 +308,11 @@ def main(argv=None):
         order, is_match, _ = rankings[q]
         paths = [result["query_path"][q], *result["gallery_path"][order[:top_k]]]
         try:
-            images = load_inputs(paths, size, args.device)
+            images = load_inputs(paths, rec, args.device)
         except ClipFHError as err:
             raise SystemExit(f"error: {err}") from None
-        maps, similarity = explain_query(encode, recorder, images)
-        with torch.no_grad():
-            match_feature = normalized(encode, images[1:2])[0]
-        deletion = explanation.deletion_test(lambda batch: normalized(encode, batch) @ match_feature, images[0],
-                                             maps[0], recorder.grid_size, args.num_random, args.seed,
-                                             batch_size=args.batch_size)
+        maps, similarity, deletion = explain_ranked(encode, recorder, images, args.num_random, args.seed,
+                                                    args.batch_size)
         labels = [result["query_label"][q], *result["gallery_label"][order[:top_k]]]
         record = {"query": q, "path": paths[0], "label": str(labels[0]), "matches": [
             {"rank": r + 1, "path": paths[r + 1], "label": str(labels[r + 1]), "same_identity": bool(is_match[r]),
@@ -281,17 +320,13 @@ def main(argv=None):
             for r, g in enumerate(order[:top_k])], "deletion": deletion,
             "zero_map": bool(maps[0].max() == 0)}  # nothing positive: the deletion order is then by position
         if args.part_masks:
-            shares = [explanation.mass_on_mask(m.cpu().numpy(), load_part_mask(args.part_masks, p, size))
+            shares = [explanation.mass_on_mask(m.cpu().numpy(), load_part_mask(args.part_masks, p, rec))
                       for m, p in zip(maps, paths)]
             record["mass_on_parts"] = [{"path": p, "map_mass": mass, "area": area} for p, (mass, area) in zip(paths, shares)]
             parts += [s for s in shares if s[0] is not None]
         records.append(record)
-        panels = [{"path": paths[0], "map": maps[0].cpu().numpy(), "title": "query", "color": "black",
-                   "caption": f"id {labels[0]}\nmap vs rank 1"}]
-        panels += [{"path": paths[r + 1], "map": maps[r + 1].cpu().numpy(), "title": str(r + 1),
-                    "color": CORRECT if is_match[r] else WRONG,
-                    "caption": f"id {labels[r + 1]}\ncos {float(similarity[r]):.3f}"} for r in range(top_k)]
-        rows.append({"query": q, "label": labels[0], "deletion": deletion, "panels": panels})
+        rows.append(figure_row(q, paths, labels, [CORRECT if is_match[r] else WRONG for r in range(top_k)], maps,
+                               similarity, deletion))
     seconds = (time.perf_counter() - start) / len(queries)
 
     aucs = {name: float(np.mean([r["deletion"]["auc"][name] for r in records])) for name in ("map", "random", "reverse")}
@@ -303,9 +338,10 @@ def main(argv=None):
         summary["mass_on_parts"] = float(np.mean([m for m, _ in parts]))
         summary["part_area"] = float(np.mean([a for _, a in parts]))
     os.makedirs(args.out_dir, exist_ok=True)
-    pdf = draw_figure(rows[:args.draw], top_k, out_png)[-1]
+    pdf = draw_figure(rows[:args.draw], top_k, out_png, rec)[-1]
     method = "gradient-weighted attention rollout" if recorder.is_vit else "Grad-CAM on layer4"
-    extra = {"model": description, "map": method, "input_size": list(size), "deletion_fill": DELETION_FILL,
+    extra = {"model": description, "map": method, "input_size": list(size), "preprocessing": rec,
+             "deletion_fill": DELETION_FILL,
              "deletion_fractions": list(explanation.DELETION_FRACTIONS), "mat": os.path.abspath(args.mat),
              "notes": notes}
     io.atomic_write_json(outputs[2], {**extra, "summary": summary, "queries": records})

@@ -19,6 +19,7 @@ import numpy as np
 from utils import data, errors, evaluation
 
 CORRECT, WRONG = "#1a9641", "#d7191c"
+LEGEND = ((CORRECT, "same identity"), (WRONG, "different identity"))
 
 
 def parse_args(argv=None):
@@ -105,33 +106,57 @@ def choose_queries(args, num_queries):
     return sorted(rng.choice(num_queries, size=min(args.num_queries, num_queries), replace=False).tolist())
 
 
+def ranking_rows(result, query_indices, top_k):
+    """The rows draw_rankings draws for queries of an evaluator's result (see draw_rankings)."""
+    score_name = "dist" if result.get("rerank_dist") is not None else "sim"
+    rows = []
+    for q in query_indices:
+        order, is_match, scores = rank_gallery(result, q)
+        hits = np.flatnonzero(is_match)
+        first = f"first correct match at rank {hits[0] + 1}" if len(hits) else "no correct match in the gallery"
+        rows.append({"title": f"query {os.path.basename(result['query_path'][q])} (identity "
+                              f"{result['query_label'][q]}): {first}",
+                     "query": (result["query_path"][q], f"id {result['query_label'][q]}"),
+                     "matches": [(result["gallery_path"][g], f"id {result['gallery_label'][g]}\n{score_name} "
+                                  f"{scores[rank]:.3f}", CORRECT if is_match[rank] else WRONG)
+                                 for rank, g in enumerate(order[:top_k])]})
+    return rows
+
+
 def draw_figure(result, query_indices, top_k, out_png, title, pdf=False):
-    """Draw the ranking rows and save the PNG (and a PDF with `pdf`). Returns the paths written."""
+    """Draw the ranking rows of an evaluator's result and save the PNG (and a PDF with `pdf`). Returns
+    the paths written."""
+    top_k = min(top_k, len(result["gallery_label"]))
+    return draw_rankings(ranking_rows(result, query_indices, top_k), out_png, title, pdf)
+
+
+def draw_rankings(rows, out_png, title, pdf=False, legend=LEGEND):
+    """One figure row per query: the query photo, then its ranked gallery photos with a caption under
+    each and a border of the given colour. rows: [{"title", "query": (path, caption), "matches":
+    [(path, caption, colour), ...]}]; legend: (colour, meaning) pairs. Saves the PNG (and a PDF with
+    `pdf`); returns the paths written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    top_k = min(top_k, len(result["gallery_label"]))
-    score_name = "dist" if result.get("rerank_dist") is not None else "sim"
-    fig = plt.figure(figsize=(1.6 * (top_k + 1), 2.0 * len(query_indices) + 0.5), layout="constrained")
+    top_k = max(len(row["matches"]) for row in rows)
+    fig = plt.figure(figsize=(1.6 * (top_k + 1), 2.0 * len(rows) + 0.5 + 0.3 * title.count("\n")),
+                     layout="constrained")
     fig.suptitle(title, fontsize=11)
-    fig.legend(handles=[Patch(facecolor="none", edgecolor=CORRECT, linewidth=3, label="same identity"),
-                        Patch(facecolor="none", edgecolor=WRONG, linewidth=3, label="different identity")],
-               loc="outside lower center", ncols=2, fontsize=9, frameon=False)
-    rows = fig.subfigures(len(query_indices), 1, squeeze=False)[:, 0]
-    for subfig, q in zip(rows, query_indices):
-        order, is_match, scores = rank_gallery(result, q)
-        hits = np.flatnonzero(is_match)
-        first = f"first correct match at rank {hits[0] + 1}" if len(hits) else "no correct match in the gallery"
-        subfig.suptitle(f"query {os.path.basename(result['query_path'][q])} (identity {result['query_label'][q]}): "
-                        f"{first}", fontsize=9, x=0.01, ha="left")
-        panels = [(result["query_path"][q], "query", f"id {result['query_label'][q]}", "black")]
-        panels += [(result["gallery_path"][g], f"rank {rank + 1}",
-                    f"id {result['gallery_label'][g]}\n{score_name} {scores[rank]:.3f}",
-                    CORRECT if is_match[rank] else WRONG)
-                   for rank, g in enumerate(order[:top_k])]
-        for ax, (path, header, caption, color) in zip(subfig.subplots(1, top_k + 1), panels):
+    fig.legend(handles=[Patch(facecolor="none", edgecolor=colour, linewidth=3, label=meaning)
+                        for colour, meaning in legend],
+               loc="outside lower center", ncols=len(legend), fontsize=9, frameon=False)
+    subfigs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0]
+    for subfig, row in zip(subfigs, rows):
+        subfig.suptitle(row["title"], fontsize=9, x=0.01, ha="left")
+        panels = [(row["query"][0], "query", row["query"][1], "black")]
+        panels += [(path, f"rank {rank + 1}", caption, colour)
+                   for rank, (path, caption, colour) in enumerate(row["matches"])]
+        axes = subfig.subplots(1, top_k + 1)
+        for ax in axes[len(panels):]:  # a row with fewer matches than the others
+            ax.axis("off")
+        for ax, (path, header, caption, color) in zip(axes, panels):
             img = data.load_image(path)
             img.thumbnail((400, 400))  # keeps the aspect; full-size photos would bloat the PDF
             ax.imshow(img)

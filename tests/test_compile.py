@@ -115,7 +115,8 @@ def assert_same_training(eager, fast, tolerance):
     # Adam moves each weight by about +-lr a step, whatever the gradient's size, so gradients within rounding
     # of 0 move some weights either way: the updates are compared as a whole
     moved_eager, moved_fast = flat(eager.parameters()) - before, flat(fast.parameters()) - before
-    assert moved_eager.abs().max() > LR and torch.nn.functional.cosine_similarity(moved_fast, moved_eager, dim=0) > 0.999
+    assert moved_eager.abs().max() > LR
+    assert torch.nn.functional.cosine_similarity(moved_fast, moved_eager, dim=0) > 0.999
 
 
 def eval_features(forward_fn):
@@ -132,7 +133,7 @@ def test_compiled_training_and_evaluation_give_the_eager_results(graphs, kind, t
     checkpoint = tiny_rn_checkpoint if kind == "rn" else tiny_vit_checkpoint
     eager = build(checkpoint)
     fast = copy.deepcopy(eager)
-    note = models.speed_up_image_encoder(fast.model.visual, "cuda", compile=True)  # the trainers' call
+    note = models.speed_up_image_encoder(fast.model.visual, "cuda", compile=True, for_training=True)  # a trainer's
     assert note.endswith("torch.compile of the image encoder (training passes)")
     assert_same_training(eager, fast, graphs.tolerance)
     assert len(graphs) == 1  # one graph for every training batch: no graph break, no recompile
@@ -184,10 +185,11 @@ def test_compile_is_off_by_default_and_needs_cuda(tiny_vit_checkpoint, monkeypat
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled.append(options) or fn)
     visual = models.load_backbone(models.backbone_spec(tiny_vit_checkpoint, SIZE))
-    assert models.speed_up_image_encoder(visual, "cuda") == "" and not compiled  # the default: not compiled
-    assert models.speed_up_image_encoder(visual, "cpu", compile=True) == "--compile ignored: it needs CUDA"
+    assert models.speed_up_image_encoder(visual, "cuda", for_training=True) == "" and not compiled  # the default
+    assert models.speed_up_image_encoder(visual, "cpu", compile=True, for_training=False) == \
+        "--compile ignored: it needs CUDA"
     assert not compiled and not isinstance(visual.forward_features, speed.CompiledEncoderCall)
-    models.speed_up_image_encoder(visual, "cuda:0", compile=True)
+    models.speed_up_image_encoder(visual, "cuda:0", compile=True, for_training=True)
     assert compiled == [{"backend": speed.COMPILE_BACKEND, "dynamic": False}] * 2  # forward_features and forward
     assert isinstance(visual.forward, speed.CompiledEncoderCall)
     assert [models.use_compile(flag, device) for flag, device in

@@ -116,12 +116,12 @@ def test_speed_up_keeps_state_dict_keys(tiny_rn_checkpoint):
     visual = models.load_backbone(spec)
     keys = list(visual.state_dict())
     # device "cuda" only selects what is done; the module stays on the CPU and nothing is compiled until called
-    done = models.speed_up_image_encoder(visual, "cuda", compile=True)
+    done = models.speed_up_image_encoder(visual, "cuda", compile=True, for_training=True)
     assert done == "channels_last, torch.compile of the image encoder (training passes)"
     assert list(visual.state_dict()) == keys
     conv = next(m for m in visual.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    assert models.speed_up_image_encoder(models.load_backbone(spec), "cpu", compile=True) == \
+    assert models.speed_up_image_encoder(models.load_backbone(spec), "cpu", compile=True, for_training=True) == \
         "--compile ignored: it needs CUDA"
 
 

@@ -67,12 +67,12 @@ def first_rows(output, count):
     return output[:count]
 
 
-def speed_up_image_encoder(visual, device, compile=None, for_training=True):
+def speed_up_image_encoder(visual, device, compile=None, *, for_training):
     """On CUDA: channels_last weights for ResNets and, with compile (--compile), torch.compile of both
     entry points of the encoder, forward_features (every trained model's) and forward (CLIP's
-    encode_image: the zero-shot evaluator), for training passes (a trainer) or evaluation passes (an
-    evaluator, for_training=False); see CompiledEncoderCall. The bound methods are replaced, not the
-    module, so state-dict keys stay unchanged. Returns what was done, for the log."""
+    encode_image: the zero-shot evaluator), for training passes (a trainer: for_training=True) or for
+    evaluation passes (an evaluator: for_training=False); see CompiledEncoderCall. The bound methods are
+    replaced, not the module, so state-dict keys stay unchanged. Returns what was done, for the log."""
     if not on_cuda(device):
         return "--compile ignored: it needs CUDA" if compile else ""
     done = []

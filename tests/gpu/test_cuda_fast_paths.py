@@ -45,7 +45,8 @@ def build_objective(method, checkpoint):
     if method == "promptsg":
         model = models.build_promptsg_model(models.promptsg_model_config(spec), NUM_CLASSES, clip_model=clip_model)
         return losses.PromptSGLoss(model)
-    model = models_handid.build_handid_model(models_handid.handid_model_config(spec), NUM_CLASSES, clip_model=clip_model)
+    model = models_handid.build_handid_model(models_handid.handid_model_config(spec), NUM_CLASSES,
+                                             clip_model=clip_model)
     return losses.HandIDLoss(model)
 
 
@@ -87,7 +88,7 @@ def test_every_fast_path_against_the_plain_path(method, kind, fast_paths, tiny_v
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     plain = build_objective(method, tiny_rn_checkpoint if kind == "rn" else tiny_vit_checkpoint).to(device)
     fast = copy.deepcopy(plain)
-    note = models.speed_up_image_encoder(fast.model.visual, device, compile=True)  # as a trainer does
+    note = models.speed_up_image_encoder(fast.model.visual, device, compile=True, for_training=True)
     assert note == ("channels_last, " if kind == "rn" else "") + "torch.compile of the image encoder (training passes)"
     optimizers = {  # make_optimizer's Adam, fused on CUDA; the plain one with the same settings, unfused
         "fast": training.make_optimizer("adam", training.param_groups(fast.model, LR, 5e-4), LR, 5e-4),
