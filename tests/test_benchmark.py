@@ -73,5 +73,4 @@ def test_fast_path_decisions_compare_on_with_off():
 
 def test_fast_paths_refuses_a_cpu_without_tiny(tmp_path):
     with pytest.raises(SystemExit, match="CUDA"):
-        benchmark_fast_paths.bench_fast_paths(benchmark.parse_args(["--fast_paths", "--device", "cpu"]),
-                                              {"root": str(tmp_path)})
+        benchmark.main(["--fast_paths", "--device", "cpu", "--out", str(tmp_path / "bench.json")])
