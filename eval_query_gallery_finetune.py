@@ -10,14 +10,16 @@ dorsal-right model on 11k dorsal-left or on HD).
         --test_dir ./11k/train_val_test_split_dorsal_r --which_epoch best --flip
 
 Writes <f_name>/<m_name>/eval_<which_epoch>_<test set>[_flip][_<feature>][_rerank][_composed]/ (or --out_dir):
-result_split{i}.mat (+ result_split{i}_all.mat), results.json, results.csv and config.json.
+result_split{i}.mat (+ result_split{i}_all.mat), results.json, results.csv and config.json. The folder
+is written whole: a second evaluation into it is refused, and an interrupted or failed --force leaves
+the earlier one as it was.
 """
 import argparse
 import os
 
 import models
 import models_handid  # noqa: F401  (registers the "handid" model kind)
-from utils import data, errors, evaluation, io, protocols, splits
+from utils import data, errors, evaluation, flags, interrupts, io, protocols, splits
 
 
 def parse_args(argv=None):
@@ -59,10 +61,10 @@ def parse_args(argv=None):
                    help="accept a --test_dir prepared with another --seed than the run's training split roots")
     io.add_common_args(p)
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.max_rank < 1 or args.num_workers < 0:
-        p.error("--batch_size and --max_rank must be positive, --num_workers >= 0")
-    if args.rerank and (args.k1 < 1 or args.k2 < 1 or not 0 <= args.lambda_value <= 1):
-        p.error("--k1 and --k2 must be positive and --lambda_value in [0, 1]")
+    problems = flags.bound_problems(args, at_least={"batch_size": 1, "max_rank": 1, "num_workers": 0, "k1": 1, "k2": 1})
+    if not 0 <= args.lambda_value <= 1:
+        problems.append(f"--lambda_value must be in [0, 1], got {args.lambda_value}")
+    flags.exit_on_problems(problems)
     return args
 
 
@@ -82,73 +84,70 @@ def default_out_dir(run_dir, args, feature, run_feature):
     return os.path.join(run_dir, name)
 
 
+@interrupts.sigterm_as_ctrl_c
 def main(argv=None):
     args = parse_args(argv)
-    io.set_seed(args.seed)
-    run_dir = os.path.join(args.f_name, args.m_name)
     try:
-        image_paths = splits.query_gallery_paths(args.test_dir)
-        model, config, checkpoint = models.load_trained_model(run_dir, args.which_epoch, device=args.device)
-        trained_on = config.get("args", {}).get("data_dir") or []
-        trained_on = [trained_on] if isinstance(trained_on, str) else trained_on
-        seeds = splits.check_split_seeds([args.test_dir] + [d for d in trained_on if os.path.isdir(d)],
-                                         args.allow_mixed_seeds)
+        return evaluate(args)
     except errors.ClipFHError as err:
         raise SystemExit(f"error: {err}") from None
+
+
+def evaluate(args):
+    io.set_seed(args.seed)
+    run_dir = os.path.join(args.f_name, args.m_name)
+    image_paths = splits.query_gallery_paths(args.test_dir)
+    model, config, checkpoint = models.load_trained_model(run_dir, args.which_epoch, device=args.device)
+    trained_on = config.get("args", {}).get("data_dir") or []
+    trained_on = [trained_on] if isinstance(trained_on, str) else trained_on
+    seeds = splits.check_split_seeds([args.test_dir] + [d for d in trained_on if os.path.isdir(d)],
+                                     args.allow_mixed_seeds)
     if hasattr(model, "set_test_dir"):  # models with per-aspect parts (CLIP-ReID --sie) pick the test aspect
         note = model.set_test_dir(args.test_dir)
         if note:
             print(note)
-    note = models.speed_up_image_encoder(model.visual, args.device, args.compile)
-    args.compile = models.use_compile(args.compile, args.device)  # config.json records what ran
-    if note:
-        print(note)
     run_feature = getattr(model, "feature", None)
     kind = config["model"].get("kind", "finetune")
+    layout = splits.read_split_layout(args.test_dir)
     setting = protocols.settings(args.protocol, kind, flip=args.flip, feature=args.feature, amp=args.amp,
-                                 gallery=args.gallery, available=splits.read_split_layout(args.test_dir)
-                                 ["gallery_variants"], cuda=str(args.device).startswith("cuda"))
+                                 gallery=args.gallery, available=layout["gallery_variants"],
+                                 cuda=str(args.device).startswith("cuda"))
     if args.feature is not None and not hasattr(model, "feature"):
-        raise SystemExit(f"error: the {kind} model of {run_dir} has no --feature choice")
+        raise errors.EvaluationInputError(f"the {kind} model of {run_dir} has no --feature choice")
     feature = setting["feature"] or run_feature
     if hasattr(model, "feature"):
-        try:
-            model.check_feature(feature)
-        except errors.ClipFHError as err:
-            raise SystemExit(f"error: {err}") from None
+        model.check_feature(feature)
         model.feature = feature
     if args.inference_prompt is not None:
         if not hasattr(model, "inference_prompt"):
-            raise SystemExit(f"error: --inference_prompt applies to PromptSG runs; {run_dir} holds a "
-                             f"{config['model'].get('kind')} model")
+            raise errors.EvaluationInputError(f"--inference_prompt applies to PromptSG runs; {run_dir} holds a "
+                                              f"{kind} model")
         model.inference_prompt = args.inference_prompt
     out_dir = args.out_dir or default_out_dir(run_dir, args, feature, run_feature)
-    if os.path.exists(os.path.join(out_dir, "results.json")) and not args.force:
-        raise SystemExit(f"error: {out_dir} already holds results; pass --force to overwrite them")
-
-    backbone = config["model"]["backbone"]
-    input_size = tuple(backbone["input_size"])
-    rerank = {"k1": args.k1, "k2": args.k2, "lambda_value": args.lambda_value} if args.rerank else None
-    extra = {"run_dir": os.path.abspath(run_dir), "model_kind": config["model"].get("kind", "finetune"),
-             "which_epoch": str(args.which_epoch), "epoch": checkpoint.get("epoch"), "backbone": backbone["name"],
-             "feature": feature, "rerank": rerank, "protocol": setting, "inference_prompt": getattr(model, "inference_prompt", None),
-             "trained_on": config.get("args", {}).get("data_dir"), "pretrained": config.get("pretrained"),
-             "preprocessing": "bicubic resize to the training input size (no crop), CLIP mean/std"}
-    extra["split_seed"] = seeds.get(os.path.abspath(args.test_dir))
-    try:
+    with evaluation.open_output(out_dir, args.force) as out:  # one evaluation per folder, from here to the end
+        feature_dim = model.feature_dim() if hasattr(model, "feature_dim") else None
+        rerank = {"k1": args.k1, "k2": args.k2, "lambda_value": args.lambda_value} if args.rerank else None
+        out.check_space(evaluation.estimate_result_bytes(args.test_dir, layout["num_splits"], layout["gallery_variants"],
+                                                         feature_dim, bool(rerank)))
+        note = models.speed_up_image_encoder(model.visual, args.device, args.compile)
+        args.compile = models.use_compile(args.compile, args.device)  # config.json records what ran
+        if note:
+            print(note)
+        backbone = config["model"]["backbone"]
+        input_size = tuple(backbone["input_size"])
+        extra = {"run_dir": os.path.abspath(run_dir), "model_kind": kind, "which_epoch": str(args.which_epoch),
+                 "epoch": checkpoint.get("epoch"), "backbone": backbone["name"], "feature": feature, "rerank": rerank,
+                 "protocol": setting, "inference_prompt": getattr(model, "inference_prompt", None),
+                 "trained_on": config.get("args", {}).get("data_dir"), "pretrained": config.get("pretrained"),
+                 "preprocessing": "bicubic resize to the training input size (no crop), CLIP mean/std",
+                 "split_seed": seeds.get(os.path.abspath(args.test_dir))}
         data.check_images(image_paths, input_size, args.num_workers, what=f"images of {args.test_dir}")
-    except errors.ImageLoadError as err:
-        raise SystemExit(f"error: {err}") from None
-    method = f"{args.m_name} ({extra['model_kind']}, net_{args.which_epoch})" + (" + RK" if rerank else "")
-    try:
+        method = f"{args.m_name} ({kind}, net_{args.which_epoch})" + (" + RK" if rerank else "")
         results = evaluation.evaluate_query_gallery(
             model, args.test_dir, out_dir, gallery=setting["gallery"], method_name=method, input_size=input_size,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, flip=setting["flip"],
-            amp=io.resolve_amp(setting["amp"], args.device), max_rank=args.max_rank, rerank=rerank,
-            overwrite=args.force, extra=extra, table_mAP=setting["mAP"])
-    except errors.ClipFHError as err:
-        raise SystemExit(f"error: {err}") from None
-    io.write_run_config(out_dir, args, extra=extra)
+            amp=io.resolve_amp(setting["amp"], args.device), max_rank=args.max_rank, rerank=rerank, extra=extra,
+            table_mAP=setting["mAP"], run_args=args, output=out, feature_dim=feature_dim)
     variant = protocols.headline_gallery(results["gallery_variants"])
     mean = results["summary"][variant]["mean"]
     print(f"Wrote results.json, results.csv and {len(results['rows'])} result_split*.mat for "

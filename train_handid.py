@@ -21,7 +21,7 @@ import os
 
 import models
 import models_handid
-from utils import errors, io, data, evaluation, distributed, training, flags, runs
+from utils import errors, interrupts, io, data, evaluation, distributed, training, flags, runs
 from losses import HandIDLoss
 
 BATCH_SIZE = {"vit": 20, "rn": 4}  # the reference's batch sizes for ViT-B/16 and RN50
@@ -69,10 +69,10 @@ def check_args(args):
         models_handid.placeholder_prompt_tokens(args.prompt_template)
     except errors.TrainingInputError as err:
         problems.append(str(err))
-    if problems:
-        raise errors.TrainingInputError("; ".join(problems))
+    flags.refuse_training_flags(problems)
 
 
+@interrupts.sigterm_as_ctrl_c
 def main(argv=None):
     return runs.run_training(parse_args(argv), check_args, train)
 
@@ -85,7 +85,7 @@ def model_config_from_args(args, spec):
 def build_model(args, out_dir, hands, dist_info):
     """(model, model_config, spec): pretrained CLIP for a new run, the run's own model when resuming."""
     if args.resume:
-        spec, old_config = models.resumed_run(out_dir, args, hands["class_names"], os.path.join(out_dir, "net_last.pth"))
+        spec, old_config = models.resumed_run(out_dir, args, hands["class_names"])
         model_config = model_config_from_args(args, spec)
         if old_config["model"] != model_config:
             raise errors.TrainingInputError(f"{out_dir} was trained with other CLIP-HandID model flags "
@@ -101,6 +101,7 @@ def build_model(args, out_dir, hands, dist_info):
 def train(args, dist_info):
     device, amp = dist_info.device, io.resolve_amp(args.amp, dist_info.device)
     hands = data.load_train_val(args.data_dir, args.train_all)
+    runs.preflight(args, hands, args.data_dir)  # before the run folder is touched
     num_classes = len(hands["class_names"])
     out_dir, log = runs.start_run(args, dist_info)
 
@@ -125,6 +126,7 @@ def train(args, dist_info):
     last_path, best_path = os.path.join(out_dir, "net_last.pth"), os.path.join(out_dir, "net_best.pth")
     _, history, best, start_epoch = models.resume_from_last(args, out_dir, model, spec, dist_info, log,
                                                             optimizer, scheduler, scaler, sampler)
+    runs.check_run_space(out_dir, args, model, args.data_dir, model.feature_dim())
     text_path = ("reference_no_grad_text: the prompts are encoded without gradient, as in the released code, so "
                  "the inversion network does not learn" if args.reference_no_grad_text else
                  "gradients flow through the frozen text tower into the inversion network (the paper; the released "
