@@ -21,8 +21,9 @@ import os
 from .errors import TrainingInputError
 from .io import atomic_write_json, read_config, run_info
 
-RUN_FLAGS = {"f_name", "m_name", "resume", "force", "device", "num_workers", "progress", "compile", "gpu_augment",
-             "cache_resized", "download_root", "allow_mixed_seeds", "deterministic", "stage", "prompts"}
+LOCATION = {"f_name", "m_name", "resume", "force"}  # where the run is and how it was claimed: never recorded
+RUN_FLAGS = LOCATION | {"device", "num_workers", "progress", "compile", "gpu_augment", "cache_resized", "download_root",
+                        "allow_mixed_seeds", "deterministic", "stage", "prompts"}
 HONOURED = {"epochs", "eval_every", "save_every", "final_test", "data_dir"}
 
 
@@ -70,7 +71,7 @@ def record_resume(out_dir, args, after_epoch, **where):
     stage, in `where`) it continues after and the run and honoured flags that changed."""
     config = read_config(out_dir, required=("args",))
     changed = {flag: {"from": config["args"][flag], "to": _plain(getattr(args, flag))}
-               for flag in sorted(RUN_FLAGS | HONOURED)
+               for flag in sorted((RUN_FLAGS - LOCATION) | HONOURED)
                if flag in config["args"] and hasattr(args, flag) and _plain(getattr(args, flag)) != config["args"][flag]}
     info = run_info()
     entry = {"date": info["date"], "git_commit": info["git_commit"], "argv": info["argv"],

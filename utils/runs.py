@@ -447,7 +447,8 @@ def final_test(model, args, data_dir, out_dir, folder, method_name, amp, device,
             model, data_dir, os.path.join(out_dir, folder), method_name=method_name,
             input_size=tuple(args.input_size), batch_size=max(args.batch_size, 64), num_workers=args.num_workers,
             device=device, amp="none", flip=setting["flip"], overwrite=True, table_mAP=setting["mAP"],
-            extra=dict(extra, feature=setting["feature"], protocol=dict(setting, amp="none")))
+            extra=dict(extra, feature=setting["feature"], protocol=dict(setting, amp="none"),
+                       run_dir=os.path.abspath(out_dir)), feature_dim=model.feature_dim())
     finally:
         model.feature = run_feature
     variant = protocols.headline_gallery(results["gallery_variants"])

@@ -240,6 +240,7 @@ def write_split_roots(data_dir, roots, linker, args):
     final = {name: os.path.join(data_dir, name) for name in roots}
     tmp = {name: outputs.staging_name(final[name], "tmp") for name in roots}  # not mkdtemp: 0700
     old = {name: outputs.staging_name(final[name], "old") for name in roots}
+    outputs.check_writable(data_dir, "--data_dir")
     with ExitStack() as locks:
         for name in sorted(roots):
             locks.enter_context(outputs.FolderLock(final[name], "another split preparation"))
