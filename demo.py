@@ -18,7 +18,6 @@ within minutes on a CPU; every output then records "pretrained": false. With pre
 training runs are short (--epochs); on a CPU the input size defaults to 112x112 to keep them quick.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -115,11 +114,6 @@ def resolve_backbone(args):
             "about CLIP. Every output records \"pretrained\": false.",
             f"Random weights: {path}"])
     return path, False
-
-
-def load_results(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def table_rows(results, name):

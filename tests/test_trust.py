@@ -126,26 +126,36 @@ def test_results_csv_and_metrics_csv_read_back_with_pandas_equal_their_json(trai
 
 # ---- one writer per output folder ----
 
-def _train_held_in_epoch_1(argv, ready, release):
-    real = training.train_one_epoch
+def _run_held(target, script, argv, ready, release):
+    """In a second process: script.main(argv), held when it first calls `target` ("module.function"):
+    `ready` is set and the call waits for `release`."""
+    import importlib
+    module_name, name = target.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    real = getattr(module, name)
 
     def held(*args, **kwargs):
         ready.set()
         release.wait(120)
         return real(*args, **kwargs)
-    training.train_one_epoch = held
+    setattr(module, name, held)
     torch.set_num_threads(1)
-    train_finetune.main(argv)
+    importlib.import_module(script).main(argv)
+
+
+def start_held(target, script, argv):
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    process = ctx.Process(target=_run_held, args=(target, script, argv, ready, release))
+    process.start()
+    return process, ready, release
 
 
 def test_a_second_trainer_on_the_same_run_is_refused_and_touches_nothing(data_11k, tiny_vit_checkpoint, tmp_path):
     """Row 3: two train_finetune.py on one --m_name; the refused one removed the other's fresh folder."""
     argv = train_argv(os.path.join(data_11k, ROOTS_11K[0]), tmp_path, tiny_vit_checkpoint, "--no-final_test",
                       "--epochs", "1")
-    ctx = multiprocessing.get_context("spawn")
-    ready, release = ctx.Event(), ctx.Event()
-    first = ctx.Process(target=_train_held_in_epoch_1, args=(argv, ready, release))
-    first.start()
+    first, ready, release = start_held("utils.training.train_one_epoch", "train_finetune", argv)
     try:
         assert ready.wait(120), "the first run did not reach its first epoch"
         before = tree_digest(tmp_path / "run")
@@ -162,26 +172,11 @@ def test_a_second_trainer_on_the_same_run_is_refused_and_touches_nothing(data_11
     assert "epoch 1/1" in (tmp_path / "run" / "train.log").read_text()
 
 
-def _evaluate_held_before_encoding(argv, ready, release):
-    real = evaluation.encode_split_images
-
-    def held(*args, **kwargs):
-        ready.set()
-        release.wait(120)
-        return real(*args, **kwargs)
-    evaluation.encode_split_images = held
-    torch.set_num_threads(1)
-    zero_shot.main(argv)
-
-
 def test_two_evaluations_into_one_folder_one_is_refused(data_11k, tiny_vit_checkpoint, tmp_path):
     """Row 5: both printed "Wrote results" and one was lost."""
     argv = ["--test_dir", os.path.join(data_11k, ROOTS_11K[0]), "--f_name", str(tmp_path), "--backbone_name",
             tiny_vit_checkpoint, "--input_size", "32", "32", *QUIET]
-    ctx = multiprocessing.get_context("spawn")
-    ready, release = ctx.Event(), ctx.Event()
-    first = ctx.Process(target=_evaluate_held_before_encoding, args=(argv, ready, release))
-    first.start()
+    first, ready, release = start_held("utils.evaluation.encode_split_images", "eval_query_gallery_clip_zeroshot", argv)
     try:
         assert ready.wait(120)
         with pytest.raises(SystemExit, match=r"is being written by another evaluation \(pid \d+\)") as info:

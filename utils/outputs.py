@@ -204,7 +204,8 @@ class OutputFolder:
     process holds it), stale leftovers of dead processes cleaned, existing results refused unless
     `overwrite` (OutputExistsError naming `flag`), the location checked writable. `staged()` builds
     the new contents and swaps them in whole. With `ours` (a test of a file name: does this script
-    write it?) a folder that also holds other files is refused, flag or not: the swap would lose them."""
+    write it?) a folder that also holds other (not hidden) files is refused, flag or not: the swap would
+    lose them."""
 
     def __init__(self, folder, overwrite=False, flag="--force", what="another process", exists=None, ours=None):
         self.folder = os.path.abspath(folder)
@@ -221,7 +222,8 @@ class OutputFolder:
             recover_leftovers(self.folder)
             if os.path.lexists(self.folder) and not os.path.isdir(self.folder):
                 raise OutputExistsError(f"{self.folder} is a file, not a folder; choose another output folder")
-            foreign = sorted(n for n in _entries(self.folder) if self.ours is not None and not self.ours(n))
+            foreign = sorted(n for n in _entries(self.folder)  # hidden: temporary files of an interrupted write
+                             if self.ours is not None and not self.ours(n) and not n.startswith("."))
             if foreign:
                 raise OutputExistsError(f"{self.folder} holds files this program did not write ({', '.join(foreign[:3])}"
                                         f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty output folder")

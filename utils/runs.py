@@ -88,14 +88,13 @@ def plot_training_curve(path, rows):
             ax.set_xlim(rows[0]["epoch"] - 0.5, rows[-1]["epoch"] + 0.5)
         ax.legend(fontsize=8)
     try:
-        with open(os.path.join(os.path.dirname(path), "config.json")) as f:
-            config = json.load(f)
+        config = io.read_json(os.path.join(os.path.dirname(path), "config.json"))
         backbone = str(config.get("model", {}).get("backbone", {}).get("name") or config.get("backbone", ""))
         if backbone.endswith((".pt", ".pth")):
             backbone = os.path.splitext(os.path.basename(backbone))[0]
         fig.suptitle(f"{config.get('method', '?')}{', stage 1 (prompt learning)' if stage1 else ''}, backbone {backbone}")
-    except (OSError, ValueError):
-        pass
+    except ClipFHError:
+        pass  # no title from a missing or broken config.json
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.14, top=0.84, wspace=0.3)  # tight_layout is slow
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=72), mode="wb")
     plt.close(fig)

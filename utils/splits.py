@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from . import outputs
 from .errors import SplitInputError
-from .io import add_common_args, write_run_config
+from .io import add_common_args, read_json, write_run_config
 
 
 HAND_INFO_COLUMNS = ("id", "age", "gender", "skinColor", "accessories", "nailPolish", "aspectOfHand",
@@ -407,12 +407,8 @@ def read_manifest(split_root):
     path = os.path.join(split_root, SPLITS_MANIFEST)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SplitInputError(f"cannot read split manifest {path}: {e}; re-run the prepare script") from e
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("sets"), dict):
+    manifest = read_json(path, error=SplitInputError)
+    if not isinstance(manifest.get("sets"), dict):
         raise SplitInputError(f"split manifest {path} has no 'sets'; re-run the prepare script")
     return manifest
 
