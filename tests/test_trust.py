@@ -607,6 +607,25 @@ def test_an_unwritable_or_full_output_location_is_one_line_before_the_work(train
     assert sorted(os.listdir(out)) == ["11k"]
 
 
+def test_a_full_disk_while_a_trainer_writes_a_checkpoint_is_one_line(data_11k, tiny_vit_checkpoint, tmp_path,
+                                                                    monkeypatch):
+    real, calls = torch.save, []
+
+    def save_until_full(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # epoch 1's net_best and net_last, then a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch, "save", save_until_full)
+    with pytest.raises(SystemExit, match=r"cannot write .*: no space left on the device") as info:
+        train_finetune.main(train_argv(os.path.join(data_11k, ROOTS_11K[0]), tmp_path, tiny_vit_checkpoint,
+                                       "--no-final_test"))
+    one_line(info)
+    run_dir = tmp_path / "run"
+    assert training.load_checkpoint(str(run_dir / "net_last.pth"))["epoch"] == 1  # the last good one, whole
+    assert [n for n in os.listdir(run_dir) if n.startswith(".")] == []  # no half-written file
+
+
 def test_a_full_disk_while_writing_a_table_or_figure_is_one_line(trained, tmp_path, monkeypatch):
     import collect_results
     from utils import io
