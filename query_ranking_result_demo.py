@@ -177,7 +177,7 @@ def main(argv=None):
     try:
         result = evaluation.load_result_mat(args.mat)
     except errors.ClipFHError as e:
-        raise SystemExit(str(e)) from None
+        raise SystemExit(f"error: {e}") from None
     if result["query_path"] is None or result["gallery_path"] is None:
         raise SystemExit(f"{args.mat} stores no image paths (query_path / gallery_path); re-run the evaluator "
                          f"of this repository to write them")

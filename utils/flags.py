@@ -136,7 +136,10 @@ def add_run_control_args(parser, resume_help, final_test_help):
     g.add_argument("--amp", default=None, choices=AMP_CHOICES, help="autocast dtype (default: bf16 on CUDA, none on CPU)")
     io.add_compile_arg(g)
     g.add_argument("--grad_clip", type=float, default=0.0, help="max gradient norm (0: off); applied before the step")
-    g.add_argument("--resume", action="store_true", help=resume_help)
+    g.add_argument("--resume", action="store_true",
+                   help=resume_help + "; flags left out take the run's recorded values, and one given with another "
+                                      "value is refused unless the run can honour it, e.g. more --epochs (README "
+                                      "'--resume')")
     g.add_argument("--save_every", type=int, default=0, help="also keep net_<epoch>.pth every N epochs (0: never)")
     g.add_argument("--eval_every", type=int, default=5, help="validate every N epochs (and after the last)")
     g.add_argument("--final_test", action=argparse.BooleanOptionalAction, default=True, help=final_test_help)

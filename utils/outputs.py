@@ -195,7 +195,8 @@ def check_space(folder, need_bytes, flag="the output folder"):
     free = free_bytes(folder)
     if free < need:
         raise OutputWriteError(f"{flag}: {os.path.abspath(folder)} has {free / 2 ** 20:.0f} MiB free, this run "
-                               f"writes about {need / 2 ** 20:.0f} MiB; free some space or choose another "
+                               f"needs about {need / 2 ** 20:.0f} MiB ({need_bytes / 2 ** 20:.1f} MiB of output and "
+                               f"{SPACE_MARGIN_BYTES / 2 ** 20:.0f} MiB to spare); free some space or choose another "
                                f"output location")
 
 
@@ -254,6 +255,10 @@ class OutputFolder:
         try:
             with output_errors(self.folder):
                 yield tmp
+        except OutputWriteError as err:  # name the output folder, not its temporary twin
+            with signals_deferred():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise OutputWriteError(str(err).replace(tmp, self.folder)) from err
         except BaseException:
             with signals_deferred():
                 shutil.rmtree(tmp, ignore_errors=True)

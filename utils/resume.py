@@ -27,7 +27,7 @@ RUN_FLAGS = LOCATION | {"device", "num_workers", "progress", "compile", "gpu_aug
 HONOURED = {"epochs", "eval_every", "save_every", "final_test", "data_dir"}
 
 
-def _plain(value):
+def as_recorded(value):
     """A value as config.json holds it (tuples as lists)."""
     return json.loads(json.dumps(value))
 
@@ -45,7 +45,7 @@ def take_run_settings(args, out_dir, epochs_done):
     for flag, old in recorded.items():
         if flag in RUN_FLAGS or flag.startswith("_") or not hasattr(args, flag):
             continue
-        new = _plain(getattr(args, flag))
+        new = as_recorded(getattr(args, flag))
         if given is not None and flag not in given:
             setattr(args, flag, old)
         elif new != old and flag not in HONOURED:
@@ -70,9 +70,10 @@ def record_resume(out_dir, args, after_epoch, **where):
     """Append this resume to config.json's "resumes": date, git commit, command line, the epoch (or
     stage, in `where`) it continues after and the run and honoured flags that changed."""
     config = read_config(out_dir, required=("args",))
-    changed = {flag: {"from": config["args"][flag], "to": _plain(getattr(args, flag))}
-               for flag in sorted((RUN_FLAGS - LOCATION) | HONOURED)
-               if flag in config["args"] and hasattr(args, flag) and _plain(getattr(args, flag)) != config["args"][flag]}
+    now = {flag: as_recorded(getattr(args, flag)) for flag in sorted((RUN_FLAGS - LOCATION) | HONOURED)
+           if flag in config["args"] and hasattr(args, flag)}
+    changed = {flag: {"from": config["args"][flag], "to": value} for flag, value in now.items()
+               if value != config["args"][flag]}
     info = run_info()
     entry = {"date": info["date"], "git_commit": info["git_commit"], "argv": info["argv"],
              "after_epoch": after_epoch, **where, "changed_flags": changed}

@@ -303,7 +303,7 @@ def write_training_config(out_dir, args, extra, start_epoch=0, **where):
         return
     recorded = read_config(out_dir)
     for key in RECORDED_SETUP:
-        if key in extra and key in recorded and resume._plain(extra[key]) != recorded[key]:
+        if key in extra and key in recorded and resume.as_recorded(extra[key]) != recorded[key]:
             raise TrainingInputError(f"--resume: this command sets up {key} {_brief(extra[key])}, but "
                                      f"{os.path.join(out_dir, 'config.json')} records {_brief(recorded[key])}; resume "
                                      f"with the run's own data and settings, or start a new --m_name")
@@ -311,7 +311,7 @@ def write_training_config(out_dir, args, extra, start_epoch=0, **where):
 
 
 def _brief(value, limit=120):
-    text = json.dumps(resume._plain(value), sort_keys=True)
+    text = json.dumps(resume.as_recorded(value), sort_keys=True)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
