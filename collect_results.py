@@ -15,6 +15,7 @@ import json
 import os
 
 from utils import io, verification
+from utils.outputs import check_writable
 from utils.errors import ClipFHError, EvaluationInputError, OutputExistsError
 
 COLUMNS = [("Rank-1", "rank1"), ("Rank-5", "rank5"), ("Rank-10", "rank10"), ("mAP (hand)", "mAP_hand"),
@@ -192,7 +193,7 @@ def run(args):
     existing = [p for p in outputs if os.path.exists(p)]
     if existing and not args.force:
         raise OutputExistsError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    check_writable(os.path.dirname(os.path.abspath(args.out)), "--out")  # atomic writes make the folder
     io.atomic_write_text(outputs[0], markdown_table(rows))
     io.atomic_write_text(outputs[1], latex_table(rows))
     io.write_metrics_csv(outputs[2], csv_rows(rows))

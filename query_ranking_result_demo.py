@@ -17,6 +17,7 @@ import re
 import numpy as np
 
 from utils import data, errors, evaluation
+from utils.outputs import check_writable, output_errors
 
 CORRECT, WRONG = "#1a9641", "#d7191c"
 LEGEND = ((CORRECT, "same identity"), (WRONG, "different identity"))
@@ -186,8 +187,9 @@ def save_png_and_pdf(fig, out_png, pdf=True):
     for path in paths:
         tmp = f"{path}.tmp"
         try:
-            fig.savefig(tmp, format=os.path.splitext(path)[1][1:], dpi=150)
-            os.replace(tmp, path)
+            with output_errors(path):  # a full disk or read-only folder: one line
+                fig.savefig(tmp, format=os.path.splitext(path)[1][1:], dpi=150)
+                os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -200,7 +202,7 @@ def main(argv=None):
     try:
         result = evaluation.load_result_mat(args.mat)
     except errors.ClipFHError as e:
-        raise SystemExit(str(e)) from None
+        raise SystemExit(f"error: {e}") from None
     if result["query_path"] is None or result["gallery_path"] is None:
         raise SystemExit(f"{args.mat} stores no image paths (query_path / gallery_path); re-run the evaluator "
                          f"of this repository to write them")
@@ -212,6 +214,10 @@ def main(argv=None):
     existing = [p for p in outputs if os.path.exists(p)]
     if existing and not args.force:
         raise SystemExit(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
+    try:
+        check_writable(os.path.dirname(os.path.abspath(args.out)), "--out")
+    except errors.ClipFHError as err:
+        raise SystemExit(f"error: {err}") from None
     queries = choose_queries(args, len(result["query_label"]))
     needed = [result["query_path"][q] for q in queries]
     for q in queries:
@@ -226,7 +232,10 @@ def main(argv=None):
         hits = np.flatnonzero(is_match)
         print(f"query {q} ({result['query_path'][q]}), identity {result['query_label'][q]}: first correct match "
               f"at rank {hits[0] + 1 if len(hits) else 'none'}")
-    paths = draw_figure(result, queries, args.top_k, args.out, args.title or default_title(args.mat), pdf=args.pdf)
+    try:
+        paths = draw_figure(result, queries, args.top_k, args.out, args.title or default_title(args.mat), pdf=args.pdf)
+    except errors.ClipFHError as err:
+        raise SystemExit(f"error: {err}") from None
     print(f"Wrote ranking figure for {len(queries)} quer{'y' if len(queries) == 1 else 'ies'} to {' and '.join(paths)}")
     return paths
 

@@ -43,3 +43,9 @@ class OutputBusyError(ClipFHError):
 class OutputWriteError(ClipFHError, OSError):
     """An output location that cannot take what a script writes (full, read-only, not writable);
     the message names the path."""
+
+
+class InputFileError(ClipFHError, ValueError):
+    """A file we read (config.json, results.json, a .mat result file) that is missing, truncated, not
+    of the expected kind, lacks a key or disagrees with itself; the message names the file and what is
+    wrong."""
