@@ -160,9 +160,10 @@ def bench_fast_paths(args):
             name = f"{prefix}_{config}"
             wall = timed(train_command(name, checkpoint, args.fast_paths_epochs, config), config, name)
             rows[config] = train_figures(wall, os.path.join(work, name), args.fast_paths_epochs)
-            for file in os.listdir(os.path.join(work, name)):  # its checkpoints (a GB or two for ViT-B/16) are done
-                if file.startswith("net_") and file.endswith(".pth"):
-                    os.remove(os.path.join(work, name, file))
+            if not args.tiny:  # its checkpoints (a GB or two for ViT-B/16) are not needed (--tiny evaluates one)
+                for file in os.listdir(os.path.join(work, name)):
+                    if file.startswith("net_") and file.endswith(".pth"):
+                        os.remove(os.path.join(work, name, file))
             report(f"train {backbone} {config}", rows[config])
         key = "wall_s" if args.fast_paths_epochs >= PROTOCOL_EPOCHS else "projected_protocol_s"
         figures["decisions"][f"train {backbone}"] = decisions(rows, key)
