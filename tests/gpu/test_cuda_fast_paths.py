@@ -101,11 +101,11 @@ def test_every_fast_path_against_the_plain_path(method, kind, fast_paths, tiny_v
         objective = fast if which == "fast" else plain
         result = training.train_one_epoch(objective, batches, training.module_loss, [optimizers[which]],
                                           training.make_grad_scaler(amp, device), amp, device, epoch, progress=False)
-        return result.losses["loss"]
+        return result.losses
 
     # fp32 (the reference's precision), epoch 1 of one batch from the same weights: loss and gradients
     first = make_batches(1, device, seed=1)
-    loss_plain, loss_fast = train_epoch("plain", first, 1), train_epoch("fast", first, 1)
+    loss_plain, loss_fast = train_epoch("plain", first, 1)["loss"], train_epoch("fast", first, 1)["loss"]
     assert loss_fast == pytest.approx(loss_plain, rel=1e-3)
     named_fast = dict(fast.named_parameters())
     with_grad = [name for name, p in plain.named_parameters() if p.grad is not None]
@@ -116,17 +116,19 @@ def test_every_fast_path_against_the_plain_path(method, kind, fast_paths, tiny_v
     # epoch 2 of three more batches: the losses and where the weights went
     before = {"plain": flat(plain.parameters()), "fast": flat(fast.parameters())}
     rest = make_batches(3, device, seed=2)
-    loss_plain, loss_fast = train_epoch("plain", rest, 2), train_epoch("fast", rest, 2)
+    loss_plain, loss_fast = train_epoch("plain", rest, 2)["loss"], train_epoch("fast", rest, 2)["loss"]
     assert loss_fast == pytest.approx(loss_plain, rel=1e-3)
     moved_plain, moved_fast = flat(plain.parameters()) - before["plain"], flat(fast.parameters()) - before["fast"]
     assert moved_plain.abs().max() > LR / 2 and cosine(moved_fast, moved_plain) > 0.99
     assert len(graphs) == 1  # every training batch ran one compiled graph
 
-    # --amp bf16 on top (opt-in): one more graph (autocast is part of what a graph assumes), and the loss
-    # of a batch within bf16's rounding of the fp32 one
+    # --amp bf16 on top (opt-in): one more graph (autocast is part of what a graph assumes), and a batch's
+    # identity loss within bf16's rounding of the fp32 one (not the total: the triplet losses' hardest
+    # pairs are near-ties that bf16 may pick otherwise, which moves them by several percent)
     last = make_batches(1, device, seed=3)
     loss_plain, loss_bf16 = train_epoch("plain", last, 3), train_epoch("fast", last, 3, amp="bf16")
-    assert loss_bf16 == pytest.approx(loss_plain, rel=0.02)
+    assert loss_bf16["loss_id"] == pytest.approx(loss_plain["loss_id"], rel=0.02)
+    assert torch.isfinite(torch.tensor(list(loss_bf16.values()))).all()
     assert len(graphs) == 2
 
     # evaluation: the plain model's weights compiled for evaluation passes as an evaluator does, fp32 and bf16
