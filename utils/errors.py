@@ -43,3 +43,8 @@ class OutputBusyError(ClipFHError):
 class OutputWriteError(ClipFHError, OSError):
     """An output location that cannot take what a script writes (full, read-only, not writable);
     the message names the path."""
+
+
+class RecipeError(ClipFHError, ValueError):
+    """A recipe of reproduce.py that cannot be read or run (a missing field, an unknown method or
+    script, a split root outside the data folders it lists)."""
