@@ -99,17 +99,6 @@ def optional_config(folder):
         return {}
 
 
-def model_kind(results, run_config):
-    if results.get("model_kind"):
-        return results["model_kind"]
-    if run_config.get("method") in display.METHOD_NAMES:
-        return run_config["method"]
-    if not results.get("run_dir") and ("zero-shot" in str(results.get("method", "")).lower()
-                                       or results.get("feature") == "CLIP encode_image"):
-        return "zero-shot"
-    return str(results.get("method", "?"))
-
-
 def dataset_of(split_root, recorded=None):
     """'11k' or 'HD': as recorded, else from the split root's manifest when it is still there."""
     if recorded in ("11k", "HD") or not isinstance(split_root, str):
@@ -156,14 +145,15 @@ def evaluation_entries(path, galleries):
     if not run_config and not run_dir:  # a trainer's final_test/ folder: the run is its parent
         parent = optional_config(os.path.dirname(folder))
         run_config = parent if parent.get("method") in display.METHOD_NAMES else {}
-    kind = model_kind(results, run_config)
+    kind = display.results_method(results, run_config)
     train_args = run_config.get("args", {}) if isinstance(run_config.get("args"), dict) else {}
     eval_args = eval_config.get("args", {}) if isinstance(eval_config.get("args"), dict) else {}
     settings = {k: hashable(v) for k, v in eval_args.items() if k not in IGNORED_ARGS}
     settings.update({k: hashable(v) for k, v in train_args.items() if k not in IGNORED_ARGS})
     cuda = str(eval_args.get("device", "")).startswith("cuda")
     protocol = protocol_label(results.get("protocol"), kind, results["gallery_variants"], cuda)
-    test_set = display.test_set_name(results.get("test_dir", "?"), dataset_of(results.get("test_dir"), results.get("dataset")))
+    test_dataset = dataset_of(results.get("test_dir"), results.get("dataset"))
+    test_set = display.test_set_name(results.get("test_dir", "?"), test_dataset)
     train_dirs = train_args.get("data_dir")
     first_train_dir = train_dirs[0] if isinstance(train_dirs, list) and train_dirs else train_dirs
     train_set = display.training_set_name(train_dirs, dataset_of(first_train_dir, train_args.get("data_type")))
@@ -176,7 +166,7 @@ def evaluation_entries(path, galleries):
         impostors = [r.get("num_impostor_pairs") for r in splits]
         entries.append({
             "labels": {"method": display.method_name(kind), "backbone": display.backbone_name(results.get("backbone")),
-                       "train_set": train_set, "test_set": test_set, "gallery": display.gallery_name(variant),
+                       "train_set": train_set, "test_set": test_set, "gallery": display.gallery_name(variant, test_dataset),
                        "protocol": protocol},
             "protocol_name": protocol.split(" (")[0], "kind": kind, "settings": settings,
             "seed": train_args.get("seed") if train_args else None,

@@ -16,9 +16,7 @@ import re
 
 import numpy as np
 
-from utils import data, errors, evaluation
-
-CORRECT, WRONG = "#1a9641", "#d7191c"
+from utils import data, display, errors, evaluation, figures, splits
 
 
 def parse_args(argv=None):
@@ -73,24 +71,34 @@ def rank_gallery(result, query_index):
     return order, result["gallery_label"][order] == result["query_label"][query_index], scores
 
 
-def default_title(mat_path):
-    """'method, backbone, split i, gallery own|all' from the .mat's name and the results.json /
-    config.json next to it (each part left out when unknown)."""
+def evaluation_info(mat_path):
+    """results.json (over config.json) of the evaluation beside a .mat ({} when neither is there)."""
     folder = os.path.dirname(os.path.abspath(mat_path))
     info = {}
     for name in ("config.json", "results.json"):  # results.json wins
         try:
             with open(os.path.join(folder, name)) as f:
-                info.update(json.load(f))
+                found = json.load(f)
+            info.update(found if isinstance(found, dict) else {})
         except (OSError, ValueError):
             pass
-    backbone = str(info.get("backbone") or "")
-    if backbone.endswith((".pt", ".pth")):  # a checkpoint file: its stem, as the evaluators name folders
-        backbone = os.path.splitext(os.path.basename(backbone))[0]
-    parts = [info.get("method"), backbone and f"backbone {backbone}"]
+    return info
+
+
+def default_title(mat_path):
+    """'Zero-shot ViT-B/16 on 11k dorsal right, split 1, gallery with distractors' from the .mat's
+    name and the results.json / config.json beside it (each part left out when unknown)."""
+    info = evaluation_info(mat_path)
+    method = display.method_name(display.results_method(info)) if info.get("method") else None
+    backbone = display.backbone_name(info["backbone"]) if info.get("backbone") else None
+    test_dir = info.get("test_dir") or (info.get("args") or {}).get("test_dir")
+    parts = [" ".join(p for p in (method, backbone) if p) or None]
+    if test_dir:
+        parts[0] = f"{parts[0] or 'ranking'} on {display.test_set_name(test_dir, info.get('dataset'))}"
     found = re.fullmatch(r"result_split(\d+)(_all)?\.mat", os.path.basename(mat_path))
     if found:
-        parts += [f"split {found.group(1)}", "gallery all (with distractors)" if found.group(2) else "gallery own"]
+        variant = "all" if found.group(2) else "own"
+        parts += [f"split {found.group(1)}", f"gallery {display.gallery_name(variant, info.get('dataset'))}"]
     return ", ".join(p for p in parts if p) or os.path.basename(mat_path)
 
 
@@ -105,69 +113,96 @@ def choose_queries(args, num_queries):
     return sorted(rng.choice(num_queries, size=min(args.num_queries, num_queries), replace=False).tolist())
 
 
-def draw_figure(result, query_indices, top_k, out_png, title, pdf=False):
-    """Draw the ranking rows and save the PNG (and a PDF with `pdf`). Returns the paths written."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
+def split_manifest_of(result):
+    """The manifest (splits.json) of the split root the .mat's gallery images lie in
+    (<split root>/<set>/<identity>/<file>), or None."""
+    for path in result["gallery_path"][:1]:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+        try:
+            return splits.read_manifest(root)
+        except errors.ClipFHError:
+            return None
+    return None
 
-    top_k = min(top_k, len(result["gallery_label"]))
+
+def identity_caption(label, manifest):
+    """'id 1058' for the split root's own identities; a distractor by where it comes from and its
+    original id ('dorsal left\nid 1039', 'HD 502-712\nid 560'), not by its relabelled number."""
+    origin = splits.distractor_origin(label, manifest)
+    if origin is None:
+        return f"id {label}"
+    where, original = origin
+    return f"{'HD ' if where[:1].isdigit() else ''}{where}\nid {original}"
+
+
+def ranking_rows(result, query_indices, top_k, manifest=None):
+    """The rows draw_ranking draws for the queries of an evaluation: the query, then its top-k with
+    rank, identity and similarity (two decimals; the re-ranked distance when the .mat holds one)."""
     score_name = "dist" if result.get("rerank_dist") is not None else "sim"
-    fig = plt.figure(figsize=(1.6 * (top_k + 1), 2.0 * len(query_indices) + 0.5), layout="constrained")
-    fig.suptitle(title, fontsize=11)
-    fig.legend(handles=[Patch(facecolor="none", edgecolor=CORRECT, linewidth=3, label="same identity"),
-                        Patch(facecolor="none", edgecolor=WRONG, linewidth=3, label="different identity")],
-               loc="outside lower center", ncols=2, fontsize=9, frameon=False)
-    rows = fig.subfigures(len(query_indices), 1, squeeze=False)[:, 0]
-    for subfig, q in zip(rows, query_indices):
+    rows = []
+    for q in query_indices:
         order, is_match, scores = rank_gallery(result, q)
         hits = np.flatnonzero(is_match)
         first = f"first correct match at rank {hits[0] + 1}" if len(hits) else "no correct match in the gallery"
-        subfig.suptitle(f"query {os.path.basename(result['query_path'][q])} (identity {result['query_label'][q]}): "
-                        f"{first}", fontsize=9, x=0.01, ha="left")
-        panels = [(result["query_path"][q], "query", f"id {result['query_label'][q]}", "black")]
-        panels += [(result["gallery_path"][g], f"rank {rank + 1}",
-                    f"id {result['gallery_label'][g]}\n{score_name} {scores[rank]:.3f}",
-                    CORRECT if is_match[rank] else WRONG)
+        panels = [{"image": result["query_path"][q], "header": "query", "color": figures.QUERY,
+                   "caption": identity_caption(result["query_label"][q], manifest)}]
+        panels += [{"image": result["gallery_path"][g], "header": f"rank {rank + 1}",
+                    "caption": f"{identity_caption(result['gallery_label'][g], manifest)}\n{score_name} {scores[rank]:.2f}",
+                    "color": figures.SAME_IDENTITY if is_match[rank] else figures.OTHER_IDENTITY}
                    for rank, g in enumerate(order[:top_k])]
-        for ax, (path, header, caption, color) in zip(subfig.subplots(1, top_k + 1), panels):
-            img = data.load_image(path)
-            img.thumbnail((400, 400))  # keeps the aspect; full-size photos would bloat the PDF
-            ax.imshow(img)
-            style_panel(ax, header, color, caption)
-    return save_png_and_pdf(fig, out_png, pdf)
+        rows.append({"title": f"query {os.path.basename(result['query_path'][q])}, "
+                              f"id {result['query_label'][q]}: {first}", "panels": panels})
+    return rows
+
+
+def draw_ranking(rows, title, width=figures.DOUBLE_COLUMN):
+    """A ranking figure: one row per query, each a title and panels {"image" (path or PIL image),
+    "header", "caption", "color" (border)}, and a legend of the borders below. Reused by any script
+    that shows ranked photos. Returns the figure (figures.save writes it)."""
+    from matplotlib.patches import Patch
+    columns = max(len(row["panels"]) for row in rows)
+    panel = width / columns
+    lines = max(row_panel["caption"].count("\n") + 1 for row in rows for row_panel in row["panels"])
+    row_height = panel * 0.75 + 0.45 + 0.14 * lines
+    with figures.paper_style() as plt:
+        fig = plt.figure(figsize=(width, row_height * len(rows) + 0.6))
+        fig.suptitle(title)
+        fig.legend(handles=[Patch(facecolor="none", edgecolor=c, linewidth=2, label=t) for c, t in
+                            ((figures.SAME_IDENTITY, "same identity as the query"),
+                             (figures.OTHER_IDENTITY, "another identity"))],
+                   loc="outside lower center", ncols=2)
+        for subfig, row in zip(fig.subfigures(len(rows), 1, squeeze=False)[:, 0], rows):
+            subfig.suptitle(row["title"], x=0.01, ha="left", fontsize=figures.FONT_SIZE)
+            for ax, item in zip(subfig.subplots(1, columns, squeeze=False)[0], row["panels"] + [None] * columns):
+                if item is None:
+                    ax.set_visible(False)
+                    continue
+                image = data.load_image(item["image"]) if isinstance(item["image"], str) else item["image"]
+                image.thumbnail((400, 400))  # keeps the aspect; full-size photos would bloat the PDF
+                ax.imshow(image)
+                style_panel(ax, item["header"], item["color"], wrap_caption(item.get("caption"), panel))
+    return fig
+
+
+def wrap_caption(caption, panel_width):
+    """Captions of narrow panels (under 0.9 in) put each word of a place name on its own line."""
+    if not caption or panel_width >= 0.9:
+        return caption
+    return "\n".join("\n".join(line.split(" ")) if not line.startswith(("id ", "sim ", "dist ")) else line
+                     for line in caption.split("\n"))
 
 
 def style_panel(ax, title, color, caption=None):
-    """Title (and caption below) and border in `color` (green: same identity, red: another, black: the
-    query), no ticks."""
-    ax.set_title(title, color=color, fontsize=8)
+    """Title (and caption below) and border in `color` (the query's black, same identity green,
+    another identity red), no ticks."""
+    ax.set_title(title, color=color, fontsize=figures.FONT_SIZE)
     if caption:
-        ax.set_xlabel(caption, color=color, fontsize=7)
+        ax.set_xlabel(caption, color=color, fontsize=figures.FONT_SIZE)
     ax.set_xticks([])
     ax.set_yticks([])
     for spine in ax.spines.values():
         spine.set_edgecolor(color)
-        spine.set_linewidth(3 if color != "black" else 1)
-
-
-def save_png_and_pdf(fig, out_png, pdf=True):
-    """Save `fig` as out_png (and with `pdf` as the PDF beside it), each via a temporary name, and close
-    it; returns the paths written."""
-    import matplotlib.pyplot as plt
-    paths = [out_png] + ([os.path.splitext(out_png)[0] + ".pdf"] if pdf else [])
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    for path in paths:
-        tmp = f"{path}.tmp"
-        try:
-            fig.savefig(tmp, format=os.path.splitext(path)[1][1:], dpi=150)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    plt.close(fig)
-    return paths
+        spine.set_linewidth(2.5 if color != figures.QUERY else 1)
 
 
 def main(argv=None):
@@ -201,7 +236,10 @@ def main(argv=None):
         hits = np.flatnonzero(is_match)
         print(f"query {q} ({result['query_path'][q]}), identity {result['query_label'][q]}: first correct match "
               f"at rank {hits[0] + 1 if len(hits) else 'none'}")
-    paths = draw_figure(result, queries, args.top_k, args.out, args.title or default_title(args.mat), pdf=args.pdf)
+    top_k = min(args.top_k, len(result["gallery_label"]))
+    fig = draw_ranking(ranking_rows(result, queries, top_k, split_manifest_of(result)),
+                       args.title or default_title(args.mat))
+    paths = figures.save(fig, os.path.splitext(args.out)[0], ("png", "pdf") if args.pdf else ("png",))
     print(f"Wrote ranking figure for {len(queries)} quer{'y' if len(queries) == 1 else 'ies'} to {' and '.join(paths)}")
     return paths
 

@@ -93,7 +93,7 @@ def test_table_names_cells_and_files_agree(tmp_path):
     rows = collect_results.main([str(tmp_path / "runs" / "clip_*" / "*"), str(tmp_path / "runs" / "finetune"),
                                  "--out", str(out), "--columns", "rank1", "rank5", "rank10", "mAP", "EER"])
     assert [(r["labels"]["method"], r["labels"]["gallery"]) for r in rows] == [
-        ("Zero-shot", "own"), ("Zero-shot", "with distractors"), ("Fine-tuned", "own"),
+        ("Zero-shot", "without distractors"), ("Zero-shot", "with distractors"), ("Fine-tuned", "without distractors"),
         ("Fine-tuned", "with distractors")]
     markdown = table_lines(tmp_path / "tables" / "t.md")
     assert markdown[0] == "| Method | Gallery | Rank-1 | Rank-5 | Rank-10 | mAP | EER |"
@@ -123,7 +123,7 @@ def test_table_names_cells_and_files_agree(tmp_path):
     with pytest.raises(SystemExit, match="t.md already exists.*--force"):
         collect_results.main([str(tmp_path / "runs"), "--out", str(out)])
     only_own = collect_results.main([str(tmp_path / "runs"), "--out", str(out), "--gallery", "own", "--force"])
-    assert {r["labels"]["gallery"] for r in only_own} == {"own"} and len(only_own) == 2
+    assert {r["labels"]["gallery"] for r in only_own} == {"without distractors"} and len(only_own) == 2
 
 
 def test_seeds_form_one_row_with_mean_and_stds(tmp_path):

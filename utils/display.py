@@ -27,6 +27,20 @@ def set_rank(name):
     return TEST_SET_ORDER.index(name) if name in TEST_SET_ORDER else len(TEST_SET_ORDER)
 
 
+def results_method(results, run_config=None):
+    """The model kind of an evaluation's results.json ("zero-shot", "finetune", ...): its model_kind,
+    else the training run's config.json method, else zero-shot when it names itself so."""
+    run_config = run_config or {}
+    if results.get("model_kind"):
+        return results["model_kind"]
+    if run_config.get("method") in METHOD_NAMES:
+        return run_config["method"]
+    if not results.get("run_dir") and ("zero-shot" in str(results.get("method", "")).lower()
+                                       or results.get("feature") == "CLIP encode_image"):
+        return "zero-shot"
+    return str(results.get("method", "?"))
+
+
 def backbone_name(backbone):
     """An official name as it is ('ViT-B/16'); a checkpoint path by its file stem."""
     if not backbone:
@@ -56,9 +70,12 @@ def training_set_name(data_dirs, dataset=None):
     return " + ".join(test_set_name(d, dataset) for d in data_dirs)
 
 
-def gallery_name(variant):
-    """Gallery variant in words: 'all' -> 'with distractors', 'own' -> 'own'."""
-    return {"all": "with distractors", "own": "own"}.get(variant, str(variant))
+def gallery_name(variant, dataset=None):
+    """A gallery variant in words: 11k gallery{i}_all 'with distractors' (the other aspects), 11k
+    gallery{i} 'without distractors'; HD's gallery{i} holds the 502-712 subjects: 'with distractors'."""
+    if variant == "all" or (variant == "own" and dataset == "HD"):
+        return "with distractors"
+    return "without distractors" if variant == "own" else str(variant)
 
 
 def setting_value(value):

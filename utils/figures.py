@@ -15,6 +15,7 @@ from .io import _atomic_write
 SINGLE_COLUMN = 3.5  # inches
 DOUBLE_COLUMN = 7.0
 FONT_SIZE = 8  # points: the smallest text in every figure
+PNG_DPI = 200  # the PNG beside each vector PDF: 1400 pixels across a double column
 
 # Okabe & Ito's colour-blind-safe palette: a fixed colour per method, the rest for other names
 METHOD_COLORS = {"Zero-shot": "#000000", "Fine-tuned": "#0072B2", "CLIP-ReID": "#CC79A7", "PromptSG": "#009E73",
@@ -30,7 +31,7 @@ VALUES = "viridis"  # value matrices (cross-aspect Rank-1)
 STYLE = {"font.size": FONT_SIZE, "axes.titlesize": FONT_SIZE + 1, "axes.labelsize": FONT_SIZE,
          "xtick.labelsize": FONT_SIZE, "ytick.labelsize": FONT_SIZE, "legend.fontsize": FONT_SIZE,
          "figure.titlesize": FONT_SIZE + 1, "pdf.fonttype": 42, "ps.fonttype": 42, "lines.linewidth": 1.2,
-         "axes.linewidth": 0.6, "grid.linewidth": 0.4, "legend.frameon": False, "savefig.dpi": 300,
+         "axes.linewidth": 0.6, "grid.linewidth": 0.4, "legend.frameon": False,
          "figure.constrained_layout.use": True}
 
 
@@ -187,7 +188,7 @@ def save(fig, prefix, formats=("pdf", "png")):
     try:
         for ext in formats:
             path = f"{prefix}.{ext}"
-            _atomic_write(path, lambda f, ext=ext: fig.savefig(f, format=ext), mode="wb")
+            _atomic_write(path, lambda f, ext=ext: fig.savefig(f, format=ext, dpi=PNG_DPI), mode="wb")
             paths.append(path)
     finally:
         plt.close(fig)
