@@ -54,6 +54,9 @@ def parse_args(argv=None):
                         "(the MBA-Net / CLIP-HandID tables)")
     p.add_argument("--gallery", default="both", choices=["own", "all", "both"], help="gallery variants to list")
     p.add_argument("--plot", action="store_true", help="also draw CMC (ranks 1-20) and ROC curves")
+    p.add_argument("--figure_width", default="auto", choices=["auto", "single", "double"],
+                   help="figure width: a journal's single column (3.5 in) or double column (7 in); auto: single for one "
+                        "panel, double for several")
     p.add_argument("--mixed", action="store_true", help="allow rows evaluated under different protocols")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     return p.parse_args(argv)
@@ -317,7 +320,7 @@ def curve_label(row, shown):
     return label + (f", {', '.join(extra)}" if extra else "")
 
 
-def plot(rows, prefix, columns):
+def plot(rows, prefix, columns, width=None):
     """PREFIX_cmc (and _roc where measurable, _matrix for a training x test set matrix) .pdf/.png."""
     written = []
     varying = tables.varying_labels(rows)
@@ -327,38 +330,52 @@ def plot(rows, prefix, columns):
     def panel(row):
         return ", ".join(str(row["labels"][k]) for k in panel_keys) or row["labels"]["test_set"]
 
+    train_sets = list(dict.fromkeys(r["labels"]["train_set"] for r in rows if r["labels"]["train_set"]))
+
+    def marker(row):  # the training set, when it varies within a panel (cross-aspect)
+        if not in_label or not row["labels"]["train_set"]:
+            return None
+        return figures.MARKERS[train_sets.index(row["labels"]["train_set"]) % len(figures.MARKERS)]
+
     cmc = [{"panel": panel(r), "label": curve_label(r, in_label), "method": r["labels"]["method"].split(" (")[0],
             "backbone": r["labels"]["backbone"], "x": list(range(1, len(r["cmc"]) + 1)),
-            "y": [100 * v for v in r["cmc"]]} for r in rows if r["cmc"]]
-    fig = figures.curve_figure(cmc, "rank", "identification rate (%)", xlim=(0.5, CMC_RANKS + 0.5), integer_x=True)
+            "y": [100 * v for v in r["cmc"]], "marker": marker(r)} for r in rows if r["cmc"]]
+    fig = figures.curve_figure(cmc, "rank", "identification rate (%)", xlim=(0.5, CMC_RANKS + 0.5), integer_x=True,
+                               width=width)
     written += figures.save(fig, f"{prefix}_cmc")
     roc = [{"panel": panel(r), "label": curve_label(r, in_label), "method": r["labels"]["method"].split(" (")[0],
-            "backbone": r["labels"]["backbone"], "x": [f for f, _ in r["roc"]], "y": [100 * t for _, t in r["roc"]]}
-           for r in rows if r["roc"]]
+            "backbone": r["labels"]["backbone"], "x": [f for f, _ in r["roc"]], "y": [100 * t for _, t in r["roc"]],
+            "marker": marker(r)} for r in rows if r["roc"]]
     if roc:
-        fig = figures.curve_figure(roc, "false accept rate", "true accept rate (%)", xscale="log")
+        fig = figures.curve_figure(roc, "false accept rate", "true accept rate (%)", xscale="log", width=width)
         written += figures.save(fig, f"{prefix}_roc")
     if "train_set" in varying and len({r["labels"]["test_set"] for r in rows}) > 1:
-        written += figures.save(matrix(rows, columns[0]), f"{prefix}_matrix")
+        written += figures.save(matrix(rows, columns[0], width), f"{prefix}_matrix")
     return written
 
 
-def matrix(rows, column):
-    """Heat maps of one metric: training set x test set, one per method and backbone."""
+def matrix(rows, column, width=None):
+    """Heat maps of one metric, training set x test set, one per trained method and backbone, with the
+    zero-shot row of the same backbone on top as the untrained reference."""
+    zero_shot = "none (zero-shot)"
     models = {}
     for row in rows:
         models.setdefault((row["labels"]["method"], row["labels"]["backbone"]), []).append(row)
-    train_sets = list(dict.fromkeys(r["labels"]["train_set"] or "none (zero-shot)" for r in rows))
-    test_sets = list(dict.fromkeys(r["labels"]["test_set"] for r in rows))
+    trained = {k: v for k, v in models.items() if any(r["labels"]["train_set"] for r in v)}
+    train_sets = list(dict.fromkeys(r["labels"]["train_set"] for r in rows if r["labels"]["train_set"]))
+    train_sets.sort(key=display.set_rank)
+    test_sets = sorted(dict.fromkeys(r["labels"]["test_set"] for r in rows), key=display.set_rank)
     matrices = []
-    for (method, backbone), group in models.items():
-        cells = {(r["labels"]["train_set"] or "none (zero-shot)", r["labels"]["test_set"]): r for r in group}
-        mine = [t for t in train_sets if any(k[0] == t for k in cells)]
+    for (method, backbone), group in (trained or models).items():
+        cells = {(r["labels"]["train_set"] or zero_shot, r["labels"]["test_set"]): r for r in group}
+        baseline = [r for (m, b), g in models.items() if b == backbone and (m, b) not in trained for r in g]
+        cells.update({(zero_shot, r["labels"]["test_set"]): r for r in baseline if not r["labels"]["train_set"]})
+        mine = [t for t in [zero_shot] + train_sets if any(k[0] == t for k in cells)]
         values = [[None if (t, s) not in cells or cells[(t, s)]["metrics"][column]["mean"] is None
                    else 100 * cells[(t, s)]["metrics"][column]["mean"] for s in test_sets] for t in mine]
         matrices.append({"title": figures.label_for(method, backbone), "rows": mine, "columns": test_sets,
                          "values": values})
-    return figures.matrix_figure(matrices, tables.METRIC_HEADINGS.get(column, column))
+    return figures.matrix_figure(matrices, tables.METRIC_HEADINGS.get(column, column), width or figures.DOUBLE_COLUMN)
 
 
 def run(args):
@@ -378,7 +395,8 @@ def run(args):
     outputs.check_writable(folder, "--out")
     written, markdown = tables.write(args.out, rows, args.columns, args.layout)
     if args.plot:
-        written += plot(rows, args.out, args.columns)
+        width = {"single": figures.SINGLE_COLUMN, "double": figures.DOUBLE_COLUMN}.get(args.figure_width)
+        written += plot(rows, args.out, args.columns, width)
         for stale in set(existing) - set(written):  # a figure of an earlier call this one did not draw
             os.remove(stale)
     print(markdown)

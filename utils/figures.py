@@ -27,6 +27,7 @@ OTHER_STYLES = ((0, (1, 1.5)), (0, (4, 1.5, 1, 1.5)), (0, (6, 2)))
 SAME_IDENTITY, OTHER_IDENTITY, QUERY = "#1a9641", "#d7191c", "#000000"
 HEATMAP = "inferno"  # explanation maps: perceptually uniform, readable in grey
 VALUES = "viridis"  # value matrices (cross-aspect Rank-1)
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")  # curves of one method and backbone told apart (e.g. training sets)
 
 STYLE = {"font.size": FONT_SIZE, "axes.titlesize": FONT_SIZE + 1, "axes.labelsize": FONT_SIZE,
          "xtick.labelsize": FONT_SIZE, "ytick.labelsize": FONT_SIZE, "legend.fontsize": FONT_SIZE,
@@ -106,20 +107,22 @@ def panel_grid(plt, count, width=None, panel_height=None, max_columns=3, extra_h
 
 
 def curve_figure(curves, xlabel, ylabel, xscale="linear", xlim=None, ylim=(0, 101), integer_x=False, width=None):
-    """Curves drawn in panels: curves = [{"panel", "label", "method", "backbone", "x", "y"}]. One panel
-    per distinct "panel" (in order), the method's colour and the backbone's line style, one legend
-    below. Returns the figure."""
+    """Curves drawn in panels: curves = [{"panel", "label", "method", "backbone", "x", "y", "marker"
+    (optional)}]. One panel per distinct "panel" (in order), the method's colour and the backbone's
+    line style, one legend below. Returns the figure."""
     from matplotlib.ticker import MaxNLocator
     panels = list(dict.fromkeys(c["panel"] for c in curves))
     labels = list(dict.fromkeys(c["label"] for c in curves))
     width = width or (SINGLE_COLUMN if len(panels) == 1 else DOUBLE_COLUMN)
     with paper_style() as plt:
-        fig, axes = panel_grid(plt, len(panels), width, extra_height=legend_height(width, labels))
+        fig, axes = panel_grid(plt, len(panels), width, extra_height=legend_height(width, labels),
+                               max_columns=3 if width > SINGLE_COLUMN else 2)
         entries = {}
         for ax, panel in zip(axes, panels):
             for curve in (c for c in curves if c["panel"] == panel):
                 line, = ax.plot(curve["x"], curve["y"], color=method_color(curve["method"]),
-                                linestyle=backbone_style(curve["backbone"]))
+                                linestyle=backbone_style(curve["backbone"]), marker=curve.get("marker"),
+                                markersize=3.5, markevery=max(1, len(curve["x"]) // 5))
                 entries.setdefault(curve["label"], line)
             ax.set(xscale=xscale, xlabel=xlabel, ylabel=ylabel if ax in axes[::3] else None)
             if len(panels) > 1 or panel:
@@ -128,7 +131,7 @@ def curve_figure(curves, xlabel, ylabel, xscale="linear", xlim=None, ylim=(0, 10
                 ax.set_xlim(*xlim)
             ax.set_ylim(*ylim)
             if integer_x:
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True, steps=[1, 2, 5, 10]))
             ax.grid(alpha=0.3)
         legend_below(fig, list(entries.values()), list(entries))
     return fig
@@ -136,16 +139,18 @@ def curve_figure(curves, xlabel, ylabel, xscale="linear", xlim=None, ylim=(0, 10
 
 def matrix_figure(matrices, metric_label, width=DOUBLE_COLUMN):
     """Value matrices (cross-aspect: training set x test set), one panel each, with one shared colour
-    bar: matrices = [{"title", "rows", "columns", "values" (percent or None)}]. Returns the figure."""
+    bar on a fixed 0-100 scale: matrices = [{"title", "rows", "columns", "values" (percent or None)}].
+    Returns the figure."""
     import numpy as np
+    columns = min(len(matrices), 2 if width > SINGLE_COLUMN else 1)
+    rows = math.ceil(len(matrices) / columns)
+    cell = 0.3  # inches per matrix row
+    height = sum(cell * max(len(m["rows"]) for m in matrices[r * columns:(r + 1) * columns]) + 0.95
+                 for r in range(rows)) + 0.3
     with paper_style() as plt:
-        columns = min(len(matrices), 2)
-        rows = math.ceil(len(matrices) / columns)
-        first = matrices[0]
-        cell = 0.42
-        height = rows * (cell * len(first["rows"]) + 1.3) + 0.3
-        fig, axes = plt.subplots(rows, columns, figsize=(width if len(matrices) > 1 else SINGLE_COLUMN + 1.5, height),
-                                 squeeze=False)
+        fig, axes = plt.subplots(rows, columns, figsize=(width, height),
+                                 squeeze=False, height_ratios=[max(len(m["rows"]) for m in matrices[r * columns:
+                                                                   (r + 1) * columns]) for r in range(rows)])
         image = None
         for index, ax in enumerate(axes.flat):
             if index >= len(matrices):
@@ -158,7 +163,7 @@ def matrix_figure(matrices, metric_label, width=DOUBLE_COLUMN):
                 if not np.isnan(value):
                     ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=FONT_SIZE,
                             color="black" if value > 60 else "white")
-            ax.set_xticks(range(len(matrix["columns"])), [wrap(c) for c in matrix["columns"]])
+            ax.set_xticks(range(len(matrix["columns"])), ["\n".join(str(c).split()) for c in matrix["columns"]])
             ax.set_yticks(range(len(matrix["rows"])), [wrap(r) for r in matrix["rows"]] if index % columns == 0
                           else [""] * len(matrix["rows"]))
             ax.set_title(matrix["title"])
@@ -168,12 +173,12 @@ def matrix_figure(matrices, metric_label, width=DOUBLE_COLUMN):
             if index >= len(matrices) - columns:
                 ax.set_xlabel("tested on")
         if image is not None:
-            fig.colorbar(image, ax=axes.ravel().tolist(), label=f"{metric_label} (%)", shrink=0.8)
+            fig.colorbar(image, ax=axes.ravel().tolist(), label=f"{metric_label} (%)", shrink=0.6)
     return fig
 
 
 def wrap(text):
-    """'11k dorsal right' -> '11k dorsal\\nright': tick labels of at most two short lines."""
+    """'11k dorsal right' -> '11k dorsal\nright': tick labels of at most two short lines."""
     words = str(text).split()
     if len(words) < 3:
         return " ".join(words) if len(" ".join(words)) <= 12 else "\n".join(words)
