@@ -239,7 +239,7 @@ def build_row(group, columns):
     row = {"labels": dict(first["labels"]), "seeds": [e["seed"] for e in group if e["seed"] is not None],
            "num_splits": len(first["splits"]), "settings": first.get("settings_label") or "",
            "sources": [e["source"] for e in group], "table_mAP": first["table_mAP"], "kind": first["kind"],
-           "pretrained": first["pretrained"], "comparison": first["labels"]["test_set"], "metrics": {},
+           "pretrained": first["pretrained"], "metrics": {},
            "group": (first["labels"]["test_set"], first["labels"]["gallery"], first["protocol_name"],
                      first["split_id"])}
     for column in columns:

@@ -34,7 +34,7 @@ import sys
 import time
 import traceback
 
-from utils import io, outputs, recipes
+from utils import io, outputs, recipes, tables
 from utils.recipe_steps import Plan, command, evaluation_status, load_script, results_file, shell_line, status, step_label
 from utils.errors import ClipFHError, RecipeError
 
@@ -191,35 +191,39 @@ def check_stale(plan, force):
                           f"pass --force to redo it, or choose another --out")
 
 
-def write_table(plan, printer):
+def write_table(plan):
     """The table and figures of every finished evaluation of the recipe (--only or not), and a ranking
-    figure of the best row. Returns (paths written, rows) or ([], []) when nothing is finished."""
+    figure of the best row. Returns (paths written, rows, problem): ([], [], None) when nothing is
+    finished; a problem (one line) when the table could not be written."""
     import collect_results
     import query_ranking_result_demo as ranking
-    full_args = argparse.Namespace(**dict(vars(plan.args), only=[]))
-    full = Plan(plan.recipe, full_args, plan.profile)
+    full = Plan(plan.recipe, argparse.Namespace(**dict(vars(plan.args), only=[])), plan.profile)
     sources = [os.path.dirname(results_file(s)) for s in full.steps
                if s["kind"] == "evaluate" and evaluation_status(s)[0] == "done"]
     if not sources:
-        return [], [], 0
+        return [], [], None
     folder = os.path.join(plan.out, plan.recipe["name"])
     table = plan.recipe["table"]
     prefix = os.path.join(folder, "table")
-    rows = collect_results.main([*sources, "--out", prefix, "--layout", table.get("layout", "rows"), "--columns",
-                                 *table.get("columns", ["rank1", "rank5", "rank10", "mAP"]), "--plot", "--force"])
+    try:
+        rows = collect_results.main([*sources, "--out", prefix, "--layout", table.get("layout", "rows"), "--columns",
+                                     *table.get("columns", tables.DEFAULT_COLUMNS), "--plot", "--force"])
+    except SystemExit as err:  # collect_results reports its errors as one line
+        return [], [], f"the table was not written: {err}"
     paths = [f"{prefix}.{ext}" for ext in ("md", "tex", "csv", "json")]
     paths += sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.startswith("table_"))
-    column = table.get("columns", ["rank1"])[0]
+    column = table.get("columns", tables.DEFAULT_COLUMNS)[0]
     best = [r for r in rows if r["metrics"][column].get("best")]
-    if best:
-        source = best[0]["sources"][0]
-        mat = next((os.path.join(source, n) for n in ("result_split0_all.mat", "result_split0.mat")
-                    if os.path.isfile(os.path.join(source, n))), None)
-        if mat:
-            with contextlib.redirect_stdout(open(os.devnull, "w")):
+    mat = next((os.path.join(best[0]["sources"][0], n) for n in ("result_split0_all.mat", "result_split0.mat")
+                if os.path.isfile(os.path.join(best[0]["sources"][0], n))), None) if best else None
+    if mat:
+        try:
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
                 paths += ranking.main(["--mat", mat, "--num_queries", "3", "--top_k", "6", "--out",
                                        os.path.join(folder, "ranking_best.png"), "--pdf", "--force"])
-    return paths, rows, len(full.steps)
+        except SystemExit as err:
+            return paths, rows, f"the ranking figure was not drawn: {err}"
+    return paths, rows, None
 
 
 def reproduce(args):
@@ -276,9 +280,9 @@ def reproduce(args):
                 if step["kind"] == "train":
                     trained_now.add(step["id"])
                 print(f"    done in {format_seconds(seconds)}", flush=True)
-            paths, rows, total = ([], [], 0) if interrupted else write_table(plan, print)
+            paths, rows, problem = ([], [], None) if interrupted else write_table(plan)
     except KeyboardInterrupt:
-        interrupted, paths, rows = True, [], []
+        interrupted, paths, rows, problem = True, [], [], None
     finally:
         signal.signal(signal.SIGTERM, previous)
     kinds = ", ".join(f"{sum(s['kind'] == k for s in ran)} {k}" for k in ("prepare", "train", "evaluate")
@@ -287,14 +291,15 @@ def reproduce(args):
                f"finished, {len(failed)} failed" + (f", {len(blocked)} not run after a failure" if blocked else "")
                + (", INTERRUPTED (run again to continue)" if interrupted else "")
                + f", in {format_seconds(time.time() - start)}"
-               + (f"; table {paths[0]}, figures {', '.join(p for p in paths if p.endswith('.pdf'))}" if paths else ""))
+               + (f"; table {paths[0]}, figures {', '.join(p for p in paths if p.endswith('.pdf'))}" if paths else "")
+               + (f"; {problem}" if problem else ""))
     if paths:
         io.atomic_write_json(os.path.join(plan.out, recipe["name"], "reproduce.json"), {
             "recipe": recipe, "args": vars(args), **io.run_info(), "summary": summary, "steps": record})
     print(summary)
     if interrupted:
         raise SystemExit(INTERRUPTED)
-    if failed or blocked:
+    if failed or blocked or problem:
         raise SystemExit(1)
     return {"ran": [s["id"] for s in ran], "skipped": [s["id"] for s in skipped], "rows": rows, "paths": paths,
             "summary": summary}

@@ -232,7 +232,7 @@ def latex_escape_comment(text):
 
 
 def render(rows, columns, layout="rows", group_key="test_set"):
-    """(markdown text, LaTeX text) of the rows in `layout` ("rows" or "grouped")."""
+    """(markdown text, LaTeX text, note lines) of the rows in `layout` ("rows" or "grouped")."""
     if layout == "grouped":
         shown = row_labels(rows, group_key) + [group_key]
         md, tex = markdown_grouped_table(rows, columns, group_key), latex_grouped_table(rows, columns, group_key)
@@ -240,7 +240,7 @@ def render(rows, columns, layout="rows", group_key="test_set"):
         shown = varying_labels(rows)
         md, tex = markdown_rows_table(rows, columns, shown), latex_rows_table(rows, columns, shown)
     note_lines = notes(rows, columns, shown)
-    return "\n".join(md) + "\n\n" + "\n".join(note_lines) + "\n", latex_document_part(tex, note_lines)
+    return "\n".join(md) + "\n\n" + "\n".join(note_lines) + "\n", latex_document_part(tex, note_lines), note_lines
 
 
 def records(rows, columns):
@@ -268,7 +268,7 @@ def records(rows, columns):
 
 def write(prefix, rows, columns, layout="rows", group_key="test_set"):
     """PREFIX.md, PREFIX.tex, PREFIX.csv and PREFIX.json; returns (paths, markdown text)."""
-    markdown, latex = render(rows, columns, layout, group_key)
+    markdown, latex, note_lines = render(rows, columns, layout, group_key)
     flat = records(rows, columns)
     paths = [f"{prefix}.{ext}" for ext in ("md", "tex", "csv", "json")]
     atomic_write_text(paths[0], markdown)
@@ -276,6 +276,6 @@ def write(prefix, rows, columns, layout="rows", group_key="test_set"):
     write_metrics_csv(paths[2], flat, float_format="")  # shortest text that reads back as the same float
     per_split = [{"per_split": {c: {str(seed): values for seed, values in (row["metrics"].get(c) or {}).get(
         "values", {}).items()} for c in columns}} for row in rows]
-    atomic_write_json(paths[3], {"columns": list(columns), "layout": layout, "notes": notes(rows, columns, []),
+    atomic_write_json(paths[3], {"columns": list(columns), "layout": layout, "notes": note_lines,
                                  "rows": [dict(r, **p) for r, p in zip(flat, per_split)]})
     return paths, markdown
