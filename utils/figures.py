@@ -133,7 +133,7 @@ def curve_figure(curves, xlabel, ylabel, xscale="linear", xlim=None, ylim=(0, 10
             if integer_x:
                 ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True, steps=[1, 2, 5, 10]))
             ax.grid(alpha=0.3)
-        legend_below(fig, list(entries.values()), list(entries))
+        legend_below(fig, [entries[label] for label in labels], labels)  # in the curves' (the table's) order
     return fig
 
 
