@@ -141,7 +141,9 @@ def test_only_filters_steps_and_bad_recipes_are_one_line(tmp_path):
     recipe = json.loads(open(os.path.join(recipes.RECIPE_DIR, "clip-fh.json")).read())
     broken = [({"train": "nowhere/train_val_test_split"}, "split root nowhere/train_val_test_split lies in nowhere/"),
               ({"method": "finetune"}, "method 'finetune' is not in \"methods\""),
-              ({"train": None}, "method clipreid trains: give \"train\"")]
+              ({"train": None}, "method clipreid trains: give \"train\""),
+              ({"train_flags": ["--no_such_flag", "1"]}, "train_clipreid.py refuses the flags --data_dir .* "
+                                                         "unrecognized arguments: --no_such_flag 1")]
     for change, message in broken:
         bad = dict(recipe, runs=[{**recipe["runs"][1], "method": "clipreid", **change}])
         path = tmp_path / "bad.json"

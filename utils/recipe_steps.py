@@ -10,8 +10,10 @@ whether it is finished, decided from what the folder holds:
 "stale": the folder records other flags than the recipe asks for (redone only with --force).
 
 Depends on utils/recipes and utils/splits."""
+import contextlib
 import hashlib
 import importlib
+import io
 import json
 import os
 import shlex
@@ -151,6 +153,8 @@ class Plan:
         prepares = [self._prepare(folder, sorted(r for r in roots if r.startswith(folder + "/")))
                     for folder in self.recipe["data"] if any(r.startswith(folder + "/") for r in roots)]
         self.steps = prepares + list(trainings.values()) + list(evaluations.values())
+        for step in self.steps:
+            check_command(step["script"], step["argv"], self.recipe["name"])
 
     def _prepare(self, folder, roots):
         script = self.recipe["data"][folder]["prepare"]
@@ -184,6 +188,18 @@ class Plan:
         return {"kind": "evaluate", "id": step_id, "script": script, "argv": argv, "out": out, "training": training,
                 "test_dir": self.root(test), "labels": dict(labels, test=test_name),
                 "needs": [prepare_id(test)] + ([training["id"]] if training else [])}
+
+
+def check_command(script, argv, recipe_name):
+    """A step's flags must be ones its script accepts: argparse's complaint as one line, before anything runs."""
+    complaint = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(complaint):
+            load_script(script).parse_args(argv)
+    except SystemExit:
+        lines = [line for line in complaint.getvalue().splitlines() if line.strip()]
+        raise RecipeError(f"recipe {recipe_name}: {script} refuses the flags {' '.join(argv)}: "
+                          f"{lines[-1].split(': error: ', 1)[-1] if lines else 'see --help'}") from None
 
 
 # ---- what is finished ----
