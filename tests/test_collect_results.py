@@ -197,13 +197,16 @@ def test_labels_tell_rows_apart_and_overrides_are_marked(tmp_path):
                   kind="finetune", eval_args={"inference_prompt": "composed"})
     write_results(run_dir / "eval_flip", "run (finetune, net_best)", 0, variants=("all",), run_dir=run_dir,
                   kind="finetune", explicit={"flip": True})  # given, but what the protocol implies anyway
+    write_results(run_dir / "eval_concat", "run (finetune, net_best)", 0, variants=("all",), run_dir=run_dir,
+                  kind="finetune", explicit={"feature": "concat"})
     rows = collect_results.main([str(tmp_path), "--out", str(tmp_path / "t")])
     labels = [(r["labels"]["method"], r["labels"]["protocol"]) for r in rows]
-    assert len(set(labels)) == len(labels) == 4
-    assert ("Fine-tuned", "clip-handid (flip off)") in [(m.split(" (")[0], p) for m, p in labels]
-    assert any("inference_prompt composed" in m for m, _ in labels)
+    assert len(set(labels)) == len(labels) == 5
+    protocols_ = [p for _, p in labels]
+    assert "clip-handid (flip off)" in protocols_ and "clip-handid (feature concat)" in protocols_
+    assert sum(any(m.startswith("Fine-tuned (inference_prompt composed") for m, _ in labels) for _ in [0]) == 1
     markdown = table_lines(tmp_path / "t.md")
-    assert markdown[0].startswith("| Method | Protocol |") and len(markdown) == 2 + 4
+    assert markdown[0].startswith("| Method | Protocol |") and len(markdown) == 2 + 5
 
 
 def test_protocols_are_not_mixed_without_flag(tmp_path):
