@@ -37,8 +37,8 @@ IGNORED_ARGS = frozenset({
     "resume", "compile", "gpu_augment", "download_root", "cache_resized", "save_every", "allow_mixed_seeds",
     "final_test", "backbone_name", "data_type", "deterministic", "batch_size", "max_rank", "protocol", "flip",
     "gallery", "amp", "feature"})
-# evaluation settings the protocol label covers (an explicit override is marked there)
-PROTOCOL_SETTINGS = ("flip", "feature", "amp", "mAP")
+# a recorded test setting -> the protocol entry that implies it, where a protocol names it itself
+PROTOCOL_ENTRIES = {"which_epoch": "checkpoint", "resize": "zero_shot_resize"}
 
 
 def parse_args(argv=None):
@@ -130,8 +130,12 @@ def protocol_label(record, kind, variants, cuda):
     if name not in protocols.PROTOCOLS:
         return str(name)
     implied = protocols.settings(name, None if kind == "zero-shot" else kind, available=variants, cuda=cuda)
+    reference = protocols.PROTOCOLS[name]
+    for key, entry in PROTOCOL_ENTRIES.items():  # settings a protocol names directly (the checkpoint, ...)
+        if key not in implied and entry in reference and not (key == "resize" and kind != "zero-shot"):
+            implied[key] = reference[entry]
     overrides = [(k, record.get(k)) for k in record.get("explicit") or []
-                 if k in PROTOCOL_SETTINGS and k in implied and record.get(k) != implied[k]]
+                 if k != "gallery" and k in implied and str(record.get(k)) != str(implied[k])]
     return f"{name} ({display.settings_label(overrides)})" if overrides else name
 
 

@@ -17,6 +17,7 @@ import re
 import numpy as np
 
 from utils import data, display, errors, evaluation, figures, splits
+from utils.outputs import check_writable
 
 
 def parse_args(argv=None):
@@ -237,9 +238,13 @@ def main(argv=None):
         print(f"query {q} ({result['query_path'][q]}), identity {result['query_label'][q]}: first correct match "
               f"at rank {hits[0] + 1 if len(hits) else 'none'}")
     top_k = min(args.top_k, len(result["gallery_label"]))
-    fig = draw_ranking(ranking_rows(result, queries, top_k, split_manifest_of(result)),
-                       args.title or default_title(args.mat))
-    paths = figures.save(fig, os.path.splitext(args.out)[0], ("png", "pdf") if args.pdf else ("png",))
+    try:
+        check_writable(os.path.dirname(os.path.abspath(args.out)), "--out")
+        fig = draw_ranking(ranking_rows(result, queries, top_k, split_manifest_of(result)),
+                           args.title or default_title(args.mat))
+        paths = figures.save(fig, os.path.splitext(args.out)[0], ("png", "pdf") if args.pdf else ("png",))
+    except errors.ClipFHError as err:  # an unwritable or full output location: one line
+        raise SystemExit(f"error: {err}") from None
     print(f"Wrote ranking figure for {len(queries)} quer{'y' if len(queries) == 1 else 'ies'} to {' and '.join(paths)}")
     return paths
 

@@ -209,7 +209,8 @@ def results_file(step):
     if step["training"] is not None:
         return os.path.join(step["out"], "results.json")
     found = []
-    for folder, _, files in os.walk(step["out"]):
+    for folder, subfolders, files in os.walk(step["out"]):
+        subfolders[:] = [f for f in subfolders if not f.startswith(".")]  # an evaluator's staging folder
         found += [os.path.join(folder, f) for f in files if f == "results.json"]
     return found[0] if len(found) == 1 else os.path.join(step["out"], "clip_zero_shot", "results.json")
 
