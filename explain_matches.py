@@ -205,9 +205,16 @@ def load_part_mask(folder, image_path, size):
     return np.asarray(data.load_image(path).convert("L").resize((size[1], size[0]), 0)) >= 128
 
 
-def draw_figure(rows, top_k, out_png, width=figures.DOUBLE_COLUMN):
-    """One row per explained query (the query, then its top-k, each overlaid with its map), a colour
-    bar of the maps and a legend of the borders below; saves PNG and PDF. Returns the paths."""
+def thumbnail(path, longest=400):
+    photo = data.load_image(path)
+    photo.thumbnail((longest, longest))  # keeps the aspect; full-size photos would bloat the PDF
+    return photo
+
+
+def draw_figure(rows, top_k, out_png, load_photo=thumbnail, width=figures.DOUBLE_COLUMN):
+    """One row per explained query (the query, then its top-k, each overlaid with its map, the photo
+    as load_photo(path) gives it), a colour bar of the maps and a legend of the borders below; saves
+    PNG and PDF. Returns the paths."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.patches import Patch
@@ -222,8 +229,7 @@ def draw_figure(rows, top_k, out_png, width=figures.DOUBLE_COLUMN):
                             f"faithful): map {auc['map']:.2f}, random {auc['random']:.2f}, reverse {auc['reverse']:.2f}",
                             x=0.01, ha="left", fontsize=figures.FONT_SIZE)
             for ax, item in zip(subfig.subplots(1, top_k + 1, squeeze=False)[0], row["panels"]):
-                photo = data.load_image(item["path"])
-                photo.thumbnail((400, 400))  # keeps the aspect; full-size photos would bloat the PDF
+                photo = load_photo(item["path"])
                 ax.imshow(explanation.overlay(np.asarray(photo), item["map"], colormap=figures.HEATMAP))
                 style_panel(ax, item["title"], item["color"], wrap_caption(item["caption"], panel))
         key = subfigs[-1]
