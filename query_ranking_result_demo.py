@@ -185,6 +185,14 @@ def draw_ranking(rows, title, width=figures.DOUBLE_COLUMN):
     return fig
 
 
+def draw_figure(result, query_indices, top_k, out_png, title, pdf=False):
+    """The ranking figure of an evaluation's queries, saved as out_png (and with `pdf` the PDF beside
+    it); returns the paths written."""
+    top_k = min(top_k, len(result["gallery_label"]))
+    fig = draw_ranking(ranking_rows(result, query_indices, top_k, split_manifest_of(result)), title)
+    return figures.save(fig, os.path.splitext(out_png)[0], ("png", "pdf") if pdf else ("png",))
+
+
 def wrap_caption(caption, panel_width):
     """Captions of narrow panels (under 0.9 in) put each word of a place name on its own line."""
     if not caption or panel_width >= 0.9:
@@ -237,12 +245,9 @@ def main(argv=None):
         hits = np.flatnonzero(is_match)
         print(f"query {q} ({result['query_path'][q]}), identity {result['query_label'][q]}: first correct match "
               f"at rank {hits[0] + 1 if len(hits) else 'none'}")
-    top_k = min(args.top_k, len(result["gallery_label"]))
     try:
         check_writable(os.path.dirname(os.path.abspath(args.out)), "--out")
-        fig = draw_ranking(ranking_rows(result, queries, top_k, split_manifest_of(result)),
-                           args.title or default_title(args.mat))
-        paths = figures.save(fig, os.path.splitext(args.out)[0], ("png", "pdf") if args.pdf else ("png",))
+        paths = draw_figure(result, queries, args.top_k, args.out, args.title or default_title(args.mat), pdf=args.pdf)
     except errors.ClipFHError as err:  # an unwritable or full output location: one line
         raise SystemExit(f"error: {err}") from None
     print(f"Wrote ranking figure for {len(queries)} quer{'y' if len(queries) == 1 else 'ies'} to {' and '.join(paths)}")
