@@ -134,9 +134,25 @@ def protocol_label(record, kind, variants, cuda):
     for key, entry in PROTOCOL_ENTRIES.items():  # settings a protocol names directly (the checkpoint, ...)
         if key not in implied and entry in reference and not (key == "resize" and kind != "zero-shot"):
             implied[key] = reference[entry]
-    overrides = [(k, record.get(k)) for k in record.get("explicit") or []
-                 if k != "gallery" and k in implied and str(record.get(k)) != str(implied[k])]
+    implied.setdefault("decode", "full")
+    overrides = [(k, recorded_setting(record, k)) for k in record.get("explicit") or []
+                 if k != "gallery" and k in implied and str(recorded_setting(record, k)) != str(implied[k])]
     return f"{name} ({display.settings_label(overrides)})" if overrides else name
+
+
+def recorded_setting(record, key):
+    """A test setting as results.json's protocol record holds it (resize and decode inside its
+    preprocessing record)."""
+    if key in ("resize", "decode"):
+        return (record.get("preprocessing") or {}).get(key)
+    return record.get(key)
+
+
+def protocol_covered(record):
+    """The evaluator flags an explicit protocol override stands for: named in the protocol label, so
+    not again in the method's."""
+    explicit = set(record.get("explicit") or []) if isinstance(record, dict) else set()
+    return explicit | ({"fast_decode"} if "decode" in explicit else set())
 
 
 def evaluation_entries(path, galleries):
@@ -155,7 +171,8 @@ def evaluation_entries(path, galleries):
     kind = display.results_method(results, run_config)
     train_args = run_config.get("args", {}) if isinstance(run_config.get("args"), dict) else {}
     eval_args = eval_config.get("args", {}) if isinstance(eval_config.get("args"), dict) else {}
-    settings = {k: hashable(v) for k, v in eval_args.items() if k not in IGNORED_ARGS}
+    covered = protocol_covered(results.get("protocol"))
+    settings = {k: hashable(v) for k, v in eval_args.items() if k not in IGNORED_ARGS and k not in covered}
     settings.update({k: hashable(v) for k, v in train_args.items() if k not in IGNORED_ARGS})
     cuda = str(eval_args.get("device", "")).startswith("cuda")
     protocol = protocol_label(results.get("protocol"), kind, results["gallery_variants"], cuda)

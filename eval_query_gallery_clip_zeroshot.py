@@ -4,6 +4,10 @@ cosine similarity of CLIP image embeddings, over all Monte-Carlo splits of a spl
     python eval_query_gallery_clip_zeroshot.py --test_dir ./11k/train_val_test_split_dorsal_r \
         --f_name ./model_eval --backbone_name ViT-B/16
 
+Under --protocol clip-handid (the default) the photos are preprocessed as CLIP-HandID's zero-shot
+script does, with CLIP's own preprocess: shorter side to the input size (bicubic), centre crop, CLIP
+mean/std, full JPEG decoding; under clip-reid and clip-fh the whole photo is squashed to H x W.
+
 Writes <f_name>/clip_zero_shot/<backbone>/<test set>/ (test set: the 11k aspect such as dorsal_r,
 or HD, so two test sets never share a folder): result_split{i}.mat (and result_split{i}_all.mat for
 11k's gallery{i}_all), results.json, results.csv and config.json.
@@ -13,7 +17,7 @@ import os
 
 import clip
 import models
-from utils import data, errors, evaluation, io, protocols, splits
+from utils import data, errors, evaluation, io, preprocessing, protocols, splits
 
 
 def backbone_folder_name(backbone_name):
@@ -38,10 +42,17 @@ def parse_args(argv=None):
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="DataLoader workers that decode images (default: up to 4, one per CPU core)")
     parser.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
-                        help="images are resized (bicubic, no crop) to H x W (default 224 224)")
+                        help="network input height and width (default 224 224)")
+    parser.add_argument("--resize", choices=["crop", "squash"], default=None,
+                        help="crop: shorter side to the input size (bicubic), centre crop (CLIP's own preprocess, "
+                             "clip-handid's); squash: the whole photo resized to H x W, nothing cut off (clip-reid's "
+                             "and clip-fh's); default: the protocol's")
+    parser.add_argument("--fast_decode", action="store_true",
+                        help="decode JPEGs in PIL's draft mode (faster on large photos, pixels differ slightly; "
+                             "results.json records it); the default full decoding is what the references do")
     parser.add_argument("--protocol", choices=list(protocols.PROTOCOLS), default=protocols.DEFAULT_PROTOCOL,
-                        help="the reference whose flip, precision, galleries and mAP convention to use (README "
-                             "'Protocols'); a flag given explicitly wins")
+                        help="the reference whose preprocessing, flip, precision, galleries and mAP convention to "
+                             "use (README 'Protocols'); a flag given explicitly wins")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                         help="feature = f(image) + f(mirrored image) (default: the protocol's)")
     parser.add_argument("--gallery", choices=["own", "all", "both"], default=None,
@@ -78,8 +89,10 @@ def main(argv=None):
 def evaluate(args):
     io.set_seed(args.seed)
     layout = splits.read_split_layout(args.test_dir)
-    setting = protocols.settings(args.protocol, None, flip=args.flip, amp=args.amp, gallery=args.gallery,
-                                 available=layout["gallery_variants"], cuda=str(args.device).startswith("cuda"))
+    setting = protocols.test_settings(args.protocol, None, input_size=tuple(args.input_size), flip=args.flip,
+                                      amp=args.amp, gallery=args.gallery, resize=args.resize,
+                                      fast_decode=args.fast_decode, available=layout["gallery_variants"],
+                                      cuda=str(args.device).startswith("cuda"))
     image_paths = splits.query_gallery_paths(args.test_dir)
     out_dir = os.path.join(args.f_name, "clip_zero_shot", backbone_folder_name(args.backbone_name),
                            splits.test_set_name(args.test_dir))
@@ -97,8 +110,9 @@ def evaluate(args):
     args.compile = models.use_compile(args.compile, args.device)  # config.json records what ran
     if note:
         print(note)
+    print(f"preprocessing ({args.protocol}): {preprocessing.describe(setting['preprocessing'])}")
     extra = {"backbone": args.backbone_name, "pretrained": pretrained, "feature": "CLIP encode_image",
-             "preprocessing": "bicubic resize to H x W (no crop), CLIP mean/std", "protocol": setting,
+             "preprocessing": setting["preprocessing"], "protocol": setting,
              "split_seed": seeds.get(os.path.abspath(args.test_dir))}
     results = evaluation.evaluate_query_gallery(
         model.encode_image, args.test_dir, out_dir, gallery=setting["gallery"],
@@ -106,7 +120,8 @@ def evaluate(args):
         else f"CLIP zero-shot ({os.path.basename(args.backbone_name)})",
         input_size=tuple(args.input_size), batch_size=args.batch_size, num_workers=args.num_workers,
         device=args.device, flip=setting["flip"], amp=io.resolve_amp(setting["amp"], args.device),
-        max_rank=args.max_rank, overwrite=args.force, extra=extra, table_mAP=setting["mAP"])
+        max_rank=args.max_rank, overwrite=args.force, extra=extra, table_mAP=setting["mAP"],
+        preprocessing=setting["preprocessing"])
     io.write_run_config(out_dir, args, extra=extra)
     variant = protocols.headline_gallery(results["gallery_variants"])
     mean = results["summary"][variant]["mean"]

@@ -7,7 +7,11 @@ download). --test_dir may be another split root than the training one (cross-dom
 dorsal-right model on 11k dorsal-left or on HD).
 
     python eval_query_gallery_finetune.py --f_name ./model_11k_d_r --m_name clip_hand_vit \
-        --test_dir ./11k/train_val_test_split_dorsal_r --which_epoch best --flip
+        --test_dir ./11k/train_val_test_split_dorsal_r
+
+--protocol (default clip-handid) sets the checkpoint (net_best; clip-reid: net_last), the feature,
+flip, precision, galleries and mAP; images are preprocessed as the run was trained (the whole photo
+squashed to its input size, CLIP mean/std), JPEGs decoded fully.
 
 Writes <f_name>/<m_name>/eval_<which_epoch>_<test set>[_flip][_<feature>][_rerank][_composed]/ (or --out_dir):
 result_split{i}.mat (+ result_split{i}_all.mat), results.json, results.csv and config.json.
@@ -17,7 +21,7 @@ import os
 
 import models
 import models_handid  # noqa: F401  (registers the "handid" model kind)
-from utils import data, errors, evaluation, io, protocols, splits
+from utils import data, errors, evaluation, io, preprocessing, protocols, splits
 
 
 def parse_args(argv=None):
@@ -26,17 +30,20 @@ def parse_args(argv=None):
                    help="split root made by a prepare script (query{i}/, gallery{i}/, splits.json)")
     p.add_argument("--f_name", default="./model_11k_d_r", help="output root of the training run")
     p.add_argument("--m_name", default="clip_hand_vit", help="run folder inside --f_name")
-    p.add_argument("--which_epoch", default="best", help="best, last or an epoch number N (net_N.pth)")
+    p.add_argument("--which_epoch", default=None,
+                   help="best, last or an epoch number N (net_N.pth); default: the checkpoint the protocol's "
+                        "reference reports (clip-handid, clip-fh: best; clip-reid: last)")
     p.add_argument("--feature", default=None,
                    choices=list(dict.fromkeys(models.FEATURE_CHOICES + models.PROMPTSG_FEATURES)),
-                   help="retrieval feature (default: the run's --feature; concat = both features before BN); "
+                   help="retrieval feature (default: the protocol's, not the run's --feature: clip-handid after the "
+                        "BNNecks, concat_bn / PromptSG fused_bn; clip-reid and clip-fh before them, concat / fused); "
                         "PromptSG runs: fused, fused_bn, concat (CLIP feature + fused) or proj")
     p.add_argument("--inference_prompt", default=None, choices=models.INFERENCE_PROMPTS,
                    help="PromptSG runs: the prompt that guides the attention, fixed (encoded once) or composed "
                         "(each image's own pseudo-word); default: the run's --inference_prompt")
     p.add_argument("--protocol", choices=list(protocols.PROTOCOLS), default=protocols.DEFAULT_PROTOCOL,
-                   help="the reference whose flip, feature, precision, galleries and mAP convention to use "
-                        "(README 'Protocols'); a flag given explicitly wins")
+                   help="the reference whose checkpoint, feature, flip, precision, galleries and mAP convention to "
+                        "use (README 'Protocols'); a flag given explicitly wins")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="feature = f(image) + f(mirrored image) (default: the protocol's)")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (Zhong et al. 2017)")
@@ -46,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--gallery", choices=["own", "all", "both"], default=None,
                    help="own: gallery{i}; all: gallery{i}_all (11k, other aspects as distractors); both "
                         "(default: the protocol's)")
+    p.add_argument("--fast_decode", action="store_true",
+                   help="decode JPEGs in PIL's draft mode (faster on large photos, pixels differ slightly; "
+                        "results.json records it); the default full decoding is what the references do")
     p.add_argument("--batch_size", type=int, default=64, help="images per encoding batch")
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader workers that decode images (default: up to 4, one per CPU core)")
@@ -66,9 +76,9 @@ def parse_args(argv=None):
     return args
 
 
-def default_out_dir(run_dir, args, feature, run_feature):
+def default_out_dir(run_dir, args, feature, run_feature, which_epoch):
     test_name = "-".join(os.path.normpath(os.path.abspath(args.test_dir)).split(os.sep)[-2:])
-    name = f"eval_{args.which_epoch}_{test_name}"
+    name = f"eval_{which_epoch}_{test_name}"
     if args.protocol != protocols.DEFAULT_PROTOCOL:
         name += f"_{args.protocol}"
     if args.flip is not None:
@@ -79,6 +89,8 @@ def default_out_dir(run_dir, args, feature, run_feature):
         name += "_rerank"
     if args.inference_prompt == "composed":
         name += "_composed"
+    if args.fast_decode:
+        name += "_fastdecode"
     return os.path.join(run_dir, name)
 
 
@@ -88,7 +100,13 @@ def main(argv=None):
     run_dir = os.path.join(args.f_name, args.m_name)
     try:
         image_paths = splits.query_gallery_paths(args.test_dir)
-        model, config, checkpoint = models.load_trained_model(run_dir, args.which_epoch, device=args.device)
+        config = models.read_run_config(run_dir)
+        setting = protocols.test_settings(args.protocol, config, flip=args.flip, feature=args.feature, amp=args.amp,
+                                          gallery=args.gallery, which_epoch=args.which_epoch,
+                                          fast_decode=args.fast_decode,
+                                          available=splits.read_split_layout(args.test_dir)["gallery_variants"],
+                                          cuda=str(args.device).startswith("cuda"))
+        model, config, checkpoint = models.load_trained_model(run_dir, setting["which_epoch"], device=args.device)
         trained_on = config.get("args", {}).get("data_dir") or []
         trained_on = [trained_on] if isinstance(trained_on, str) else trained_on
         seeds = splits.check_split_seeds([args.test_dir] + [d for d in trained_on if os.path.isdir(d)],
@@ -105,9 +123,6 @@ def main(argv=None):
         print(note)
     run_feature = getattr(model, "feature", None)
     kind = config["model"].get("kind", "finetune")
-    setting = protocols.settings(args.protocol, kind, flip=args.flip, feature=args.feature, amp=args.amp,
-                                 gallery=args.gallery, available=splits.read_split_layout(args.test_dir)
-                                 ["gallery_variants"], cuda=str(args.device).startswith("cuda"))
     if args.feature is not None and not hasattr(model, "feature"):
         raise SystemExit(f"error: the {kind} model of {run_dir} has no --feature choice")
     feature = setting["feature"] or run_feature
@@ -122,30 +137,32 @@ def main(argv=None):
             raise SystemExit(f"error: --inference_prompt applies to PromptSG runs; {run_dir} holds a "
                              f"{config['model'].get('kind')} model")
         model.inference_prompt = args.inference_prompt
-    out_dir = args.out_dir or default_out_dir(run_dir, args, feature, run_feature)
+    out_dir = args.out_dir or default_out_dir(run_dir, args, feature, run_feature, setting["which_epoch"])
     if os.path.exists(os.path.join(out_dir, "results.json")) and not args.force:
         raise SystemExit(f"error: {out_dir} already holds results; pass --force to overwrite them")
 
     backbone = config["model"]["backbone"]
-    input_size = tuple(backbone["input_size"])
+    input_size = tuple(setting["preprocessing"]["size"])
     rerank = {"k1": args.k1, "k2": args.k2, "lambda_value": args.lambda_value} if args.rerank else None
     extra = {"run_dir": os.path.abspath(run_dir), "model_kind": config["model"].get("kind", "finetune"),
-             "which_epoch": str(args.which_epoch), "epoch": checkpoint.get("epoch"), "backbone": backbone["name"],
+             "which_epoch": setting["which_epoch"], "epoch": checkpoint.get("epoch"), "backbone": backbone["name"],
              "feature": feature, "rerank": rerank, "protocol": setting, "inference_prompt": getattr(model, "inference_prompt", None),
              "trained_on": config.get("args", {}).get("data_dir"), "pretrained": config.get("pretrained"),
-             "preprocessing": "bicubic resize to the training input size (no crop), CLIP mean/std"}
+             "preprocessing": setting["preprocessing"]}
     extra["split_seed"] = seeds.get(os.path.abspath(args.test_dir))
     try:
         data.check_images(image_paths, input_size, args.num_workers, what=f"images of {args.test_dir}")
     except errors.ImageLoadError as err:
         raise SystemExit(f"error: {err}") from None
-    method = f"{args.m_name} ({extra['model_kind']}, net_{args.which_epoch})" + (" + RK" if rerank else "")
+    method = f"{args.m_name} ({extra['model_kind']}, net_{setting['which_epoch']})" + (" + RK" if rerank else "")
+    print(f"net_{setting['which_epoch']} (epoch {checkpoint.get('epoch')}), feature {feature}, preprocessing: "
+          f"{preprocessing.describe(setting['preprocessing'])}")
     try:
         results = evaluation.evaluate_query_gallery(
             model, args.test_dir, out_dir, gallery=setting["gallery"], method_name=method, input_size=input_size,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, flip=setting["flip"],
             amp=io.resolve_amp(setting["amp"], args.device), max_rank=args.max_rank, rerank=rerank,
-            overwrite=args.force, extra=extra, table_mAP=setting["mAP"])
+            overwrite=args.force, extra=extra, table_mAP=setting["mAP"], preprocessing=setting["preprocessing"])
     except errors.ClipFHError as err:
         raise SystemExit(f"error: {err}") from None
     io.write_run_config(out_dir, args, extra=extra)

@@ -37,7 +37,7 @@ import clip
 import models
 from query_ranking_result_demo import (choose_queries, identity_caption, rank_gallery, split_manifest_of, style_panel,
                                        wrap_caption)
-from utils import data, evaluation, explanation, figures, io
+from utils import data, evaluation, explanation, figures, io, preprocessing
 from utils.errors import ClipFHError
 
 DELETION_FILL = ("0 in every channel of the normalised input, i.e. CLIP's normalisation mean colour "
@@ -125,7 +125,7 @@ def load_model(args, evaluated):
 def differences_from_evaluation(evaluated):
     """What the explained similarity does differently from the ranking in the .mat, for the log."""
     notes = []
-    if evaluated.get("args", {}).get("flip"):
+    if (evaluated.get("protocol") or {}).get("flip", evaluated.get("args", {}).get("flip")):
         notes.append("the .mat ranked f(image) + f(mirror) (--flip); the maps explain the plain feature")
     if evaluated.get("inference_prompt") == "composed":
         notes.append("the .mat used PromptSG's composed prompt; the maps use the fixed prompt")
@@ -192,16 +192,38 @@ def explain_query(encode, recorder, images):
     return maps.detach(), similarity.detach()
 
 
-def load_inputs(paths, size, device):
-    transform = data.eval_transform(size)
-    return torch.stack([transform(data.load_image(p, size)) for p in paths]).to(device)
+def input_preprocessing(evaluated, size):
+    """The preprocessing record the evaluation read its images with (its config.json), at `size`;
+    evaluations from before the record existed squashed the whole photo."""
+    recorded = evaluated.get("preprocessing")
+    if isinstance(recorded, dict):
+        return preprocessing.check(dict(recorded, size=list(size)), "the evaluation's preprocessing")
+    return preprocessing.record(size, "squash")
 
 
-def load_part_mask(folder, image_path, size):
+def load_inputs(paths, rec, device):
+    return torch.stack([data.load_preprocessed(p, rec) for p in paths]).to(device)
+
+
+def shown_region(path, rec, longest=400):
+    """The photo as drawn under its map: whole (aspect kept) for a squash, the centre crop for a crop."""
+    if rec["resize"] == "crop":
+        height, width = rec["size"]
+        scale = longest / max(height, width)
+        return preprocessing.load(path, dict(rec, size=[round(height * scale), round(width * scale)]))
+    photo = data.load_image(path)
+    photo.thumbnail((longest, longest))  # keeps the aspect; full-size photos would bloat the PDF
+    return photo
+
+
+def load_part_mask(folder, image_path, rec):
     path = os.path.join(folder, os.path.splitext(os.path.basename(image_path))[0] + ".png")
     if not os.path.isfile(path):
         raise SystemExit(f"--part_masks {folder} has no mask {os.path.basename(path)} for {image_path}; "
                          f"make the data with make_synthetic_11k(..., part_masks=True)")
+    if rec["resize"] == "crop":
+        return np.asarray(preprocessing.load(path, dict(rec, interpolation="bilinear")).convert("L")) >= 128
+    size = rec["size"]
     return np.asarray(data.load_image(path).convert("L").resize((size[1], size[0]), 0)) >= 128
 
 
@@ -261,7 +283,8 @@ def main(argv=None):
         evaluated = evaluation_config(args.mat)
         result = evaluation.load_result_mat(args.mat)
         encode, visual, size, description = load_model(args, evaluated)
-    except ClipFHError as err:
+        rec = input_preprocessing(evaluated, size)
+    except (ClipFHError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     if result["query_path"] is None or result["gallery_path"] is None:
         raise SystemExit(f"{args.mat} stores no image paths (query_path / gallery_path); re-run the evaluator "
@@ -286,7 +309,7 @@ def main(argv=None):
         order, is_match, _ = rankings[q]
         paths = [result["query_path"][q], *result["gallery_path"][order[:top_k]]]
         try:
-            images = load_inputs(paths, size, args.device)
+            images = load_inputs(paths, rec, args.device)
         except ClipFHError as err:
             raise SystemExit(f"error: {err}") from None
         maps, similarity = explain_query(encode, recorder, images)
@@ -302,7 +325,7 @@ def main(argv=None):
             for r, g in enumerate(order[:top_k])], "deletion": deletion,
             "zero_map": bool(maps[0].max() == 0)}  # nothing positive: the deletion order is then by position
         if args.part_masks:
-            shares = [explanation.mass_on_mask(m.cpu().numpy(), load_part_mask(args.part_masks, p, size))
+            shares = [explanation.mass_on_mask(m.cpu().numpy(), load_part_mask(args.part_masks, p, rec))
                       for m, p in zip(maps, paths)]
             record["mass_on_parts"] = [{"path": p, "map_mass": mass, "area": area} for p, (mass, area) in zip(paths, shares)]
             parts += [s for s in shares if s[0] is not None]
@@ -325,9 +348,10 @@ def main(argv=None):
         summary["mass_on_parts"] = float(np.mean([m for m, _ in parts]))
         summary["part_area"] = float(np.mean([a for _, a in parts]))
     os.makedirs(args.out_dir, exist_ok=True)
-    pdf = draw_figure(rows[:args.draw], top_k, out_png)[-1]
+    pdf = draw_figure(rows[:args.draw], top_k, out_png, lambda path: shown_region(path, rec))[-1]
     method = "gradient-weighted attention rollout" if recorder.is_vit else "Grad-CAM on layer4"
-    extra = {"model": description, "map": method, "input_size": list(size), "deletion_fill": DELETION_FILL,
+    extra = {"model": description, "map": method, "input_size": list(size), "preprocessing": rec,
+             "deletion_fill": DELETION_FILL,
              "deletion_fractions": list(explanation.DELETION_FRACTIONS), "mat": os.path.abspath(args.mat),
              "notes": notes}
     io.atomic_write_json(outputs[2], {**extra, "summary": summary, "queries": records})

@@ -21,7 +21,7 @@ from clip.model import CLIP, ModifiedResNet, build_model, infer_config, random_s
 from losses import ArcFace
 from prompt_models import (PROMPTSG_FIXED_PROMPT, PROMPTSG_TEMPLATE, InversionNetwork, MultimodalInteraction,
                            check_text_tower, composed_prompt_tokens, encode_spliced_prompt,
-                           splice_pseudo_token)
+                           splice_pseudo_token, visual_tokens)
 from utils import io, distributed, training, runs, splits
 from utils.errors import TrainingInputError
 
@@ -100,13 +100,18 @@ def checkpoint_record(kind, model, spec, epoch, metrics):
             "model": image_side_state_dict(model), "metrics": metrics}
 
 
-def load_trained_model(run_dir, which_epoch="best", device="cpu"):
-    """Rebuild the model of a run folder (config.json + net_<which_epoch>.pth) without any pretrained
-    download. Returns (model in eval mode on device, config dict, checkpoint dict without weights)."""
+def read_run_config(run_dir):
+    """config.json of a trainer's run folder (TrainingInputError when there is none)."""
     if not os.path.isfile(os.path.join(run_dir, "config.json")):
         raise TrainingInputError(f"{os.path.join(run_dir, 'config.json')} does not exist: --f_name/--m_name must "
                                  f"name a folder written by a CLIP-FH trainer")
-    config = io.read_config(run_dir)
+    return io.read_config(run_dir)
+
+
+def load_trained_model(run_dir, which_epoch="best", device="cpu"):
+    """Rebuild the model of a run folder (config.json + net_<which_epoch>.pth) without any pretrained
+    download. Returns (model in eval mode on device, config dict, checkpoint dict without weights)."""
+    config = read_run_config(run_dir)
     path = training.checkpoint_path(run_dir, which_epoch)
     if not os.path.isfile(path):
         saved = sorted(n for n in os.listdir(run_dir) if n.startswith("net_") and n.endswith(".pth"))
@@ -467,11 +472,11 @@ class PromptSGModel(nn.Module):
     features = {"fused", "image" (global CLIP feature, also the inversion input), "text"
     (composed-prompt feature), "pseudo_token"}. Eval forward: the retrieval feature `self.feature`
     (PROMPTSG_FEATURES) guided by the fixed prompt (encoded once, a buffer) or the composed one
-    (`self.inference_prompt`).
-    """
+    (`self.inference_prompt`). pool: see prompt_models.MultimodalInteraction."""
 
     def __init__(self, clip_model, num_classes, prompt_template=PROMPTSG_TEMPLATE,
-                 fixed_prompt=PROMPTSG_FIXED_PROMPT, feature="fused", inference_prompt="fixed", num_blocks=2):
+                 fixed_prompt=PROMPTSG_FIXED_PROMPT, feature="fused", inference_prompt="fixed", num_blocks=2,
+                 pool="global"):
         super().__init__()
         check_text_tower(clip_model)
         self.visual = clip_model.visual
@@ -486,7 +491,7 @@ class PromptSGModel(nn.Module):
         if not self.is_vit:  # layer4 spatial tokens -> the width of the global feature
             self.token_proj = nn.Linear(dims["pre_proj"], self.width)
         heads = max(1, self.width // 64)
-        self.interaction = MultimodalInteraction(self.width, heads, num_blocks)
+        self.interaction = MultimodalInteraction(self.width, heads, num_blocks, pool=pool)
         self.bottleneck = bnneck(self.width)
         self.classifier = linear_classifier(self.width, num_classes)
         self.num_classes = num_classes
@@ -533,15 +538,9 @@ class PromptSGModel(nn.Module):
         pseudo_tokens = self.inversion(image_feature)
         return encode_spliced_prompt(self.text, self.prompt_tokens, self.pseudo_index, pseudo_tokens), pseudo_tokens
 
-    def visual_tokens(self, features):
-        """Keys/values of the interaction: [global CLIP feature, patch tokens] at the feature width.
-        ViT patch tokens go through CLIP's own projection; RN layer4 tokens through token_proj."""
-        patches = features["tokens"][:, 1:]
-        patches = patches @ self.visual.proj if self.is_vit else self.token_proj(patches)
-        return torch.cat([features["proj"][:, None], patches.to(features["proj"].dtype)], dim=1)
-
     def fuse(self, features, text_feature, return_weights=False):
-        return self.interaction(text_feature, self.visual_tokens(features), return_weights)
+        tokens = visual_tokens(self.visual, features, None if self.is_vit else self.token_proj)
+        return self.interaction(text_feature, tokens, return_weights)
 
     def forward(self, images, labels=None):
         features = self.visual.forward_features(images)
@@ -575,10 +574,10 @@ class PromptSGModel(nn.Module):
 
 
 def promptsg_model_config(spec, prompt_template=PROMPTSG_TEMPLATE, fixed_prompt=PROMPTSG_FIXED_PROMPT,
-                          feature="fused", inference_prompt="fixed", num_blocks=2):
+                          feature="fused", inference_prompt="fixed", num_blocks=2, pool="global"):
     return {"kind": "promptsg", "backbone": spec, "prompt_template": prompt_template,
             "fixed_prompt": fixed_prompt, "feature": feature, "inference_prompt": inference_prompt,
-            "num_blocks": num_blocks}
+            "num_blocks": num_blocks, "pool": pool}
 
 
 @register_model("promptsg")
@@ -596,4 +595,5 @@ def build_promptsg_model(model_config, num_classes, clip_model=None):
                          fixed_prompt=model_config.get("fixed_prompt", PROMPTSG_FIXED_PROMPT),
                          feature=model_config.get("feature", "fused"),
                          inference_prompt=model_config.get("inference_prompt", "fixed"),
-                         num_blocks=model_config.get("num_blocks", 2))
+                         num_blocks=model_config.get("num_blocks", 2),
+                         pool=model_config.get("pool", "mean"))  # runs from before "pool": the mean

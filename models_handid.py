@@ -6,15 +6,21 @@ image-text supervised contrastive losses pull each image towards its identity's 
 The retrieval feature is that of the fine-tuning model: both BNNeck features, concatenated.
 
 Unlike the released code, gradients flow through the frozen text tower into the inversion network
-(the paper describes S* as learned); no_grad_text=True reproduces the released code, whose text path
-runs under torch.no_grad, so the inversion network never learns.
+(the paper describes S* as learned). no_grad_text=True reproduces the released code's forward: its
+text path runs under torch.no_grad and never reshapes the inversion output, so S* receives the
+scalar mean of that output (a LayerNorm output: 0) in every dimension, and every image of a batch
+gets one and the same text feature.
+
+The optional interaction branch lets the composed-prompt feature attend over the image's token
+sequence (global + patch tokens, as PromptSG's cross-attention); the released code calls
+nn.MultiheadAttention on 2-D (batch, width) tensors, which attends across the images of a batch.
 """
 import torch
 import torch.nn as nn
 
 import clip
 from models import HandReIDModel, bnneck, linear_classifier, load_clip_model, register_model
-from prompt_models import MultimodalInteraction, composed_prompt_tokens, encode_spliced_prompt
+from prompt_models import MultimodalInteraction, composed_prompt_tokens, encode_spliced_prompt, visual_tokens
 from utils.errors import TrainingInputError
 
 HANDID_TEMPLATE = "A photo of a S* hand"
@@ -62,7 +68,8 @@ class HandIDModel(HandReIDModel):
     the model, so training and every evaluation see what the reference's transforms give."""
 
     def __init__(self, clip_model, num_classes, prompt_template=HANDID_TEMPLATE, feature=HANDID_FEATURE,
-                 interaction=False, no_grad_text=False, interaction_blocks=2, input_norm="clip"):
+                 interaction=False, no_grad_text=False, interaction_blocks=2, input_norm="clip",
+                 interaction_keys="tokens"):
         visual = clip_model.visual
         super().__init__(visual, num_classes, feature=feature)
         del clip_model.visual  # what remains is the text tower
@@ -75,10 +82,14 @@ class HandIDModel(HandReIDModel):
         self.prompt_template = prompt_template
         tokens, self.pseudo_index = placeholder_prompt_tokens(prompt_template, context_length=self.text.context_length)
         self.register_buffer("prompt_tokens", tokens, persistent=False)
-        self.interaction = None
-        if interaction:
+        self.interaction, self.interaction_keys = None, interaction_keys
+        if interaction:  # the output at the text token, as an attention module's output is its query's
             self.interaction = MultimodalInteraction(self.in_planes_proj, max(1, self.in_planes_proj // 64),
-                                                     interaction_blocks)
+                                                     interaction_blocks, pool="text" if interaction_keys == "tokens"
+                                                     else "mean")
+            self.is_vit = hasattr(self.visual, "proj")
+            if interaction_keys == "tokens" and not self.is_vit:  # layer4 tokens -> the CLIP embedding's width
+                self.token_proj = nn.Linear(self.in_planes, self.in_planes_proj)
             self.bottleneck_text = bnneck(self.in_planes_proj)
             self.classifier_text = linear_classifier(self.in_planes_proj, num_classes)
         if input_norm not in INPUT_NORMS:
@@ -102,15 +113,24 @@ class HandIDModel(HandReIDModel):
         return dim
 
     def encode_text(self, image_feature):
-        """(composed-prompt text features (N, embed_dim), pseudo-tokens (N, token_dim))."""
-        pseudo_tokens = self.inversion(image_feature)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.no_grad_text):
-            text = encode_spliced_prompt(self.text, self.prompt_tokens, self.pseudo_index, pseudo_tokens)
-        return text, pseudo_tokens
+        """(composed-prompt text features (N, embed_dim), pseudo-tokens (N, token_dim)). With
+        no_grad_text, as the released code: under no_grad, and S* = the mean of the whole inversion
+        output broadcast to every image and dimension."""
+        if not self.no_grad_text:
+            pseudo_tokens = self.inversion(image_feature)
+            return encode_spliced_prompt(self.text, self.prompt_tokens, self.pseudo_index, pseudo_tokens), pseudo_tokens
+        with torch.no_grad():
+            pseudo_tokens = self.inversion(image_feature)
+            spliced = pseudo_tokens.mean().expand_as(pseudo_tokens)
+            return encode_spliced_prompt(self.text, self.prompt_tokens, self.pseudo_index, spliced), pseudo_tokens
 
-    def interact(self, image_feature, text_feature):
-        """Text feature (query) attends over the image's projected CLIP feature, then the blocks."""
-        return self.interaction(text_feature, image_feature[:, None])
+    def interact(self, features, text_feature, return_weights=False):
+        """The text feature (query) attends over the image's tokens (interaction_keys), then the blocks."""
+        if self.interaction_keys == "tokens":
+            keys = visual_tokens(self.visual, features, None if self.is_vit else self.token_proj)
+        else:
+            keys = features["proj"][:, None]
+        return self.interaction(text_feature, keys, return_weights)
 
     def image_features(self, images):
         if self.input_norm == "imagenet":
@@ -125,7 +145,7 @@ class HandIDModel(HandReIDModel):
         scores = self.classify(self.bottleneck(features["pre_proj"]), self.bottleneck_proj(features["proj"]))
         features = dict(features, text=text, pseudo_token=pseudo_tokens)
         if self.interaction is not None:
-            features["interaction"] = self.interact(features["proj"], text)
+            features["interaction"] = self.interact(features, text)
             scores.append(self.classifier_text(self.bottleneck_text(features["interaction"])))
         return scores, features
 
@@ -134,7 +154,7 @@ class HandIDModel(HandReIDModel):
         out = super().retrieval_feature(features, feature)
         if self.interaction is None or not feature.startswith("concat"):
             return out
-        fused = self.interact(features["proj"], self.encode_text(features["proj"])[0])
+        fused = self.interact(features, self.encode_text(features["proj"])[0])
         return torch.cat([out, self.bottleneck_text(fused) if feature.endswith("_bn") else fused], dim=1)
 
     @torch.no_grad()
@@ -147,7 +167,7 @@ def handid_model_config(spec, prompt_template=HANDID_TEMPLATE, feature=HANDID_FE
                         no_grad_text=False, interaction_blocks=2, input_norm="clip"):
     return {"kind": "handid", "backbone": spec, "prompt_template": prompt_template, "feature": feature,
             "interaction": bool(interaction), "reference_no_grad_text": bool(no_grad_text),
-            "interaction_blocks": int(interaction_blocks), "input_norm": input_norm}
+            "interaction_blocks": int(interaction_blocks), "input_norm": input_norm, "interaction_keys": "tokens"}
 
 
 @register_model("handid")
@@ -164,4 +184,5 @@ def build_handid_model(model_config, num_classes, clip_model=None):
                        interaction=model_config.get("interaction", False),
                        no_grad_text=model_config.get("reference_no_grad_text", False),
                        interaction_blocks=model_config.get("interaction_blocks", 2),
-                       input_norm=model_config.get("input_norm", "clip"))
+                       input_norm=model_config.get("input_norm", "clip"),
+                       interaction_keys=model_config.get("interaction_keys", "global"))  # earlier runs: "global"

@@ -227,25 +227,56 @@ class CrossAttention(nn.Module):
         return self.out_proj(out), weights.mean(dim=1)
 
 
+INTERACTION_POOLS = ("global", "mean", "text")
+
+
+def identity_block(width, heads):
+    """A pre-LN transformer block whose residual branches end in zero weights: the identity at
+    initialisation, so the blocks start from the features they are given (and learn from there)."""
+    block = ResidualAttentionBlock(width, heads)
+    for layer in (block.attn.out_proj, block.mlp.c_proj):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    return block
+
+
 class MultimodalInteraction(nn.Module):
     """PromptSG's multimodal interaction module (Yang et al., CVPR 2024, Fig. 3). The text feature
     (query) attends over the visual tokens [global, patches] (keys/values); the attention map
     re-weights the tokens (x L, so a uniform map leaves them as they are); `num_blocks` pre-LN
-    transformer blocks run over [attended text token, re-weighted visual tokens]; the output
-    (N, width) is that sequence average-pooled after ln_post."""
+    transformer blocks (the identity at initialisation: identity_block) run over [attended text
+    token, re-weighted visual tokens]; the output (N, width), after ln_post, is the blocks' output at
+    the global visual token (pool "global": at the start, CLIP's own feature up to ln_post's
+    centring and scale), the mean over every position ("mean") or the output at the attended text
+    token ("text": the query's own output, what an attention module returns)."""
 
-    def __init__(self, width, heads, num_blocks=2):
+    def __init__(self, width, heads, num_blocks=2, pool="global"):
         super().__init__()
+        if pool not in INTERACTION_POOLS:
+            raise TrainingInputError(f"--pool must be one of {', '.join(INTERACTION_POOLS)}, got {pool!r}")
+        self.pool = pool
         self.ln_query = LayerNorm(width)
         self.ln_tokens = LayerNorm(width)
         self.cross_attn = CrossAttention(width, heads)
-        self.blocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(num_blocks)])
+        self.blocks = nn.Sequential(*[identity_block(width, heads) for _ in range(num_blocks)])
         self.ln_post = LayerNorm(width)
 
     def forward(self, text_feature, visual_tokens, return_weights=False):
         query = text_feature[:, None].to(visual_tokens.dtype)
         attended, weights = self.cross_attn(self.ln_query(query), self.ln_tokens(visual_tokens))
         reweighted = visual_tokens * (visual_tokens.shape[1] * weights[:, 0, :, None])
-        sequence = torch.cat([query + attended, reweighted], dim=1)
-        fused = self.ln_post(self.blocks(sequence)).mean(dim=1)
+        sequence = self.blocks(torch.cat([query + attended, reweighted], dim=1))
+        if self.pool == "mean":
+            fused = self.ln_post(sequence).mean(dim=1)
+        else:
+            fused = self.ln_post(sequence[:, 1 if self.pool == "global" else 0])
         return (fused, weights) if return_weights else fused
+
+
+def visual_tokens(visual, features, token_proj=None):
+    """The keys/values of a MultimodalInteraction: [global CLIP feature, patch tokens] (N, 1 + h*w,
+    embed_dim) from an image encoder's forward_features. ViT patch tokens go through CLIP's own
+    projection (visual.proj); ResNet layer4 tokens through `token_proj` (a Linear to embed_dim)."""
+    patches = features["tokens"][:, 1:]
+    patches = patches @ visual.proj if token_proj is None else token_proj(patches)
+    return torch.cat([features["proj"][:, None], patches.to(features["proj"].dtype)], dim=1)

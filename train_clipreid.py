@@ -84,10 +84,10 @@ def parse_args(argv=None):
     g = flags.add_input_args(p, erasing_p=0.5, cache_root="<first data_dir>")
     g.add_argument("--padding", type=int, default=10, help="zero padding before the random crop")
     g.add_argument("--feature", default=models.DEFAULT_FEATURE, choices=models.FEATURE_CHOICES,
-                   help="retrieval feature for validation (the evaluator uses it unless told otherwise)")
+                   help="retrieval feature of validation; the final test and the evaluator use the --protocol's")
     flags.add_run_control_args(
         p, resume_help="continue the run in <f_name>/<m_name> (in stage 1 or stage 2, wherever it stopped)",
-        final_test_help="evaluate net_best on the query/gallery splits of --data_dir at the end")
+        final_test_help="evaluate the checkpoint --protocol reports on the query/gallery splits of --data_dir")
     return p.parse_args(argv)
 
 
@@ -205,7 +205,7 @@ def build_datasets(args, hands, input_size, dist_info):
     for i, root in enumerate(hands["roots"]):
         sets[f"val{i}"] = (root["val"], input_size, eval_tf)
         sets[f"gallery{i}"] = (runs.val_gallery_items(root["train"], root["val"], args.train_all), input_size, eval_tf)
-    built = runs.image_datasets(sets, runs.cache_dir(args, args.data_dir[0]), dist_info)
+    built = runs.image_datasets(sets, runs.cache_dir(args, args.data_dir[0]), dist_info, runs.decode_mode(args))
     val_sets = [(root["key"], built[f"val{i}"], built[f"gallery{i}"]) for i, root in enumerate(hands["roots"])]
     return built["train"], built["features"], val_sets
 
@@ -378,10 +378,11 @@ def validate(model, val_sets, args, device, amp):
     return {name: value / count for name, value in totals.items()}
 
 
-def run_final_test(model, args, out_dir, best_path, amp, device, log):
-    """net_best on the query/gallery splits of every --data_dir, with the shared evaluation pipeline."""
-    checkpoint = training.load_checkpoint(best_path)
-    models.load_model_weights(model, checkpoint["model"], best_path)
+def run_final_test(model, args, out_dir, amp, device, log):
+    """The checkpoint --protocol reports on the query/gallery splits of every --data_dir (shared pipeline)."""
+    which, path = runs.reported_checkpoint(out_dir, args.protocol)
+    checkpoint = training.load_checkpoint(path)
+    models.load_model_weights(model, checkpoint["model"], path)
     model.eval()
     results = {}
     for data_dir in args.data_dir:
@@ -391,9 +392,8 @@ def run_final_test(model, args, out_dir, best_path, amp, device, log):
         folder = "final_test" if len(args.data_dir) == 1 else os.path.join(
             "final_test", os.path.basename(os.path.normpath(data_dir)))
         results[data_dir] = runs.final_test(
-            model, args, data_dir, out_dir, folder, f"{args.m_name} (CLIP-ReID, net_best)", amp, device, log,
-            extra={"which_epoch": "best", "epoch": checkpoint["epoch"], "feature": model.feature},
-            what=f"net_best on {data_dir}")
+            model, args, data_dir, out_dir, folder, f"{args.m_name} (CLIP-ReID, net_{which})", amp, device, log,
+            extra={"which_epoch": which, "epoch": checkpoint["epoch"]}, what=f"net_{which} on {data_dir}")
     model.set_test_aspect(None)
     return results
 
@@ -545,6 +545,7 @@ def train(args, dist_info):
         if args.resume:
             extra["resumed"] = old_config.get("resumed", []) + [point]
         io.write_run_config(out_dir, args, extra=extra)
+    runs.warn_about_schedule(args, log, first_epoch=1)
     for a, b, shared in cross_root_identity_overlap(args.data_dir) if len(args.data_dir) > 1 else []:
         log.warning(f"{len(shared)} training identities of {a} are test identities of {b} (e.g. {shared[:3]}); "
                     f"results of this model on {b}'s test splits are not identity-disjoint")
@@ -585,11 +586,10 @@ def train(args, dist_info):
         log.info(f"stage 2 image encoder: {speed_note}")
     best = run_stage2(args, run, model, text_features, train_set, sampler, val_sets, log)
 
-    best_path = os.path.join(out_dir, "net_best.pth")
     summary = f"Wrote the CLIP-ReID model (net_best: epoch {best['epoch']}) to {out_dir}"
     if dist_info.is_main:
-        if args.final_test and os.path.isfile(best_path):
-            run_final_test(model, args, out_dir, best_path, amp, device, log)
+        if args.final_test and os.path.isfile(runs.reported_checkpoint(out_dir, args.protocol)[1]):
+            run_final_test(model, args, out_dir, amp, device, log)
         log.info(summary)
     return {"out_dir": out_dir, "best": best}
 

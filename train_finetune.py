@@ -1,11 +1,12 @@
 """Fine-tune a CLIP image encoder for hand identification (CLIP-HandID's recipe by default).
 
 Two BNNeck heads with label-smoothed ID losses on the pre-projection feature and on the CLIP
-embedding; optional triplet / center losses, ArcFace heads and a PK sampler. Validation uses only
-training identities (val images as queries against the train images); net_best is the epoch with
-the best val mAP. Writes <f_name>/<m_name>/: config.json, train.log, metrics.csv,
-training_curve.png, net_last.pth, net_best.pth, net_<epoch>.pth, and final_test/ (net_best on the
-test splits of --data_dir).
+embedding; optional triplet / center losses, ArcFace heads and a PK sampler. fp32 and validation
+every epoch, as the reference; validation uses only training identities (val images as queries
+against the train images); net_best is the epoch with the best val mAP (--select_by val_acc: the
+reference's rule). Writes <f_name>/<m_name>/: config.json, train.log, metrics.csv,
+training_curve.png, net_last.pth, net_best.pth, net_<epoch>.pth, and final_test/ (the checkpoint
+--protocol reports, net_best by default, on the test splits of --data_dir).
 
     python train_finetune.py --data_dir ./11k/train_val_test_split_dorsal_r --f_name ./model_11k_d_r \
         --m_name clip_hand_vit --backbone_name ViT-B/16
@@ -35,9 +36,12 @@ def parse_args(argv=None):
     g.add_argument("--center_weight", type=float, default=0.0, help="center loss weight")
     g.add_argument("--arcface", action="store_true", help="ArcFace heads (s 30, m 0.5) instead of linear classifiers")
     g.add_argument("--feature", default=models.DEFAULT_FEATURE, choices=models.FEATURE_CHOICES,
-                   help="retrieval feature for validation (the evaluator uses it unless told otherwise)")
+                   help="retrieval feature of validation; the final test and the evaluator use the --protocol's "
+                        "(clip-handid: concat_bn, after the BNNecks) unless the evaluator is given --feature")
+    flags.add_selection_args(g, reference="CLIP-HandID")
     flags.add_run_control_args(p, resume_help="continue the run in <f_name>/<m_name> from net_last.pth",
-                               final_test_help="evaluate net_best on the query/gallery splits of --data_dir at the end")
+                               final_test_help="evaluate the checkpoint --protocol reports on the query/gallery "
+                                               "splits of --data_dir at the end", amp="none", eval_every=1)
     return p.parse_args(argv)
 
 
@@ -81,7 +85,7 @@ def train(args, dist_info):
     input_size = tuple(args.input_size)
     train_set, val_set, gallery_set = runs.build_datasets(
         hands, data.build_train_transform(input_size, args.color_jitter, args.erasing_p), input_size,
-        args.train_all, runs.cache_dir(args, args.data_dir), dist_info)
+        args.train_all, runs.cache_dir(args, args.data_dir), dist_info, runs.decode_mode(args))
     device_images = gpu_augment.for_training(args.gpu_augment, train_set, device, log)
     args.gpu_augment = device_images is not None
     augmenter = gpu_augment.BatchAugmenter(input_size, args.color_jitter, args.erasing_p)
@@ -94,7 +98,7 @@ def train(args, dist_info):
     scheduler = training.WarmupMultiStepLR(optimizer, args.milestones, args.gamma, args.warmup_epochs, 0.01)
     scaler = training.make_grad_scaler(amp, device)
 
-    last_path, best_path = os.path.join(out_dir, "net_last.pth"), os.path.join(out_dir, "net_best.pth")
+    last_path = os.path.join(out_dir, "net_last.pth")
     state, history, best, start_epoch = models.resume_from_last(args, out_dir, model, spec, dist_info, log,
                                                                 optimizer, scheduler, scaler, sampler)
     if state is not None and criterion.centers is not None:
@@ -108,8 +112,10 @@ def train(args, dist_info):
             args, "finetune", hands, amp, dist_info, len(train_set), len(val_set), model=model_config,
             feature_dims=dict(model.visual.feature_dims), retrieval_feature_dim=model.feature_dim(),
             recipe_notes=["CLIP mean/std at train and test time (CLIP-HandID trains with ImageNet's)",
-                          "validation and net_best use only training identities (val vs train)"])
+                          f"validation and net_best use only training identities (val vs train); net_best by "
+                          f"{args.select_by} (CLIP-HandID: val_acc)"])
         runs.write_training_config(out_dir, args, extra, start_epoch)
+    runs.warn_about_schedule(args, log)
     if args.train_all:
         log.warning("warning: --train_all: the val images are part of training, so val metrics are optimistic and "
                     "net_best is the last validated epoch")
@@ -130,10 +136,11 @@ def train(args, dist_info):
         scheduler.step()
         row = runs.epoch_row(number, lrs, result)
         validated = number % args.eval_every == 0 or number == args.epochs
-        if validated and dist_info.is_main:
+        if validated and dist_info.is_main:  # val_acc: the projected-feature head, as the reference reports
             model.eval()
             row.update(evaluation.validate(model, lambda x: model.predict_logits(x)[1], val_set, gallery_set, device,
-                                           amp, batch_size=max(args.batch_size, 64), num_workers=args.num_workers))
+                                           amp, batch_size=max(args.batch_size, 64), num_workers=args.num_workers,
+                                           acc_images=runs.val_acc_images(args, len(val_set), epoch)))
             model.train()
         centers = {} if criterion.centers is None else {"centers": criterion.centers.state_dict(),
                                                         "center_optimizer": optimizers[1].state_dict()}
@@ -141,17 +148,18 @@ def train(args, dist_info):
             out_dir, row, history, best, log, dist_info, args.epochs,
             state=runs.resume_state(optimizer, scheduler, scaler, sampler, dist_info, **centers),
             record=models.checkpoint_record("finetune", model, spec, number, row) if dist_info.is_main else None,
-            train_all=args.train_all, save_every=args.save_every, plot=validated)
+            train_all=args.train_all, save_every=args.save_every, plot=validated, select_by=args.select_by)
     runs.check_ranks_agree(model, dist_info, log)
 
     if dist_info.is_main:
-        if args.final_test and os.path.isfile(best_path):
-            checkpoint = training.load_checkpoint(best_path)
-            models.load_model_weights(model, checkpoint["model"], best_path)
+        which, reported_path = runs.reported_checkpoint(out_dir, args.protocol)
+        if args.final_test and os.path.isfile(reported_path):
+            checkpoint = training.load_checkpoint(reported_path)
+            models.load_model_weights(model, checkpoint["model"], reported_path)
             model.eval()
-            runs.final_test(model, args, args.data_dir, out_dir, "final_test", f"{args.m_name} (net_best)", amp,
-                            device, log, extra={"which_epoch": "best", "epoch": checkpoint["epoch"],
-                                                "feature": model.feature})
+            runs.final_test(model, args, args.data_dir, out_dir, "final_test", f"{args.m_name} (net_{which})", amp,
+                            device, log, extra={"which_epoch": which, "epoch": checkpoint["epoch"]},
+                            what=f"net_{which}")
         log.info(f"Wrote the fine-tuned model (net_best: epoch {best['epoch']}) to {out_dir}")
     return {"out_dir": out_dir, "best": best, "history": history}
 

@@ -5,8 +5,9 @@ turns each image's CLIP embedding into a pseudo-word S*, the frozen text tower e
 S* hand" (S* spliced in where the rare word "sks" stands), and image->text and text->image
 supervised contrastive losses (temperature 1) tie each image to its identity's prompts. Loss: both
 label-smoothed ID losses + i2t + t2i, unweighted. Adam, wd 5e-4, encoder 5e-6, new layers 10x,
-warm-up 10 epochs from 0.01x, x0.5 at 40 and 60, 70 epochs, batch 20 (ViT-B/16) or 4 (RN50).
-Test feature: both BNNeck features concatenated (1280-d ViT-B/16, 3072-d RN50; evaluate with --flip).
+warm-up 10 epochs from 0.01x, x0.5 at 40 and 60, 70 epochs, batch 20 (ViT-B/16) or 4 (RN50), fp32,
+validation every epoch. Test feature: both BNNeck features concatenated (1280-d ViT-B/16, 3072-d
+RN50), the mirrored image's added (the clip-handid protocol's defaults).
 
 By default gradients flow through the frozen text tower into the inversion network, as the paper
 describes; --reference_no_grad_text reproduces the released code, whose text path runs without
@@ -15,7 +16,7 @@ gradient (the inversion network then never learns).
     python train_handid.py --data_dir ./11k/train_val_test_split_dorsal_r --f_name ./model_11k_d_r \
         --m_name clip_handid_vit --backbone_name ViT-B/16
     python eval_query_gallery_finetune.py --f_name ./model_11k_d_r --m_name clip_handid_vit \
-        --test_dir ./11k/train_val_test_split_dorsal_r --flip
+        --test_dir ./11k/train_val_test_split_dorsal_r
 """
 import os
 
@@ -42,19 +43,21 @@ def parse_args(argv=None):
     g.add_argument("--prompt_template", default=models_handid.HANDID_TEMPLATE,
                    help="composed prompt; S* marks where the pseudo-word goes")
     g.add_argument("--reference_no_grad_text", action="store_true",
-                   help="reproduce the released code: encode the prompts without gradient, so the inversion "
-                        "network never learns (the paper's learned pseudo-word needs the default)")
+                   help="reproduce the released code's text path: under no_grad, S* receives the mean of the "
+                        "inversion network's output (0) in every dimension, so every image gets the same text "
+                        "feature and the inversion network never learns")
     g.add_argument("--interaction", action="store_true",
-                   help="add the optional interaction network (text feature attends over the image's CLIP "
-                        "feature, then transformer blocks) with a third BNNeck head joining the test feature")
+                   help="add the optional interaction network (the text feature attends over the image's token "
+                        "sequence, global and patch tokens, as PromptSG's cross-attention; then transformer blocks) "
+                        "with a third BNNeck head joining the test feature")
     g.add_argument("--interaction_blocks", type=int, default=2, help="transformer blocks of the interaction network")
     g.add_argument("--feature", default=models_handid.HANDID_FEATURE, choices=models.FEATURE_CHOICES,
-                   help="retrieval feature for validation (and the default of the evaluator); concat_bn = "
-                        "both BNNeck features, the reference's")
-    g.add_argument("--select_by", default="val_mAP", choices=["val_mAP", "val_acc"],
-                   help="net_best: best val retrieval mAP (ours) or best closed-set val accuracy (the reference's)")
+                   help="retrieval feature of validation (concat_bn = both BNNeck features, the reference's); the "
+                        "final test and the evaluator use the --protocol's unless the evaluator is given --feature")
+    flags.add_selection_args(g, reference="CLIP-HandID")
     flags.add_run_control_args(p, resume_help="continue the run in <f_name>/<m_name> from net_last.pth",
-                               final_test_help="evaluate net_best on the query/gallery splits of --data_dir at the end")
+                               final_test_help="evaluate the checkpoint --protocol reports on the query/gallery "
+                                               "splits of --data_dir at the end", amp="none", eval_every=1)
     args = p.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = BATCH_SIZE["rn" if os.path.basename(args.backbone_name).startswith("RN") else "vit"]
@@ -113,7 +116,7 @@ def train(args, dist_info):
     input_size = tuple(args.input_size)
     train_set, val_set, gallery_set = runs.build_datasets(
         hands, data.build_train_transform(input_size, args.color_jitter, args.erasing_p), input_size,
-        args.train_all, runs.cache_dir(args, args.data_dir), dist_info)
+        args.train_all, runs.cache_dir(args, args.data_dir), dist_info, runs.decode_mode(args))
     sampler = runs.make_sampler(args, train_set, dist_info, log)
     # "visual." = the pretrained image encoder at --lr; heads, BNNecks, inversion (and interaction) network at 10x;
     # the text tower is frozen (requires_grad False) and left out
@@ -122,11 +125,11 @@ def train(args, dist_info):
     scheduler = training.WarmupMultiStepLR(optimizer, args.milestones, args.gamma, args.warmup_epochs, 0.01)
     scaler = training.make_grad_scaler(amp, device)
 
-    last_path, best_path = os.path.join(out_dir, "net_last.pth"), os.path.join(out_dir, "net_best.pth")
+    last_path = os.path.join(out_dir, "net_last.pth")
     _, history, best, start_epoch = models.resume_from_last(args, out_dir, model, spec, dist_info, log,
                                                             optimizer, scheduler, scaler, sampler)
-    text_path = ("reference_no_grad_text: the prompts are encoded without gradient, as in the released code, so "
-                 "the inversion network does not learn" if args.reference_no_grad_text else
+    text_path = ("reference_no_grad_text: as the released code, S* is the mean of the inversion output broadcast "
+                 "(one constant text feature for every image, no gradient)" if args.reference_no_grad_text else
                  "gradients flow through the frozen text tower into the inversion network (the paper; the released "
                  "code encodes the prompts without gradient)")
     if dist_info.is_main:
@@ -137,6 +140,7 @@ def train(args, dist_info):
                           f"validation uses only training identities (val vs train); net_best by {args.select_by} "
                           "(CLIP-HandID: val_acc)", text_path, "checkpoints hold the frozen text tower too"])
         runs.write_training_config(out_dir, args, extra, start_epoch)
+    runs.warn_about_schedule(args, log)
     log.info(f"{num_classes} identities, {len(train_set)} train / {len(val_set)} val images; backbone "
              f"{models.describe_backbone(spec)}; prompt {args.prompt_template!r}; {text_path}; retrieval feature "
              f"{args.feature} ({model.feature_dim()}-d); " + runs.batch_summary(args, dist_info, amp, speed_note))
@@ -156,7 +160,8 @@ def train(args, dist_info):
         if validated and dist_info.is_main:  # val_acc: the projected-feature head, as the reference reports
             model.eval()
             row.update(evaluation.validate(model, lambda x: model.predict_logits(x)[1], val_set, gallery_set, device,
-                                           amp, batch_size=max(args.batch_size, 64), num_workers=args.num_workers))
+                                           amp, batch_size=max(args.batch_size, 64), num_workers=args.num_workers,
+                                           acc_images=runs.val_acc_images(args, len(val_set), epoch)))
             model.train()
         best = runs.end_of_epoch(
             out_dir, row, history, best, log, dist_info, args.epochs,
@@ -167,13 +172,14 @@ def train(args, dist_info):
 
     final = None
     if dist_info.is_main:
-        if args.final_test and os.path.isfile(best_path):
-            checkpoint = training.load_checkpoint(best_path)
-            models.load_model_weights(model, checkpoint["model"], best_path)
+        which, reported_path = runs.reported_checkpoint(out_dir, args.protocol)
+        if args.final_test and os.path.isfile(reported_path):
+            checkpoint = training.load_checkpoint(reported_path)
+            models.load_model_weights(model, checkpoint["model"], reported_path)
             model.eval()
-            final = runs.final_test(model, args, args.data_dir, out_dir, "final_test", f"{args.m_name} (net_best)",
-                                    amp, device, log, extra={"which_epoch": "best", "epoch": checkpoint["epoch"],
-                                                             "feature": model.feature})
+            final = runs.final_test(model, args, args.data_dir, out_dir, "final_test", f"{args.m_name} (net_{which})",
+                                    amp, device, log, extra={"which_epoch": which, "epoch": checkpoint["epoch"]},
+                                    what=f"net_{which}")
         log.info(f"Wrote the CLIP-HandID model (net_best: epoch {best['epoch']}) to {out_dir}")
     return {"out_dir": out_dir, "best": best, "history": history, "final_test": final}
 

@@ -48,13 +48,19 @@ def parse_args(argv=None):
                    help="the prompt that guides the attention at inference with --inference_prompt fixed")
     g.add_argument("--inference_prompt", default="fixed", choices=models.INFERENCE_PROMPTS,
                    help="which prompt guides the attention in validation (the evaluator uses it unless told otherwise)")
-    g.add_argument("--interaction_blocks", type=int, default=2, help="transformer blocks after the cross-attention")
+    g.add_argument("--interaction_blocks", type=int, default=2,
+                   help="transformer blocks after the cross-attention (residual branches zero at the start, so "
+                        "they begin as the identity)")
+    g.add_argument("--pool", default="global", choices=prompt_models.INTERACTION_POOLS,
+                   help="language-guided feature: the blocks' output at the global token (starts as CLIP's own "
+                        "feature) or the mean over every token (the earlier behaviour)")
     g.add_argument("--feature", default="fused", choices=models.PROMPTSG_FEATURES,
-                   help="retrieval feature: fused (language-guided feature before BN), fused_bn, concat "
-                        "(global CLIP feature + fused) or proj (global CLIP feature alone)")
+                   help="retrieval feature of validation: fused (language-guided feature before BN), fused_bn, "
+                        "concat (global CLIP feature + fused) or proj (global CLIP feature alone); the final test and "
+                        "the evaluator use the --protocol's unless the evaluator is given --feature")
     flags.add_run_control_args(p, resume_help="continue the run in <f_name>/<m_name> from net_last.pth",
-                               final_test_help="evaluate net_best on the query/gallery splits of --data_dir at the "
-                                               "end (fixed and composed prompt)")
+                               final_test_help="evaluate the checkpoint --protocol reports on the query/gallery "
+                                               "splits of --data_dir at the end (fixed and composed prompt)")
     return p.parse_args(argv)
 
 
@@ -81,14 +87,17 @@ def check_args(args):
 def model_config_from_args(args, spec):
     return models.promptsg_model_config(spec, prompt_template=args.prompt_template, fixed_prompt=args.fixed_prompt,
                                         feature=args.feature, inference_prompt=args.inference_prompt,
-                                        num_blocks=args.interaction_blocks)
+                                        num_blocks=args.interaction_blocks, pool=args.pool)
 
 
 def check_resumable(old_model_config, args, path):
     """A resumed run keeps its model; refuse flags that would change it."""
+    old_model_config = dict(old_model_config)
+    old_model_config.setdefault("pool", "mean")  # runs from before --pool existed
     for key, flag, value in (("prompt_template", "--prompt_template", args.prompt_template),
                              ("fixed_prompt", "--fixed_prompt", args.fixed_prompt),
-                             ("num_blocks", "--interaction_blocks", args.interaction_blocks)):
+                             ("num_blocks", "--interaction_blocks", args.interaction_blocks),
+                             ("pool", "--pool", args.pool)):
         if old_model_config.get(key) != value:
             raise errors.TrainingInputError(f"{path} was trained with {flag} {old_model_config.get(key)!r}, "
                                            f"not {value!r}; resume with the run's own settings or start a new --m_name")
@@ -96,11 +105,14 @@ def check_resumable(old_model_config, args, path):
         raise errors.TrainingInputError(f"{path} holds a {old_model_config.get('kind')} run, not a PromptSG run")
 
 
-def run_final_tests(model, args, out_dir, best_path, amp, device, log):
-    """net_best on the query/gallery splits of --data_dir, guided by each inference prompt:
-    final_test/ (the run's --inference_prompt) and final_test_<other prompt>/."""
-    checkpoint = training.load_checkpoint(best_path)
-    models.load_model_weights(model, checkpoint["model"], best_path)
+def run_final_tests(model, args, out_dir, amp, device, log):
+    """The checkpoint --protocol reports on the query/gallery splits of --data_dir, guided by each
+    inference prompt: final_test/ (the run's --inference_prompt) and final_test_<other prompt>/."""
+    which, path = runs.reported_checkpoint(out_dir, args.protocol)
+    if not os.path.isfile(path):
+        return {}
+    checkpoint = training.load_checkpoint(path)
+    models.load_model_weights(model, checkpoint["model"], path)
     model.eval()
     prompts = [args.inference_prompt] + [p for p in models.INFERENCE_PROMPTS if p != args.inference_prompt]
     results = {}
@@ -108,9 +120,9 @@ def run_final_tests(model, args, out_dir, best_path, amp, device, log):
         model.inference_prompt = prompt
         folder = "final_test" if prompt == args.inference_prompt else f"final_test_{prompt}"
         found = runs.final_test(model, args, args.data_dir, out_dir, folder,
-                                 f"{args.m_name} (net_best, {prompt} prompt)", amp, device, log,
-                                 extra={"which_epoch": "best", "epoch": checkpoint["epoch"], "feature": model.feature,
-                                        "inference_prompt": prompt}, what=f"net_best, {prompt} prompt")
+                                 f"{args.m_name} (net_{which}, {prompt} prompt)", amp, device, log,
+                                 extra={"which_epoch": which, "epoch": checkpoint["epoch"], "inference_prompt": prompt},
+                                 what=f"net_{which}, {prompt} prompt")
         if found is None:
             break
         results[prompt] = found
@@ -151,7 +163,7 @@ def train(args, dist_info):
     input_size = tuple(args.input_size)
     train_set, val_set, gallery_set = runs.build_datasets(
         hands, data.build_train_transform(input_size, args.color_jitter, args.erasing_p), input_size,
-        args.train_all, runs.cache_dir(args, args.data_dir), dist_info)
+        args.train_all, runs.cache_dir(args, args.data_dir), dist_info, runs.decode_mode(args))
     device_images = gpu_augment.for_training(args.gpu_augment, train_set, device, log)
     args.gpu_augment = device_images is not None
     augmenter = gpu_augment.BatchAugmenter(input_size, args.color_jitter, args.erasing_p)
@@ -163,7 +175,7 @@ def train(args, dist_info):
     scheduler = training.WarmupMultiStepLR(optimizer, args.milestones, args.gamma, args.warmup_epochs, 0.01)
     scaler = training.make_grad_scaler(amp, device)
 
-    last_path, best_path = os.path.join(out_dir, "net_last.pth"), os.path.join(out_dir, "net_best.pth")
+    last_path = os.path.join(out_dir, "net_last.pth")
     _, history, best, start_epoch = models.resume_from_last(args, out_dir, model, spec, dist_info, log,
                                                             optimizer, scheduler, scaler, sampler)
 
@@ -177,6 +189,7 @@ def train(args, dist_info):
                           f"{args.inference_prompt} prompt",
                           "checkpoints hold the frozen text tower too (needed by --inference_prompt composed)"])
         runs.write_training_config(out_dir, args, extra, start_epoch)
+    runs.warn_about_schedule(args, log)
     log.info(f"{num_classes} identities, {len(train_set)} train / {len(val_set)} val images; backbone "
              f"{models.describe_backbone(spec)}; prompt {args.prompt_template!r}, inference prompt "
              f"{args.inference_prompt}; retrieval feature {args.feature} ({model.feature_dim()}-d); "
@@ -209,8 +222,8 @@ def train(args, dist_info):
 
     final = {}
     if dist_info.is_main:
-        if args.final_test and os.path.isfile(best_path):
-            final = run_final_tests(model, args, out_dir, best_path, amp, device, log)
+        if args.final_test:
+            final = run_final_tests(model, args, out_dir, amp, device, log)
         log.info(f"Wrote the PromptSG model (net_best: epoch {best['epoch']}) to {out_dir}")
     return {"out_dir": out_dir, "best": best, "history": history, "final_test": final}
 

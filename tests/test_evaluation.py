@@ -61,9 +61,9 @@ def counting_loader(monkeypatch):
     loaded = collections.Counter()
     real = data.load_image
 
-    def spy(path, size=None):
+    def spy(path, size=None, *args, **kwargs):
         loaded[os.path.realpath(path)] += 1
-        return real(path, size)
+        return real(path, size, *args, **kwargs)
 
     monkeypatch.setattr(data, "load_image", spy)
     return loaded

@@ -127,29 +127,43 @@ def test_std_over_splits_is_the_sample_std():
 
 # ---- PromptSG's interaction module as the paper draws it --------------------------------------------------
 
-def test_promptsg_blocks_run_over_the_visual_token_sequence():
+def test_promptsg_blocks_start_as_the_identity_and_run_over_the_visual_token_sequence():
     import torch
     import models
     torch.manual_seed(0)
     module = models.MultimodalInteraction(width=64, heads=2, num_blocks=2)
+    assert module.pool == "global"
     text = torch.randn(3, 64)
     tokens = torch.randn(3, 5, 64, requires_grad=True)
-    fused, weights = module(text, tokens, return_weights=True)
-    assert fused.shape == (3, 64) and weights.shape == (3, 1, 5)
-    fused.square().sum().backward()
-    # self-attention over one token would be the identity: its query/key weights would get no gradient
-    for block in module.blocks:
-        q_grad, k_grad = block.attn.in_proj_weight.grad[:128].chunk(2)
-        assert q_grad.abs().max() > 0 and k_grad.abs().max() > 0
-    assert module.cross_attn.q_proj.weight.grad.abs().max() > 0
-    assert module.cross_attn.k_proj.weight.grad.abs().max() > 0
-    # the output depends on every visual token
-    assert (tokens.grad.abs().amax(dim=2) > 0).all()
-    with torch.no_grad():
-        for index in range(5):
-            moved = tokens.detach().clone()
-            moved[:, index] += torch.randn(64)
-            assert (module(text, moved) - fused).abs().max() > 1e-3, index
+    sequence = torch.randn(3, 6, 64)
+    with torch.no_grad():  # zero residual branches: the blocks start as the identity ...
+        assert torch.equal(module.blocks(sequence), sequence)
+        # ... and the global-token output starts as the global token (ln_post removes the attention's scale)
+        start = torch.nn.functional.cosine_similarity(module(text, tokens), module.ln_post(tokens[:, 0]), dim=1)
+        assert (start > 0.9999).all()
+        for block in module.blocks:  # as after some training steps
+            for layer in (block.attn.out_proj, block.mlp.c_proj):
+                torch.nn.init.normal_(layer.weight, std=0.05)
+    for pool in ("global", "mean"):
+        module.pool = pool
+        module.zero_grad()
+        tokens.grad = None
+        fused, weights = module(text, tokens, return_weights=True)
+        assert fused.shape == (3, 64) and weights.shape == (3, 1, 5)
+        fused.square().sum().backward()
+        # self-attention over one token would be the identity: its query/key weights would get no gradient
+        for block in module.blocks:
+            q_grad, k_grad = block.attn.in_proj_weight.grad[:128].chunk(2)
+            assert q_grad.abs().max() > 0 and k_grad.abs().max() > 0, pool
+        assert module.cross_attn.q_proj.weight.grad.abs().max() > 0
+        assert module.cross_attn.k_proj.weight.grad.abs().max() > 0
+        # the output depends on every visual token
+        assert (tokens.grad.abs().amax(dim=2) > 0).all()
+        with torch.no_grad():
+            for index in range(5):
+                moved = tokens.detach().clone()
+                moved[:, index] += torch.randn(64)
+                assert (module(text, moved) - fused).abs().max() > 1e-3, (pool, index)
 
 
 # ---- protocols by name ------------------------------------------------------------------------------------

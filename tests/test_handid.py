@@ -2,9 +2,10 @@
 
 The first tests check the point where the released code and the paper part ways: by default the
 inversion network learns through the frozen text tower; --reference_no_grad_text reproduces the
-released code, where it never does."""
+released code, where it never does and every image gets one constant text feature."""
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -107,6 +108,24 @@ def test_inversion_network_learns_only_with_gradient_through_text(prototypes, ti
     assert not torch.equal(model.visual.conv1.weight.detach(), before["visual.conv1.weight"])
 
 
+def test_reference_no_grad_text_gives_every_image_one_constant_text_feature(tiny_vit_checkpoint):
+    # the released code never reshapes the inversion output: S* receives the scalar mean of a LayerNorm
+    # output (0) in every dimension, under no_grad
+    model = build_model(tiny_vit_checkpoint, "vit", no_grad_text=True).train()
+    images, labels = batch("vit")
+    _, features = model(images, labels)
+    text = features["text"]
+    assert not text.requires_grad
+    assert torch.equal(text, text[:1].expand_as(text))  # identical for every image of the batch
+    default = build_model(tiny_vit_checkpoint, "vit").train()
+    assert (default(images, labels)[1]["text"] - text).abs().max() > 1e-3  # the default splices each image's own
+    # image -> text: every logit of a row equal, so the loss is log B and its gradient zero
+    image = features["proj"]
+    i2t = losses.SupConLoss(temperature=1.0)(image, text, labels, labels)
+    assert float(i2t.detach()) == pytest.approx(math.log(len(images)), abs=1e-5)
+    assert torch.autograd.grad(i2t, image)[0].abs().max() < 1e-6
+
+
 def test_contrastive_losses_alone_reach_the_inversion_network(vit_model):
     model = vit_model.train()
     images, labels = batch("vit")
@@ -145,24 +164,49 @@ def test_test_feature_is_1280_d_for_vit_b16_and_3072_d_for_rn50():
 
 # ---- the optional interaction network, the ImageNet statistics, rebuilding ----
 
-def test_interaction_branch_adds_a_head_and_a_text_guided_feature(prototypes):
+def test_interaction_attends_over_the_image_tokens_with_text_dependent_weights(prototypes):
     model = copy.deepcopy(prototypes["vit_interaction"]).train()
     images, labels = batch("vit")
     loss, terms, _ = losses.HandIDLoss(model)(images, labels)
     assert "loss_id_text" in terms
     loss.backward()
-    # the text query attends within each image over its one projected feature, so the softmax is 1 and
-    # only the value path (and the blocks after it) carry gradient
-    assert float(model.interaction.cross_attn.v_proj.weight.grad.norm()) > 0
+    # a softmax over several keys (the global token and the patch tokens): queries and keys learn
+    assert float(model.interaction.cross_attn.q_proj.weight.grad.norm()) > 0
+    assert float(model.interaction.cross_attn.k_proj.weight.grad.norm()) > 0
     assert float(model.inversion.mlp[0].weight.grad.norm()) > 0
     model.eval()
     with torch.no_grad():
         features = model.visual.forward_features(images)
         feature = model(images)
         text_a = model.encode_text(features["proj"])[0]
-        moved = model.interact(features["proj"], text_a) - model.interact(features["proj"], text_a.flip(0))
+        fused_a, weights_a = model.interact(features, text_a, return_weights=True)
+        fused_b, weights_b = model.interact(features, text_a.flip(0), return_weights=True)
+    assert weights_a.shape == (8, 1, features["tokens"].shape[1])  # one key per token of the image
+    torch.testing.assert_close(weights_a.sum(dim=2), torch.ones(8, 1))
+    assert (weights_a - weights_b).abs().max() > 1e-4  # the weights depend on the text
+    assert (fused_a - fused_b).abs().max() > 1e-3  # and so does the branch's feature
     assert feature.shape[1] == model.feature_dim() == model.in_planes + 2 * model.in_planes_proj
-    assert moved.abs().max() > 1e-3  # the text feature steers the branch
+
+
+def test_interaction_of_a_resnet_and_of_earlier_runs(tiny_rn_checkpoint, tiny_vit_checkpoint):
+    model = build_model(tiny_rn_checkpoint, "rn", interaction=True).eval()
+    images, _ = batch("rn", 2)
+    with torch.no_grad():
+        features = model.visual.forward_features(images)
+        _, weights = model.interact(features, model.encode_text(features["proj"])[0], return_weights=True)
+    assert weights.shape == (2, 1, features["tokens"].shape[1])  # layer4 tokens through token_proj
+    # a config.json from before the token sequence rebuilds the single-key branch it was trained with
+    old = build_model(tiny_vit_checkpoint, "vit", interaction=True)
+    config = dict(old.test_config)
+    del config["interaction_keys"]
+    rebuilt = models.build_model_from_config({"model": config, "num_classes": 4}).eval()
+    assert rebuilt.interaction_keys == "global" and rebuilt.interaction.pool == "mean"
+    models.load_model_weights(rebuilt, models.image_side_state_dict(old), "test checkpoint")
+    images, _ = batch("vit", 2)
+    with torch.no_grad():
+        features = rebuilt.visual.forward_features(images)
+        _, weights = rebuilt.interact(features, rebuilt.encode_text(features["proj"])[0], return_weights=True)
+    assert weights.shape == (2, 1, 1)
 
 
 def test_imagenet_norm_equals_imagenet_normalised_pixels(tiny_vit_checkpoint):

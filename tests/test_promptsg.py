@@ -2,7 +2,10 @@
 
 The first tests check what the CLIP-FH thesis code got wrong: the pseudo-word sits inside the
 token sequence, the prompt feature changes the fused output (the attention has many keys), and the
-losses train the inversion network and the cross-attention's query path."""
+losses train the inversion network and the cross-attention's query path. The interaction's blocks
+start as the identity and the fused feature at the global token, so a new model starts from CLIP's
+own feature; the tests of what the text does give the blocks' residual branches weights first, as
+the first optimiser steps do."""
 import copy
 import json
 import os
@@ -54,6 +57,17 @@ def vit_model(prototypes):
     return copy.deepcopy(prototypes["vit"])
 
 
+def as_after_training(model, std=0.05):
+    """Weights in the interaction blocks' residual branches (zero at initialisation), as a few
+    optimiser steps give them, so that the text can steer the fused feature."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in model.interaction.blocks:
+            for layer in (block.attn.out_proj, block.mlp.c_proj):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * std)
+    return model
+
+
 def batch(kind, n=8, seed=0):
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(n, 3, *INPUT_SIZE[kind], generator=generator)
@@ -101,7 +115,7 @@ def test_pseudo_token_sits_at_s_star_and_end_token_survives(vit_model):
 
 
 def test_fixed_prompt_is_encoded_once(vit_model, monkeypatch):
-    model = vit_model.eval()
+    model = as_after_training(vit_model).eval()
     with torch.no_grad():
         expected = model.text.encode_text(clip.tokenize("A photo of a hand."))[0]
     torch.testing.assert_close(model.fixed_text_feature, expected)
@@ -121,11 +135,30 @@ def test_fixed_prompt_is_encoded_once(vit_model, monkeypatch):
         model(images)
 
 
-# ---- the text really matters ----
+# ---- the start from CLIP's own feature; the text really matters ----
+
+@pytest.mark.parametrize("pool", ["global", "mean"])
+def test_a_new_model_starts_from_clips_own_feature(tiny_model, pool):
+    model, kind = tiny_model
+    model.interaction.pool = pool
+    model.eval()
+    images, _ = batch(kind, 4)
+    with torch.no_grad():
+        features = model.visual.forward_features(images)
+        sequence = torch.randn(4, 6, model.width)
+        assert torch.equal(model.interaction.blocks(sequence), sequence)  # zero residual branches: the identity
+        fused = model(images)
+        clip_feature = model.interaction.ln_post(features["proj"])  # ln_post: centring and scale only
+    start = torch.nn.functional.cosine_similarity(fused, clip_feature, dim=1)
+    if pool == "global":  # the default
+        assert (start > 0.9999).all()
+    else:  # the mean over all tokens, in which the global token weighs 1 / (2 + grid)
+        assert (start < 0.999).any()
+
 
 def test_prompt_feature_changes_fused_output(tiny_model):
     model, kind = tiny_model
-    model.eval()
+    as_after_training(model).eval()
     images, _ = batch(kind, 4)
     with torch.no_grad():
         features = model.visual.forward_features(images)
@@ -142,7 +175,7 @@ def test_prompt_feature_changes_fused_output(tiny_model):
 @pytest.mark.parametrize("lambda_sc", [0.0, 0.5])
 def test_losses_train_inversion_and_query_path(tiny_model, lambda_sc):
     model, kind = tiny_model
-    model.train()
+    as_after_training(model).train()
     criterion = losses.PromptSGLoss(model, lambda_sc=lambda_sc)
     images, labels = batch(kind)
     loss, terms, logits = criterion(images, labels)
@@ -177,6 +210,8 @@ def test_model_rebuilds_from_config_and_state_dict(tiny_model):
     rebuilt = models.build_model_from_config(config)
     models.load_model_weights(rebuilt, models.image_side_state_dict(model), "test checkpoint")
     model.eval(), rebuilt.eval()
+    earlier = {k: v for k, v in config["model"].items() if k != "pool"}  # a run from before --pool
+    assert models.build_model_from_config({"model": earlier, "num_classes": 4}).interaction.pool == "mean"
     images, _ = batch(kind, 4)
     with torch.no_grad():
         for prompt in models.INFERENCE_PROMPTS:

@@ -16,12 +16,13 @@ from .io import _atomic_write, set_seed
 from .splits import IMAGE_EXTENSIONS
 
 
-def load_image(path, size=None, resize="squash", decode="draft", interpolation="bicubic"):
+def load_image(path, size=None, resize="squash", decode="full", interpolation="bicubic"):
     """Read `path` as an RGB PIL image of exactly size=(H, W) (None keeps its size), resized (bicubic
     unless told otherwise) as utils.preprocessing does: resize "squash" (the whole photo, no crop: a crop cuts fingers off)
-    or "crop" (shorter side, centre crop); decode "draft" decodes a JPEG at the smallest DCT scale
-    (1/8 .. 1) still at least the target size, several times faster for large photos, "full"
-    decodes it whole first. Any unreadable file is an ImageLoadError naming it."""
+    or "crop" (shorter side, centre crop); decode "full" decodes a JPEG whole first (what the
+    references do), "draft" at the smallest DCT scale (1/8 .. 1) still at least the target size:
+    several times faster for large photos, pixels differ slightly (--fast_decode; README "JPEG
+    decoding"). Any unreadable file is an ImageLoadError naming it."""
     path = os.fspath(path)
     try:
         if size is None:
@@ -169,16 +170,19 @@ def build_train_transform(input_size, color_jitter=False, erasing_p=0.0):
 
 class LabeledImageDataset(torch.utils.data.Dataset):
     """(image tensor, label) from [(path, label)] items. Images are loaded resized to `size` (H, W)
-    with load_image, or read from a ResizedImageCache of the same items and size."""
+    with load_image (JPEG `decode` "full" or "draft"), or read from a ResizedImageCache of the same
+    items, size and decoding."""
 
-    def __init__(self, items, size, transform, cache=None):
+    def __init__(self, items, size, transform, cache=None, decode="full"):
         self.paths = [p for p, _ in items]
         self.labels = [int(label) for _, label in items]
         self.size = tuple(size)
         self.transform = transform
         self.cache = cache
-        if cache is not None and (cache.paths != self.paths or cache.size != self.size):
-            raise TrainingInputError("the resized-image cache was built for other images or another size")
+        self.decode = decode
+        if cache is not None and (cache.paths != self.paths or cache.size != self.size or cache.decode != decode):
+            raise TrainingInputError("the resized-image cache was built for other images, another size or another "
+                                     "JPEG decoding")
 
     def __len__(self):
         return len(self.paths)
@@ -187,23 +191,25 @@ class LabeledImageDataset(torch.utils.data.Dataset):
         if self.cache is not None:
             image = self.cache.image(index)
         else:
-            image = load_image(self.paths[index], size=self.size)
+            image = load_image(self.paths[index], size=self.size, decode=self.decode)
         return self.transform(image), self.labels[index]
 
 
 class ResizedImageCache:
-    """One-time cache of images decoded and resized (bicubic) to `size` (H, W), stored as one uint8
-    array (N, H, W, 3) in `cache_dir`; later runs memory-map it instead of decoding JPEGs. A cache
-    whose key (paths, file sizes and mtimes, size) differs is rebuilt."""
+    """One-time cache of images decoded (JPEG `decode` "full" or "draft") and resized (bicubic) to
+    `size` (H, W), stored as one uint8 array (N, H, W, 3) in `cache_dir`; later runs memory-map it
+    instead of decoding JPEGs. A cache whose key (paths, file sizes and mtimes, size, decoding)
+    differs is rebuilt."""
 
-    def __init__(self, paths, size, cache_dir, desc="caching resized images"):
+    def __init__(self, paths, size, cache_dir, desc="caching resized images", decode="full"):
         self.paths = list(paths)
         self.size = tuple(int(s) for s in size)
-        key_text = json.dumps([self.size, [(p, os.path.getsize(p), int(os.path.getmtime(p)))
-                                           for p in self.paths]])
+        self.decode = preprocessing.record(self.size, decode=decode)["decode"]  # checked
+        key_text = json.dumps([self.size, self.decode, [(p, os.path.getsize(p), int(os.path.getmtime(p)))
+                                                        for p in self.paths]])
         import hashlib
         digest = hashlib.sha1(key_text.encode()).hexdigest()[:16]
-        self.file = os.path.join(cache_dir, f"resized_{self.size[0]}x{self.size[1]}_{digest}.npy")
+        self.file = os.path.join(cache_dir, f"resized_{self.size[0]}x{self.size[1]}_{self.decode}_{digest}.npy")
         if not os.path.exists(self.file):
             self._build(desc)
         self._array = None
@@ -212,7 +218,7 @@ class ResizedImageCache:
         height, width = self.size
         array = np.empty((len(self.paths), height, width, 3), dtype=np.uint8)
         for i, path in enumerate(tqdm(self.paths, desc=desc, leave=False)):
-            array[i] = np.asarray(load_image(path, size=self.size), dtype=np.uint8)
+            array[i] = np.asarray(load_image(path, size=self.size, decode=self.decode), dtype=np.uint8)
         _atomic_write(self.file, lambda f: np.save(f, array), mode="wb")
 
     def image(self, index):
@@ -229,7 +235,7 @@ class SubsetCache:
 
     def __init__(self, cache, paths):
         position = {p: i for i, p in enumerate(cache.paths)}
-        self.cache, self.paths, self.size = cache, list(paths), cache.size
+        self.cache, self.paths, self.size, self.decode = cache, list(paths), cache.size, cache.decode
         self.rows = [position[p] for p in self.paths]
 
     @classmethod

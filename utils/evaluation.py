@@ -9,7 +9,7 @@ import scipy.io
 import torch
 from tqdm import tqdm
 
-from . import metrics, verification
+from . import metrics, preprocessing as preprocessing_records, verification
 from .errors import EvaluationInputError, OutputExistsError
 from .io import (atomic_savemat, atomic_write_json, autocast, format_results_table, resolve_amp,
                  write_metrics_csv)
@@ -138,21 +138,23 @@ def encode_split_images(encode_fn, test_dir, num_splits, variants, **encode_args
 
 def score_splits(encoded, num_splits, variants, max_rank=50, rerank=None):
     """Rank each split's gallery for its queries: cosine similarity of the features, or the
-    k-reciprocal re-ranked distance when `rerank` is {"k1", "k2", "lambda_value"}.
+    k-reciprocal re-ranked distance when `rerank` is {"k1", "k2", "lambda_value"}. `encoded` may
+    also hold "query_features" / "gallery_features" (rows as "features"): what the query / gallery
+    sets take instead (eval_robustness.py: degraded queries against the clean gallery).
     Returns (rows: one metrics dict per split and variant, mats: {file name: .mat contents})."""
-    sets, features = encoded["sets"], encoded["features"]
+    sets = encoded["sets"]
 
-    def set_arrays(name):
-        entries = sets[name]
+    def set_arrays(name, role):
+        entries, features = sets[name], encoded.get(f"{role}_features", encoded["features"])
         return (features[[encoded["row_of_key"][key] for _, _, key in entries]],
                 [label for _, label, _ in entries], np.array([path for path, _, _ in entries], dtype=object))
 
     rows, mats = [], {}
     for i in range(num_splits):
-        query_f, query_labels, query_paths = set_arrays(f"query{i}")
+        query_f, query_labels, query_paths = set_arrays(f"query{i}", "query")
         for variant in variants:
             gallery_name = gallery_set_name(i, variant)
-            gallery_f, gallery_labels, gallery_paths = set_arrays(gallery_name)
+            gallery_f, gallery_labels, gallery_paths = set_arrays(gallery_name, "gallery")
             mat = {"query_f": query_f, "query_label": _labels_for_mat(query_labels), "query_path": query_paths,
                    "gallery_f": gallery_f, "gallery_label": _labels_for_mat(gallery_labels),
                    "gallery_path": gallery_paths}
@@ -226,7 +228,7 @@ def print_results(results, test_dir):
 def evaluate_query_gallery(encode_fn, test_dir, out_dir, *, gallery=None, method_name="model",
                            input_size=(224, 224), batch_size=64, num_workers=0, device="cpu", flip=False,
                            amp="none", max_rank=50, mean=CLIP_MEAN, std=CLIP_STD, rerank=None,
-                           overwrite=False, extra=None, verbose=True, table_mAP="mAP_hand"):
+                           overwrite=False, extra=None, verbose=True, table_mAP="mAP_hand", preprocessing=None):
     """The query/gallery evaluation shared by the zero-shot and fine-tuned evaluators.
 
     encode_fn(images) -> (B, D) features for a normalised batch (B, 3, H, W) already on `device`
@@ -239,7 +241,10 @@ def evaluate_query_gallery(encode_fn, test_dir, out_dir, *, gallery=None, method
     Writes to `out_dir`: result_split{i}.mat (own gallery) and result_split{i}_all.mat
     (gallery{i}_all) with query_f, query_label, query_path, gallery_f, gallery_label, gallery_path;
     results.json; results.csv. Prints the paper-style tables when `verbose`, whose mAP column is
-    `table_mAP` (the protocol's convention). Returns the results dict (as in results.json)."""
+    `table_mAP` (the protocol's convention). preprocessing: the utils.preprocessing record the images
+    are read with (protocols.test_settings gives it); None: the whole photo resized (bicubic) to
+    input_size, normalised with mean/std, full JPEG decoding. results.json records it as
+    "preprocessing". Returns the results dict (as in results.json)."""
     layout = read_split_layout(test_dir)
     variants = wanted_gallery_variants(layout, gallery, test_dir)
     results_path = os.path.join(out_dir, "results.json")
@@ -247,13 +252,18 @@ def evaluate_query_gallery(encode_fn, test_dir, out_dir, *, gallery=None, method
         raise OutputExistsError(f"{results_path} already exists; pass --force to overwrite it or choose "
                                 f"another --f_name")
     num_splits = layout["num_splits"]
-    encoded = encode_split_images(encode_fn, test_dir, num_splits, variants, size=input_size,
-                                  batch_size=batch_size, num_workers=num_workers, device=device, flip=flip,
-                                  amp=resolve_amp(amp, device), mean=mean, std=std)
+    if preprocessing is None:
+        preprocessing = preprocessing_records.record(input_size, "squash", mean=mean, std=std)
+    preprocessing_records.check(preprocessing)
+    input_size = tuple(preprocessing["size"])
+    encoded = encode_split_images(encode_fn, test_dir, num_splits, variants, batch_size=batch_size,
+                                  num_workers=num_workers, device=device, flip=flip, amp=resolve_amp(amp, device),
+                                  preprocessing=preprocessing)
     rows, mats = score_splits(encoded, num_splits, variants, max_rank, rerank)
     results = {"method": method_name, "test_dir": os.path.abspath(test_dir), "dataset": layout["dataset"],
                "num_splits": num_splits, "gallery_variants": variants, "metrics": list(metric_names()),
                "metric_conventions": METRIC_CONVENTIONS, "table_mAP": table_mAP, "input_size": list(input_size),
+               "preprocessing": preprocessing, "preprocessing_text": preprocessing_records.describe(preprocessing),
                "flip": bool(flip), "amp": resolve_amp(amp, device),
                "rerank": dict(rerank) if rerank else None, "feature_dim": int(encoded["features"].shape[1]),
                "num_images_encoded": len(encoded["paths"]), "encode_seconds": round(encoded["seconds"], 3),
@@ -264,11 +274,15 @@ def evaluate_query_gallery(encode_fn, test_dir, out_dir, *, gallery=None, method
     return results
 
 
-def validate(feature_fn, logits_fn, val_set, gallery_set, device, amp="none", batch_size=64, num_workers=0):
+def validate(feature_fn, logits_fn, val_set, gallery_set, device, amp="none", batch_size=64, num_workers=0,
+             acc_images=None):
     """Validation on training identities only: closed-set accuracy of logits_fn(images) on the val
     images, and retrieval with the val images as queries against the gallery (train) images by
     cosine similarity of L2-normalised feature_fn(images). Returns {"val_acc", "val_rank1", "val_mAP"}
-    (standard non-interpolated AP: every gallery image of the identity is a true match)."""
+    (standard non-interpolated AP: every gallery image of the identity is a true match).
+    acc_images: indices of the val images val_acc counts, divided by all val images all the same
+    (CLIP-HandID's released code: a shuffled loader that drops the incomplete batch; --reference_val_acc);
+    None: every val image."""
     def loader(dataset):
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                            pin_memory=str(device).startswith("cuda"))
@@ -278,5 +292,8 @@ def validate(feature_fn, logits_fn, val_set, gallery_set, device, amp="none", ba
     gallery_f, gallery_labels = extract_features(feature_fn, loader(gallery_set), device, amp)
     similarity = torch.nn.functional.normalize(query_f, dim=1) @ torch.nn.functional.normalize(gallery_f, dim=1).t()
     found = metrics.rank_metrics(similarity, val_labels.numpy(), gallery_labels.numpy(), convention="standard")
-    return {"val_acc": (logits.argmax(dim=1) == val_labels).float().mean().item(),
+    correct = logits.argmax(dim=1) == val_labels
+    if acc_images is not None:
+        correct = correct[torch.as_tensor(list(acc_images), dtype=torch.long)]
+    return {"val_acc": correct.sum().item() / len(val_labels),
             "val_rank1": float(found["cmc"][0]), "val_mAP": float(found["mAP"])}

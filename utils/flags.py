@@ -3,7 +3,7 @@ run control), the help formatter that prints each default once, and their common
 Method-specific flags are declared in each trainer."""
 import argparse
 import os
-from . import io
+from . import io, protocols
 from .io import AMP_CHOICES, add_common_args
 
 
@@ -103,6 +103,10 @@ def add_input_args(parser, erasing_p=0.0, cache_root="<data_dir>"):
     group.add_argument("--cache_resized", nargs="?", const="", default=None, metavar="DIR",
                        help=f"decode and resize every photo once into a uint8 cache (default DIR: "
                             f"{cache_root}/.cache_resized) so epochs skip JPEG decoding")
+    group.add_argument("--fast_decode", action="store_true",
+                       help="decode the training and validation JPEGs (and the --cache_resized cache) in PIL's draft "
+                            "mode: several times faster on large photos, pixels differ slightly (README 'JPEG "
+                            "decoding'); the final test always decodes fully")
     return group
 
 
@@ -113,21 +117,40 @@ def add_gpu_augment_arg(group):
                             "(default: on with CUDA and --cache_resized when the cache fits)")
 
 
-def add_run_control_args(parser, resume_help, final_test_help):
+def add_run_control_args(parser, resume_help, final_test_help, amp=None, eval_every=5):
+    """amp: the training precision's default (None: bf16 on CUDA, fp32 elsewhere; "none": fp32, the
+    reference's where it trains in fp32); eval_every: validate every N epochs (1 where the reference
+    validates every epoch)."""
     g = parser.add_argument_group("run control")
-    g.add_argument("--amp", default=None, choices=AMP_CHOICES, help="autocast dtype (default: bf16 on CUDA, none on CPU)")
+    amp_help = ("autocast dtype (default: none = fp32, the reference's precision; bf16 is the faster option on CUDA)"
+                if amp == "none" else "autocast dtype (default: bf16 on CUDA, none on CPU)")
+    g.add_argument("--amp", default=amp, choices=AMP_CHOICES, help=amp_help)
     io.add_compile_arg(g)
     g.add_argument("--grad_clip", type=float, default=0.0, help="max gradient norm (0: off); applied before the step")
     g.add_argument("--resume", action="store_true", help=resume_help)
     g.add_argument("--save_every", type=int, default=0, help="also keep net_<epoch>.pth every N epochs (0: never)")
-    g.add_argument("--eval_every", type=int, default=5, help="validate every N epochs (and after the last)")
+    g.add_argument("--eval_every", type=int, default=eval_every,
+                   help="validate every N epochs (and after the last); net_best is chosen among validated epochs")
     g.add_argument("--final_test", action=argparse.BooleanOptionalAction, default=True, help=final_test_help)
+    g.add_argument("--protocol", choices=list(protocols.PROTOCOLS), default=protocols.DEFAULT_PROTOCOL,
+                   help="the protocol of the final test (README 'Protocols'): its checkpoint (net_best or net_last), "
+                        "feature, flip, precision, galleries and mAP")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic GPU kernels, cuDNN autotuning off (slower): a resumed GPU run then ends "
                         "with the same weights as an uninterrupted one")
     add_common_args(g)
     return g
+
+
+def add_selection_args(group, reference="CLIP-HandID"):
+    """--select_by and --reference_val_acc (trainers whose reference keeps the best val accuracy)."""
+    group.add_argument("--select_by", default="val_mAP", choices=["val_mAP", "val_acc"],
+                       help=f"net_best: best val retrieval mAP (ours) or best closed-set val accuracy ({reference}'s)")
+    group.add_argument("--reference_val_acc", action="store_true",
+                       help=f"val_acc as {reference}'s released code counts it: a shuffled val loader of --batch_size "
+                            "that drops the incomplete batch (60 of 72 images on 11k dorsal right), divided by all "
+                            "val images")
 
 
 def common_arg_problems(args):

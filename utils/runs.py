@@ -12,7 +12,7 @@ import torch
 
 import clip
 from .errors import ClipFHError, NonFiniteLossError, SplitInputError, TrainingInputError
-from . import io, protocols
+from . import io, preprocessing, protocols
 from .io import _atomic_write, read_config, set_seed, write_run_config
 from . import splits
 from .splits import read_split_layout
@@ -20,7 +20,7 @@ from .data import (LabeledImageDataset, check_images, PKSampler, ResizedImageCac
                    train_load_size)
 from .evaluation import evaluate_query_gallery
 from .distributed import barrier, cleanup_distributed, rank0_first, ranks_agree, setup_distributed
-from .training import capture_rng_state, restore_rng_state, save_checkpoint
+from .training import capture_rng_state, restore_rng_state, save_checkpoint, schedule_warnings
 
 
 def setup_logger(out_dir, is_main=True, name="clipfh.train", filename="train.log"):
@@ -228,31 +228,32 @@ def cache_dir(args, data_dir):
     return args.cache_resized or os.path.join(data_dir, ".cache_resized")
 
 
-def image_datasets(sets, cache_dir, dist_info):
+def image_datasets(sets, cache_dir, dist_info, decode="full"):
     """{name: (items, size, transform)} -> {name: LabeledImageDataset}. With a cache_dir, every image
     is decoded and resized once into one ResizedImageCache per size (rank 0 builds it, the other ranks
-    then open it), and each data set reads its images from a view of it."""
+    then open it), and each data set reads its images from a view of it. decode: JPEG decoding,
+    "full" or "draft" (--fast_decode)."""
     caches = {}
     if cache_dir is not None:
         paths = {}
         for items, size, _ in sets.values():
             paths.setdefault(tuple(size), set()).update(p for p, _ in items)
         with rank0_first(dist_info):
-            caches = {size: ResizedImageCache(sorted(found), size, cache_dir,
+            caches = {size: ResizedImageCache(sorted(found), size, cache_dir, decode=decode,
                                               desc=f"caching images at {size[0]}x{size[1]}")
                       for size, found in paths.items()}
-    return {name: LabeledImageDataset(items, size, transform, SubsetCache.of(caches.get(tuple(size)), items))
+    return {name: LabeledImageDataset(items, size, transform, SubsetCache.of(caches.get(tuple(size)), items), decode)
             for name, (items, size, transform) in sets.items()}
 
 
-def build_datasets(data, train_transform, input_size, train_all, cache_dir, dist_info):
+def build_datasets(data, train_transform, input_size, train_all, cache_dir, dist_info, decode="full"):
     """(train set, val set, val gallery = the train images) of one split root; the train images are
     read at train_load_size(input_size) for train_transform's random crop."""
     eval_tf = eval_transform(input_size)
     sets = image_datasets({"train": (data["train"], train_load_size(input_size), train_transform),
                            "val": (data["val"], input_size, eval_tf),
                            "gallery": (val_gallery_items(data["train"], data["val"], train_all), input_size, eval_tf)},
-                          cache_dir, dist_info)
+                          cache_dir, dist_info, decode)
     return sets["train"], sets["val"], sets["gallery"]
 
 
@@ -305,9 +306,42 @@ def batch_summary(args, dist_info, amp, speed_note=""):
     return text + (f"; {speed_note}" if speed_note else "")
 
 
+def decode_mode(args):
+    """JPEG decoding of the images a trainer reads: "draft" with --fast_decode, else "full"."""
+    return "draft" if getattr(args, "fast_decode", False) else "full"
+
+
+def val_acc_images(args, num_val, epoch):
+    """--reference_val_acc: the val images CLIP-HandID's released code counts in epoch `epoch`
+    (0-based): a shuffled loader of --batch_size that drops the incomplete batch (60 of 72 on 11k
+    dorsal right), drawn from (--seed, epoch); None (every val image) without the flag."""
+    if not getattr(args, "reference_val_acc", False):
+        return None
+    sampler = ShuffleSampler(num_val, args.batch_size, seed=args.seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def warn_about_schedule(args, log, first_epoch=0):
+    """Log (train.log too) a warning when --epochs ends inside the warm-up or before the first milestone
+    (first_epoch: as training.WarmupMultiStepLR's); with CLIP-ReID's stage 1 (args.stage1_epochs), also
+    when --stage1_epochs ends inside its warm-up."""
+    stage = getattr(args, "stage", "both")
+    found = schedule_warnings(args.epochs, args.warmup_epochs, args.milestones, first_epoch) if stage != "1" else []
+    if getattr(args, "stage1_epochs", None) is not None and stage != "2":
+        found = schedule_warnings(args.stage1_epochs, args.stage1_warmup_epochs, [], 1,
+                                  ("--stage1_epochs", "--stage1_warmup_epochs", "")) + found
+    for message in found:
+        log.warning(message)
+
+
 def training_config(args, method, data, amp, dist_info, num_train_images, num_val_images, **extra):
-    """The config.json entries every trainer writes besides its arguments (write_run_config adds those)."""
+    """The config.json entries every trainer writes besides its arguments (write_run_config adds those):
+    among them the test-time preprocessing record of the run (the whole photo squashed to --input_size,
+    bicubic, CLIP mean/std, full decoding; protocols.test_settings reads it) and the JPEG decoding of
+    training ("train_decode")."""
     return {"method": method, "num_classes": len(data["class_names"]), "class_names": data["class_names"],
+            "preprocessing": preprocessing.record(args.input_size, "squash"), "train_decode": decode_mode(args),
             "amp": amp, "world_size": dist_info.world_size,
             "effective_batch_size": args.batch_size * dist_info.world_size,
             "pretrained": parse_pretrained(args.pretrained, args.backbone_name), "train_split": data["train_split"],
@@ -391,33 +425,41 @@ def check_ranks_agree(model, dist_info, log):
         raise RuntimeError("DDP ranks ended with different weights; the saved checkpoint is rank 0's")
 
 
+def reported_checkpoint(out_dir, protocol):
+    """("best" | "last", path): the checkpoint `protocol` reports (net_best for clip-handid and
+    clip-fh, net_last for clip-reid: utils.protocols), the one the final test evaluates."""
+    which = protocols.check_protocol(protocol)["checkpoint"]
+    return which, os.path.join(out_dir, f"net_{which}.pth")
+
+
 def final_test(model, args, data_dir, out_dir, folder, method_name, amp, device, log, extra, what="net_best"):
-    """Evaluate `model` on the query/gallery splits of data_dir into out_dir/folder with the shared
-    pipeline under the default protocol (clip-handid: fp32, the mirrored image added, the feature
-    after the BNNeck) on every gallery variant; the log line reports the published tables' gallery
-    (11k: gallery{i}_all). None (and a log line) when data_dir has no test splits. `amp` (the
-    training precision) is not used."""
+    """Evaluate `model` (the caller loaded reported_checkpoint's weights into it) on the query/gallery
+    splits of data_dir into out_dir/folder with the shared pipeline, as --protocol says for this run
+    (protocols.test_settings with the run's config.json: flip, feature, precision, mAP, the
+    preprocessing it was trained with, full JPEG decoding) on every gallery variant; the log line
+    reports the published tables' gallery (11k: gallery{i}_all). None (and a log line) when data_dir
+    has no test splits. `amp` (the training precision) is not used."""
     try:
         read_split_layout(data_dir)
     except SplitInputError as err:
         log.info(f"final test skipped: {err}")
         return None
-    kind = "promptsg" if hasattr(model, "inference_prompt") else "finetune"
-    setting = protocols.settings(protocols.DEFAULT_PROTOCOL, kind, gallery="both")
+    setting = protocols.test_settings(args.protocol, io.read_config(out_dir), gallery="both",
+                                      cuda=str(device).startswith("cuda"))
     run_feature, model.feature = model.feature, setting["feature"]
     try:
         results = evaluate_query_gallery(
-            model, data_dir, os.path.join(out_dir, folder), method_name=method_name,
-            input_size=tuple(args.input_size), batch_size=max(args.batch_size, 64), num_workers=args.num_workers,
-            device=device, amp="none", flip=setting["flip"], overwrite=True, table_mAP=setting["mAP"],
-            extra=dict(extra, feature=setting["feature"], protocol=dict(setting, amp="none")))
+            model, data_dir, os.path.join(out_dir, folder), method_name=method_name, gallery=setting["gallery"],
+            batch_size=max(args.batch_size, 64), num_workers=args.num_workers, device=device, amp=setting["amp"],
+            flip=setting["flip"], overwrite=True, table_mAP=setting["mAP"], preprocessing=setting["preprocessing"],
+            extra=dict(extra, feature=setting["feature"], protocol=setting))
     finally:
         model.feature = run_feature
     variant = protocols.headline_gallery(results["gallery_variants"])
     mean = results["summary"][variant]["mean"]
-    log.info(f"final test ({what}, protocol {protocols.DEFAULT_PROTOCOL}, gallery{{i}}"
+    log.info(f"final test ({what}, protocol {args.protocol}, gallery{{i}}"
              f"{'_all' if variant == 'all' else ''}): Rank-1 {100 * mean['rank1']:.2f} "
-             f"mAP {100 * mean['mAP_hand']:.2f} -> {os.path.join(out_dir, folder)}")
+             f"{setting['mAP']} {100 * mean[setting['mAP']]:.2f} -> {os.path.join(out_dir, folder)}")
     return results
 
 

@@ -43,6 +43,23 @@ class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
         return [base_lr * self.lr_factor(self.last_epoch + self.first_epoch) for base_lr in self.base_lrs]
 
 
+def schedule_warnings(epochs, warmup_epochs, milestones, first_epoch=0, flags=("--epochs", "--warmup_epochs",
+                                                                                  "--milestones")):
+    """Warnings (strings) for a WarmupMultiStepLR run too short for its schedule: one that ends
+    inside the warm-up (the learning rate never reaches its base value) or before the first
+    milestone (it is never decayed). first_epoch: as WarmupMultiStepLR's."""
+    epochs_flag, warmup_flag, milestones_flag = flags
+    last = first_epoch + epochs - 1  # the schedule's epoch index of the last epoch
+    found = []
+    if warmup_epochs > 0 and last < warmup_epochs:
+        found.append(f"warning: {epochs_flag} {epochs} ends inside the {warmup_epochs}-epoch warm-up "
+                     f"({warmup_flag}): the learning rate never reaches its base value; lower {warmup_flag}")
+    if milestones and last < min(milestones):
+        found.append(f"warning: {epochs_flag} {epochs} ends before the first {milestones_flag} step (epoch "
+                     f"{min(milestones)}): the learning rate is never decayed; lower {milestones_flag}")
+    return found
+
+
 class Stage1CosineLR(torch.optim.lr_scheduler.LRScheduler):
     """CLIP-ReID's stage-1 schedule per epoch n = 1..epochs (timm CosineLRScheduler, t = n): linear
     warm-up warmup_lr + n (base - warmup_lr) / warmup_epochs for n < warmup_epochs, then
