@@ -12,6 +12,9 @@ Parts:
            Target: >= 5x.
   verification  verification.verification_metrics (EER, AUC, TAR@FAR, ROC curve) on a 2,000 x 10,000
            score matrix (20 M pairs). Target: well under a second.
+  search   queries/s of identify_hands.py's search (utils/gallery.py: memory-mapped float16 shards read in
+           chunks, running top-10) against synthetic galleries of --search_sizes 512-d entries, written to
+           a temporary folder and deleted afterwards, and the gallery's bytes per million entries.
   train    training images/s of the fine-tuning step (train_finetune.py's: two LS-CE heads, Adam,
            train_one_epoch) and
   infer    inference images/s (retrieval feature), each for --backbones (random weights) at --input_size,
@@ -46,7 +49,7 @@ import time
 import numpy as np
 
 import models
-from utils import io, data, gpu_augment, metrics, synthetic, training, verification
+from utils import io, data, gallery, gpu_augment, metrics, synthetic, training, verification
 
 
 def best_time(fn, repeats):
@@ -354,6 +357,16 @@ def bench_verification(args):
     return {"shape_QxG": [num_q, num_g], "seconds": seconds, "target_seconds": 1.0}
 
 
+def bench_search(args):
+    rows = gallery.benchmark_search(args.search_sizes, args.search_dim, args.search_queries, device=args.device,
+                                    seed=args.seed, repeats=args.repeats)
+    for row in rows:
+        print(f"search {row['entries']:,} x {row['dim']}-d on {row['device']}: {row['queries_per_s']:.1f} queries/s "
+              f"({row['queries']} queries in {row['seconds']:.2f} s); "
+              f"{row['bytes_per_million_entries'] / 1e9:.3f} GB per million entries")
+    return {"rows": rows}
+
+
 # issue 14's targets (img/s on one GPU, bf16, 224x224, data loading included) and the whole-protocol row
 TARGETS = {"train": {"ViT-B/16": 4000, "RN50": 6000}, "infer": {"ViT-B/16": 12000, "RN50": 20000}}
 PROTOCOL_TARGET_S = 180
@@ -485,9 +498,9 @@ def bench_protocol(args):
 
 DATA_PATHS = ["memory", "jpeg", "cache", "device"]
 PARTS = {"decode": bench_decode, "metrics": bench_metrics, "verification": bench_verification,
-         "train": bench_train, "infer": bench_infer,
+         "train": bench_train, "infer": bench_infer, "search": bench_search,
          "gpu": bench_gpu, "protocol_run": bench_protocol}
-CPU_PARTS = ["decode", "metrics", "verification", "train", "infer"]  # --only; --gpu and --protocol_run have flags
+CPU_PARTS = ["decode", "metrics", "verification", "train", "infer", "search"]  # --only; --gpu and --protocol_run have flags
 
 
 def parse_args(argv=None):
@@ -512,6 +525,10 @@ def parse_args(argv=None):
                         help="queries and gallery size of the metrics benchmark (default 2000 10000)")
     parser.add_argument("--matches_per_query", type=int, nargs="+", default=[1, 5],
                         help="gallery images per identity in the metrics part (1 = the hand protocol)")
+    parser.add_argument("--search_sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
+                        help="gallery sizes of the search part (default 10k 100k 1M)")
+    parser.add_argument("--search_dim", type=int, default=512, help="feature size of the search part (default 512)")
+    parser.add_argument("--search_queries", type=int, default=256, help="queries per timed search (default 256)")
     g = parser.add_argument_group("train / infer throughput")
     g.add_argument("--backbones", nargs="+", default=["ViT-B/16", "RN50"], help="official names, random weights")
     g.add_argument("--method", choices=["finetune", "promptsg"], default="finetune",
@@ -542,6 +559,7 @@ def parse_args(argv=None):
         args.input_size, args.photo_size, args.bench_photos = [32, 32], [64, 48], 4
         args.iters, args.warmup, args.bench_workers = 1, 1, 0
         args.train_batch, args.infer_batch = args.train_batch or 2, args.infer_batch or 2
+        args.search_sizes, args.search_queries = [1000, 5000], 8
     return args
 
 

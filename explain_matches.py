@@ -216,6 +216,29 @@ def shown_region(path, rec, longest=400):
     return photo
 
 
+def explain_ranked(encode, recorder, images, num_random, seed, batch_size):
+    """Maps, cosine similarities (see explain_query) and the deletion test of the query images[0]
+    against its rank-1 image images[1]."""
+    maps, similarity = explain_query(encode, recorder, images)
+    with torch.no_grad():
+        match_feature = normalized(encode, images[1:2])[0]
+    deletion = explanation.deletion_test(lambda batch: normalized(encode, batch) @ match_feature, images[0],
+                                         maps[0], recorder.grid_size, num_random, seed, batch_size=batch_size)
+    return maps, similarity, deletion
+
+
+def figure_row(query, paths, labels, colours, maps, similarity, deletion, manifest=None):
+    """One row of draw_figure: the query (name `query`) and its ranked images with their maps; labels
+    and paths start with the query's, colours are the ranked images' borders; `manifest` (the split
+    root's) names distractors by where they come from."""
+    panels = [{"path": paths[0], "map": maps[0].cpu().numpy(), "title": "query", "color": figures.QUERY,
+               "caption": f"{identity_caption(labels[0], manifest)}\nmap vs rank 1"}]
+    panels += [{"path": paths[r + 1], "map": maps[r + 1].cpu().numpy(), "title": f"rank {r + 1}", "color": colour,
+                "caption": f"{identity_caption(labels[r + 1], manifest)}\ncos {float(similarity[r]):.2f}"}
+               for r, colour in enumerate(colours)]
+    return {"query": query, "label": labels[0], "path": paths[0], "deletion": deletion, "panels": panels}
+
+
 def load_part_mask(folder, image_path, rec):
     path = os.path.join(folder, os.path.splitext(os.path.basename(image_path))[0] + ".png")
     if not os.path.isfile(path):
@@ -233,10 +256,16 @@ def thumbnail(path, longest=400):
     return photo
 
 
-def draw_figure(rows, top_k, out_png, load_photo=thumbnail, width=figures.DOUBLE_COLUMN):
+BORDERS = ((figures.QUERY, "query"), (figures.SAME_IDENTITY, "same identity"), (figures.OTHER_IDENTITY, "another identity"))
+
+
+def draw_figure(rows, top_k, out_png, rec=None, legend=None, width=figures.DOUBLE_COLUMN):
     """One row per explained query (the query, then its top-k, each overlaid with its map, the photo
-    as load_photo(path) gives it), a colour bar of the maps and a legend of the borders below; saves
-    PNG and PDF. Returns the paths."""
+    as the model saw it under the preprocessing record `rec`, else whole), a colour bar of the maps and
+    a legend of the borders below (legend: (colour, meaning) pairs; default: those of BORDERS the rows
+    use); saves PNG and PDF. Returns the paths."""
+    used = {item["color"] for row in rows for item in row["panels"]}
+    legend = legend or [(colour, meaning) for colour, meaning in BORDERS if colour in used]
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.patches import Patch
@@ -251,17 +280,15 @@ def draw_figure(rows, top_k, out_png, load_photo=thumbnail, width=figures.DOUBLE
                             f"faithful): map {auc['map']:.2f}, random {auc['random']:.2f}, reverse {auc['reverse']:.2f}",
                             x=0.01, ha="left", fontsize=figures.FONT_SIZE)
             for ax, item in zip(subfig.subplots(1, top_k + 1, squeeze=False)[0], row["panels"]):
-                photo = load_photo(item["path"])
+                photo = shown_region(item["path"], rec) if rec else thumbnail(item["path"])
                 ax.imshow(explanation.overlay(np.asarray(photo), item["map"], colormap=figures.HEATMAP))
                 style_panel(ax, item["title"], item["color"], wrap_caption(item["caption"], panel))
         key = subfigs[-1]
         legend_ax, bar_ax = key.subplots(1, 2, width_ratios=[1.2, 1])
         legend_ax.axis("off")
         bar_ax.set_label("<colorbar>")  # as matplotlib names the colour bars it places itself
-        legend_ax.legend(handles=[Patch(facecolor="none", edgecolor=c, linewidth=2, label=t) for c, t in
-                                  ((figures.QUERY, "query"), (figures.SAME_IDENTITY, "same identity"),
-                                   (figures.OTHER_IDENTITY, "another identity"))],
-                         loc="center", ncols=3, handlelength=1.5, columnspacing=1.0)
+        legend_ax.legend(handles=[Patch(facecolor="none", edgecolor=c, linewidth=2, label=t) for c, t in legend],
+                         loc="center", ncols=len(legend), handlelength=1.5, columnspacing=1.0)
         key.colorbar(ScalarMappable(Normalize(0, 1), figures.HEATMAP), cax=bar_ax, orientation="horizontal",
                      label="relevance to the similarity (each map scaled to 0-1)")
     return figures.save(fig, os.path.splitext(out_png)[0], ("png", "pdf"))
@@ -312,12 +339,8 @@ def main(argv=None):
             images = load_inputs(paths, rec, args.device)
         except ClipFHError as err:
             raise SystemExit(f"error: {err}") from None
-        maps, similarity = explain_query(encode, recorder, images)
-        with torch.no_grad():
-            match_feature = normalized(encode, images[1:2])[0]
-        deletion = explanation.deletion_test(lambda batch: normalized(encode, batch) @ match_feature, images[0],
-                                             maps[0], recorder.grid_size, args.num_random, args.seed,
-                                             batch_size=args.batch_size)
+        maps, similarity, deletion = explain_ranked(encode, recorder, images, args.num_random, args.seed,
+                                                    args.batch_size)
         labels = [result["query_label"][q], *result["gallery_label"][order[:top_k]]]
         record = {"query": q, "path": paths[0], "label": str(labels[0]), "matches": [
             {"rank": r + 1, "path": paths[r + 1], "label": str(labels[r + 1]), "same_identity": bool(is_match[r]),
@@ -330,13 +353,8 @@ def main(argv=None):
             record["mass_on_parts"] = [{"path": p, "map_mass": mass, "area": area} for p, (mass, area) in zip(paths, shares)]
             parts += [s for s in shares if s[0] is not None]
         records.append(record)
-        panels = [{"path": paths[0], "map": maps[0].cpu().numpy(), "title": "query", "color": figures.QUERY,
-                   "caption": f"{identity_caption(labels[0], manifest)}\nmap vs rank 1"}]
-        panels += [{"path": paths[r + 1], "map": maps[r + 1].cpu().numpy(), "title": f"rank {r + 1}",
-                    "color": figures.SAME_IDENTITY if is_match[r] else figures.OTHER_IDENTITY,
-                    "caption": f"{identity_caption(labels[r + 1], manifest)}\ncos {float(similarity[r]):.2f}"}
-                   for r in range(top_k)]
-        rows.append({"query": q, "label": labels[0], "path": paths[0], "deletion": deletion, "panels": panels})
+        rows.append(figure_row(q, paths, labels, [figures.SAME_IDENTITY if is_match[r] else figures.OTHER_IDENTITY
+                                                  for r in range(top_k)], maps, similarity, deletion, manifest))
     seconds = (time.perf_counter() - start) / len(queries)
 
     aucs = {name: float(np.mean([r["deletion"]["auc"][name] for r in records])) for name in ("map", "random", "reverse")}
@@ -348,7 +366,7 @@ def main(argv=None):
         summary["mass_on_parts"] = float(np.mean([m for m, _ in parts]))
         summary["part_area"] = float(np.mean([a for _, a in parts]))
     os.makedirs(args.out_dir, exist_ok=True)
-    pdf = draw_figure(rows[:args.draw], top_k, out_png, lambda path: shown_region(path, rec))[-1]
+    pdf = draw_figure(rows[:args.draw], top_k, out_png, rec)[-1]
     method = "gradient-weighted attention rollout" if recorder.is_vit else "Grad-CAM on layer4"
     extra = {"model": description, "map": method, "input_size": list(size), "preprocessing": rec,
              "deletion_fill": DELETION_FILL,

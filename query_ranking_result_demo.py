@@ -13,11 +13,15 @@ import argparse
 import json
 import os
 import re
+import textwrap
 
 import numpy as np
 
 from utils import data, display, errors, evaluation, figures, splits
 from utils.outputs import check_writable
+
+CORRECT, WRONG = figures.SAME_IDENTITY, figures.OTHER_IDENTITY  # border colours (figures.py's, one style)
+LEGEND = ((CORRECT, "same identity as the query"), (WRONG, "another identity"))
 
 
 def parse_args(argv=None):
@@ -128,7 +132,8 @@ def split_manifest_of(result):
 
 def identity_caption(label, manifest):
     """'id 1058' for the split root's own identities; a distractor by where it comes from and its
-    original id ('dorsal left\nid 1039', 'HD 502-712\nid 560'), not by its relabelled number."""
+    original id on two lines ('dorsal left' / 'id 1039', 'HD 502-712' / 'id 560'), not by its relabelled
+    number."""
     origin = splits.distractor_origin(label, manifest)
     if origin is None:
         return f"id {label}"
@@ -137,60 +142,68 @@ def identity_caption(label, manifest):
 
 
 def ranking_rows(result, query_indices, top_k, manifest=None):
-    """The rows draw_ranking draws for the queries of an evaluation: the query, then its top-k with
-    rank, identity and similarity (two decimals; the re-ranked distance when the .mat holds one)."""
+    """The rows draw_rankings draws for the queries of an evaluation: the query, then its top-k with
+    identity (a distractor by where it comes from, see identity_caption) and similarity (two decimals;
+    the re-ranked distance when the .mat holds one), bordered by whether it is the query's identity."""
     score_name = "dist" if result.get("rerank_dist") is not None else "sim"
     rows = []
     for q in query_indices:
         order, is_match, scores = rank_gallery(result, q)
         hits = np.flatnonzero(is_match)
         first = f"first correct match at rank {hits[0] + 1}" if len(hits) else "no correct match in the gallery"
-        panels = [{"image": result["query_path"][q], "header": "query", "color": figures.QUERY,
-                   "caption": identity_caption(result["query_label"][q], manifest)}]
-        panels += [{"image": result["gallery_path"][g], "header": f"rank {rank + 1}",
-                    "caption": f"{identity_caption(result['gallery_label'][g], manifest)}\n{score_name} {scores[rank]:.2f}",
-                    "color": figures.SAME_IDENTITY if is_match[rank] else figures.OTHER_IDENTITY}
-                   for rank, g in enumerate(order[:top_k])]
-        rows.append({"title": f"query {os.path.basename(result['query_path'][q])}, "
-                              f"id {result['query_label'][q]}: {first}", "panels": panels})
+        rows.append({"title": f"query {os.path.basename(result['query_path'][q])}, id {result['query_label'][q]}: "
+                              f"{first}",
+                     "query": (result["query_path"][q], identity_caption(result["query_label"][q], manifest)),
+                     "matches": [(result["gallery_path"][g], f"{identity_caption(result['gallery_label'][g], manifest)}"
+                                  f"\n{score_name} {scores[rank]:.2f}", CORRECT if is_match[rank] else WRONG)
+                                 for rank, g in enumerate(order[:top_k])]})
     return rows
-
-
-def draw_ranking(rows, title, width=figures.DOUBLE_COLUMN):
-    """A ranking figure: one row per query, each a title and panels {"image" (path or PIL image),
-    "header", "caption", "color" (border)}, and a legend of the borders below. Reused by any script
-    that shows ranked photos. Returns the figure (figures.save writes it)."""
-    from matplotlib.patches import Patch
-    columns = max(len(row["panels"]) for row in rows)
-    panel = width / columns
-    lines = max(row_panel["caption"].count("\n") + 1 for row in rows for row_panel in row["panels"])
-    row_height = panel * 0.75 + 0.45 + 0.14 * lines
-    with figures.paper_style() as plt:
-        fig = plt.figure(figsize=(width, row_height * len(rows) + 0.6))
-        fig.suptitle(title)
-        fig.legend(handles=[Patch(facecolor="none", edgecolor=c, linewidth=2, label=t) for c, t in
-                            ((figures.SAME_IDENTITY, "same identity as the query"),
-                             (figures.OTHER_IDENTITY, "another identity"))],
-                   loc="outside lower center", ncols=2)
-        for subfig, row in zip(fig.subfigures(len(rows), 1, squeeze=False)[:, 0], rows):
-            subfig.suptitle(row["title"], x=0.01, ha="left", fontsize=figures.FONT_SIZE)
-            for ax, item in zip(subfig.subplots(1, columns, squeeze=False)[0], row["panels"] + [None] * columns):
-                if item is None:
-                    ax.set_visible(False)
-                    continue
-                image = data.load_image(item["image"]) if isinstance(item["image"], str) else item["image"]
-                image.thumbnail((400, 400))  # keeps the aspect; full-size photos would bloat the PDF
-                ax.imshow(image)
-                style_panel(ax, item["header"], item["color"], wrap_caption(item.get("caption"), panel))
-    return fig
 
 
 def draw_figure(result, query_indices, top_k, out_png, title, pdf=False):
     """The ranking figure of an evaluation's queries, saved as out_png (and with `pdf` the PDF beside
     it); returns the paths written."""
     top_k = min(top_k, len(result["gallery_label"]))
-    fig = draw_ranking(ranking_rows(result, query_indices, top_k, split_manifest_of(result)), title)
+    return draw_rankings(ranking_rows(result, query_indices, top_k, split_manifest_of(result)), out_png, title, pdf)
+
+
+def draw_rankings(rows, out_png, title, pdf=False, legend=LEGEND):
+    """A ranking figure for any ranked photos (evaluations, identify_hands.py): rows = [{"title",
+    "query": (path, caption), "matches": [(path, caption, border colour), ...]}], legend = (colour,
+    meaning) pairs. Saves the PNG (and a PDF with `pdf`); returns the paths written."""
+    fig = ranking_figure(rows, title, legend)
     return figures.save(fig, os.path.splitext(out_png)[0], ("png", "pdf") if pdf else ("png",))
+
+
+def ranking_figure(rows, title, legend=LEGEND, width=figures.DOUBLE_COLUMN):
+    """The figure draw_rankings saves: one row per query (its title, the query photo, then the ranked
+    photos with "rank n" above, the caption under and the border colour), the legend below; a
+    double column wide, text of at least 8 pt. Returns the figure."""
+    from matplotlib.patches import Patch
+    columns = 1 + max(len(row["matches"]) for row in rows)
+    panel = width / columns
+    lines = max(caption.count("\n") + 1 for row in rows for _, caption, *_ in [row["query"], *row["matches"]])
+    title = "\n".join(textwrap.fill(line, int(width / 0.075)) for line in title.split("\n"))  # 9 pt
+    row_height = panel * 0.75 + 0.45 + 0.14 * lines
+    with figures.paper_style() as plt:
+        fig = plt.figure(figsize=(width, row_height * len(rows) + 0.45 + 0.16 * (title.count("\n") + 1)))
+        fig.suptitle(title)
+        fig.legend(handles=[Patch(facecolor="none", edgecolor=colour, linewidth=2, label=meaning)
+                            for colour, meaning in legend], loc="outside lower center", ncols=len(legend))
+        for subfig, row in zip(fig.subfigures(len(rows), 1, squeeze=False)[:, 0], rows):
+            subfig.suptitle(row["title"], x=0.01, ha="left", fontsize=figures.FONT_SIZE)
+            panels = [(row["query"][0], "query", row["query"][1], figures.QUERY)]
+            panels += [(path, f"rank {rank + 1}", caption, colour)
+                       for rank, (path, caption, colour) in enumerate(row["matches"])]
+            axes = subfig.subplots(1, columns, squeeze=False)[0]
+            for ax in axes[len(panels):]:  # a row with fewer matches than the others
+                ax.set_visible(False)
+            for ax, (image, header, caption, colour) in zip(axes, panels):
+                image = data.load_image(image) if isinstance(image, str) else image
+                image.thumbnail((400, 400))  # keeps the aspect; full-size photos would bloat the PDF
+                ax.imshow(image)
+                style_panel(ax, header, colour, wrap_caption(caption, panel))
+    return fig
 
 
 def wrap_caption(caption, panel_width):
@@ -199,6 +212,8 @@ def wrap_caption(caption, panel_width):
         return caption
     return "\n".join("\n".join(line.split(" ")) if not line.startswith(("id ", "sim ", "dist ")) else line
                      for line in caption.split("\n"))
+
+
 
 
 def style_panel(ax, title, color, caption=None):

@@ -104,6 +104,7 @@ def build_model(args, out_dir, hands, dist_info):
 def train(args, dist_info):
     device, amp = dist_info.device, io.resolve_amp(args.amp, dist_info.device)
     hands = data.load_train_val(args.data_dir, args.train_all)
+    runs.preflight(args, hands, args.data_dir)  # before the run folder is touched
     num_classes = len(hands["class_names"])
     out_dir, log = runs.start_run(args, dist_info)
 

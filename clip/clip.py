@@ -19,7 +19,7 @@ from .simple_tokenizer import SimpleTokenizer
 
 __all__ = ["available_models", "load", "tokenize", "check_tokenizer", "checkpoint_geometry", "random_state_dict",
            "save_tiny_checkpoint", "tiny_config", "TINY_KINDS", "ModelDownloadError", "TokenizerMismatchError", "CheckpointError",
-           "MODEL_CONFIGS", "POS_INTERPOLATIONS", "CLIP_MEAN", "CLIP_STD"]
+           "MODEL_CONFIGS", "POS_INTERPOLATIONS", "CLIP_MEAN", "CLIP_STD", "release_sha256"]
 
 _URL_ROOT = "https://openaipublic.azureedge.net/clip/models"
 # name -> (SHA-256 of the released file, file name); the URL is <root>/<sha256>/<file name>
@@ -52,6 +52,11 @@ class CheckpointError(RuntimeError):
 def available_models():
     """Names of the nine released CLIP models, in OpenAI's order."""
     return list(_MODELS)
+
+
+def release_sha256(name):
+    """SHA-256 of the released file of an official model name (what load verifies), else None."""
+    return _RELEASES[name][0] if name in _RELEASES else None
 
 
 def sha256_file(path):

@@ -70,3 +70,37 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def folder_split(tmp_path_factory):
+    """An identity-folder data set (12 people with 4-6 photos, one with a single photo, 3 flat distractor
+    photos beside it) prepared by prepare_train_val_test_folder.py with 2 splits. Returns the split root
+    (<data_dir>/train_val_test_split). Read-only."""
+    from utils import synthetic
+    import prepare_train_val_test_folder as prepare
+    base = tmp_path_factory.mktemp("folder_data")
+    synthetic.make_synthetic_folder(str(base / "hands"), num_ids=12, images_per_id=(4, 6), image_size=(48, 36),
+                                    distractor_dir=str(base / "strangers"), single_image_ids=1, seed=0)
+    prepare.main(["--data_dir", str(base / "hands"), "--num_splits", "2", "--seed", "0", "--distractors",
+                  str(base / "strangers"), "--num_workers", "0"])
+    return str(base / "hands" / prepare.SPLIT_ROOT)
+
+
+FOLDER_TRAINING = ["--input_size", "32", "32", "--epochs", "1", "--batch_size", "8", "--num_workers", "0",
+                   "--device", "cpu", "--no-progress", "--no-final_test"]
+
+
+@pytest.fixture(scope="session")
+def folder_finetune_run(folder_split, tiny_vit_checkpoint, tmp_path_factory):
+    """train_finetune.py, 1 epoch on folder_split: the run folder."""
+    import torch
+    import train_finetune
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = train_finetune.main(["--data_dir", folder_split, "--f_name", str(tmp_path_factory.mktemp("folder_runs")),
+                                      "--m_name", "finetune", "--backbone_name", tiny_vit_checkpoint, *FOLDER_TRAINING])
+    finally:
+        torch.set_num_threads(threads)
+    return result["out_dir"]

@@ -85,10 +85,10 @@ def test_ranking_names_distractors_by_aspect_and_original_id(result_mat):
     result = evaluation.load_result_mat(str(mat))
     result["gallery_label"] = np.array([0, 1, 21_000_002, 21_000_002])
     rows = ranking.ranking_rows(result, [0, 1], 4, {"distractor_offsets": {"palmar right": 21_000_000}})
-    captions = [p["caption"] for p in rows[0]["panels"][1:]]
+    captions = [caption for _, caption, _ in rows[0]["matches"]]
     assert sum(c.startswith("palmar right\nid 2\nsim ") for c in captions) == 2
     assert all(re.search(r"\nsim -?\d\.\d\d$", c) for c in captions)  # two decimals, e.g. 0.87
-    fig = ranking.draw_ranking(rows, "title")
+    fig = ranking.ranking_figure(rows, "title")
     assert fig.get_figwidth() == figures.DOUBLE_COLUMN and min(text_sizes(fig)) >= figures.FONT_SIZE
     assert figures.overlapping_legends(fig) == []
     figures.pyplot().close(fig)

@@ -173,7 +173,7 @@ def score_splits(encoded, num_splits, variants, max_rank=50, rerank=None):
 
 
 def summarise(rows, variants):
-    """{variant: {"mean": {metric: value}, "std": {...}, "cmc_mean": [...], "roc_mean": {"far", "tar"}}}
+    """{variant: {"mean": {metric: value}, "std": {...}, "cmc_mean": [...], "roc_mean": {"far", "tar", "threshold"}}}
     over the splits; a metric that some split could not measure (None) has mean and std None."""
     summary = {}
     for variant in variants:

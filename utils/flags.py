@@ -35,7 +35,7 @@ def add_data_output_args(parser, m_name, several_roots=False):
                        help="split root holding train/ (or train_all/) and val/")
     g.add_argument("--f_name", default="./model_11k_d_r", help="output root")
     g.add_argument("--m_name", default=m_name, help="run folder inside --f_name")
-    g.add_argument("--data_type", default=None, choices=["11k", "HD"],
+    g.add_argument("--data_type", default=None, choices=["11k", "HD", "folder"],
                    help="dataset kind, read from the split manifest (a value that disagrees is an error); "
                         "needed only for split folders made by hand")
     g.add_argument("--allow_mixed_seeds", action="store_true",

@@ -284,8 +284,9 @@ def check_split_seeds(roots, allow_mixed=False):
 
 
 def dataset_of_roots(roots, data_type=None):
-    """The dataset kind ('11k' or 'HD') the manifests of `roots` record; a --data_type that disagrees
-    is an error. Roots without a manifest (made by hand) take --data_type, else 'unknown'."""
+    """The dataset kind ('11k', 'HD' or 'folder': prepare_train_val_test_folder.py) the manifests of
+    `roots` record; a --data_type that disagrees is an error. Roots without a manifest (made by hand)
+    take --data_type, else 'unknown'."""
     found = {}
     for root in roots:
         manifest = read_manifest(root)
@@ -310,6 +311,8 @@ def test_set_name(test_dir):
         return ASPECT_FOLDERS_11K[manifest["aspect"]]
     if manifest.get("dataset") == "HD":
         return "HD"
+    if manifest.get("dataset") == "folder" and manifest.get("name"):
+        return manifest["name"]  # the identity-folder data set's own folder name
     name = os.path.basename(os.path.normpath(os.path.abspath(test_dir)))
     return name.removeprefix("train_val_test_split_") or name
 

@@ -1,4 +1,4 @@
-"""Procedurally drawn synthetic hands in 11k and HD layout, for tests and the demo."""
+"""Procedurally drawn synthetic hands in 11k, HD and identity-folder layout, for tests and the demo."""
 import csv
 import io
 import os
@@ -330,5 +330,31 @@ def make_synthetic_hd(root, num_train_ids=6, num_test_ids=6, num_distractor_ids=
                 num_images += 1
     info = {"dataset": "HD", "seed": seed, "images_per_id": list(images_per_id), "image_size": list(image_size),
             "num_images": num_images, "ids": {k: [str(v) for v in ids] for k, ids in groups.items()}}
+    atomic_write_json(os.path.join(root, SYNTHETIC_MARKER), info)
+    return info
+
+
+def make_synthetic_folder(root, num_ids=8, images_per_id=(3, 5), image_size=(80, 60), seed=0, distractor_dir=None,
+                          num_distractors=3, single_image_ids=0):
+    """Write an identity-folder data set: <root>/person_<k>/<n>.jpg (dorsal right hands), with
+    `single_image_ids` extra identities of one photo each and, with `distractor_dir`, that many flat
+    photos of other people in <distractor_dir>/stranger_<k>.jpg. Same arguments -> same files."""
+    rng = np.random.default_rng(seed)
+    folders = [f"person_{k:03d}" for k in range(num_ids + single_image_ids)]
+    _prepare_synthetic_root(root, folders)
+    for k, folder in enumerate(folders):
+        person, side = _random_person(rng), _random_hand_side(rng)
+        os.makedirs(os.path.join(root, folder))
+        count = _images_per_id(rng, images_per_id) if k < num_ids else 1
+        for n in range(1, count + 1):
+            img = render_synthetic_hand(person, side, "dorsal right", rng, image_size)
+            img.save(os.path.join(root, folder, f"{n}.jpg"), quality=int(rng.integers(85, 96)))
+    if distractor_dir:
+        os.makedirs(distractor_dir, exist_ok=True)
+        for k in range(num_distractors):
+            img = render_synthetic_hand(_random_person(rng), _random_hand_side(rng), "dorsal right", rng, image_size)
+            img.save(os.path.join(distractor_dir, f"stranger_{k}.jpg"), quality=90)
+    info = {"dataset": "folder", "seed": seed, "num_ids": num_ids, "images_per_id": list(images_per_id),
+            "image_size": list(image_size), "single_image_ids": single_image_ids, "identities": folders}
     atomic_write_json(os.path.join(root, SYNTHETIC_MARKER), info)
     return info

@@ -67,20 +67,27 @@ def roc_auc(genuine, impostor):
     return float((below.sum() + 0.5 * ties.sum()) / (len(genuine) * len(impostor)))
 
 
-def tar_at_far(genuine, impostor, far):
-    """Highest TAR over the thresholds whose FAR is at most `far` (no interpolation): with
-    m = floor(far x impostors) false accepts allowed, accept the scores strictly above the (m+1)-th
-    highest impostor score. Returns TAR values, one per entry of `far`."""
+def threshold_at_far(impostor, far):
+    """The decision threshold of FAR `far` on ascending impostor scores: with m = floor(far x impostors)
+    false accepts allowed, the (m+1)-th highest impostor score; accepting the scores strictly above it
+    accepts at most m impostors (-inf when every impostor may be accepted). One value per entry of `far`."""
     allowed = np.floor(np.asarray(far, dtype=np.float64) * len(impostor) * (1 + 1e-12)).astype(np.int64)
-    cut = np.where(allowed < len(impostor), impostor[::-1][np.minimum(allowed, len(impostor) - 1)], -np.inf)
-    return _accepted(genuine, cut, strictly_above=True) / len(genuine)
+    return np.where(allowed < len(impostor), impostor[::-1][np.minimum(allowed, len(impostor) - 1)], -np.inf)
+
+
+def tar_at_far(genuine, impostor, far):
+    """Highest TAR over the thresholds whose FAR is at most `far` (no interpolation): accept the scores
+    strictly above threshold_at_far. Returns TAR values, one per entry of `far`."""
+    return _accepted(genuine, threshold_at_far(impostor, far), strictly_above=True) / len(genuine)
 
 
 def verification_metrics(scores, q_labels, g_labels, far_targets=FAR_TARGETS,
                          min_false_accepts=MIN_FALSE_ACCEPTS):
     """EER, AUC and TAR@FAR for each of `far_targets` (None when far x impostor pairs < min_false_accepts:
     too few impostors to measure it; never extrapolated), the pair counts, and the ROC curve on
-    ROC_FAR_GRID ({"far", "tar"}, TAR None where not even one false accept is allowed).
+    ROC_FAR_GRID ({"far", "tar", "threshold"}: a pair is accepted at a FAR when its score is strictly above
+    that FAR's threshold; TAR and threshold None where not even one false accept is allowed, the threshold
+    also at FAR 1, which accepts every pair).
     All None when the pairs are all genuine or all impostor."""
     genuine, impostor = pair_scores(scores, q_labels, g_labels)
     out = {"num_genuine_pairs": len(genuine), "num_impostor_pairs": len(impostor)}
@@ -92,8 +99,12 @@ def verification_metrics(scores, q_labels, g_labels, far_targets=FAR_TARGETS,
     for far, tar in zip(far_targets, tars):
         out[far_name(far)] = float(tar) if far * len(impostor) >= min_false_accepts else None
     grid_tar = tar_at_far(genuine, impostor, ROC_FAR_GRID)
+    grid_threshold = threshold_at_far(impostor, ROC_FAR_GRID)
+    measurable = ROC_FAR_GRID * len(impostor) >= 1
     out["roc"] = {"far": ROC_FAR_GRID.tolist(),
-                  "tar": [float(t) if f * len(impostor) >= 1 else None for f, t in zip(ROC_FAR_GRID, grid_tar)]}
+                  "tar": [float(t) if ok else None for ok, t in zip(measurable, grid_tar)],
+                  "threshold": [float(t) if ok and np.isfinite(t) else None  # FAR 1 accepts all: no threshold
+                                for ok, t in zip(measurable, grid_threshold)]}
     return out
 
 
@@ -107,9 +118,13 @@ def mean_std_or_none(values):
 
 
 def mean_roc(rocs):
-    """The mean of ROC curves stored on ROC_FAR_GRID: TAR averaged at each FAR where every curve has one."""
+    """The mean of ROC curves stored on ROC_FAR_GRID: TAR (and the threshold, where the curves store
+    one) averaged at each FAR where every curve has one."""
     rocs = [r for r in rocs if r]
     if not rocs:
         return None
-    columns = zip(*(r["tar"] for r in rocs))
-    return {"far": rocs[0]["far"], "tar": [None if None in c else float(np.mean(c)) for c in columns]}
+    out = {"far": rocs[0]["far"]}
+    for key in ("tar", "threshold"):
+        if all(key in r for r in rocs):
+            out[key] = [None if None in c else float(np.mean(c)) for c in zip(*(r[key] for r in rocs))]
+    return out
