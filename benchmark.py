@@ -41,7 +41,6 @@ figures mean nothing then, the JSON has the same structure).
 """
 import argparse
 import itertools
-import json
 import os
 import tempfile
 import time
@@ -49,7 +48,8 @@ import time
 import numpy as np
 
 import models
-from utils import io, data, gallery, gpu_augment, metrics, synthetic, training, verification
+from utils import io, data, gallery, gpu_augment, interrupts, metrics, outputs, synthetic, training, verification
+from utils.errors import ClipFHError
 
 
 def best_time(fn, repeats):
@@ -202,8 +202,7 @@ def benchmark_photos(args, folder):
     count = args.bench_photos
     marker = os.path.join(folder, f"photos_{count}_{args.photo_size[0]}x{args.photo_size[1]}.json")
     if os.path.isfile(marker):
-        with open(marker) as f:
-            paths = json.load(f)
+        paths = io.read_json(marker, kind=list)
     else:
         paths = write_test_photos(folder, count, tuple(args.photo_size), args.seed)
         io.atomic_write_json(marker, paths)
@@ -563,19 +562,46 @@ def parse_args(argv=None):
     return args
 
 
+def folders_to_write(args):
+    """{folder: about how many bytes the chosen parts write there}: generated JPEGs (--photo_size, about a
+    tenth of their raw size) and their resized cache; --protocol_run also a data set of the 11k
+    dorsal-right size, its split roots and a ViT-B/16 run (checkpoints with Adam's moments)."""
+    jpeg = args.photo_size[0] * args.photo_size[1] * 3 // 10
+    cached = 2 * 3 * args.input_size[0] * args.input_size[1]
+    need = {os.path.dirname(os.path.abspath(args.out)): 2 ** 20}
+    temp = tempfile.gettempdir()
+    if "decode" in args.only:
+        need[temp] = need.get(temp, 0) + args.decode_images * jpeg
+    if {"train", "infer", "gpu"} & set(args.only):
+        folder = args.photo_dir or temp
+        need[folder] = need.get(folder, 0) + args.bench_photos * (jpeg + cached)
+    if "protocol_run" in args.only:
+        folder = args.photo_dir or temp
+        photos = 8 * 4 * 4 if args.tiny else args.protocol_ids * 4 * 8
+        need[folder] = need.get(folder, 0) + photos * (jpeg + cached) + (0 if args.tiny else 4 * 2 ** 30)
+    return need
+
+
+@interrupts.sigterm_as_ctrl_c
 def main(argv=None):
     args = parse_args(argv)
     io.set_seed(args.seed)
-    figures = {}
-    for name in args.only:
-        figures[name] = PARTS[name](args)
-    previous = {}
-    if os.path.isfile(args.out):
-        with open(args.out) as f:
-            previous = json.load(f)
-    previous.update(figures)
-    previous.setdefault("runs", {}).update({name: io.run_info() for name in figures})
-    io.atomic_write_json(args.out, previous)
+    try:
+        out_folder = os.path.dirname(os.path.abspath(args.out))
+        for folder, need in folders_to_write(args).items():  # before the work
+            flag = "--out" if folder == out_folder else "--photo_dir" if args.photo_dir else "the temporary folder"
+            outputs.check_writable(folder, flag)
+            outputs.check_space(folder, need, flag)
+        with outputs.FolderLock(args.out, "another benchmark"):  # one writer merges into --out at a time
+            previous = io.read_json(args.out) if os.path.isfile(args.out) else {}
+            figures = {}
+            for name in args.only:
+                figures[name] = PARTS[name](args)
+            previous.update(figures)
+            previous.setdefault("runs", {}).update({name: io.run_info() for name in figures})
+            io.atomic_write_json(args.out, previous)
+    except ClipFHError as err:
+        raise SystemExit(f"error: {err}") from None
     print(f"Wrote {', '.join(figures)} benchmark figures to {args.out}")
     return figures
 

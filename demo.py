@@ -18,13 +18,13 @@ within minutes on a CPU; every output then records "pretrained": false. With pre
 training runs are short (--epochs); on a CPU the input size defaults to 112x112 to keep them quick.
 """
 import argparse
-import json
 import os
 import sys
 import time
 
 import clip
-from utils import io, splits, synthetic
+from utils import flags, interrupts, io, outputs, splits, synthetic
+from utils.errors import ClipFHError
 
 ASPECT = "dorsal_r"
 # PK batches of 8 identities x 4 images
@@ -69,7 +69,14 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader workers of every step (default: up to 4, one per CPU core)")
     io.add_common_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # a knob given as 0 is an error, not "unset": only a flag left out takes the default
+    problems = flags.bound_problems(args, at_least={"num_ids": 16, "images_per_id": 1, "num_splits": 1,
+                                                    "input_size": 1, "epochs": 1, "num_workers": 0}, positive=("lr",))
+    if args.images_per_id[0] > args.images_per_id[1]:
+        problems.append(f"--images_per_id MIN MAX needs MIN <= MAX, got {args.images_per_id[0]} {args.images_per_id[1]}")
+    flags.exit_on_problems(problems)
+    return args
 
 
 def banner(lines):
@@ -109,11 +116,6 @@ def resolve_backbone(args):
     return path, False
 
 
-def load_results(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def table_rows(results, name):
     variant = results["gallery_variants"][-1]
     rows = [r for r in results["rows"] if r["gallery"] == variant]
@@ -122,14 +124,18 @@ def table_rows(results, name):
     return f"{name} [gallery {variant}]", per_split
 
 
+@interrupts.sigterm_as_ctrl_c
 def main(argv=None):
     args = parse_args(argv)
-    if args.num_ids is not None and args.num_ids < 16:
-        raise SystemExit("--num_ids must be at least 16: the PK batches need 8 training identities")
+    try:
+        for folder, flag in ((args.out, "--out"), (args.data_dir, "--data_dir")):
+            outputs.check_writable(folder, flag)
+    except ClipFHError as err:
+        raise SystemExit(f"error: {err}") from None
     start = time.time()
     backbone, pretrained = resolve_backbone(args)
     small = pretrained is False
-    num_ids = args.num_ids or (SMALL_RECIPE["num_ids"] if small else 24)
+    num_ids = args.num_ids if args.num_ids is not None else SMALL_RECIPE["num_ids"] if small else 24
     import prepare_train_val_test_11k_r_l as prepare
     import eval_query_gallery_clip_zeroshot as zeroshot
     import query_ranking_result_demo as ranking
@@ -145,9 +151,10 @@ def main(argv=None):
     split_root = os.path.join(data_11k, f"train_val_test_split_{ASPECT}")
 
     on_cuda = args.device.startswith("cuda")
-    input_size = args.input_size or (SMALL_RECIPE["input_size"] if small else [224, 224] if on_cuda else [112, 112])
-    epochs = args.epochs or (SMALL_RECIPE["epochs"] if small else 10 if on_cuda else 4)
-    lr = args.lr or (SMALL_RECIPE["lr"] if small else None)
+    input_size = args.input_size if args.input_size is not None else (
+        SMALL_RECIPE["input_size"] if small else [224, 224] if on_cuda else [112, 112])
+    epochs = args.epochs if args.epochs is not None else SMALL_RECIPE["epochs"] if small else 10 if on_cuda else 4
+    lr = args.lr if args.lr is not None else SMALL_RECIPE["lr"] if small else None
     size_args = ["--input_size", str(input_size[0]), str(input_size[1])]
     common = ["--device", args.device, "--seed", str(args.seed), "--num_workers", str(args.num_workers)]
     pretrained_flag = [] if pretrained is None else ["--pretrained", "true" if pretrained else "false"]
@@ -171,13 +178,13 @@ def main(argv=None):
                     "--no-final_test", *size_args, *common, *pretrained_flag]
     if small:
         train_common += ["--stride", str(SMALL_RECIPE["stride"])]
-    if lr:
+    if lr is not None:
         train_common += ["--lr", str(lr)]
     if args.download_root:
         train_common += ["--download_root", args.download_root]
     result_dirs = [zs_dir]
     for method in args.methods:
-        own = SMALL_RECIPE.get(method, []) if small and not (args.epochs or args.lr) else []
+        own = SMALL_RECIPE.get(method, []) if small and args.epochs is None and args.lr is None else []
         m_name, name = run_method(method, train_common + own, epochs, SMALL_RECIPE["pk_batch"] if small else PK_BATCH)
         result_dirs.append(os.path.join(args.out, m_name, "eval_best"))
         print(f"[6/7] evaluating {name}", flush=True)

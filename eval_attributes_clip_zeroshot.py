@@ -13,7 +13,6 @@ splits.json, or --hand_info). Writes <out_dir>/attributes.json, attributes.csv,
 confusion_<attribute>.png/.pdf and config.json.
 """
 import argparse
-import json
 import os
 
 import numpy as np
@@ -22,8 +21,8 @@ import torch
 import clip
 import eval_query_gallery_clip_zeroshot as zeroshot
 import models
-from utils import attributes, evaluation, io, splits
-from utils.errors import AttributeInputError, ClipFHError, OutputExistsError
+from utils import attributes, evaluation, flags, interrupts, io, outputs, splits
+from utils.errors import AttributeInputError, ClipFHError
 
 METHODS = ("zero_shot", "probe")
 
@@ -62,11 +61,15 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="overwrite an earlier result in the output folder")
     io.add_common_args(p)
     args = p.parse_args(argv)
-    if args.probe_l2 < 0 or args.probe_steps < 1:
-        p.error("--probe_l2 must be >= 0 and --probe_steps positive")
-    if min(args.input_size) < 1 or args.batch_size < 1 or args.num_workers < 0:
-        p.error("--input_size and --batch_size must be positive, --num_workers >= 0")
+    flags.exit_on_problems(flags.bound_problems(args, at_least={"probe_l2": 0, "probe_steps": 1, "input_size": 1,
+                                                                "batch_size": 1, "num_workers": 0}))
     return args
+
+
+def is_output_file(name):
+    """A file main() writes into its output folder."""
+    return name in ("attributes.json", "attributes.csv", "config.json") or (
+        name.startswith("confusion_") and name.endswith((".png", ".pdf")))
 
 
 def default_out_dir(args):
@@ -126,8 +129,7 @@ def find_hand_info(split_root, hand_info):
         candidates.append(os.path.join(split_root, manifest["source_root"], "HandInfo.csv"))
     prepare_config = os.path.join(split_root, splits.PREPARE_CONFIG)
     if os.path.isfile(prepare_config):
-        with open(prepare_config) as f:
-            data_dir = json.load(f).get("args", {}).get("data_dir")
+        data_dir = io.read_json(prepare_config, error=AttributeInputError).get("args", {}).get("data_dir")
         if data_dir:
             candidates.append(os.path.join(data_dir, "HandInfo.csv"))
     for path in candidates:
@@ -312,29 +314,36 @@ def confusion_figure(path_png, name, class_names, entry):
     plt.close(fig)
 
 
+@interrupts.sigterm_as_ctrl_c
 def main(argv=None):
     args = parse_args(argv)
     io.set_seed(args.seed)
     out_dir = default_out_dir(args)
     try:
-        if os.path.exists(os.path.join(out_dir, "attributes.json")) and not args.force:
-            raise OutputExistsError(f"{out_dir} already holds attributes.json; pass --force to overwrite it")
-        prompts = attributes.load_prompts(args.prompts)
-        images, hand_info, split_rule, num_missing = collect_images(args.data_dir, args.hand_info, args.skip_missing)
-        identities = attributes.check_disjoint({im["id"] for im in images if im["side"] == "train"},
-                                               {im["id"] for im in images if im["side"] == "test"}, args.data_dir)
-        if identities["train"] == 0 or identities["test"] == 0:
-            raise AttributeInputError(f"{args.data_dir}: {identities['train']} train and {identities['test']} test "
-                                      f"identities; the probe needs both")
-        encode_image, text_model, input_size, extra = load_encoders(args)
-        class_features = encode_prompts(text_model, prompts, args.device, f"--prompts {args.prompts}"
-                                        if args.prompts else "default prompts")
-        image_features = torch.from_numpy(evaluation.encode_images(
-            encode_image, [im["path"] for im in images], size=input_size, batch_size=args.batch_size,
-            num_workers=args.num_workers, device=args.device, amp=io.resolve_amp(args.amp, args.device),
-            desc=f"encode {len(images)} images"))
+        with outputs.OutputFolder(out_dir, overwrite=args.force, flag="--force", what="another attribute evaluation",
+                                  ours=is_output_file) as out:
+            return evaluate(args, out)
     except ClipFHError as err:
         raise SystemExit(f"error: {err}") from None
+
+
+def evaluate(args, out):
+    """main() inside the locked output folder `out`: all its files are written together at the end."""
+    out.check_space(2 * 2 ** 20 * (1 + len(attributes.ATTRIBUTES)))  # the figures, JSON and CSV: a few MiB
+    prompts = attributes.load_prompts(args.prompts)
+    images, hand_info, split_rule, num_missing = collect_images(args.data_dir, args.hand_info, args.skip_missing)
+    identities = attributes.check_disjoint({im["id"] for im in images if im["side"] == "train"},
+                                           {im["id"] for im in images if im["side"] == "test"}, args.data_dir)
+    if identities["train"] == 0 or identities["test"] == 0:
+        raise AttributeInputError(f"{args.data_dir}: {identities['train']} train and {identities['test']} test "
+                                  f"identities; the probe needs both")
+    encode_image, text_model, input_size, extra = load_encoders(args)
+    class_features = encode_prompts(text_model, prompts, args.device, f"--prompts {args.prompts}"
+                                    if args.prompts else "default prompts")
+    image_features = torch.from_numpy(evaluation.encode_images(
+        encode_image, [im["path"] for im in images], size=input_size, batch_size=args.batch_size,
+        num_workers=args.num_workers, device=args.device, amp=io.resolve_amp(args.amp, args.device),
+        desc=f"encode {len(images)} images"))
     results = score(images, image_features, class_features, args)
 
     rows = table_rows(results)
@@ -347,16 +356,16 @@ def main(argv=None):
                   "split_rule": split_rule, "identities": identities, "missing_skipped": num_missing,
                   "input_size": list(input_size), "age_groups": [list(g) for g in attributes.AGE_GROUPS],
                   "probe": {"l2": args.probe_l2, "steps": args.probe_steps, "loss": "class-balanced cross-entropy"}})
-    os.makedirs(out_dir, exist_ok=True)
-    for name, class_names in attributes.ATTRIBUTES.items():
-        confusion_figure(os.path.join(out_dir, f"confusion_{name}.png"), name, class_names, results[name])
-    io.write_metrics_csv(os.path.join(out_dir, "attributes.csv"), rows)
-    io.atomic_write_json(os.path.join(out_dir, "attributes.json"),
-                         {**extra, "attributes": results, "prompts": prompts, "classes": attributes.ATTRIBUTES})
-    io.write_run_config(out_dir, args, extra=extra)
+    with out.staged() as staged:
+        for name, class_names in attributes.ATTRIBUTES.items():
+            confusion_figure(os.path.join(staged, f"confusion_{name}.png"), name, class_names, results[name])
+        io.write_metrics_csv(os.path.join(staged, "attributes.csv"), rows)
+        io.atomic_write_json(os.path.join(staged, "attributes.json"),
+                             {**extra, "attributes": results, "prompts": prompts, "classes": attributes.ATTRIBUTES})
+        io.write_run_config(staged, args, extra=extra)
     print(table)
     print(f"Wrote attributes.json, attributes.csv and {len(results)} confusion figures (PNG + PDF) for "
-          f"{len(images)} images to {out_dir}")
+          f"{len(images)} images to {out.folder}")
     return {**extra, "attributes": results}
 
 

@@ -10,14 +10,16 @@ mean/std, full JPEG decoding; under clip-reid and clip-fh the whole photo is squ
 
 Writes <f_name>/clip_zero_shot/<backbone>/<test set>/ (test set: the 11k aspect such as dorsal_r,
 or HD, so two test sets never share a folder): result_split{i}.mat (and result_split{i}_all.mat for
-11k's gallery{i}_all), results.json, results.csv and config.json.
+11k's gallery{i}_all), results.json, results.csv and config.json. The folder is written whole: a
+second evaluation into it is refused, and an interrupted or failed --force leaves the earlier one as
+it was.
 """
 import argparse
 import os
 
 import clip
 import models
-from utils import data, errors, evaluation, io, preprocessing, protocols, splits
+from utils import data, errors, evaluation, flags, interrupts, io, preprocessing, protocols, splits
 
 
 def backbone_folder_name(backbone_name):
@@ -73,11 +75,12 @@ def parse_args(argv=None):
     io.add_compile_arg(parser)
     io.add_common_args(parser)
     args = parser.parse_args(argv)
-    if min(args.input_size) < 1 or args.batch_size < 1 or args.max_rank < 1 or args.num_workers < 0:
-        parser.error("--input_size, --batch_size and --max_rank must be positive, --num_workers >= 0")
+    flags.exit_on_problems(flags.bound_problems(args, at_least={"input_size": 1, "batch_size": 1, "max_rank": 1,
+                                                                "num_workers": 0, "stride": 1}))
     return args
 
 
+@interrupts.sigterm_as_ctrl_c
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -96,33 +99,33 @@ def evaluate(args):
     image_paths = splits.query_gallery_paths(args.test_dir)
     out_dir = os.path.join(args.f_name, "clip_zero_shot", backbone_folder_name(args.backbone_name),
                            splits.test_set_name(args.test_dir))
-    if os.path.exists(os.path.join(out_dir, "results.json")) and not args.force:
-        raise errors.OutputExistsError(f"{out_dir} already holds results; pass --force to overwrite them")
-    seeds = splits.check_split_seeds([args.test_dir], args.allow_mixed_seeds)
-    official = args.backbone_name in clip.available_models()
-    pretrained = {"true": True, "false": False}.get(args.pretrained, True if official else None)
-    model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
-                         input_size=tuple(args.input_size), patch_stride=args.stride, pos_interp=args.pos_interp)
-    model.eval()
-    data.check_images(image_paths, tuple(args.input_size), args.num_workers,
-                      what=f"images of {args.test_dir}")
-    note = models.speed_up_image_encoder(model.visual, args.device, args.compile)
-    args.compile = models.use_compile(args.compile, args.device)  # config.json records what ran
-    if note:
-        print(note)
-    print(f"preprocessing ({args.protocol}): {preprocessing.describe(setting['preprocessing'])}")
-    extra = {"backbone": args.backbone_name, "pretrained": pretrained, "feature": "CLIP encode_image",
-             "preprocessing": setting["preprocessing"], "protocol": setting,
-             "split_seed": seeds.get(os.path.abspath(args.test_dir))}
-    results = evaluation.evaluate_query_gallery(
-        model.encode_image, args.test_dir, out_dir, gallery=setting["gallery"],
-        method_name=f"CLIP {args.backbone_name} zero-shot" if official
-        else f"CLIP zero-shot ({os.path.basename(args.backbone_name)})",
-        input_size=tuple(args.input_size), batch_size=args.batch_size, num_workers=args.num_workers,
-        device=args.device, flip=setting["flip"], amp=io.resolve_amp(setting["amp"], args.device),
-        max_rank=args.max_rank, overwrite=args.force, extra=extra, table_mAP=setting["mAP"],
-        preprocessing=setting["preprocessing"])
-    io.write_run_config(out_dir, args, extra=extra)
+    with evaluation.open_output(out_dir, args.force) as out:  # one evaluation per folder, from here to the end
+        seeds = splits.check_split_seeds([args.test_dir], args.allow_mixed_seeds)
+        official = args.backbone_name in clip.available_models()
+        pretrained = {"true": True, "false": False}.get(args.pretrained, True if official else None)
+        model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
+                             input_size=tuple(args.input_size), patch_stride=args.stride, pos_interp=args.pos_interp)
+        model.eval()
+        out.check_space(evaluation.estimate_result_bytes(args.test_dir, layout["num_splits"], layout["gallery_variants"],
+                                                         model.visual.output_dim))
+        data.check_images(image_paths, tuple(args.input_size), args.num_workers,
+                          what=f"images of {args.test_dir}")
+        note = models.speed_up_image_encoder(model.visual, args.device, args.compile)
+        args.compile = models.use_compile(args.compile, args.device)  # config.json records what ran
+        if note:
+            print(note)
+        print(f"preprocessing ({args.protocol}): {preprocessing.describe(setting['preprocessing'])}")
+        extra = {"backbone": args.backbone_name, "pretrained": pretrained, "feature": "CLIP encode_image",
+                 "preprocessing": setting["preprocessing"], "protocol": setting,
+                 "split_seed": seeds.get(os.path.abspath(args.test_dir))}
+        results = evaluation.evaluate_query_gallery(
+            model.encode_image, args.test_dir, out_dir, gallery=setting["gallery"],
+            method_name=f"CLIP {args.backbone_name} zero-shot" if official
+            else f"CLIP zero-shot ({os.path.basename(args.backbone_name)})",
+            input_size=tuple(args.input_size), batch_size=args.batch_size, num_workers=args.num_workers,
+            device=args.device, flip=setting["flip"], amp=io.resolve_amp(setting["amp"], args.device),
+            max_rank=args.max_rank, extra=extra, table_mAP=setting["mAP"], run_args=args, output=out,
+            feature_dim=model.visual.output_dim, preprocessing=setting["preprocessing"])
     variant = protocols.headline_gallery(results["gallery_variants"])
     mean = results["summary"][variant]["mean"]
     print(f"Wrote results.json, results.csv and {len(results['rows'])} result_split*.mat for "

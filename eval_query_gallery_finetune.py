@@ -14,14 +14,16 @@ flip, precision, galleries and mAP; images are preprocessed as the run was train
 squashed to its input size, CLIP mean/std), JPEGs decoded fully.
 
 Writes <f_name>/<m_name>/eval_<which_epoch>_<test set>[_flip][_<feature>][_rerank][_composed]/ (or --out_dir):
-result_split{i}.mat (+ result_split{i}_all.mat), results.json, results.csv and config.json.
+result_split{i}.mat (+ result_split{i}_all.mat), results.json, results.csv and config.json. The folder
+is written whole: a second evaluation into it is refused, and an interrupted or failed --force leaves
+the earlier one as it was.
 """
 import argparse
 import os
 
 import models
 import models_handid  # noqa: F401  (registers the "handid" model kind)
-from utils import data, errors, evaluation, io, preprocessing, protocols, splits
+from utils import data, errors, evaluation, flags, interrupts, io, preprocessing, protocols, splits
 
 
 def parse_args(argv=None):
@@ -69,10 +71,10 @@ def parse_args(argv=None):
                    help="accept a --test_dir prepared with another --seed than the run's training split roots")
     io.add_common_args(p)
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.max_rank < 1 or args.num_workers < 0:
-        p.error("--batch_size and --max_rank must be positive, --num_workers >= 0")
-    if args.rerank and (args.k1 < 1 or args.k2 < 1 or not 0 <= args.lambda_value <= 1):
-        p.error("--k1 and --k2 must be positive and --lambda_value in [0, 1]")
+    problems = flags.bound_problems(args, at_least={"batch_size": 1, "max_rank": 1, "num_workers": 0, "k1": 1, "k2": 1})
+    if not 0 <= args.lambda_value <= 1:
+        problems.append(f"--lambda_value must be in [0, 1], got {args.lambda_value}")
+    flags.exit_on_problems(problems)
     return args
 
 
@@ -94,78 +96,74 @@ def default_out_dir(run_dir, args, feature, run_feature, which_epoch):
     return os.path.join(run_dir, name)
 
 
+@interrupts.sigterm_as_ctrl_c
 def main(argv=None):
     args = parse_args(argv)
-    io.set_seed(args.seed)
-    run_dir = os.path.join(args.f_name, args.m_name)
     try:
-        image_paths = splits.query_gallery_paths(args.test_dir)
-        config = models.read_run_config(run_dir)
-        setting = protocols.test_settings(args.protocol, config, flip=args.flip, feature=args.feature, amp=args.amp,
-                                          gallery=args.gallery, which_epoch=args.which_epoch,
-                                          fast_decode=args.fast_decode,
-                                          available=splits.read_split_layout(args.test_dir)["gallery_variants"],
-                                          cuda=str(args.device).startswith("cuda"))
-        model, config, checkpoint = models.load_trained_model(run_dir, setting["which_epoch"], device=args.device)
-        trained_on = config.get("args", {}).get("data_dir") or []
-        trained_on = [trained_on] if isinstance(trained_on, str) else trained_on
-        seeds = splits.check_split_seeds([args.test_dir] + [d for d in trained_on if os.path.isdir(d)],
-                                         args.allow_mixed_seeds)
+        return evaluate(args)
     except errors.ClipFHError as err:
         raise SystemExit(f"error: {err}") from None
+
+
+def evaluate(args):
+    io.set_seed(args.seed)
+    run_dir = os.path.join(args.f_name, args.m_name)
+    image_paths = splits.query_gallery_paths(args.test_dir)
+    layout = splits.read_split_layout(args.test_dir)
+    config = models.read_run_config(run_dir)
+    setting = protocols.test_settings(args.protocol, config, flip=args.flip, feature=args.feature, amp=args.amp,
+                                      gallery=args.gallery, which_epoch=args.which_epoch, fast_decode=args.fast_decode,
+                                      available=layout["gallery_variants"], cuda=str(args.device).startswith("cuda"))
+    which_epoch = setting["which_epoch"]
+    model, config, checkpoint = models.load_trained_model(run_dir, which_epoch, device=args.device)
+    trained_on = config.get("args", {}).get("data_dir") or []
+    trained_on = [trained_on] if isinstance(trained_on, str) else trained_on
+    seeds = splits.check_split_seeds([args.test_dir] + [d for d in trained_on if os.path.isdir(d)],
+                                     args.allow_mixed_seeds)
     if hasattr(model, "set_test_dir"):  # models with per-aspect parts (CLIP-ReID --sie) pick the test aspect
         note = model.set_test_dir(args.test_dir)
         if note:
             print(note)
-    note = models.speed_up_image_encoder(model.visual, args.device, args.compile)
-    args.compile = models.use_compile(args.compile, args.device)  # config.json records what ran
-    if note:
-        print(note)
     run_feature = getattr(model, "feature", None)
     kind = config["model"].get("kind", "finetune")
     if args.feature is not None and not hasattr(model, "feature"):
-        raise SystemExit(f"error: the {kind} model of {run_dir} has no --feature choice")
+        raise errors.EvaluationInputError(f"the {kind} model of {run_dir} has no --feature choice")
     feature = setting["feature"] or run_feature
     if hasattr(model, "feature"):
-        try:
-            model.check_feature(feature)
-        except errors.ClipFHError as err:
-            raise SystemExit(f"error: {err}") from None
+        model.check_feature(feature)
         model.feature = feature
     if args.inference_prompt is not None:
         if not hasattr(model, "inference_prompt"):
-            raise SystemExit(f"error: --inference_prompt applies to PromptSG runs; {run_dir} holds a "
-                             f"{config['model'].get('kind')} model")
+            raise errors.EvaluationInputError(f"--inference_prompt applies to PromptSG runs; {run_dir} holds a "
+                                              f"{kind} model")
         model.inference_prompt = args.inference_prompt
-    out_dir = args.out_dir or default_out_dir(run_dir, args, feature, run_feature, setting["which_epoch"])
-    if os.path.exists(os.path.join(out_dir, "results.json")) and not args.force:
-        raise SystemExit(f"error: {out_dir} already holds results; pass --force to overwrite them")
-
-    backbone = config["model"]["backbone"]
-    input_size = tuple(setting["preprocessing"]["size"])
-    rerank = {"k1": args.k1, "k2": args.k2, "lambda_value": args.lambda_value} if args.rerank else None
-    extra = {"run_dir": os.path.abspath(run_dir), "model_kind": config["model"].get("kind", "finetune"),
-             "which_epoch": setting["which_epoch"], "epoch": checkpoint.get("epoch"), "backbone": backbone["name"],
-             "feature": feature, "rerank": rerank, "protocol": setting, "inference_prompt": getattr(model, "inference_prompt", None),
-             "trained_on": config.get("args", {}).get("data_dir"), "pretrained": config.get("pretrained"),
-             "preprocessing": setting["preprocessing"]}
-    extra["split_seed"] = seeds.get(os.path.abspath(args.test_dir))
-    try:
+    out_dir = args.out_dir or default_out_dir(run_dir, args, feature, run_feature, which_epoch)
+    with evaluation.open_output(out_dir, args.force) as out:  # one evaluation per folder, from here to the end
+        feature_dim = model.feature_dim() if hasattr(model, "feature_dim") else None
+        rerank = {"k1": args.k1, "k2": args.k2, "lambda_value": args.lambda_value} if args.rerank else None
+        out.check_space(evaluation.estimate_result_bytes(args.test_dir, layout["num_splits"], layout["gallery_variants"],
+                                                         feature_dim, bool(rerank)))
+        note = models.speed_up_image_encoder(model.visual, args.device, args.compile)
+        args.compile = models.use_compile(args.compile, args.device)  # config.json records what ran
+        if note:
+            print(note)
+        backbone = config["model"]["backbone"]
+        input_size = tuple(setting["preprocessing"]["size"])
+        extra = {"run_dir": os.path.abspath(run_dir), "model_kind": kind, "which_epoch": which_epoch,
+                 "epoch": checkpoint.get("epoch"), "backbone": backbone["name"], "feature": feature, "rerank": rerank,
+                 "protocol": setting, "inference_prompt": getattr(model, "inference_prompt", None),
+                 "trained_on": config.get("args", {}).get("data_dir"), "pretrained": config.get("pretrained"),
+                 "preprocessing": setting["preprocessing"], "split_seed": seeds.get(os.path.abspath(args.test_dir))}
         data.check_images(image_paths, input_size, args.num_workers, what=f"images of {args.test_dir}")
-    except errors.ImageLoadError as err:
-        raise SystemExit(f"error: {err}") from None
-    method = f"{args.m_name} ({extra['model_kind']}, net_{setting['which_epoch']})" + (" + RK" if rerank else "")
-    print(f"net_{setting['which_epoch']} (epoch {checkpoint.get('epoch')}), feature {feature}, preprocessing: "
-          f"{preprocessing.describe(setting['preprocessing'])}")
-    try:
+        method = f"{args.m_name} ({kind}, net_{which_epoch})" + (" + RK" if rerank else "")
+        print(f"net_{which_epoch} (epoch {checkpoint.get('epoch')}), feature {feature}, preprocessing: "
+              f"{preprocessing.describe(setting['preprocessing'])}")
         results = evaluation.evaluate_query_gallery(
             model, args.test_dir, out_dir, gallery=setting["gallery"], method_name=method, input_size=input_size,
             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, flip=setting["flip"],
-            amp=io.resolve_amp(setting["amp"], args.device), max_rank=args.max_rank, rerank=rerank,
-            overwrite=args.force, extra=extra, table_mAP=setting["mAP"], preprocessing=setting["preprocessing"])
-    except errors.ClipFHError as err:
-        raise SystemExit(f"error: {err}") from None
-    io.write_run_config(out_dir, args, extra=extra)
+            amp=io.resolve_amp(setting["amp"], args.device), max_rank=args.max_rank, rerank=rerank, extra=extra,
+            table_mAP=setting["mAP"], run_args=args, output=out, feature_dim=feature_dim,
+            preprocessing=setting["preprocessing"])
     variant = protocols.headline_gallery(results["gallery_variants"])
     mean = results["summary"][variant]["mean"]
     print(f"Wrote results.json, results.csv and {len(results['rows'])} result_split*.mat for "

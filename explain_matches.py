@@ -8,8 +8,9 @@ and the deletion test that says whether the map is faithful.
         --backbone_name ViT-B/16 --out_dir ./explain_zeroshot
 
 The model must be the one the .mat came from: a run folder of any trainer (rebuilt from config.json
-and net_<which_epoch>.pth; its retrieval feature, PromptSG guided by its fixed prompt) or, for
-zero-shot CLIP, the backbone name or checkpoint path. ViT: gradient-weighted attention rollout of
+and the checkpoint that ranked the gallery, net_<which_epoch>.pth as the evaluation's config.json
+records it; its retrieval feature, PromptSG guided by its fixed prompt) or, for zero-shot CLIP, the
+backbone name or checkpoint path. ViT: gradient-weighted attention rollout of
 the similarity over all blocks; ResNet: Grad-CAM of the similarity on layer4. A gallery image's map
 explains its similarity to the query; the query's map explains its similarity to the rank-1 image.
 The similarity is that of the plain features (an evaluation with --flip ranked by f(x) + f(mirror)).
@@ -21,8 +22,9 @@ area under that curve (AUC; lower = the map found what matters) for the map, its
 maps drawn on the model's own grid (mean over --num_random seeds).
 
 Writes <out_dir>/explain.png, explain.pdf, explain.json (curves, AUCs, per-query numbers) and
-config.json. With --part_masks (synthetic data made with part masks) explain.json also reports
-the share of each map's mass on the identity's distinguishing parts against their area.
+config.json, whole or not at all (built beside the folder and swapped in; one explanation per folder
+at a time). With --part_masks (synthetic data made with part masks) explain.json also reports the
+share of each map's mass on the identity's distinguishing parts against their area.
 """
 import argparse
 import os
@@ -37,8 +39,8 @@ import clip
 import models
 from query_ranking_result_demo import (choose_queries, identity_caption, rank_gallery, split_manifest_of, style_panel,
                                        wrap_caption)
-from utils import data, evaluation, explanation, figures, io, preprocessing
-from utils.errors import ClipFHError
+from utils import data, evaluation, explanation, figures, flags, interrupts, io, outputs, preprocessing
+from utils.errors import ClipFHError, InputFileError
 
 DELETION_FILL = ("0 in every channel of the normalised input, i.e. CLIP's normalisation mean colour "
                  "RGB (0.481, 0.458, 0.408)")
@@ -50,7 +52,9 @@ def parse_args(argv=None):
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run_dir", help="run folder of the trained model the .mat came from (<f_name>/<m_name>)")
     source.add_argument("--backbone_name", help="zero-shot: official CLIP name or local checkpoint path")
-    p.add_argument("--which_epoch", default="best", help="--run_dir checkpoint: best, last or an epoch number")
+    p.add_argument("--which_epoch", default=None,
+                   help="--run_dir checkpoint: best, last or an epoch number (default: the one that ranked the "
+                        "gallery, from the evaluation's config.json; another one is refused)")
     p.add_argument("--input_size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="zero-shot input size (default: the evaluation's, from config.json beside the .mat, "
                         "else 224 224; run folders record theirs)")
@@ -71,15 +75,32 @@ def parse_args(argv=None):
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar")
     io.add_common_args(p)
     args = p.parse_args(argv)
-    if min(args.top_k, args.num_queries, args.num_random, args.batch_size, *(args.input_size or [1]), args.draw or 1) < 1:
-        p.error("--top_k, --num_queries, --num_random, --batch_size, --draw and --input_size must be at least 1")
+    flags.exit_on_problems(flags.bound_problems(args, at_least={
+        "top_k": 1, "num_queries": 1, "num_random": 1, "batch_size": 1, "draw": 1, "input_size": 1}))
     return args
 
 
+EXPLAIN_FILES = ("explain.png", "explain.pdf", "explain.json", "config.json")
+
+
 def evaluation_config(mat):
-    """config.json that the evaluator wrote beside the .mat ({} when there is none)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(mat)), "config.json")
-    return io.read_config(os.path.dirname(path)) if os.path.isfile(path) else {}
+    """What the evaluator recorded beside the .mat: its config.json, else (a trainer's final test) the
+    settings in results.json; {} when there is neither. Both are checked as they are read."""
+    folder = os.path.dirname(os.path.abspath(mat))
+    for name in ("config.json", "results.json"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return io.read_json(os.path.join(folder, name))
+    return {}
+
+
+def checkpoint_of_evaluation(args, evaluated):
+    """The net_<which_epoch>.pth that ranked the gallery of the .mat; another --which_epoch is refused."""
+    recorded = evaluated.get("which_epoch")
+    if recorded is not None and args.which_epoch is not None and str(args.which_epoch) != str(recorded):
+        raise SystemExit(f"error: --which_epoch {args.which_epoch}: {args.mat} was ranked by net_{recorded}.pth; "
+                         f"explain the checkpoint that ranked it (drop --which_epoch) or evaluate net_"
+                         f"{args.which_epoch} first")
+    return str(args.which_epoch or recorded or "best")
 
 
 def same_path(a, b):
@@ -90,13 +111,14 @@ def load_model(args, evaluated):
     """(encode(images) -> retrieval features, image encoder, input size (H, W), description), set up
     as the evaluation `evaluated` (its config.json) was: same retrieval feature, same SIE aspect."""
     if args.run_dir:
-        if evaluated and not evaluated.get("run_dir"):
+        if evaluated.get("backbone") and not evaluated.get("run_dir"):
             raise SystemExit(f"error: {args.mat} was computed by the zero-shot evaluator; pass --backbone_name "
                              f"{evaluated.get('backbone', '')} instead of --run_dir")
         if evaluated.get("run_dir") and not same_path(evaluated["run_dir"], args.run_dir):
             raise SystemExit(f"error: {args.mat} was computed with the model of {evaluated['run_dir']}, not "
                              f"--run_dir {args.run_dir}; explain it with the model it came from")
-        model, config, _ = models.load_trained_model(args.run_dir, args.which_epoch, device=args.device)
+        which_epoch = checkpoint_of_evaluation(args, evaluated)
+        model, config, _ = models.load_trained_model(args.run_dir, which_epoch, device=args.device)
         if evaluated.get("feature") and hasattr(model, "feature"):
             model.check_feature(evaluated["feature"])
             model.feature = evaluated["feature"]
@@ -106,7 +128,8 @@ def load_model(args, evaluated):
         if hasattr(model, "inference_prompt"):
             model.inference_prompt = "fixed"  # the composed prompt would explain the inversion network too
         kind = config["model"].get("kind", "finetune")
-        return model, model.visual, tuple(config["model"]["backbone"]["input_size"]), f"{kind} ({args.run_dir})"
+        return (model, model.visual, tuple(config["model"]["backbone"]["input_size"]),
+                f"{kind} ({args.run_dir}, net_{which_epoch})")
     if evaluated.get("run_dir"):
         raise SystemExit(f"error: {args.mat} was computed with the trained model of {evaluated['run_dir']}; pass "
                          f"--run_dir {evaluated['run_dir']} instead of --backbone_name")
@@ -196,9 +219,12 @@ def input_preprocessing(evaluated, size):
     """The preprocessing record the evaluation read its images with (its config.json), at `size`;
     evaluations from before the record existed squashed the whole photo."""
     recorded = evaluated.get("preprocessing")
-    if isinstance(recorded, dict):
-        return preprocessing.check(dict(recorded, size=list(size)), "the evaluation's preprocessing")
-    return preprocessing.record(size, "squash")
+    if not isinstance(recorded, dict):
+        return preprocessing.record(size, "squash")
+    try:
+        return preprocessing.check(dict(recorded, size=list(size)), "its preprocessing record")
+    except ValueError as err:
+        raise InputFileError(f"the evaluation's config.json beside the .mat: {err}") from None
 
 
 def load_inputs(paths, rec, device):
@@ -294,30 +320,39 @@ def draw_figure(rows, top_k, out_png, rec=None, legend=None, width=figures.DOUBL
     return figures.save(fig, os.path.splitext(out_png)[0], ("png", "pdf"))
 
 
+def explanation_bytes(num_rows, top_k, num_queries):
+    """About what explain writes: the figure (PNG and PDF, a few hundred KiB per panel) and explain.json."""
+    return num_rows * (top_k + 1) * 400 * 1024 + num_queries * (top_k + 1) * 4096
+
+
+@interrupts.sigterm_as_ctrl_c
 def main(argv=None):
     args = parse_args(argv)
     io.set_seed(args.seed)
     if not args.mat.lower().endswith(".mat"):
         raise SystemExit(f"--mat must name a result_split*.mat file, got {args.mat}")
-    out_png = os.path.join(args.out_dir, "explain.png")
-    outputs = [out_png, os.path.join(args.out_dir, "explain.pdf"), os.path.join(args.out_dir, "explain.json")]
-    existing = [p for p in outputs if os.path.exists(p)]
-    if existing and not args.force:
-        raise SystemExit(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out_dir")
     if args.part_masks and not os.path.isdir(args.part_masks):
         raise SystemExit(f"--part_masks {args.part_masks} is not a folder")
     try:
-        evaluated = evaluation_config(args.mat)
-        result = evaluation.load_result_mat(args.mat)
-        encode, visual, size, description = load_model(args, evaluated)
-        rec = input_preprocessing(evaluated, size)
-    except (ClipFHError, ValueError) as err:
+        with outputs.OutputFolder(args.out_dir, overwrite=args.force, flag="--force", what="another explanation",
+                                  ours=lambda name: name in EXPLAIN_FILES) as out:
+            return explain(args, out)
+    except ClipFHError as err:
         raise SystemExit(f"error: {err}") from None
+
+
+def explain(args, out):
+    """main() inside the locked output folder `out`."""
+    evaluated = evaluation_config(args.mat)
+    result = evaluation.load_result_mat(args.mat)
+    encode, visual, size, description = load_model(args, evaluated)
+    rec = input_preprocessing(evaluated, size)
     if result["query_path"] is None or result["gallery_path"] is None:
         raise SystemExit(f"{args.mat} stores no image paths (query_path / gallery_path); re-run the evaluator "
                          f"of this repository to write them")
     queries = choose_queries(args, len(result["query_label"]))
     top_k = min(args.top_k, len(result["gallery_label"]))
+    out.check_space(explanation_bytes(len(queries[:args.draw]), top_k, len(queries)))
     rankings = {q: rank_gallery(result, q) for q in queries}
     needed = [p for q in queries for p in [result["query_path"][q], *result["gallery_path"][rankings[q][0][:top_k]]]]
     missing = [p for p in needed if not os.path.isfile(p)]
@@ -335,10 +370,7 @@ def main(argv=None):
     for q in tqdm(queries, desc="explain", unit="query", disable=not args.progress):
         order, is_match, _ = rankings[q]
         paths = [result["query_path"][q], *result["gallery_path"][order[:top_k]]]
-        try:
-            images = load_inputs(paths, rec, args.device)
-        except ClipFHError as err:
-            raise SystemExit(f"error: {err}") from None
+        images = load_inputs(paths, rec, args.device)
         maps, similarity, deletion = explain_ranked(encode, recorder, images, args.num_random, args.seed,
                                                     args.batch_size)
         labels = [result["query_label"][q], *result["gallery_label"][order[:top_k]]]
@@ -365,22 +397,23 @@ def main(argv=None):
     if parts:
         summary["mass_on_parts"] = float(np.mean([m for m, _ in parts]))
         summary["part_area"] = float(np.mean([a for _, a in parts]))
-    os.makedirs(args.out_dir, exist_ok=True)
-    pdf = draw_figure(rows[:args.draw], top_k, out_png, rec)[-1]
     method = "gradient-weighted attention rollout" if recorder.is_vit else "Grad-CAM on layer4"
     extra = {"model": description, "map": method, "input_size": list(size), "preprocessing": rec,
              "deletion_fill": DELETION_FILL,
              "deletion_fractions": list(explanation.DELETION_FRACTIONS), "mat": os.path.abspath(args.mat),
              "notes": notes}
-    io.atomic_write_json(outputs[2], {**extra, "summary": summary, "queries": records})
-    io.write_run_config(args.out_dir, args, extra=extra)
+    with out.staged() as staged:  # the figure, explain.json and config.json appear together or not at all
+        draw_figure(rows[:args.draw], top_k, os.path.join(staged, "explain.png"), rec)
+        io.atomic_write_json(os.path.join(staged, "explain.json"), {**extra, "summary": summary, "queries": records})
+        io.write_run_config(staged, args, extra=extra)
+    out_png, pdf, out_json = (os.path.join(args.out_dir, name) for name in EXPLAIN_FILES[:3])
     print(f"deletion AUC over {len(records)} quer{'y' if len(records) == 1 else 'ies'} (lower = more faithful): "
           f"map {aucs['map']:.4f}, random {aucs['random']:.4f}, reverse {aucs['reverse']:.4f}; "
           f"map below random for {100 * summary['map_below_random']:.0f}% of queries")
     if parts:
         print(f"map mass on the distinguishing parts: {100 * summary['mass_on_parts']:.1f}% "
               f"(they cover {100 * summary['part_area']:.1f}% of the image)")
-    print(f"Wrote {method} maps of {len(records)} queries x top-{top_k} to {out_png}, {pdf} and {outputs[2]} "
+    print(f"Wrote {method} maps of {len(records)} queries x top-{top_k} to {out_png}, {pdf} and {out_json} "
           f"({seconds:.2f} s per query on {args.device})")
     return {"out_dir": args.out_dir, "png": out_png, "pdf": pdf, "summary": summary, "queries": records}
 

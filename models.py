@@ -23,7 +23,7 @@ from prompt_models import (PROMPTSG_FIXED_PROMPT, PROMPTSG_TEMPLATE, InversionNe
                            check_text_tower, composed_prompt_tokens, encode_spliced_prompt,
                            splice_pseudo_token, visual_tokens)
 from utils import io, distributed, training, runs, splits
-from utils.errors import TrainingInputError
+from utils.errors import InputFileError, TrainingInputError
 
 # Retrieval features a model can return at evaluation time (see HandReIDModel.retrieval_feature).
 FEATURE_CHOICES = ("concat", "concat_bn", "proj", "proj_bn", "pre_proj", "pre_proj_bn")
@@ -100,12 +100,16 @@ def checkpoint_record(kind, model, spec, epoch, metrics):
             "model": image_side_state_dict(model), "metrics": metrics}
 
 
+RUN_CONFIG_KEYS = ("model.backbone.name", "model.backbone.input_size", "model.backbone.arch", "num_classes")
+
+
 def read_run_config(run_dir):
-    """config.json of a trainer's run folder (TrainingInputError when there is none)."""
+    """config.json of a trainer's run folder, checked for the entries a model is rebuilt from
+    (TrainingInputError when there is none, InputFileError when it is damaged)."""
     if not os.path.isfile(os.path.join(run_dir, "config.json")):
         raise TrainingInputError(f"{os.path.join(run_dir, 'config.json')} does not exist: --f_name/--m_name must "
                                  f"name a folder written by a CLIP-FH trainer")
-    return io.read_config(run_dir)
+    return io.read_config(run_dir, required=RUN_CONFIG_KEYS)
 
 
 def load_trained_model(run_dir, which_epoch="best", device="cpu"):
@@ -121,7 +125,11 @@ def load_trained_model(run_dir, which_epoch="best", device="cpu"):
         raise TrainingInputError(f"{path} is not a CLIP-FH checkpoint (no 'model' entry)")
     if "backbone" in checkpoint:
         check_same_backbone(config["model"]["backbone"], checkpoint["backbone"], path)
-    model = build_model_from_config(config)
+    try:
+        model = build_model_from_config(config)
+    except (KeyError, TypeError, ValueError) as err:  # a hand-edited "model" entry
+        raise InputFileError(f"{os.path.join(run_dir, 'config.json')}: its model entry cannot be built ({err!r}); "
+                             f"restore the file or train again") from None
     load_model_weights(model, checkpoint.pop("model"), path)
     return model.to(device).eval(), config, checkpoint
 
@@ -203,18 +211,12 @@ def load_pretrained(spec, download_root, dist_info, text_tower=True):
         return load_clip_model(spec, "pretrained", download_root, text_tower)
 
 
-def resumed_run(out_dir, args, class_names, where):
-    """(backbone spec, config.json) of the run being resumed in out_dir; refuses another
-    --backbone_name, input geometry or set of training identities."""
-    config = io.read_config(out_dir)
+def resumed_run(out_dir, args, class_names):
+    """(backbone spec, config.json) of the run being resumed in out_dir (whose flags, backbone and
+    geometry included, runs.run_training has made the run's own: utils/resume.py); refuses another set
+    of training identities."""
+    config = io.read_config(out_dir, required=RUN_CONFIG_KEYS + ("class_names",))
     spec = config["model"]["backbone"]
-    wanted = backbone_spec(args.backbone_name, args.input_size, args.stride, args.last_stride)
-    if wanted["patch_stride"] is None:  # no --stride given: the run's own
-        wanted["patch_stride"] = spec["patch_stride"]
-    if spec["name"] != wanted["name"] or backbone_signature(dict(spec, arch=None)) != backbone_signature(wanted):
-        raise TrainingInputError(f"{where} was trained with backbone {describe_backbone(spec)} but this command "
-                                 f"asks for {describe_backbone(wanted)}; resume with the run's own settings or "
-                                 f"start a new --m_name")
     if config.get("class_names") != list(class_names):
         raise TrainingInputError(f"{args.data_dir} has other training identities than the run being resumed "
                                  f"in {out_dir}")

@@ -13,8 +13,8 @@ import sys
 
 import numpy as np
 
-from utils import splits
-from utils.errors import SplitInputError
+from utils import interrupts, splits
+from utils.errors import ClipFHError, SplitInputError
 from utils.splits import ASPECT_FOLDERS_11K, ASPECTS_11K, DISTRACTOR_OFFSETS_11K, LAST_TRAIN_ID_11K
 
 REQUIRED_COLUMNS = ("id", "accessories", "aspectOfHand", "imageName")
@@ -35,6 +35,16 @@ def collect_images(data_dir, skip_missing):
     rows = splits.read_hand_info(csv_path, REQUIRED_COLUMNS)
     if not os.path.isdir(hands_dir):
         raise SplitInputError(f"image folder {hands_dir} not found; --data_dir must hold the 11k Hands/ folder")
+    unknown = {}
+    for line, row in rows:
+        aspect = (row["aspectOfHand"] or "").strip()
+        if aspect not in ASPECTS_11K:
+            unknown.setdefault(aspect, []).append(line)
+    if unknown:
+        listing = "; ".join(f"{value!r} (line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines[:5]))}"
+                            f"{', ...' if len(lines) > 5 else ''})" for value, lines in sorted(unknown.items()))
+        raise SplitInputError(f"{csv_path}: unknown aspectOfHand value(s) {listing}; each must be one of "
+                              f"{', '.join(ASPECTS_11K)}")
     images = {aspect: {} for aspect in ASPECTS_11K}
     seen, missing = set(), []
     for line, row in rows:
@@ -83,6 +93,7 @@ def build_sets(images, num_splits, seed, csv_path):
     return sets_by_aspect
 
 
+@interrupts.sigterm_as_ctrl_c
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -105,7 +116,7 @@ def main(argv=None):
             outputs[roots[aspect]] = (manifest, {"dataset": "11k", "aspect": aspect, "counts": counts[aspect],
                                                  "missing_skipped": num_missing})
         splits.write_split_roots(args.data_dir, outputs, linker, args)  # all four aspects or none
-    except SplitInputError as e:
+    except ClipFHError as e:
         raise SystemExit(f"error: {e}") from None
     print(splits.format_split_counts(counts))
     print(f"Wrote {len(roots)} split roots ({args.num_splits} query/gallery splits each, "

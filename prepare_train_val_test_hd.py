@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 
-from utils import splits
-from utils.errors import SplitInputError
+from utils import interrupts, splits
+from utils.errors import ClipFHError, SplitInputError
 from utils.splits import HD_DISTRACTOR_FOLDER, HD_DISTRACTOR_OFFSET, HD_IMAGE_DIR, HD_LAST_TRAIN_ID, HD_SUBJECT_FOLDER
 
 SPLIT_ROOT = "train_val_test_split"
@@ -57,6 +57,7 @@ def build_sets(data_dir, num_splits, seed):
     return sets
 
 
+@interrupts.sigterm_as_ctrl_c
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -74,7 +75,7 @@ def main(argv=None):
         root, = splits.write_split_roots(args.data_dir, {SPLIT_ROOT: (manifest, {"dataset": "HD",
                                                                                "counts": counts["HD"]})},
                                          linker, args)
-    except SplitInputError as e:
+    except ClipFHError as e:
         raise SystemExit(f"error: {e}") from None
     print(splits.format_split_counts(counts, first_column="dataset"))
     print(f"Wrote {args.num_splits} query/gallery splits (files by {linker.mode}) to {os.path.abspath(root)}")

@@ -234,7 +234,7 @@ def main(argv=None):
     try:
         result = evaluation.load_result_mat(args.mat)
     except errors.ClipFHError as e:
-        raise SystemExit(str(e)) from None
+        raise SystemExit(f"error: {e}") from None
     if result["query_path"] is None or result["gallery_path"] is None:
         raise SystemExit(f"{args.mat} stores no image paths (query_path / gallery_path); re-run the evaluator "
                          f"of this repository to write them")
@@ -246,6 +246,10 @@ def main(argv=None):
     existing = [p for p in outputs if os.path.exists(p)]
     if existing and not args.force:
         raise SystemExit(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
+    try:
+        check_writable(os.path.dirname(os.path.abspath(args.out)), "--out")
+    except errors.ClipFHError as err:
+        raise SystemExit(f"error: {err}") from None
     queries = choose_queries(args, len(result["query_label"]))
     needed = [result["query_path"][q] for q in queries]
     for q in queries:
@@ -261,9 +265,8 @@ def main(argv=None):
         print(f"query {q} ({result['query_path'][q]}), identity {result['query_label'][q]}: first correct match "
               f"at rank {hits[0] + 1 if len(hits) else 'none'}")
     try:
-        check_writable(os.path.dirname(os.path.abspath(args.out)), "--out")
         paths = draw_figure(result, queries, args.top_k, args.out, args.title or default_title(args.mat), pdf=args.pdf)
-    except errors.ClipFHError as err:  # an unwritable or full output location: one line
+    except errors.ClipFHError as err:
         raise SystemExit(f"error: {err}") from None
     print(f"Wrote ranking figure for {len(queries)} quer{'y' if len(queries) == 1 else 'ies'} to {' and '.join(paths)}")
     return paths

@@ -27,7 +27,7 @@ import torch
 
 import models
 import prompt_models
-from utils import errors, io, splits, data, evaluation, distributed, training, flags, runs
+from utils import errors, interrupts, io, splits, data, evaluation, distributed, training, flags, runs
 from losses import ClipReIDLoss, ClipReIDPromptLoss
 
 RUN_FILES = runs.RUN_FILES + ("stage1_metrics.csv", "stage1_curve.png", "stage1_last.pth", "stage1_features.pth",
@@ -100,10 +100,8 @@ def check_args(args):
                         f"{args.stage1_batch_size}")
     if args.stage1_lr <= 0:
         problems.append(f"--stage1_lr must be positive, got {args.stage1_lr}")
-    if args.padding < 0 or args.stage1_warmup_epochs < 0:
-        problems.append("--padding and --stage1_warmup_epochs must not be negative")
-    if min(args.triplet_weight, args.i2t_weight) < 0 or (args.id_weight or 0) < 0:
-        problems.append("--id_weight, --triplet_weight and --i2t_weight must not be negative")
+    problems += flags.bound_problems(args, at_least={"padding": 0, "stage1_warmup_epochs": 0, "id_weight": 0,
+                                                     "triplet_weight": 0, "i2t_weight": 0})
     if args.stage == "2" and not args.prompts and not args.resume:
         problems.append("--stage 2 needs --prompts PATH (the prompts.pth of a stage-1 run)")
     if args.prompts and args.stage != "2":
@@ -113,8 +111,7 @@ def check_args(args):
     roots = [os.path.abspath(d) for d in args.data_dir]
     if len(set(roots)) != len(roots):
         problems.append(f"--data_dir lists a split root twice: {args.data_dir}")
-    if problems:
-        raise errors.TrainingInputError("; ".join(problems))
+    flags.refuse_training_flags(problems)
 
 
 def resolve_backbone_defaults(args, spec):
@@ -471,15 +468,16 @@ def resume_point(out_dir, args):
 
 def check_resumed_run(out_dir, args, hands):
     """The run being resumed must have the same backbone, geometry and identities as this command."""
-    spec, config = models.resumed_run(out_dir, args, hands["class_names"], out_dir)
+    spec, config = models.resumed_run(out_dir, args, hands["class_names"])
     if bool(config["model"].get("sie")) != args.sie:
         raise errors.TrainingInputError(f"{out_dir} was trained {'with' if config['model'].get('sie') else 'without'} "
                                        f"--sie; resume with the same setting")
-    return spec, config
+    return spec
 
 
 # ---- main ----
 
+@interrupts.sigterm_as_ctrl_c
 def main(argv=None):
     return runs.run_training(parse_args(argv), check_args, train)
 
@@ -504,9 +502,9 @@ def train(args, dist_info):
     out_dir, log = runs.start_run(args, dist_info, RUN_FILES, resume_file="config.json")
 
     # the image encoder (and the text tower when prompts must be learned or read)
-    clip_model, stage2_state, old_config = None, None, None
+    clip_model, stage2_state = None, None
     if args.resume:
-        spec, old_config = check_resumed_run(out_dir, args, hands)
+        spec = check_resumed_run(out_dir, args, hands)
     else:
         spec = models.backbone_spec(args.backbone_name, input_size, args.stride, args.last_stride, args.pos_interp)
     if point == "stage2":
@@ -516,11 +514,7 @@ def train(args, dist_info):
     else:
         clip_model = models.load_pretrained(spec, args.download_root, dist_info)
         visual = clip_model.visual
-    if args.resume:  # flags left at their backbone default take the resumed run's values
-        for name in BACKBONE_DEFAULTS["vit"]:
-            if getattr(args, name) is None and old_config["args"].get(name) is not None:
-                setattr(args, name, old_config["args"][name])
-    kind = resolve_backbone_defaults(args, spec)
+    kind = resolve_backbone_defaults(args, spec)  # (a resumed run has its own values: utils/resume.py)
 
     train_set, feature_set, val_sets = build_datasets(args, hands, input_size, dist_info)
     # stage 2's sampler before stage 1, so that a batch the data cannot fill is refused at once
@@ -533,6 +527,7 @@ def train(args, dist_info):
     retrieval_dim = (dims["pre_proj"] + dims["proj"] if args.feature.startswith("concat")
                      else dims["proj"] if args.feature.startswith("proj") else dims["pre_proj"])
     args.compile = models.use_compile(args.compile, device)  # config.json records what stage 2 runs
+    runs.check_run_space(out_dir, args, visual, args.data_dir[0], len(args.data_dir) * retrieval_dim)
     if dist_info.is_main:
         extra = runs.training_config(
             args, "clipreid", hands, amp, dist_info, len(train_set), len(hands["val"]), model=model_config,
@@ -542,9 +537,7 @@ def train(args, dist_info):
                           "ImageNet statistics for RN50, by accident)",
                           "stage-1 text tower runs only up to the end token (identical output)",
                           "validation and net_best use only training identities (val vs train)"])
-        if args.resume:
-            extra["resumed"] = old_config.get("resumed", []) + [point]
-        io.write_run_config(out_dir, args, extra=extra)
+        runs.write_training_config(out_dir, args, extra, None, continued_from=point)
     runs.warn_about_schedule(args, log, first_epoch=1)
     for a, b, shared in cross_root_identity_overlap(args.data_dir) if len(args.data_dir) > 1 else []:
         log.warning(f"{len(shared)} training identities of {a} are test identities of {b} (e.g. {shared[:3]}); "

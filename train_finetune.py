@@ -17,7 +17,7 @@ import os
 import torch
 
 import models
-from utils import errors, io, data, gpu_augment, evaluation, distributed, training, flags, runs
+from utils import errors, interrupts, io, data, gpu_augment, evaluation, distributed, training, flags, runs
 from losses import FinetuneLoss
 
 
@@ -46,13 +46,11 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    problems = flags.common_arg_problems(args)
-    if args.triplet_weight < 0 or args.center_weight < 0:
-        problems.append("--triplet_weight and --center_weight must not be negative")
-    if problems:
-        raise errors.TrainingInputError("; ".join(problems))
+    flags.refuse_training_flags(flags.common_arg_problems(args)
+                                + flags.bound_problems(args, at_least={"triplet_weight": 0, "center_weight": 0}))
 
 
+@interrupts.sigterm_as_ctrl_c
 def main(argv=None):
     return runs.run_training(parse_args(argv), check_args, train)
 
@@ -60,7 +58,7 @@ def main(argv=None):
 def build_model(args, out_dir, hands, dist_info):
     """(model, model_config, spec): pretrained weights for a new run, the run's own architecture when resuming."""
     if args.resume:
-        spec, _ = models.resumed_run(out_dir, args, hands["class_names"], os.path.join(out_dir, "net_last.pth"))
+        spec, _ = models.resumed_run(out_dir, args, hands["class_names"])
         visual = models.load_backbone(spec, weights="empty")
     else:
         spec = models.backbone_spec(args.backbone_name, tuple(args.input_size), args.stride, args.last_stride, args.pos_interp)
@@ -101,6 +99,7 @@ def train(args, dist_info):
     last_path = os.path.join(out_dir, "net_last.pth")
     state, history, best, start_epoch = models.resume_from_last(args, out_dir, model, spec, dist_info, log,
                                                                 optimizer, scheduler, scaler, sampler)
+    runs.check_run_space(out_dir, args, model, args.data_dir, model.feature_dim())
     if state is not None and criterion.centers is not None:
         if "centers" not in state:
             raise errors.TrainingInputError(f"{last_path} has no center-loss state; resume with --center_weight 0")

@@ -22,7 +22,7 @@ import os
 
 import models
 import models_handid
-from utils import errors, io, data, evaluation, distributed, training, flags, runs
+from utils import errors, interrupts, io, data, evaluation, distributed, training, flags, runs
 from losses import HandIDLoss
 
 BATCH_SIZE = {"vit": 20, "rn": 4}  # the reference's batch sizes for ViT-B/16 and RN50
@@ -72,10 +72,10 @@ def check_args(args):
         models_handid.placeholder_prompt_tokens(args.prompt_template)
     except errors.TrainingInputError as err:
         problems.append(str(err))
-    if problems:
-        raise errors.TrainingInputError("; ".join(problems))
+    flags.refuse_training_flags(problems)
 
 
+@interrupts.sigterm_as_ctrl_c
 def main(argv=None):
     return runs.run_training(parse_args(argv), check_args, train)
 
@@ -88,7 +88,7 @@ def model_config_from_args(args, spec):
 def build_model(args, out_dir, hands, dist_info):
     """(model, model_config, spec): pretrained CLIP for a new run, the run's own model when resuming."""
     if args.resume:
-        spec, old_config = models.resumed_run(out_dir, args, hands["class_names"], os.path.join(out_dir, "net_last.pth"))
+        spec, old_config = models.resumed_run(out_dir, args, hands["class_names"])
         model_config = model_config_from_args(args, spec)
         if old_config["model"] != model_config:
             raise errors.TrainingInputError(f"{out_dir} was trained with other CLIP-HandID model flags "
@@ -129,6 +129,7 @@ def train(args, dist_info):
     last_path = os.path.join(out_dir, "net_last.pth")
     _, history, best, start_epoch = models.resume_from_last(args, out_dir, model, spec, dist_info, log,
                                                             optimizer, scheduler, scaler, sampler)
+    runs.check_run_space(out_dir, args, model, args.data_dir, model.feature_dim())
     text_path = ("reference_no_grad_text: as the released code, S* is the mean of the inversion output broadcast "
                  "(one constant text feature for every image, no gradient)" if args.reference_no_grad_text else
                  "gradients flow through the frozen text tower into the inversion network (the paper; the released "

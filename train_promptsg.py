@@ -19,7 +19,7 @@ import os
 
 import models
 import prompt_models
-from utils import errors, io, data, gpu_augment, evaluation, distributed, training, flags, runs
+from utils import errors, interrupts, io, data, gpu_augment, evaluation, distributed, training, flags, runs
 from losses import PromptSGLoss
 
 
@@ -80,8 +80,7 @@ def check_args(args):
         prompt_models.composed_prompt_tokens(args.prompt_template)
     except errors.TrainingInputError as err:
         problems.append(str(err))
-    if problems:
-        raise errors.TrainingInputError("; ".join(problems))
+    flags.refuse_training_flags(problems)
 
 
 def model_config_from_args(args, spec):
@@ -130,6 +129,7 @@ def run_final_tests(model, args, out_dir, amp, device, log):
     return results
 
 
+@interrupts.sigterm_as_ctrl_c
 def main(argv=None):
     return runs.run_training(parse_args(argv), check_args, train)
 
@@ -137,7 +137,7 @@ def main(argv=None):
 def build_model(args, out_dir, num_classes, class_names, dist_info):
     """(model, model_config, spec): pretrained CLIP for a new run, the run's own model when resuming."""
     if args.resume:
-        spec, old_config = models.resumed_run(out_dir, args, class_names, os.path.join(out_dir, "net_last.pth"))
+        spec, old_config = models.resumed_run(out_dir, args, class_names)
         check_resumable(old_config["model"], args, os.path.join(out_dir, "net_last.pth"))
         model_config = model_config_from_args(args, spec)
         return models.build_promptsg_model(model_config, num_classes), model_config, spec
@@ -178,6 +178,7 @@ def train(args, dist_info):
     last_path = os.path.join(out_dir, "net_last.pth")
     _, history, best, start_epoch = models.resume_from_last(args, out_dir, model, spec, dist_info, log,
                                                             optimizer, scheduler, scaler, sampler)
+    runs.check_run_space(out_dir, args, model, args.data_dir, 2 * model.feature_dim())  # two final tests
 
     if dist_info.is_main:
         extra = runs.training_config(

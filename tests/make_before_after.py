@@ -5,14 +5,24 @@ ResNet, train_clipreid and train_promptsg with the tiny ViT) and of both evaluat
 on the tiny ViT, eval_query_gallery_finetune on the fine-tuned ViT run) on a synthetic 11k data set,
 with seed 0, on the CPU, with one torch thread, and keeps:
 
-- sha256 and tensor count of the model state dict in each run's net_last.pth (and, for CLIP-ReID,
-  of the tensors of prompts.pth);
+- the epoch, tensor count, L2 norm and sketch of the model state dict in each run's net_last.pth
+  (and, for CLIP-ReID, of the tensors of prompts.pth);
 - the loss columns of each run's metrics.csv (and CLIP-ReID's stage1_metrics.csv);
-- the per-split metrics of each evaluator's results.json.
+- the per-split metrics of each evaluator's results.json, and the norm and sketch of the query and
+  gallery features of each of its result_split*.mat files.
 
 Only the scripts' public command lines (their main(argv)) are used, and the files they write, so the
 same record can be made before and after an internal refactor. tests/test_before_after.py calls
-record() and compares its result with the JSON file exactly.
+record() and compares its result with the JSON file under tolerances (its docstring says which and
+why): floating-point results are never compared bit for bit, since another instruction set (AVX-512,
+AVX2, plain SSE) rounds differently and training amplifies the difference.
+
+Weights, prompts and features are kept as a count sketch: every value of every tensor is added,
+with a random sign, into one of SKETCH_BUCKETS buckets (bucket and sign drawn from a numpy generator
+seeded by the tensor's name, the same on every machine), and the L2 norm of all values is kept.
+The sketch is linear, so sketch(a) - sketch(b) = sketch(a - b), and its norm estimates ||a - b||
+(unbiased in the square, relative spread about 1/sqrt(2 x buckets), 3 %): the relative L2
+distance of two sets of weights without storing the weights.
 
     python tests/make_before_after.py            # writes tests/data/before_after.json (refuses to overwrite)
     python tests/make_before_after.py --force    # regenerate after a deliberate change of the numbers
@@ -22,6 +32,7 @@ import copy
 import csv
 import glob
 import hashlib
+import math
 import json
 import os
 import platform
@@ -32,7 +43,8 @@ import tempfile
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
 DEFAULT_OUT = os.path.join(TESTS_DIR, "data", "before_after.json")
-FORMAT = 1
+FORMAT = 2
+SKETCH_BUCKETS = 512
 
 # Synthetic data: 12 identities per aspect (6 train / 6 test), 4-5 images each, 2 query/gallery splits.
 SYNTHETIC = {"num_ids_per_aspect": 12, "images_per_id": [4, 5], "image_size": [80, 60], "seed": 0}
@@ -95,19 +107,34 @@ def make_synthetic():
         return utils.make_synthetic_11k
 
 
-def tensors_digest(tensors):
-    """(sha256 hex, count) over a dict of tensors: key, dtype, shape and raw bytes, in sorted key order."""
+def sketch(arrays):
+    """{name: float array or tensor} -> {"norm": L2 norm of every value, "sketch": SKETCH_BUCKETS
+    floats} (see the module docstring); in float64, names in sorted order."""
+    import numpy as np
+    buckets, squares = np.zeros(SKETCH_BUCKETS), 0.0
+    for name in sorted(arrays):
+        values = arrays[name]
+        if hasattr(values, "detach"):
+            values = values.detach().cpu().double().numpy()
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+        rng = np.random.default_rng(seed)
+        bucket = rng.integers(0, SKETCH_BUCKETS, size=len(values))
+        sign = rng.integers(0, 2, size=len(values)) * 2.0 - 1.0
+        buckets += np.bincount(bucket, weights=sign * values, minlength=SKETCH_BUCKETS)
+        squares += float(values @ values)
+    return {"norm": math.sqrt(squares), "sketch": [float(f"{v:.8g}") for v in buckets]}
+
+
+def relative_distance(expected, got):
+    """||a - b|| / ||a|| estimated from two sketch() records of the same tensors."""
+    diff = math.sqrt(sum((a - b) ** 2 for a, b in zip(expected["sketch"], got["sketch"])))
+    return diff / max(expected["norm"], 1e-30)
+
+
+def float_tensors(tensors):
     import torch
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        tensor = tensors[key]
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{key!r} is a {type(tensor).__name__}, not a tensor")
-        tensor = tensor.detach().contiguous().cpu()
-        data = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bfloat16
-        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(data.numpy().tobytes())
-    return digest.hexdigest(), len(tensors)
+    return {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
 
 
 def _load(path):
@@ -116,21 +143,29 @@ def _load(path):
 
 
 def weights_record(path):
-    """Digest of the model state dict inside a checkpoint (net_*.pth keeps it under "model")."""
+    """Epoch, tensor count and sketch of the model state dict inside a checkpoint (net_*.pth keeps it under
+    "model"); integer tensors (BatchNorm's batch counters) are only counted."""
     checkpoint = _load(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise ValueError(f"{path} holds no model state dict under 'model'")
-    sha256, count = tensors_digest(checkpoint["model"])
-    return {"sha256": sha256, "num_tensors": count, "epoch": checkpoint.get("epoch")}
+    return {"epoch": checkpoint.get("epoch"), "num_tensors": len(checkpoint["model"]),
+            **sketch(float_tensors(checkpoint["model"]))}
 
 
 def prompts_record(path):
-    """Digest of the tensors of a CLIP-ReID prompts.pth (the learned tokens and the text features)."""
-    record = _load(path)
-    import torch
-    tensors = {k: v for k, v in record.items() if isinstance(v, torch.Tensor)}
-    sha256, count = tensors_digest(tensors)
-    return {"sha256": sha256, "num_tensors": count, "keys": sorted(tensors)}
+    """Sketch of the tensors of a CLIP-ReID prompts.pth (the learned tokens and the text features)."""
+    tensors = float_tensors(_load(path))
+    return {"keys": sorted(tensors), **sketch(tensors)}
+
+
+def features_record(folder):
+    """{mat file name: sketch of its query_f and gallery_f} of an evaluation folder."""
+    import scipy.io
+    out = {}
+    for path in sorted(glob.glob(os.path.join(folder, "result_split*.mat"))):
+        mat = scipy.io.loadmat(path)
+        out[os.path.basename(path)] = sketch({"query_f": mat["query_f"], "gallery_f": mat["gallery_f"]})
+    return out
 
 
 def loss_rows(path):
@@ -184,6 +219,7 @@ def run_case(name, module_name, argv, places):
         if len(found) != 1:
             raise RuntimeError(f"{name}: expected one results.json under {os.path.join(out_root, name)}, got {found}")
         record["results"] = split_metrics(found[0])
+        record["features"] = features_record(os.path.dirname(found[0]))
     return record
 
 
@@ -235,11 +271,11 @@ def git_commit():
 
 
 def about(commit):
-    when = "after" if os.path.isdir(os.path.join(REPO, "utils")) else "before"
-    return (f"Recorded by tests/make_before_after.py from commit {commit}, {when} the split of utils.py into the "
-            f"utils/ package. All cases: one torch thread, {' '.join(RUN)}; trainers also "
-            f"{' '.join(TRAIN[len(RUN):])} (tiny ViT, and tiny ResNet for finetune_rn). Each case's exact flags "
-            f"are its 'argv' ({SPLIT_ROOT}: dorsal-right split root of the synthetic data).")
+    return (f"Recorded by tests/make_before_after.py from commit {commit}. All cases: one torch thread, "
+            f"{' '.join(RUN)}; trainers also {' '.join(TRAIN[len(RUN):])} (tiny ViT, and tiny ResNet for "
+            f"finetune_rn). Each case's exact flags are its 'argv' ({SPLIT_ROOT}: dorsal-right split root of the "
+            f"synthetic data). Weights, prompts and features are count sketches ({SKETCH_BUCKETS} buckets, see "
+            f"the generator's docstring); tests/test_before_after.py compares under tolerances.")
 
 
 def build_document(records, commit):

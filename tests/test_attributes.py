@@ -212,7 +212,7 @@ def test_synthetic_root_scores_every_attribute_on_test_people(root_run, syntheti
     with open(out_dir / "config.json") as f:
         config = json.load(f)
     assert config["args"]["seed"] == 0 and config["git_commit"] and config["pretrained"] is None
-    with pytest.raises(SystemExit, match="already holds attributes.json; pass --force"):
+    with pytest.raises(SystemExit, match="already holds results; pass --force"):
         run_eval(synthetic_11k, out_dir, "unused")
 
 

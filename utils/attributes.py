@@ -1,13 +1,13 @@
 """Soft-biometric attributes of 11k Hands: classes from HandInfo.csv rows, the prompt ensembles
 that describe them in words, confusion matrices and accuracies, the person-disjoint train/test
 split, and a linear probe. torch and numpy only."""
-import json
 import os
 
 import numpy as np
 import torch
 
 from .errors import AttributeInputError
+from .io import read_json
 
 
 # Age groups as (label, last age in the group). 11k's 190 people are mostly students: 122 are
@@ -147,11 +147,7 @@ def load_prompts(path=None):
         return prompts
     if not os.path.isfile(path):
         raise AttributeInputError(f"--prompts {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            override = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AttributeInputError(f"--prompts {path} is not valid JSON: {err}") from None
+    override = read_json(path, error=AttributeInputError, kind=object)
     check_prompts(override, f"--prompts {path}")
     prompts.update(override)
     return prompts

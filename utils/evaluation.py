@@ -1,18 +1,23 @@
 """Feature extraction, .mat result files, validation, and the query/gallery evaluation over the
 Monte-Carlo splits that both evaluators and the trainers' final test share. The evaluation runs in
-four steps: encode_split_images -> score_splits -> summarise -> write_results (+ print_results)."""
+four steps: encode_split_images -> score_splits -> summarise -> write_results (+ print_results).
+An evaluation's folder is written whole or not at all (utils.outputs): one evaluation at a time,
+checked for space before the encoding, built beside the old one and swapped in at the end."""
 import os
+import struct
 import time
+import zlib
+from contextlib import ExitStack
 
 import numpy as np
 import scipy.io
 import torch
 from tqdm import tqdm
 
-from . import metrics, preprocessing as preprocessing_records, verification
-from .errors import EvaluationInputError, OutputExistsError
+from . import metrics, outputs, preprocessing as preprocessing_records, verification
+from .errors import EvaluationInputError, InputFileError
 from .io import (atomic_savemat, atomic_write_json, autocast, format_results_table, resolve_amp,
-                 write_metrics_csv)
+                 write_metrics_csv, write_run_config)
 from .splits import GALLERY_VARIANTS, gallery_set_name, read_split_layout, read_split_sets, result_mat_name
 from .data import CLIP_MEAN, CLIP_STD, ImageListDataset, eval_transform
 
@@ -70,15 +75,26 @@ def _labels_for_mat(labels):
     return np.array(labels, dtype=object)
 
 
+MAT_READ_ERRORS = (scipy.io.matlab.MatReadError, ValueError, TypeError, OSError, EOFError, IndexError,
+                   KeyError, UnicodeDecodeError, zlib.error, struct.error)  # what scipy raises on a damaged file
+
+
 def load_result_mat(path):
-    """Read a result_split{i}.mat back: features float32 (N, D), labels and paths as 1-D arrays
-    (paths None for files without them), rerank_dist (Q, G) or None."""
+    """Read a result_split{i}.mat back, checked as it is read: features float32 (N, D), labels and
+    paths as 1-D arrays (paths None for files without them), rerank_dist (Q, G) or None. A truncated
+    or foreign file, a missing key, shapes that disagree (feature rows vs labels or paths, query vs
+    gallery feature size) or NaN/inf features raise InputFileError naming the file."""
     if not os.path.isfile(path):
         raise EvaluationInputError(f"result file {path} does not exist; run an eval_query_gallery_*.py script first")
-    mat = scipy.io.loadmat(path)
+    try:
+        mat = scipy.io.loadmat(path)
+    except MAT_READ_ERRORS as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputFileError(f"cannot read {path} ({first}); it is truncated or not a result file: evaluate "
+                             f"again") from None
     missing = [k for k in ("query_f", "query_label", "gallery_f", "gallery_label") if k not in mat]
     if missing:
-        raise EvaluationInputError(f"{path} lacks {', '.join(missing)}; it is not a result file of our evaluators")
+        raise InputFileError(f"{path} lacks {', '.join(missing)}; it is not a result file of our evaluators")
 
     def strings(key):
         if key not in mat:
@@ -89,10 +105,39 @@ def load_result_mat(path):
         values = mat[key].reshape(-1)
         return values if values.dtype != object else strings(key)
 
-    return {"query_f": mat["query_f"].astype(np.float32), "query_label": labels("query_label"),
-            "query_path": strings("query_path"), "gallery_f": mat["gallery_f"].astype(np.float32),
-            "gallery_label": labels("gallery_label"), "gallery_path": strings("gallery_path"),
-            "rerank_dist": mat["rerank_dist"].astype(np.float32) if "rerank_dist" in mat else None}
+    try:
+        result = {"query_f": mat["query_f"].astype(np.float32), "query_label": labels("query_label"),
+                  "query_path": strings("query_path"), "gallery_f": mat["gallery_f"].astype(np.float32),
+                  "gallery_label": labels("gallery_label"), "gallery_path": strings("gallery_path"),
+                  "rerank_dist": mat["rerank_dist"].astype(np.float32) if "rerank_dist" in mat else None}
+    except (ValueError, TypeError) as err:
+        raise InputFileError(f"{path} holds values of the wrong type ({err}); it is not a result file of our "
+                             f"evaluators") from None
+    check_result_arrays(result, path)
+    return result
+
+
+def check_result_arrays(result, path):
+    """Shapes that agree and finite features, or InputFileError naming `path` and what is wrong."""
+    def problem(text):
+        return InputFileError(f"{path}: {text}; the file was damaged or edited: evaluate again")
+    for side in ("query", "gallery"):
+        features = result[f"{side}_f"]
+        if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
+            raise problem(f"{side}_f has shape {features.shape}, not (images, feature size)")
+        for key in (f"{side}_label", f"{side}_path"):
+            if result[key] is not None and len(result[key]) != len(features):
+                raise problem(f"{side}_f has {len(features)} rows but {key} has {len(result[key])} entries")
+        bad = int((~np.isfinite(features).all(axis=1)).sum())
+        if bad:
+            raise problem(f"{side}_f holds NaN or inf values in {bad} of {len(features)} rows")
+    if result["query_f"].shape[1] != result["gallery_f"].shape[1]:
+        raise problem(f"query_f has {result['query_f'].shape[1]}-d features but gallery_f "
+                      f"{result['gallery_f'].shape[1]}-d")
+    shape = (len(result["query_f"]), len(result["gallery_f"]))
+    if result["rerank_dist"] is not None and (result["rerank_dist"].shape != shape
+                                              or not np.isfinite(result["rerank_dist"]).all()):
+        raise problem(f"rerank_dist has shape {result['rerank_dist'].shape} or non-finite values, expected {shape}")
 
 
 def wanted_gallery_variants(layout, gallery, test_dir):
@@ -186,13 +231,36 @@ def summarise(rows, variants):
     return summary
 
 
-def write_results(out_dir, results, mats, overwrite=False):
+RESULT_FILES = ("results.json", "results.csv", "config.json")
+
+
+def is_result_file(name):
+    """A file an evaluation writes into its folder (the rest of a folder is not ours to replace)."""
+    return name in RESULT_FILES or (name.startswith("result_split") and name.endswith(".mat"))
+
+
+def estimate_result_bytes(test_dir, num_splits, variants, feature_dim=None, rerank=False):
+    """About what write_results writes for an evaluation of test_dir: per split and gallery, the .mat
+    (features: images x feature_dim x 4 bytes; labels, paths; rerank_dist: queries x gallery x 4) and
+    its rows in results.json / .csv. feature_dim None: 3072, the widest retrieval feature we build."""
+    names = [f"query{i}" for i in range(num_splits)] + [gallery_set_name(i, v) for i in range(num_splits)
+                                                         for v in variants]
+    sets = read_split_sets(test_dir, names)
+
+    def mat_bytes(entries):
+        return sum(4 * (feature_dim or 3072) + 8 + 2 * len(path) + 64 for path, _, _ in entries)
+    total = 0
+    for i in range(num_splits):
+        for variant in variants:
+            queries, gallery = sets[f"query{i}"], sets[gallery_set_name(i, variant)]
+            total += mat_bytes(queries) + mat_bytes(gallery) + 64 * 1024
+            total += 4 * len(queries) * len(gallery) if rerank else 0
+    return total
+
+
+def write_results(out_dir, results, mats):
     """result_split*.mat, results.json and results.csv (a row per split and variant, then the mean
-    and std rows of each variant) into out_dir."""
-    if overwrite:  # leftovers of an earlier run (e.g. with more splits) would not match this one
-        for file in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-            if file.startswith("result_split") and file.endswith(".mat"):
-                os.remove(os.path.join(out_dir, file))
+    and std rows of each variant) into the folder out_dir (a staged one: see evaluate_query_gallery)."""
     os.makedirs(out_dir, exist_ok=True)
     for name, mat in mats.items():
         atomic_savemat(os.path.join(out_dir, name), mat)
@@ -203,6 +271,13 @@ def write_results(out_dir, results, mats, overwrite=False):
                      for stat in ("mean", "std")]
     write_metrics_csv(os.path.join(out_dir, "results.csv"), csv_rows, float_format=".6f",
                       columns=["split", "gallery", "num_query", "num_gallery", *metric_names()])
+
+
+def open_output(out_dir, overwrite):
+    """The OutputFolder of an evaluation: locked against a second evaluation into out_dir, refused
+    when it holds results and `overwrite` (--force) is not given, or files that are not ours."""
+    return outputs.OutputFolder(out_dir, overwrite=overwrite, flag="--force", what="another evaluation",
+                                ours=is_result_file)
 
 
 def print_results(results, test_dir):
@@ -228,7 +303,8 @@ def print_results(results, test_dir):
 def evaluate_query_gallery(encode_fn, test_dir, out_dir, *, gallery=None, method_name="model",
                            input_size=(224, 224), batch_size=64, num_workers=0, device="cpu", flip=False,
                            amp="none", max_rank=50, mean=CLIP_MEAN, std=CLIP_STD, rerank=None,
-                           overwrite=False, extra=None, verbose=True, table_mAP="mAP_hand", preprocessing=None):
+                           overwrite=False, extra=None, verbose=True, table_mAP="mAP_hand", preprocessing=None,
+                           run_args=None, output=None, feature_dim=None):
     """The query/gallery evaluation shared by the zero-shot and fine-tuned evaluators.
 
     encode_fn(images) -> (B, D) features for a normalised batch (B, 3, H, W) already on `device`
@@ -240,35 +316,43 @@ def evaluate_query_gallery(encode_fn, test_dir, out_dir, *, gallery=None, method
     gallery: "own", "all", "both" or None (every variant the split root has: 11k own + all, HD own).
     Writes to `out_dir`: result_split{i}.mat (own gallery) and result_split{i}_all.mat
     (gallery{i}_all) with query_f, query_label, query_path, gallery_f, gallery_label, gallery_path;
-    results.json; results.csv. Prints the paper-style tables when `verbose`, whose mAP column is
-    `table_mAP` (the protocol's convention). preprocessing: the utils.preprocessing record the images
-    are read with (protocols.test_settings gives it); None: the whole photo resized (bicubic) to
-    input_size, normalised with mean/std, full JPEG decoding. results.json records it as
-    "preprocessing". Returns the results dict (as in results.json)."""
+    results.json; results.csv; with `run_args` also config.json (the arguments, `extra`, the commit).
+    The folder is written whole (open_output(out_dir, overwrite), or `output` when the caller holds it
+    already): its location is checked for the space of the results (feature_dim: the feature size,
+    None = an upper bound) before the encoding; the files are built beside it and swapped in at the
+    end, so an error, Ctrl-C or full disk leaves an earlier evaluation exactly as it was. Prints the
+    paper-style tables when `verbose`, whose mAP column is `table_mAP` (the protocol's convention).
+    preprocessing: the utils.preprocessing record the images are read with (protocols.test_settings
+    gives it); None: the whole photo resized (bicubic) to input_size, normalised with mean/std, full
+    JPEG decoding. results.json records it as "preprocessing". Returns the results dict (as in
+    results.json)."""
     layout = read_split_layout(test_dir)
     variants = wanted_gallery_variants(layout, gallery, test_dir)
-    results_path = os.path.join(out_dir, "results.json")
-    if os.path.exists(results_path) and not overwrite:
-        raise OutputExistsError(f"{results_path} already exists; pass --force to overwrite it or choose "
-                                f"another --f_name")
     num_splits = layout["num_splits"]
     if preprocessing is None:
         preprocessing = preprocessing_records.record(input_size, "squash", mean=mean, std=std)
     preprocessing_records.check(preprocessing)
     input_size = tuple(preprocessing["size"])
-    encoded = encode_split_images(encode_fn, test_dir, num_splits, variants, batch_size=batch_size,
-                                  num_workers=num_workers, device=device, flip=flip, amp=resolve_amp(amp, device),
-                                  preprocessing=preprocessing)
-    rows, mats = score_splits(encoded, num_splits, variants, max_rank, rerank)
-    results = {"method": method_name, "test_dir": os.path.abspath(test_dir), "dataset": layout["dataset"],
-               "num_splits": num_splits, "gallery_variants": variants, "metrics": list(metric_names()),
-               "metric_conventions": METRIC_CONVENTIONS, "table_mAP": table_mAP, "input_size": list(input_size),
-               "preprocessing": preprocessing, "preprocessing_text": preprocessing_records.describe(preprocessing),
-               "flip": bool(flip), "amp": resolve_amp(amp, device),
-               "rerank": dict(rerank) if rerank else None, "feature_dim": int(encoded["features"].shape[1]),
-               "num_images_encoded": len(encoded["paths"]), "encode_seconds": round(encoded["seconds"], 3),
-               "rows": rows, "summary": summarise(rows, variants), **(extra or {})}
-    write_results(out_dir, results, mats, overwrite)
+    with ExitStack() as stack:
+        out = output or stack.enter_context(open_output(out_dir, overwrite))
+        out.check_space(estimate_result_bytes(test_dir, num_splits, variants, feature_dim, bool(rerank)))
+        encoded = encode_split_images(encode_fn, test_dir, num_splits, variants, batch_size=batch_size,
+                                      num_workers=num_workers, device=device, flip=flip,
+                                      amp=resolve_amp(amp, device), preprocessing=preprocessing)
+        rows, mats = score_splits(encoded, num_splits, variants, max_rank, rerank)
+        results = {"method": method_name, "test_dir": os.path.abspath(test_dir), "dataset": layout["dataset"],
+                   "num_splits": num_splits, "gallery_variants": variants, "metrics": list(metric_names()),
+                   "metric_conventions": METRIC_CONVENTIONS, "table_mAP": table_mAP, "input_size": list(input_size),
+                   "preprocessing": preprocessing,
+                   "preprocessing_text": preprocessing_records.describe(preprocessing),
+                   "flip": bool(flip), "amp": resolve_amp(amp, device),
+                   "rerank": dict(rerank) if rerank else None, "feature_dim": int(encoded["features"].shape[1]),
+                   "num_images_encoded": len(encoded["paths"]), "encode_seconds": round(encoded["seconds"], 3),
+                   "rows": rows, "summary": summarise(rows, variants), **(extra or {})}
+        with out.staged() as staged:
+            write_results(staged, results, mats)
+            if run_args is not None:
+                write_run_config(staged, run_args, extra=extra)
     if verbose:
         print_results(results, test_dir)
     return results

@@ -3,7 +3,10 @@ run control), the help formatter that prints each default once, and their common
 Method-specific flags are declared in each trainer."""
 import argparse
 import os
+import sys
+
 from . import io, protocols
+from .errors import TrainingInputError
 from .io import AMP_CHOICES, add_common_args
 
 
@@ -17,9 +20,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class TrainerParser(argparse.ArgumentParser):
+    """Also records which flags the command line gave (args._given), for --resume (utils/resume.py)."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        defaults = {action: action.default for action in self._actions}
+        try:
+            for action in self._actions:
+                action.default = argparse.SUPPRESS
+            parsed._given = frozenset(vars(super().parse_args(args)))
+        finally:
+            for action, default in defaults.items():
+                action.default = default
+        return parsed
+
+
 def trainer_parser(doc, m_name, several_roots=False):
     """A trainer's ArgumentParser (description: the first paragraph of doc) with the data and output flags."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = TrainerParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
     add_data_output_args(parser, m_name, several_roots)
     return parser
 
@@ -127,7 +146,10 @@ def add_run_control_args(parser, resume_help, final_test_help, amp=None, eval_ev
     g.add_argument("--amp", default=amp, choices=AMP_CHOICES, help=amp_help)
     io.add_compile_arg(g)
     g.add_argument("--grad_clip", type=float, default=0.0, help="max gradient norm (0: off); applied before the step")
-    g.add_argument("--resume", action="store_true", help=resume_help)
+    g.add_argument("--resume", action="store_true",
+                   help=resume_help + "; flags left out take the run's recorded values, and one given with another "
+                                      "value is refused unless the run can honour it, e.g. more --epochs (README "
+                                      "'--resume')")
     g.add_argument("--save_every", type=int, default=0, help="also keep net_<epoch>.pth every N epochs (0: never)")
     g.add_argument("--eval_every", type=int, default=eval_every,
                    help="validate every N epochs (and after the last); net_best is chosen among validated epochs")
@@ -154,20 +176,48 @@ def add_selection_args(group, reference="CLIP-HandID"):
 
 
 def common_arg_problems(args):
-    """Messages for the flags every trainer shares (a flag still None takes a backbone default later)."""
-    problems = []
-    for flag in ("batch_size", "epochs", "eval_every"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            problems.append(f"--{flag} must be positive, got {value}")
-    if args.lr is not None and args.lr <= 0:
-        problems.append(f"--lr must be positive, got {args.lr}")
+    """Messages for the flags every trainer shares, one per flag (a flag still None takes a backbone
+    default later)."""
+    problems = bound_problems(args, at_least={"batch_size": 1, "epochs": 1, "eval_every": 1, "save_every": 0,
+                                              "warmup_epochs": 0, "input_size": 1, "stride": 1, "num_workers": 0},
+                              positive=("lr",))
+    if args.grad_clip < 0:
+        problems.append(f"--grad_clip must not be negative, got {args.grad_clip}")
     if not 0 <= args.ls < 1:
         problems.append(f"--ls must be in [0, 1), got {args.ls}")
     if not 0 <= args.erasing_p <= 1:
         problems.append(f"--erasing_p must be in [0, 1], got {args.erasing_p}")
-    if args.save_every < 0 or args.warmup_epochs < 0 or args.grad_clip < 0:
-        problems.append("--save_every, --warmup_epochs and --grad_clip must not be negative")
-    if min(args.input_size) < 1 or (args.stride is not None and args.stride < 1):
-        problems.append(f"--input_size and --stride must be positive, got {args.input_size} and {args.stride}")
     return problems
+
+
+def bound_problems(args, at_least=None, positive=()):
+    """One message per numeric flag out of range: `at_least` {flag: minimum} (a list value: every item),
+    `positive` flags must be > 0. A flag still None is skipped (it takes a default later)."""
+    problems = []
+    for flag, minimum in (at_least or {}).items():
+        value = getattr(args, flag)
+        if value is not None and min(value if isinstance(value, (list, tuple)) else [value]) < minimum:
+            problems.append(f"--{flag} must be at least {minimum}, got {_shown(value)}")
+    for flag in positive:
+        value = getattr(args, flag)
+        if value is not None and min(value if isinstance(value, (list, tuple)) else [value]) <= 0:
+            problems.append(f"--{flag} must be positive, got {_shown(value)}")
+    return problems
+
+
+def _shown(value):
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def refuse_training_flags(problems):
+    """Trainers' flag checks: a TrainingInputError with one problem per line (run_training prints each
+    as an "error:" line)."""
+    if problems:
+        raise TrainingInputError("\n".join(problems))
+
+
+def exit_on_problems(problems):
+    """Scripts' flag checks: each problem on its own "error:" line, exit status 2 (as argparse)."""
+    if problems:
+        print("\n".join(f"error: {p}" for p in problems), file=sys.stderr)
+        raise SystemExit(2)

@@ -14,7 +14,7 @@ import numpy as np
 import scipy.io
 import torch
 
-from .errors import TrainingInputError
+from .errors import InputFileError, TrainingInputError
 from .outputs import output_errors
 
 
@@ -117,7 +117,8 @@ def run_info():
 
 def write_run_config(out_dir, args, extra=None, name="config.json"):
     """Record every argument, the seed and the git commit of a run in `out_dir/name`."""
-    config = {"args": vars(args) if not isinstance(args, dict) else dict(args), **run_info()}
+    values = vars(args) if not isinstance(args, dict) else dict(args)
+    config = {"args": {k: v for k, v in values.items() if not k.startswith("_")}, **run_info()}
     if extra:
         config.update(extra)
     atomic_write_json(os.path.join(out_dir, name), config)
@@ -199,6 +200,41 @@ def _csv_cell(value, float_format):
     return str(value)
 
 
-def read_config(out_dir):
-    with open(os.path.join(out_dir, "config.json")) as f:
-        return json.load(f)
+def read_json(path, required=(), error=InputFileError, kind=dict):
+    """The JSON value in `path` (an object unless `kind` says otherwise), checked as it is read: a
+    missing, unreadable, truncated or hand-broken file, a value of another kind, or an object without
+    one of the `required` keys ("model.backbone.input_size" for nested ones) raises `error` with one
+    line naming the file and what is wrong."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise error(f"{path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as err:
+        raise error(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); it is "
+                    f"truncated or was edited by hand: restore it or write it again") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"cannot read {path} ({getattr(err, 'strerror', None) or err}); it is damaged or not a JSON "
+                    f"file") from None
+    if not isinstance(value, kind):
+        raise error(f"{path} holds a JSON {type(value).__name__}, not the {kind.__name__} this program writes "
+                    f"there; restore it or write it again")
+    missing = [key for key in required if not _has_key(value, key.split("."))]
+    if missing:
+        raise error(f"{path} lacks {', '.join(repr(k) for k in missing)}; it was edited by hand or written by "
+                    f"another program: restore it or write it again")
+    return value
+
+
+def _has_key(value, keys):
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return False
+        value = value[key]
+    return True
+
+
+def read_config(out_dir, required=()):
+    """<out_dir>/config.json (see read_json)."""
+    return read_json(os.path.join(out_dir, "config.json"), required)

@@ -3,12 +3,25 @@ importable without torch."""
 
 import numpy as np
 
+from .errors import EvaluationInputError
+
 
 def as_numpy(array):
     """A numpy view of an array-like; torch tensors (on any device) are accepted without importing torch."""
     if hasattr(array, "detach"):
         array = array.detach().cpu().numpy()
     return np.asarray(array)
+
+
+def check_finite(array, what):
+    """`array` as numpy; NaN or inf values are refused with one line (EvaluationInputError): a ranking
+    or a rate computed from them would be meaningless."""
+    array = as_numpy(array)
+    if np.issubdtype(array.dtype, np.number) and not np.isfinite(array).all():
+        bad = int(np.size(array) - np.isfinite(array).sum())
+        raise EvaluationInputError(f"{what} holds {bad} NaN or infinite value(s) of {np.size(array)}; the features "
+                                   f"or scores are broken (a diverged model, a damaged result file)")
+    return array
 
 
 _COUNTING_MAX_MATCHES = 2  # above this many true matches per query, sorting rows is cheaper than counting
@@ -110,7 +123,7 @@ def rank_metrics(scores, q_pids, g_pids, q_camids=None, g_camids=None, max_rank=
     convention "hand": trapezoid AP, every query counts (no match -> 0), cameras not allowed.
     convention "standard": non-interpolated AP, same pid+camera gallery items removed when cameras
     are given, queries without a match skipped."""
-    scores = as_numpy(scores)
+    scores = check_finite(scores, "the score matrix")
     if not np.issubdtype(scores.dtype, np.floating):
         scores = scores.astype(np.float64)
     if distance:
@@ -119,8 +132,6 @@ def rank_metrics(scores, q_pids, g_pids, q_camids=None, g_camids=None, max_rank=
     if scores.shape != (len(q_pids), len(g_pids)):
         raise ValueError(f"score matrix shape {scores.shape} does not match {len(q_pids)} query and "
                          f"{len(g_pids)} gallery labels")
-    if not np.isfinite(scores).all():
-        raise ValueError("score matrix contains NaN or infinite values")
     matches = q_pids[:, None] == g_pids[None, :]
     if (q_camids is None) != (g_camids is None):
         raise ValueError("give both q_camids and g_camids, or neither")
@@ -150,7 +161,7 @@ PAPER_METRICS = ("rank1", "rank5", "rank10", "mAP_hand")
 def query_gallery_metrics(sim, q_labels, g_labels, max_rank=50):
     """Every reported metric for one query/gallery pair (no cameras): Rank-1/5/10/20 and mAP in the
     hand convention, mAP in the standard convention, mINP (all queries; no match counts 0)."""
-    sim = as_numpy(sim)
+    sim = check_finite(sim, "the similarity matrix")
     matches = np.asarray(q_labels)[:, None] == np.asarray(g_labels)[None, :]
     q_idx, ranks = _match_ranks(sim, matches)
     length = max(max_rank, max(REPORTED_RANKS))
@@ -173,7 +184,8 @@ def re_ranking(qf, gf, k1=20, k2=6, lambda_value=0.3):
     distance (lower = closer). Memory is O((num_q + num_g)^2). The neighbour weights V and the
     Jaccard distance are kept in float16 as in the public code (Zhong et al., TransReID, CLIP-ReID);
     published re-ranked numbers depend on that rounding (float32 moves them by ~1e-3)."""
-    feats = np.concatenate([as_numpy(qf), as_numpy(gf)]).astype(np.float32)
+    feats = np.concatenate([check_finite(qf, "the query features"),
+                            check_finite(gf, "the gallery features")]).astype(np.float32)
     num_q, num_all = len(qf), len(feats)
     sq = np.square(feats).sum(1, keepdims=True)
     dist = sq + sq.T - 2 * feats @ feats.T

@@ -85,16 +85,21 @@ def lock_path(folder):
 
 class FolderLock:
     """An exclusive, non-blocking lock on the output folder `folder` (which need not exist yet; its
-    parent is created). `what` names the writer in the refusal ("another training run")."""
+    parent is created, and removed again on release if it is still empty, so that a refused or failed
+    run leaves no empty folders). `what` names the writer in the refusal ("another training run")."""
 
     def __init__(self, folder, what="another process"):
         self.folder, self.path, self.what, self.fd = os.path.abspath(folder), lock_path(folder), what, None
+        self.created = []
 
     def acquire(self):
         with output_errors(self.path):
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
             while True:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                self.created += _make_folders(os.path.dirname(self.path))
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                except FileNotFoundError:  # another holder removed the parent it had made: make it again
+                    continue
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -126,12 +131,34 @@ class FolderLock:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None
+        for folder in reversed(self.created):  # innermost first; one that is not empty stays
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        self.created = []
 
     def __enter__(self):
         return self.acquire()
 
     def __exit__(self, *exc):
         self.release()
+
+
+def _make_folders(folder):
+    """os.makedirs(folder); returns the folders it created, outermost first."""
+    missing = []
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    made = []
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+            made.append(path)
+        except FileExistsError:
+            pass
+    return made
 
 
 def _read_pid(fd):
@@ -168,7 +195,8 @@ def check_space(folder, need_bytes, flag="the output folder"):
     free = free_bytes(folder)
     if free < need:
         raise OutputWriteError(f"{flag}: {os.path.abspath(folder)} has {free / 2 ** 20:.0f} MiB free, this run "
-                               f"writes about {need / 2 ** 20:.0f} MiB; free some space or choose another "
+                               f"needs about {need / 2 ** 20:.0f} MiB ({need_bytes / 2 ** 20:.1f} MiB of output and "
+                               f"{SPACE_MARGIN_BYTES / 2 ** 20:.0f} MiB to spare); free some space or choose another "
                                f"output location")
 
 
@@ -176,20 +204,30 @@ class OutputFolder:
     """The output folder `folder` of one script run: locked on entry (OutputBusyError if another
     process holds it), stale leftovers of dead processes cleaned, existing results refused unless
     `overwrite` (OutputExistsError naming `flag`), the location checked writable. `staged()` builds
-    the new contents and swaps them in whole."""
+    the new contents and swaps them in whole. With `ours` (a test of a file name: does this script
+    write it?) a folder that also holds other (not hidden) files is refused, flag or not: the swap would
+    lose them."""
 
-    def __init__(self, folder, overwrite=False, flag="--force", what="another process", exists=None):
+    def __init__(self, folder, overwrite=False, flag="--force", what="another process", exists=None, ours=None):
         self.folder = os.path.abspath(folder)
-        self.overwrite, self.flag = overwrite, flag
+        self.overwrite, self.flag, self.ours = overwrite, flag, ours
         self.lock = FolderLock(self.folder, what)
-        # exists(folder) -> True when the folder holds results a user would lose (default: any file in it)
-        self.exists = exists or (lambda path: os.path.isdir(path) and bool(os.listdir(path)))
+        # exists(folder) -> True when the folder holds results a user would lose (default: any file in
+        # it, or with `ours` any file of ours)
+        self.exists = exists or (lambda path: any(ours is None or ours(n) for n in _entries(path)))
 
     def __enter__(self):
         check_writable(self.folder)
         self.lock.acquire()
         try:
             recover_leftovers(self.folder)
+            if os.path.lexists(self.folder) and not os.path.isdir(self.folder):
+                raise OutputExistsError(f"{self.folder} is a file, not a folder; choose another output folder")
+            foreign = sorted(n for n in _entries(self.folder)  # hidden: temporary files of an interrupted write
+                             if self.ours is not None and not self.ours(n) and not n.startswith("."))
+            if foreign:
+                raise OutputExistsError(f"{self.folder} holds files this program did not write ({', '.join(foreign[:3])}"
+                                        f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty output folder")
             if self.exists(self.folder) and not self.overwrite:
                 raise OutputExistsError(f"{self.folder} already holds results; pass {self.flag} to replace them "
                                         f"(they are kept until the new ones are complete)")
@@ -217,11 +255,19 @@ class OutputFolder:
         try:
             with output_errors(self.folder):
                 yield tmp
+        except OutputWriteError as err:  # name the output folder, not its temporary twin
+            with signals_deferred():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise OutputWriteError(str(err).replace(tmp, self.folder)) from err
         except BaseException:
             with signals_deferred():
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         swap_in(tmp, self.folder)
+
+
+def _entries(folder):
+    return os.listdir(folder) if os.path.isdir(folder) else []
 
 
 def staging_name(folder, kind, pid=None):

@@ -12,13 +12,13 @@ import torch
 
 import clip
 from .errors import ClipFHError, NonFiniteLossError, SplitInputError, TrainingInputError
-from . import io, preprocessing, protocols
+from . import io, outputs, preprocessing, protocols, resume
 from .io import _atomic_write, read_config, set_seed, write_run_config
 from . import splits
 from .splits import read_split_layout
 from .data import (LabeledImageDataset, check_images, PKSampler, ResizedImageCache, ShuffleSampler, SubsetCache, eval_transform,
                    train_load_size)
-from .evaluation import evaluate_query_gallery
+from .evaluation import estimate_result_bytes, evaluate_query_gallery
 from .distributed import barrier, cleanup_distributed, rank0_first, ranks_agree, setup_distributed
 from .training import capture_rng_state, restore_rng_state, save_checkpoint, schedule_warnings
 
@@ -88,14 +88,13 @@ def plot_training_curve(path, rows):
             ax.set_xlim(rows[0]["epoch"] - 0.5, rows[-1]["epoch"] + 0.5)
         ax.legend(fontsize=8)
     try:
-        with open(os.path.join(os.path.dirname(path), "config.json")) as f:
-            config = json.load(f)
+        config = io.read_json(os.path.join(os.path.dirname(path), "config.json"))
         backbone = str(config.get("model", {}).get("backbone", {}).get("name") or config.get("backbone", ""))
         if backbone.endswith((".pt", ".pth")):
             backbone = os.path.splitext(os.path.basename(backbone))[0]
         fig.suptitle(f"{config.get('method', '?')}{', stage 1 (prompt learning)' if stage1 else ''}, backbone {backbone}")
-    except (OSError, ValueError):
-        pass
+    except ClipFHError:
+        pass  # no title from a missing or broken config.json
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.14, top=0.84, wspace=0.3)  # tight_layout is slow
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=72), mode="wb")
     plt.close(fig)
@@ -292,11 +291,48 @@ def restore_training_state(state, optimizer, scheduler, scaler, sampler, log, pa
     return list(state["history"]), dict(state["best"]), int(state["epoch"])
 
 
-def write_training_config(out_dir, args, extra, start_epoch=0):
-    """config.json of a training run; a resumed run also lists after which epochs it was resumed."""
-    if args.resume:
-        extra["resumed_after_epochs"] = read_config(out_dir).get("resumed_after_epochs", []) + [start_epoch]
-    write_run_config(out_dir, args, extra=extra)
+RECORDED_SETUP = ("method", "num_classes", "class_names", "model", "amp", "world_size", "effective_batch_size",
+                  "num_train_images", "num_val_images", "train_split")
+
+
+def write_training_config(out_dir, args, extra, start_epoch=0, **where):
+    """config.json of a training run. A resumed run keeps the original and appends this resume
+    (utils/resume.py); it must have set up what the run recorded (model, identities, images, precision,
+    processes), else it is refused before anything is written."""
+    if not args.resume:
+        write_run_config(out_dir, args, extra=extra)
+        return
+    recorded = read_config(out_dir)
+    for key in RECORDED_SETUP:
+        if key in extra and key in recorded and resume.as_recorded(extra[key]) != recorded[key]:
+            raise TrainingInputError(f"--resume: this command sets up {key} {_brief(extra[key])}, but "
+                                     f"{os.path.join(out_dir, 'config.json')} records {_brief(recorded[key])}; resume "
+                                     f"with the run's own data and settings, or start a new --m_name")
+    resume.record_resume(out_dir, args, start_epoch, **where)
+
+
+def _brief(value, limit=120):
+    text = json.dumps(resume.as_recorded(value), sort_keys=True)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_run_space(out_dir, args, model, final_test_dir=None, feature_dim=None):
+    """Before the first epoch: the run folder's file system must hold what the run writes: net_last
+    (weights + optimizer state, twice while it is replaced), net_best, every --save_every checkpoint,
+    and the final test's results (with final_test_dir). Weights are counted from the model's state,
+    the optimizer's from its trainable parameters (Adam/AdamW keep two moments, SGD one)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 1 if args.optimizer == "sgd" else 2
+    state = moments * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    saved = args.epochs // args.save_every if args.save_every else 0
+    need = 2 * (weights + state) + weights * (1 + saved)
+    if final_test_dir and args.final_test:
+        try:
+            layout = read_split_layout(final_test_dir)
+            need += estimate_result_bytes(final_test_dir, layout["num_splits"], layout["gallery_variants"], feature_dim)
+        except ClipFHError:
+            pass  # no test splits: the final test is skipped
+    outputs.check_space(out_dir, need, "--f_name")
 
 
 def batch_summary(args, dist_info, amp, speed_note=""):
@@ -452,7 +488,8 @@ def final_test(model, args, data_dir, out_dir, folder, method_name, amp, device,
             model, data_dir, os.path.join(out_dir, folder), method_name=method_name, gallery=setting["gallery"],
             batch_size=max(args.batch_size, 64), num_workers=args.num_workers, device=device, amp=setting["amp"],
             flip=setting["flip"], overwrite=True, table_mAP=setting["mAP"], preprocessing=setting["preprocessing"],
-            extra=dict(extra, feature=setting["feature"], protocol=setting))
+            extra=dict(extra, feature=setting["feature"], protocol=setting, run_dir=os.path.abspath(out_dir)),
+            feature_dim=model.feature_dim())
     finally:
         model.feature = run_feature
     variant = protocols.headline_gallery(results["gallery_variants"])
@@ -464,27 +501,37 @@ def final_test(model, args, data_dir, out_dir, folder, method_name, amp, device,
 
 
 def run_training(args, check_args, train_fn):
-    """main() of a trainer: check_args(args), then train_fn(args, dist_info) in this process's share
-    of a torchrun job (or alone). The project's own errors (bad input, unreadable checkpoints, NaN
-    losses) and failed downloads end with a one-line message; anything else is a bug and keeps its
-    traceback."""
+    """main() of a trainer: check_args(args); the run folder <f_name>/<m_name> locked (rank 0; a
+    second run on it is refused before anything, and never touches it); with --resume the run's own
+    settings (utils/resume.py); then train_fn(args, dist_info) in this process's share of a torchrun
+    job (or alone). The project's own errors (bad input, unreadable checkpoints, NaN losses) and
+    failed downloads end with one line per problem; anything else is a bug and keeps its traceback."""
     out_dir = os.path.join(args.f_name, args.m_name)
-    existed, undone = os.path.isdir(out_dir), "kept"
+    undone = "kept"
     try:
         check_args(args)
         dist_info = setup_distributed(args.device)
+        lock = outputs.FolderLock(out_dir, "another training run")
         try:
-            return train_fn(args, dist_info)
-        except BaseException as err:
-            close_logger(get_logger(out_dir))
             if dist_info.is_main:
-                undone = undo_failed_start(out_dir, existed, err)
-            raise
+                outputs.check_writable(out_dir, "--f_name")
+                lock.acquire()
+            if args.resume and os.path.isfile(os.path.join(out_dir, "config.json")):
+                resume.take_run_settings(args, out_dir, epochs_done(out_dir, stage2_only=True))
+            existed = os.path.isdir(out_dir)
+            try:
+                return train_fn(args, dist_info)
+            except BaseException as err:
+                close_logger(get_logger(out_dir))
+                if dist_info.is_main:
+                    undone = undo_failed_start(out_dir, existed, err)
+                raise
         finally:
             close_logger(get_logger(out_dir))
+            lock.release()
             cleanup_distributed(dist_info)
     except (ClipFHError, clip.ModelDownloadError, clip.CheckpointError) as err:
-        raise SystemExit(f"error: {one_line(err)}") from None
+        raise SystemExit("\n".join(f"error: {line}" for line in one_line(err).splitlines())) from None
     except KeyboardInterrupt:
         done = epochs_done(out_dir) if undone == "kept" else 0
         print(f"interrupted in epoch {done + 1}; continue with --resume" if done else
@@ -503,9 +550,9 @@ def one_line(err):
     return text
 
 
-def epochs_done(out_dir):
+def epochs_done(out_dir, stage2_only=False):
     """Epochs finished so far: the rows of the metrics CSV (stage 2's, else stage 1's)."""
-    for name in ("metrics.csv", "stage1_metrics.csv"):
+    for name in ("metrics.csv",) if stage2_only else ("metrics.csv", "stage1_metrics.csv"):
         path = os.path.join(out_dir, name)
         if os.path.isfile(path):
             with open(path) as f:

@@ -7,11 +7,13 @@ import os
 import re
 import shutil
 import sys
+from contextlib import ExitStack
 
 from tqdm import tqdm
 
+from . import outputs
 from .errors import SplitInputError
-from .io import add_common_args, write_run_config
+from .io import add_common_args, read_json, write_run_config
 
 
 HAND_INFO_COLUMNS = ("id", "age", "gender", "skinColor", "accessories", "nailPolish", "aspectOfHand",
@@ -213,43 +215,71 @@ def build_split_root(folder, data_dir, manifest, linker, args, extra=None, desc=
     write_run_config(folder, args, extra={"link_used": linker.mode, **(extra or {})}, name=PREPARE_CONFIG)
 
 
+def split_roots_bytes(data_dir, roots, linker):
+    """About what build_split_root writes for every root of `roots`: each file copied (--link copy) or a
+    directory entry / symlink per file (hard links and symlinks), a block per folder, the manifests."""
+    total = 0
+    for manifest, _ in roots.values():
+        rows = [row for rows in manifest["sets"].values() for row in rows]
+        total += 4096 * (len({row[0].rsplit("/", 1)[0] for row in rows}) + 1) + 2 * len(manifest_text(manifest))
+        if linker.mode == "copy":
+            total += sum(os.path.getsize(os.path.join(data_dir, row[2])) for row in rows)
+        else:
+            total += 256 * len(rows)
+    return total
+
+
 def write_split_roots(data_dir, roots, linker, args):
-    """All or nothing: build every split root of `roots` {root name: (manifest, prepare_config extra)}
-    under a temporary name in data_dir, then swap them all into place (an old root is replaced only
-    with --force). Until the swap nothing existing is touched, so an error or Ctrl-C leaves the old
-    roots exactly as they were; a failure during the swap puts the old roots back.
-    Returns the final paths."""
+    """All or nothing, one writer: build every split root of `roots` {root name: (manifest,
+    prepare_config extra)} under a temporary name in data_dir, then swap them all into place (an old
+    root is replaced only with --force). Every root is locked first (a second preparation of them is
+    refused), leftovers of a process that died are recovered, and the space they need is checked.
+    Until the swap nothing existing is touched, so an error, a full disk or Ctrl-C leaves the old roots
+    exactly as they were; a failure during the swap puts the old roots back. The swap and the removal
+    of the old roots run with Ctrl-C and SIGTERM held back until they are done. Returns the final paths."""
     final = {name: os.path.join(data_dir, name) for name in roots}
-    tmp = {name: os.path.join(data_dir, f".{name}.tmp-{os.getpid()}") for name in roots}  # not mkdtemp: 0700
-    old = {name: os.path.join(data_dir, f".{name}.old-{os.getpid()}") for name in roots}
-    check_split_roots_free(final.values(), getattr(args, "force", False))
-    for path in list(tmp.values()) + list(old.values()):
-        if os.path.lexists(path):
-            shutil.rmtree(path)
-    try:
-        for name, (manifest, extra) in roots.items():
-            build_split_root(tmp[name], data_dir, manifest, linker, args, extra, desc=name)
-        moved, placed = [], []
+    tmp = {name: outputs.staging_name(final[name], "tmp") for name in roots}  # not mkdtemp: 0700
+    old = {name: outputs.staging_name(final[name], "old") for name in roots}
+    outputs.check_writable(data_dir, "--data_dir")
+    with ExitStack() as locks:
+        for name in sorted(roots):
+            locks.enter_context(outputs.FolderLock(final[name], "another split preparation"))
+            outputs.recover_leftovers(final[name])
+        check_split_roots_free(final.values(), getattr(args, "force", False))
+        outputs.check_space(data_dir, split_roots_bytes(data_dir, roots, linker), "--data_dir")
         try:
-            for name in roots:
-                if os.path.lexists(final[name]):
-                    os.rename(final[name], old[name])
-                    moved.append(name)
-            for name in roots:
-                os.rename(tmp[name], final[name])
-                placed.append(name)
-        except BaseException:
-            for name in placed:
-                os.rename(final[name], tmp[name])
-            for name in moved:
-                os.rename(old[name], final[name])
-            raise
-    finally:
-        for path in tmp.values():
-            shutil.rmtree(path, ignore_errors=True)
+            with outputs.output_errors(data_dir):
+                for name, (manifest, extra) in roots.items():
+                    build_split_root(tmp[name], data_dir, manifest, linker, args, extra, desc=name)
+            with outputs.signals_deferred():
+                swap_split_roots(final, tmp, old)
+        finally:
+            with outputs.signals_deferred():
+                for path in tmp.values():
+                    shutil.rmtree(path, ignore_errors=True)
+    return [final[name] for name in roots]
+
+
+def swap_split_roots(final, tmp, old):
+    """Rename every old root aside and every new one into place; on a failure put everything back.
+    Then delete the old roots."""
+    moved, placed = [], []
+    try:
+        for name in final:
+            if os.path.lexists(final[name]):
+                os.rename(final[name], old[name])
+                moved.append(name)
+        for name in final:
+            os.rename(tmp[name], final[name])
+            placed.append(name)
+    except BaseException:
+        for name in placed:
+            os.rename(final[name], tmp[name])
+        for name in moved:
+            os.rename(old[name], final[name])
+        raise
     for name in moved:
         shutil.rmtree(old[name], ignore_errors=True)
-    return [final[name] for name in roots]
 
 
 def sibling_roots(split_root):
@@ -380,12 +410,8 @@ def read_manifest(split_root):
     path = os.path.join(split_root, SPLITS_MANIFEST)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SplitInputError(f"cannot read split manifest {path}: {e}; re-run the prepare script") from e
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("sets"), dict):
+    manifest = read_json(path, error=SplitInputError)
+    if not isinstance(manifest.get("sets"), dict):
         raise SplitInputError(f"split manifest {path} has no 'sets'; re-run the prepare script")
     return manifest
 

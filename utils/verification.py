@@ -11,6 +11,8 @@ impostor pairs is a diagonal segment of the curve. In the AUC a genuine-impostor
 """
 import numpy as np
 
+from .metrics import check_finite
+
 FAR_TARGETS = (1e-1, 1e-2, 1e-3, 1e-4)
 MIN_FALSE_ACCEPTS = 10  # a TAR at FAR f is reported only when f x impostor pairs >= this
 ROC_FAR_GRID = np.logspace(-6, 0, 49)  # 8 points a decade: the FARs at which ROC curves are stored
@@ -27,7 +29,7 @@ VERIFICATION_LABELS = {"EER": "EER", "AUC": "ROC AUC", **{far_name(f): f"TAR@FAR
 
 def pair_scores(scores, q_labels, g_labels):
     """Sorted (ascending) genuine and impostor scores of every query x gallery pair."""
-    scores = np.asarray(scores)
+    scores = check_finite(scores, "the score matrix")
     _, codes = np.unique(np.concatenate([np.asarray(q_labels), np.asarray(g_labels)]), return_inverse=True)
     q_codes, g_codes = codes[:len(scores)], codes[len(scores):]
     genuine = q_codes[:, None] == g_codes[None, :]
@@ -47,6 +49,7 @@ def equal_error_rate(genuine, impostor):
     the line FAR = FRR, found by linear interpolation on the segment whose end points lie on either side
     of it (the first point with FAR >= FRR ends that segment). Runs of impostor-only scores lie on a
     horizontal segment, so only the points just above and at each genuine score are needed."""
+    genuine, impostor = check_finite(genuine, "the genuine scores"), check_finite(impostor, "the impostor scores")
     levels = np.unique(genuine)[::-1]
     far = np.empty(2 * len(levels) + 2)
     frr = np.empty_like(far)
@@ -62,6 +65,7 @@ def equal_error_rate(genuine, impostor):
 
 def roc_auc(genuine, impostor):
     """Probability that a genuine pair scores above an impostor pair, a tie counting one half."""
+    genuine, impostor = check_finite(genuine, "the genuine scores"), check_finite(impostor, "the impostor scores")
     below = np.searchsorted(impostor, genuine, side="left")
     ties = np.searchsorted(impostor, genuine, side="right") - below
     return float((below.sum() + 0.5 * ties.sum()) / (len(genuine) * len(impostor)))
@@ -71,6 +75,7 @@ def threshold_at_far(impostor, far):
     """The decision threshold of FAR `far` on ascending impostor scores: with m = floor(far x impostors)
     false accepts allowed, the (m+1)-th highest impostor score; accepting the scores strictly above it
     accepts at most m impostors (-inf when every impostor may be accepted). One value per entry of `far`."""
+    impostor = check_finite(impostor, "the impostor scores")
     allowed = np.floor(np.asarray(far, dtype=np.float64) * len(impostor) * (1 + 1e-12)).astype(np.int64)
     return np.where(allowed < len(impostor), impostor[::-1][np.minimum(allowed, len(impostor) - 1)], -np.inf)
 
@@ -78,6 +83,7 @@ def threshold_at_far(impostor, far):
 def tar_at_far(genuine, impostor, far):
     """Highest TAR over the thresholds whose FAR is at most `far` (no interpolation): accept the scores
     strictly above threshold_at_far. Returns TAR values, one per entry of `far`."""
+    genuine = check_finite(genuine, "the genuine scores")
     return _accepted(genuine, threshold_at_far(impostor, far), strictly_above=True) / len(genuine)
 
 
