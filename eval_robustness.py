@@ -32,7 +32,7 @@ import clip
 import eval_query_gallery_clip_zeroshot as zero_shot
 import models
 import models_handid  # noqa: F401  (registers the "handid" model kind)
-from utils import corruptions, data, errors, evaluation, io, outputs, protocols, splits
+from utils import corruptions, data, errors, evaluation, flags, interrupts, io, outputs, protocols, splits
 from utils import robustness as report
 
 DEGRADE_CHOICES = ("query", "gallery", "both")
@@ -101,8 +101,7 @@ def parse_args(argv=None):
         p.error(f"--severities must be distinct numbers from 1 to {corruptions.MAX_SEVERITY}, got {args.severities}")
     if len(set(args.families)) != len(args.families):
         p.error("--families lists a family twice")
-    if args.batch_size < 1 or args.num_workers < 0 or (args.input_size and min(args.input_size) < 1):
-        p.error("--batch_size and --input_size must be positive, --num_workers >= 0")
+    flags.exit_on_problems(flags.bound_problems(args, at_least={"batch_size": 1, "num_workers": 0, "input_size": 1}))
     args.severities, args.families = sorted(args.severities), list(args.families)
     if run and args.run_dir is None:
         args.run_dir = os.path.join(args.f_name or "./model_11k_d_r", args.m_name)
@@ -264,6 +263,7 @@ def run_benchmark(model, args, layout):
     return results, identities[0], images[:1]
 
 
+@interrupts.sigterm_as_ctrl_c
 def main(argv=None):
     start = time.time()
     args = parse_args(argv)

@@ -29,7 +29,6 @@ verify: the similarity of two photos and the decision at --far (threshold from -
 """
 import argparse
 import csv
-import json
 import os
 import textwrap
 import time
@@ -41,7 +40,8 @@ import explain_matches
 import models
 import models_handid  # noqa: F401  (registers the "handid" model kind)
 import query_ranking_result_demo as ranking_figure
-from utils import data, evaluation, gallery, io, outputs, preprocessing, protocols, training, verification
+from utils import (data, evaluation, flags, gallery, interrupts, io, outputs, preprocessing, protocols, training,
+                   verification)
 from utils.errors import ClipFHError, EvaluationInputError, ImageLoadError
 from utils.splits import IMAGE_EXTENSIONS, FileLinker
 
@@ -123,14 +123,14 @@ def parse_args(argv=None):
     verify.add_argument("photos", nargs=2, metavar=("A", "B"), help="the two photos")
     verify.add_argument("--gallery", default=None, help="gallery whose impostor pairs calibrate the threshold")
     args = parser.parse_args(argv)
-    if min(args.input_size) < 1 or args.batch_size < 1 or args.num_workers < 0:
-        parser.error("--input_size and --batch_size must be positive, --num_workers >= 0")
+    problems = flags.bound_problems(args, at_least={"input_size": 1, "batch_size": 1, "num_workers": 0})
     if args.command != "enroll" and not 0 < args.far < 1:
-        parser.error(f"--far must be between 0 and 1, got {args.far}")
-    if args.command == "search" and (args.top_k < 1 or args.figures < 0 or args.explain_k < 1 or args.num_random < 1):
-        parser.error("--top_k, --explain_k and --num_random must be at least 1, --figures at least 0")
+        problems.append(f"--far must be between 0 and 1, got {args.far}")
+    if args.command == "search":
+        problems += flags.bound_problems(args, at_least={"top_k": 1, "explain_k": 1, "num_random": 1, "figures": 0})
     if args.command == "enroll" and args.append and args.force:
-        parser.error("--append adds to a gallery, --force replaces it: give one of them")
+        problems.append("--append adds to a gallery, --force replaces it: give one of them")
+    flags.exit_on_problems(problems)
     return args
 
 
@@ -368,12 +368,11 @@ def enroll(args):
 def threshold_from_results(path, far, fingerprint, settings):
     """The threshold for FAR `far` from an evaluation's results.json: the mean over its splits of the
     stored ROC thresholds of the table's gallery, after checking it evaluated this model and settings."""
+    results = io.read_json(path, required=("rows", "gallery_variants"), error=IdentifyError)
     try:
-        with open(path) as f:
-            results = json.load(f)
         rows = [r for r in results["rows"] if r["gallery"] == protocols.headline_gallery(results["gallery_variants"])]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise IdentifyError(f"cannot read --results {path}: {err}; pass an evaluation's results.json") from None
+    except (KeyError, TypeError, IndexError) as err:
+        raise IdentifyError(f"--results {path}: its rows lack {err}; pass an evaluation's results.json") from None
     kind = fingerprint["kind"]
     evaluated = (results.get("run_dir"), str(results.get("which_epoch"))) if kind == "run" else results.get("backbone")
     expected = (fingerprint.get("run_dir"), fingerprint.get("which_epoch")) if kind == "run" else None
@@ -578,6 +577,7 @@ def verify(args):
     return {"photos": photos, "similarity": similarity, "match": same, "threshold": record, "settings": settings}
 
 
+@interrupts.sigterm_as_ctrl_c
 def main(argv=None):
     args = parse_args(argv)
     io.set_seed(args.seed)

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from utils import data, splits
+from utils import data, flags, interrupts, splits
 from utils.errors import ImageLoadError, SplitInputError
 
 SPLIT_ROOT = "train_val_test_split"
@@ -41,8 +41,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not 0 < args.train_fraction < 1:
         parser.error(f"--train_fraction must be between 0 and 1, got {args.train_fraction}")
-    if args.num_workers < 0:
-        parser.error("--num_workers must be >= 0")
+    flags.exit_on_problems(flags.bound_problems(args, at_least={"num_workers": 0, "num_splits": 1}))
     return args
 
 
@@ -150,6 +149,7 @@ def build_sets(args):
     return sets, header, paths
 
 
+@interrupts.sigterm_as_ctrl_c
 def main(argv=None):
     args = parse_args(argv)
     try:

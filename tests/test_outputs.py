@@ -135,3 +135,10 @@ def test_checkpoint_tensors_are_verified_on_load(tmp_path):
         f.write("not a checkpoint\n")
     with pytest.raises(errors.TrainingInputError, match="not a checkpoint"):
         training.load_checkpoint(path)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_virtual_file_system_is_one_line_not_a_hang():
+    with pytest.raises(errors.OutputWriteError, match="takes no new files|not writable|permission denied"):
+        with outputs.OutputFolder("/proc/clipfh_test_output"):
+            pass

@@ -94,12 +94,15 @@ class FolderLock:
 
     def acquire(self):
         with output_errors(self.path):
-            while True:
+            for attempt in range(1000):
                 self.created += _make_folders(os.path.dirname(self.path))
                 try:
                     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-                except FileNotFoundError:  # another holder removed the parent it had made: make it again
-                    continue
+                except FileNotFoundError:
+                    if not os.path.isdir(os.path.dirname(self.path)):
+                        continue  # another holder removed the parent it had made: make it again
+                    raise OutputWriteError(f"cannot create {self.path}: its folder takes no new files (a virtual "
+                                           f"file system?); choose another output location") from None
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -116,6 +119,9 @@ class FolderLock:
                 if same:
                     break
                 os.close(fd)
+            else:
+                raise OutputBusyError(f"{self.folder}: its lock {self.path} keeps being replaced by other processes; "
+                                      f"try again or choose another output folder")
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
