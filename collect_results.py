@@ -1,37 +1,62 @@
-"""One results table from several evaluations: a row per method x backbone x test set x gallery, with
-Rank-1/5/10, mAP (hand and standard), mINP, EER and TAR@FAR=1e-3 as mean ± std over the splits
-(percent), written as Markdown, LaTeX (booktabs) and CSV.
+"""One results table from many evaluations, as papers print it: Rank-1/5/10 and mAP in percent
+(--columns for others, verification included), display names (Fine-tuned, CLIP-ReID, PromptSG,
+CLIP-HandID, Zero-shot; 11k dorsal right, HD), the best value of each column in bold, written as
+Markdown, booktabs LaTeX, CSV and JSON; with --plot the CMC and ROC curves (and, for a cross-aspect
+matrix, its Rank-1 heat maps) as vector PDF and PNG.
 
-    python collect_results.py ./results/clip_zero_shot/* './model_11k_d_r/*/eval_*' --out table
-    python collect_results.py ./demo_output/*/eval_best --out table --plot    # + CMC and ROC curves
+    python collect_results.py ./results/clip_zero_shot/*/* './model_11k_d_r/*/eval_*' --out table
+    python collect_results.py ./reproduce/runs/*/eval_* --layout grouped --plot --out table
 
 Each argument is a results.json, a folder holding one, or a run folder (every results.json below it
-is collected); glob patterns are expanded. Rows name the protocol and the gallery; rows evaluated
-under different protocols are refused in one table unless --mixed.
+is collected); glob patterns are expanded.
+
+Rows. Evaluations that differ only in the training --seed form one row: mean ± std over the seeds,
+the std over the Monte-Carlo splits beside it in brackets (one seed: mean ± std over the splits).
+Every setting that differs between rows of one method (a training flag, the checkpoint, re-ranking,
+...) is named in the method's label, and a protocol whose settings were overridden is marked, e.g.
+"clip-handid (flip off)". Labels every row shares are said once under the table.
+
+Significance. In each column, every row is compared with the best row of its test set by a
+two-sided Wilcoxon signed-rank test (scipy.stats.wilcoxon), paired on the same splits and seeds
+(utils/significance.py says what "paired" means); the p-values are in the CSV and JSON, and rows not
+significantly below the best (p >= 0.05) carry a dagger.
 """
 import argparse
 import glob
 import json
 import os
 
-from utils import io, verification
-from utils.outputs import check_writable
+from utils import display, figures, outputs, protocols, significance, splits, tables, verification
 from utils.errors import ClipFHError, EvaluationInputError, OutputExistsError
 
-COLUMNS = [("Rank-1", "rank1"), ("Rank-5", "rank5"), ("Rank-10", "rank10"), ("mAP (hand)", "mAP_hand"),
-           ("mAP (standard)", "mAP_standard"), ("mINP", "mINP"), ("EER", "EER"), ("TAR@1e-3", "TAR@1e-3")]
-LABELS = [("method", "method"), ("backbone", "backbone"), ("test set", "test_set"), ("gallery", "gallery"),
-          ("protocol", "protocol")]
 CMC_RANKS = 20
+COLUMN_CHOICES = tuple(tables.METRIC_HEADINGS)
+# arguments that do not change a number (paths, workers, devices, bookkeeping): never a row's setting
+IGNORED_ARGS = frozenset({
+    "seed", "f_name", "m_name", "data_dir", "test_dir", "out_dir", "num_workers", "device", "progress", "force",
+    "resume", "compile", "gpu_augment", "download_root", "cache_resized", "save_every", "allow_mixed_seeds",
+    "final_test", "backbone_name", "data_type", "deterministic", "batch_size", "max_rank", "protocol", "flip",
+    "gallery", "amp", "feature"})
+# a recorded test setting -> the protocol entry that implies it, where a protocol names it itself
+PROTOCOL_ENTRIES = {"which_epoch": "checkpoint", "resize": "zero_shot_resize"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="results.json files, result folders or run folders (globs welcome)")
     p.add_argument("--out", default="results_table",
-                   help="output prefix: writes PREFIX.md, PREFIX.tex, PREFIX.csv (and PREFIX_cmc/_roc.png/.pdf)")
+                   help="output prefix: writes PREFIX.md, .tex, .csv, .json (and PREFIX_cmc/_roc/_matrix.pdf/.png)")
+    p.add_argument("--columns", nargs="+", default=list(tables.DEFAULT_COLUMNS), choices=COLUMN_CHOICES,
+                   metavar="METRIC", help=f"metric columns (default: %(default)s; mAP is each row's protocol "
+                                          f"convention); choices: {', '.join(COLUMN_CHOICES)}")
+    p.add_argument("--layout", default="rows", choices=["rows", "grouped"],
+                   help="rows: a row per method x backbone x test set; grouped: test sets as column groups "
+                        "(the MBA-Net / CLIP-HandID tables)")
     p.add_argument("--gallery", default="both", choices=["own", "all", "both"], help="gallery variants to list")
-    p.add_argument("--plot", action="store_true", help="also draw overlaid CMC (ranks 1-20) and ROC curves")
+    p.add_argument("--plot", action="store_true", help="also draw CMC (ranks 1-20) and ROC curves")
+    p.add_argument("--figure_width", default="auto", choices=["auto", "single", "double"],
+                   help="figure width: a journal's single column (3.5 in) or double column (7 in); auto: single for one "
+                        "panel, double for several")
     p.add_argument("--mixed", action="store_true", help="allow rows evaluated under different protocols")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     return p.parse_args(argv)
@@ -57,167 +82,355 @@ def find_results(patterns):
     return found
 
 
-def backbone_label(backbone):
-    """An official name as it is; a checkpoint path by its file stem."""
-    if not backbone:
-        return "unknown"
-    if backbone.endswith((".pt", ".pth")):
-        return os.path.splitext(os.path.basename(backbone))[0]
-    return backbone
-
-
-def table_rows(path, galleries):
-    """Rows of one results.json: labels, per-metric (mean, std) over the splits, mean CMC and ROC."""
+def read_json(path, what):
     try:
         with open(path) as f:
-            results = json.load(f)
+            value = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise EvaluationInputError(f"cannot read {path}: {err}") from None
-    if "rows" not in results or "summary" not in results:
-        raise EvaluationInputError(f"{path} is not a results.json of this repository's evaluators (no rows/summary)")
-    rows = []
+        raise EvaluationInputError(f"cannot read {what} {path}: {err}") from None
+    if not isinstance(value, dict):
+        raise EvaluationInputError(f"{path} is not a JSON object; it is not a {what} of this repository")
+    return value
+
+
+def optional_config(folder):
+    """config.json of a folder, or {} when it has none or it cannot be read."""
+    path = os.path.join(folder, "config.json")
+    try:
+        return read_json(path, "config.json") if os.path.isfile(path) else {}
+    except EvaluationInputError:
+        return {}
+
+
+def dataset_of(split_root, recorded=None):
+    """'11k' or 'HD': as recorded, else from the split root's manifest when it is still there."""
+    if recorded in ("11k", "HD") or not isinstance(split_root, str):
+        return recorded
+    try:
+        manifest = splits.read_manifest(split_root) if os.path.isdir(split_root) else None
+    except ClipFHError:
+        manifest = None
+    return (manifest or {}).get("dataset", recorded)
+
+
+def hashable(value):
+    if isinstance(value, list):
+        return tuple(hashable(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def protocol_label(record, kind, variants, cuda):
+    """'clip-handid', or 'clip-handid (flip off, feature concat)' when settings given explicitly differ
+    from what the protocol implies (the gallery is its own column, so it is not listed)."""
+    if not isinstance(record, dict):
+        return str(record) if record else "unspecified"
+    name = record.get("protocol") or "unspecified"
+    if name not in protocols.PROTOCOLS:
+        return str(name)
+    implied = protocols.settings(name, None if kind == "zero-shot" else kind, available=variants, cuda=cuda)
+    reference = protocols.PROTOCOLS[name]
+    for key, entry in PROTOCOL_ENTRIES.items():  # settings a protocol names directly (the checkpoint, ...)
+        if key not in implied and entry in reference and not (key == "resize" and kind != "zero-shot"):
+            implied[key] = reference[entry]
+    implied.setdefault("decode", "full")
+    overrides = [(k, recorded_setting(record, k)) for k in record.get("explicit") or []
+                 if k != "gallery" and k in implied and str(recorded_setting(record, k)) != str(implied[k])]
+    return f"{name} ({display.settings_label(overrides)})" if overrides else name
+
+
+def recorded_setting(record, key):
+    """A test setting as results.json's protocol record holds it (resize and decode inside its
+    preprocessing record)."""
+    if key in ("resize", "decode"):
+        return (record.get("preprocessing") or {}).get(key)
+    return record.get(key)
+
+
+def protocol_covered(record):
+    """The evaluator flags an explicit protocol override stands for: named in the protocol label, so
+    not again in the method's."""
+    explicit = set(record.get("explicit") or []) if isinstance(record, dict) else set()
+    return explicit | ({"fast_decode"} if "decode" in explicit else set())
+
+
+def evaluation_entries(path, galleries):
+    """One entry per gallery variant of a results.json: labels, seed, settings and per-split values."""
+    results = read_json(path, "results.json")
+    if not isinstance(results.get("rows"), list) or not isinstance(results.get("gallery_variants"), list):
+        raise EvaluationInputError(f"{path} is not a results.json of this repository's evaluators (no rows / "
+                                   f"gallery_variants)")
+    folder = os.path.dirname(os.path.abspath(path))
+    eval_config = optional_config(folder)
+    run_dir = results.get("run_dir")
+    run_config = optional_config(run_dir) if run_dir else {}
+    if not run_config and not run_dir:  # a trainer's final_test/ folder: the run is its parent
+        parent = optional_config(os.path.dirname(folder))
+        run_config = parent if parent.get("method") in display.METHOD_NAMES else {}
+    kind = display.results_method(results, run_config)
+    train_args = run_config.get("args", {}) if isinstance(run_config.get("args"), dict) else {}
+    eval_args = eval_config.get("args", {}) if isinstance(eval_config.get("args"), dict) else {}
+    covered = protocol_covered(results.get("protocol"))
+    settings = {k: hashable(v) for k, v in eval_args.items() if k not in IGNORED_ARGS and k not in covered}
+    settings.update({k: hashable(v) for k, v in train_args.items() if k not in IGNORED_ARGS})
+    cuda = str(eval_args.get("device", "")).startswith("cuda")
+    protocol = protocol_label(results.get("protocol"), kind, results["gallery_variants"], cuda)
+    test_dataset = dataset_of(results.get("test_dir"), results.get("dataset"))
+    test_set = display.test_set_name(results.get("test_dir", "?"), test_dataset)
+    train_dirs = train_args.get("data_dir")
+    first_train_dir = train_dirs[0] if isinstance(train_dirs, list) and train_dirs else train_dirs
+    train_set = display.training_set_name(train_dirs, dataset_of(first_train_dir, train_args.get("data_type")))
+    entries = []
     for variant in results["gallery_variants"]:
         if galleries != "both" and variant != galleries:
             continue
-        splits = [r for r in results["rows"] if r["gallery"] == variant]
-        summary = results["summary"].get(variant, {})
-        row = {"method": results.get("method", "?"), "backbone": backbone_label(results.get("backbone")),
-               "test_set": f"{results.get('dataset', '?')} {os.path.basename(results.get('test_dir', '?'))}",
-               "gallery": variant, "protocol": protocol_name(results.get("protocol")),
-               "pretrained": results.get("pretrained"), "num_splits": len(splits), "source": os.path.dirname(path),
-               "cmc": summary.get("cmc_mean"), "roc": summary.get("roc_mean")}
-        for _, key in COLUMNS:
-            row[key] = verification.mean_std_or_none([r.get(key) for r in splits])
-        rows.append(row)
-    return rows
+        splits = [r for r in results["rows"] if isinstance(r, dict) and r.get("gallery") == variant]
+        summary = (results.get("summary") or {}).get(variant) or {}
+        impostors = [r.get("num_impostor_pairs") for r in splits]
+        entries.append({
+            "labels": {"method": display.method_name(kind), "backbone": display.backbone_name(results.get("backbone")),
+                       "train_set": train_set, "test_set": test_set, "gallery": display.gallery_name(variant, test_dataset),
+                       "protocol": protocol},
+            "protocol_name": protocol.split(" (")[0], "kind": kind, "settings": settings,
+            "seed": train_args.get("seed") if train_args else None,
+            "split_id": (results.get("test_dir"), results.get("split_seed"), variant),
+            "splits": splits, "table_mAP": results.get("table_mAP", "mAP_hand"),
+            "cmc": summary.get("cmc_mean"), "roc": summary.get("roc_mean"),
+            "min_impostors": None if not impostors or None in impostors else min(impostors),
+            "pretrained": results.get("pretrained"), "source": folder})
+    return entries
 
 
-def cell(mean_std, plain=False):
-    mean, std = mean_std
-    if mean is None:
-        return "n/a"
-    return f"{100 * mean:.2f} ± {100 * std:.2f}" if plain else f"{100 * mean:.2f} $\\pm$ {100 * std:.2f}"
+def label_settings(entries):
+    """Name in each entry's method label every setting that differs between entries of its method and
+    backbone (a setting that changes only with the backbone, e.g. RN50's input size, is the backbone's)."""
+    by_method = {}
+    for entry in entries:
+        by_method.setdefault((entry["labels"]["method"], entry["labels"]["backbone"]), []).append(entry)
+    for (method, _), group in by_method.items():
+        keys = sorted({k for e in group for k in e["settings"]})
+        differing = [k for k in keys if len({e["settings"].get(k) for e in group}) > 1]
+        for entry in group:
+            entry["settings_label"] = display.settings_label([(k, entry["settings"].get(k)) for k in differing])
+            if entry["settings_label"]:
+                entry["labels"]["method"] = f"{method} ({entry['settings_label']})"
 
 
-def markdown_table(rows):
-    header = [h for h, _ in LABELS] + [h for h, _ in COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(LABELS) + "---:|" * len(COLUMNS)]
+def row_key(entry):
+    return tuple(entry["labels"].get(k) for k in tables.LABEL_HEADINGS) + (entry["split_id"],)
+
+
+def group_rows(entries):
+    """Entries that differ only in their seed -> rows. Two evaluations of one setting and seed (e.g.
+    a run's final_test/ and eval_best/) stay apart, labelled by their folder."""
+    by_key = {}
+    for entry in entries:
+        by_key.setdefault(row_key(entry), []).append(entry)
+    for key, group in list(by_key.items()):
+        seeds = [e["seed"] for e in group]
+        if len(set(seeds)) < len(seeds):
+            del by_key[key]
+            for entry in group:
+                entry["labels"]["method"] += f" [{os.sep.join(entry['source'].split(os.sep)[-2:])}]"
+                by_key[row_key(entry)] = [entry]
+    return list(by_key.values())
+
+
+def distinguish_split_roots(entries):
+    """Two split roots (or split seeds) shown under one test-set name are told apart in the label."""
+    roots = {}
+    for entry in entries:
+        roots.setdefault(entry["labels"]["test_set"], set()).add(entry["split_id"][:2])
+    for entry in entries:
+        if len(roots[entry["labels"]["test_set"]]) > 1:
+            test_dir, seed = entry["split_id"][:2]
+            entry["labels"]["test_set"] += f" ({test_dir}, split seed {seed})"
+
+
+def metric_values(entry, column):
+    """{split index: value} of one metric (column "mAP": the entry's protocol convention)."""
+    key = entry["table_mAP"] if column == "mAP" else column
+    return {r.get("split", i): r.get(key) for i, r in enumerate(entry["splits"])}
+
+
+def build_row(group, columns):
+    group = sorted(group, key=lambda e: (e["seed"] is None, str(e["seed"])))
+    first = group[0]
+    row = {"labels": dict(first["labels"]), "seeds": [e["seed"] for e in group if e["seed"] is not None],
+           "num_splits": len(first["splits"]), "settings": first.get("settings_label") or "",
+           "sources": [e["source"] for e in group], "table_mAP": first["table_mAP"], "kind": first["kind"],
+           "pretrained": first["pretrained"], "metrics": {},
+           "group": (first["labels"]["test_set"], first["labels"]["gallery"], first["protocol_name"],
+                     first["split_id"])}
+    for column in columns:
+        values = {e["seed"]: metric_values(e, column) for e in group}
+        stats = significance.aggregate({s: [v[i] for i in sorted(v)] for s, v in values.items()})
+        row["metrics"][column] = dict(stats, values=values)
+    cmcs = [e["cmc"][:CMC_RANKS] for e in group if e["cmc"]]
+    row["cmc"] = [sum(c[i] for c in cmcs) / len(cmcs) for i in range(min(map(len, cmcs)))] if cmcs else None
+    row["roc"] = measurable_roc([e for e in group if e["roc"]])
+    return row
+
+
+def measurable_roc(entries):
+    """The mean ROC of the entries where FAR x impostor pairs >= verification.MIN_FALSE_ACCEPTS in
+    every split (the rule of the TAR columns); None when no point is measurable."""
+    if not entries or any(e["min_impostors"] is None for e in entries):
+        return None
+    impostors = min(e["min_impostors"] for e in entries)
+    far = entries[0]["roc"]["far"]
+    points = []
+    for i, f in enumerate(far):
+        tars = [e["roc"]["tar"][i] for e in entries]
+        if f * impostors >= verification.MIN_FALSE_ACCEPTS and None not in tars:
+            points.append((f, sum(tars) / len(tars)))
+    return points or None
+
+
+def compare(rows, columns):
+    """Fill best / p / pairs / tied of every metric, each test set's rows compared among themselves."""
+    groups = {}
     for row in rows:
-        lines.append("| " + " | ".join([str(row[k]) for _, k in LABELS] + [cell(row[k], plain=True) for _, k in COLUMNS]) + " |")
-    return "\n".join(lines) + "\n"
+        groups.setdefault(row["group"], []).append(row)
+    for group in groups.values():
+        for column in columns:
+            found = significance.compare_with_best([row["metrics"][column] for row in group], column)
+            for row, result in zip(group, found):
+                row["metrics"][column].update(result)
 
 
-def latex_escape(text):
-    for char in "\\&%$#_{}":
-        text = text.replace(char, "\\" + char)
-    return text
+def collect(paths, columns, galleries="both", mixed=False):
+    """The table's rows from the results.json files the paths name."""
+    files = find_results(paths)
+    entries = [entry for path in files for entry in evaluation_entries(path, galleries)]
+    if not entries:
+        raise EvaluationInputError(f"no rows for --gallery {galleries} in {len(files)} results.json file(s)")
+    names = sorted({e["protocol_name"] for e in entries})
+    if len(names) > 1 and not mixed:
+        raise EvaluationInputError(f"the results were evaluated under different protocols ({', '.join(names)}); "
+                                   f"collect one protocol per table or pass --mixed")
+    distinguish_split_roots(entries)
+    label_settings(entries)
+    rows = [build_row(group, columns) for group in group_rows(entries)]
+    compare(rows, columns)
+    return sorted(rows, key=row_order(rows))
 
 
-def latex_table(rows):
-    header = [h for h, _ in LABELS] + [h.replace("@", "@") for h, _ in COLUMNS]
-    lines = ["\\begin{tabular}{" + "l" * len(LABELS) + "r" * len(COLUMNS) + "}", "\\toprule",
-             " & ".join(latex_escape(h) for h in header) + " \\\\", "\\midrule"]
+def row_order(rows):
+    """Sort key: methods in the tables' order (Zero-shot, Fine-tuned, ...), backbones and galleries
+    as they first appear, training and test sets in the published tables' order."""
+    methods = {name: i for i, name in enumerate(display.METHOD_ORDER)}
+    seen = {}
     for row in rows:
-        lines.append(" & ".join([latex_escape(str(row[k])) for _, k in LABELS] + [cell(row[k]) for _, k in COLUMNS])
-                     + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}"]
-    return "% mean $\\pm$ std over the splits, percent; needs \\usepackage{booktabs}\n" + "\n".join(lines) + "\n"
+        for key in ("method", "backbone", "gallery", "protocol"):
+            seen.setdefault((key, row["labels"][key]), len(seen))
+
+    def key(row):
+        labels = row["labels"]
+        base = labels["method"].split(" (")[0].split(" [")[0]
+        return (methods.get(base, len(methods)), seen[("method", labels["method"])], seen[("backbone", labels["backbone"])],
+                display.set_rank(labels["train_set"]), str(labels["train_set"]), display.set_rank(labels["test_set"]),
+                str(labels["test_set"]), seen[("gallery", labels["gallery"])], seen[("protocol", labels["protocol"])])
+    return key
 
 
-def csv_rows(rows):
-    out = []
-    for row in rows:
-        record = {k: row[k] for _, k in LABELS}
-        record.update(pretrained=row["pretrained"], num_splits=row["num_splits"])
-        for _, key in COLUMNS:
-            mean, std = row[key]
-            record[f"{key}_mean"] = None if mean is None else round(100 * mean, 4)
-            record[f"{key}_std"] = None if std is None else round(100 * std, 4)
-        record["source"] = row["source"]
-        out.append(record)
-    return out
+def curve_label(row, shown):
+    label = figures.label_for(row["labels"]["method"], row["labels"]["backbone"])
+    extra = [row["labels"][k] for k in shown if row["labels"].get(k)]
+    return label + (f", {', '.join(extra)}" if extra else "")
 
 
-def row_name(row):
-    return f"{row['method']} [{row['backbone']}, {row['test_set']}, gallery {row['gallery']}]"
-
-
-def plot_curves(rows, prefix):
-    """Overlaid CMC (ranks 1-20) and ROC (log FAR) curves, PNG and PDF each. Returns the paths written."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(rows, prefix, columns, width=None):
+    """PREFIX_cmc (and _roc where measurable, _matrix for a training x test set matrix) .pdf/.png."""
     written = []
-    for kind in ("cmc", "roc"):
-        fig, ax = plt.subplots(figsize=(6.4, 4.8), layout="constrained")
-        for row in rows:
-            if kind == "cmc" and row["cmc"]:
-                cmc = row["cmc"][:CMC_RANKS]
-                ax.plot(range(1, len(cmc) + 1), [100 * v for v in cmc], marker=".", label=row_name(row))
-            elif kind == "roc" and row["roc"]:
-                points = [(f, t) for f, t in zip(row["roc"]["far"], row["roc"]["tar"]) if t is not None]
-                ax.plot([f for f, _ in points], [100 * t for _, t in points], label=row_name(row))
-        if kind == "cmc":
-            ax.set(xlabel="rank", ylabel="identification rate (%)", title="CMC (mean over splits)",
-                   xticks=range(1, CMC_RANKS + 1, 2 if CMC_RANKS > 10 else 1), xlim=(0.5, CMC_RANKS + 0.5))
-        else:
-            ax.set_xscale("log")
-            ax.set(xlabel="false accept rate", ylabel="true accept rate (%)", title="ROC (mean over splits)")
-        ax.set_ylim(0, 101)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right")
-        for ext in ("png", "pdf"):
-            path = f"{prefix}_{kind}.{ext}"
-            io._atomic_write(path, lambda f: fig.savefig(f, format=ext, dpi=150), mode="wb")
-            written.append(path)
-        plt.close(fig)
+    varying = tables.varying_labels(rows)
+    panel_keys = ["test_set"] + [k for k in ("gallery", "protocol") if k in varying and not tables.follows_group(rows, k)]
+    in_label = [k for k in ("train_set",) if k in varying]
+
+    def panel(row):
+        return ", ".join(str(row["labels"][k]) for k in panel_keys) or row["labels"]["test_set"]
+
+    train_sets = list(dict.fromkeys(r["labels"]["train_set"] for r in rows if r["labels"]["train_set"]))
+
+    def marker(row):  # the training set, when it varies within a panel (cross-aspect)
+        if not in_label or not row["labels"]["train_set"]:
+            return None
+        return figures.MARKERS[train_sets.index(row["labels"]["train_set"]) % len(figures.MARKERS)]
+
+    cmc = [{"panel": panel(r), "label": curve_label(r, in_label), "method": r["labels"]["method"].split(" (")[0],
+            "backbone": r["labels"]["backbone"], "x": list(range(1, len(r["cmc"]) + 1)),
+            "y": [100 * v for v in r["cmc"]], "marker": marker(r)} for r in rows if r["cmc"]]
+    fig = figures.curve_figure(cmc, "rank", "identification rate (%)", xlim=(0.5, CMC_RANKS + 0.5), integer_x=True,
+                               width=width)
+    written += figures.save(fig, f"{prefix}_cmc")
+    roc = [{"panel": panel(r), "label": curve_label(r, in_label), "method": r["labels"]["method"].split(" (")[0],
+            "backbone": r["labels"]["backbone"], "x": [f for f, _ in r["roc"]], "y": [100 * t for _, t in r["roc"]],
+            "marker": marker(r)} for r in rows if r["roc"]]
+    if roc:
+        fig = figures.curve_figure(roc, "false accept rate", "true accept rate (%)", xscale="log", width=width)
+        written += figures.save(fig, f"{prefix}_roc")
+    if "train_set" in varying and len({r["labels"]["test_set"] for r in rows}) > 1:
+        written += figures.save(matrix(rows, columns[0], width), f"{prefix}_matrix")
     return written
 
 
+def matrix(rows, column, width=None):
+    """Heat maps of one metric, training set x test set, one per trained method and backbone, with the
+    zero-shot row of the same backbone on top as the untrained reference."""
+    zero_shot = "none (zero-shot)"
+    models = {}
+    for row in rows:
+        models.setdefault((row["labels"]["method"], row["labels"]["backbone"]), []).append(row)
+    trained = {k: v for k, v in models.items() if any(r["labels"]["train_set"] for r in v)}
+    train_sets = list(dict.fromkeys(r["labels"]["train_set"] for r in rows if r["labels"]["train_set"]))
+    train_sets.sort(key=display.set_rank)
+    test_sets = sorted(dict.fromkeys(r["labels"]["test_set"] for r in rows), key=display.set_rank)
+    matrices = []
+    for (method, backbone), group in (trained or models).items():
+        cells = {(r["labels"]["train_set"] or zero_shot, r["labels"]["test_set"]): r for r in group}
+        baseline = [r for (m, b), g in models.items() if b == backbone and (m, b) not in trained for r in g]
+        cells.update({(zero_shot, r["labels"]["test_set"]): r for r in baseline if not r["labels"]["train_set"]})
+        mine = [t for t in [zero_shot] + train_sets if any(k[0] == t for k in cells)]
+        values = [[None if (t, s) not in cells or cells[(t, s)]["metrics"][column]["mean"] is None
+                   else 100 * cells[(t, s)]["metrics"][column]["mean"] for s in test_sets] for t in mine]
+        matrices.append({"title": figures.label_for(method, backbone), "rows": mine, "columns": test_sets,
+                         "values": values})
+    return figures.matrix_figure(matrices, tables.METRIC_HEADINGS.get(column, column), width or figures.DOUBLE_COLUMN)
+
+
 def run(args):
-    files = find_results(args.paths)
-    rows = [row for path in files for row in table_rows(path, args.gallery)]
-    if not rows:
-        raise EvaluationInputError(f"no rows for --gallery {args.gallery} in {len(files)} results.json file(s)")
-    protocols = sorted({row["protocol"] for row in rows})
-    if len(protocols) > 1 and not args.mixed:
-        raise EvaluationInputError(f"the results were evaluated under different protocols ({', '.join(protocols)}); "
-                                f"collect one protocol per table or pass --mixed")
+    rows = collect(args.paths, args.columns, args.gallery, args.mixed)
     if args.plot and not all(row["cmc"] for row in rows):
-        missing = next(row["source"] for row in rows if not row["cmc"])
+        missing = next(row["sources"][0] for row in rows if not row["cmc"])
         raise EvaluationInputError(f"{missing}/results.json holds no mean CMC curve; re-run its evaluation to plot it")
-    outputs = [f"{args.out}.{ext}" for ext in ("md", "tex", "csv")]
+    planned = [f"{args.out}.{ext}" for ext in ("md", "tex", "csv", "json")]
     if args.plot:
-        outputs += [f"{args.out}_{kind}.{ext}" for kind in ("cmc", "roc") for ext in ("png", "pdf")]
-    existing = [p for p in outputs if os.path.exists(p)]
+        planned += [f"{args.out}_{kind}.{ext}" for kind in ("cmc", "roc", "matrix") for ext in ("pdf", "png")]
+    existing = [p for p in planned if os.path.exists(p)]
     if existing and not args.force:
         raise OutputExistsError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
-    check_writable(os.path.dirname(os.path.abspath(args.out)), "--out")  # atomic writes make the folder
-    io.atomic_write_text(outputs[0], markdown_table(rows))
-    io.atomic_write_text(outputs[1], latex_table(rows))
-    io.write_metrics_csv(outputs[2], csv_rows(rows))
+    folder = os.path.dirname(os.path.abspath(args.out))
+    with outputs.output_errors(folder):
+        os.makedirs(folder, exist_ok=True)
+    outputs.check_writable(folder, "--out")
+    written, markdown = tables.write(args.out, rows, args.columns, args.layout)
     if args.plot:
-        plot_curves(rows, args.out)
-    print(markdown_table(rows))
-    return rows, outputs
-
-
-def protocol_name(protocol):
-    """The protocol's name from results.json: a dict of every setting it implied (its "protocol" entry)
-    in current evaluations, a plain name in older ones, absent in the oldest."""
-    if isinstance(protocol, dict):
-        protocol = protocol.get("protocol")
-    return str(protocol) if protocol else "unspecified"
+        width = {"single": figures.SINGLE_COLUMN, "double": figures.DOUBLE_COLUMN}.get(args.figure_width)
+        written += plot(rows, args.out, args.columns, width)
+        for stale in set(existing) - set(written):  # a figure of an earlier call this one did not draw
+            os.remove(stale)
+    print(markdown)
+    return rows, written
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        rows, outputs = run(args)
+        rows, written = run(args)
     except ClipFHError as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"Wrote a table of {len(rows)} row(s) to {', '.join(outputs)}")
+    print(f"Wrote a table of {len(rows)} row(s) to {', '.join(written)}")
     return rows
 
 

@@ -37,8 +37,9 @@ from tqdm import tqdm
 
 import clip
 import models
-from query_ranking_result_demo import CORRECT, WRONG, choose_queries, rank_gallery, save_png_and_pdf, style_panel
-from utils import data, evaluation, explanation, flags, interrupts, io, outputs, preprocessing
+from query_ranking_result_demo import (choose_queries, identity_caption, rank_gallery, split_manifest_of, style_panel,
+                                       wrap_caption)
+from utils import data, evaluation, explanation, figures, flags, interrupts, io, outputs, preprocessing
 from utils.errors import ClipFHError, InputFileError
 
 DELETION_FILL = ("0 in every channel of the normalised input, i.e. CLIP's normalisation mean colour "
@@ -252,14 +253,16 @@ def explain_ranked(encode, recorder, images, num_random, seed, batch_size):
     return maps, similarity, deletion
 
 
-def figure_row(query, paths, labels, colours, maps, similarity, deletion):
+def figure_row(query, paths, labels, colours, maps, similarity, deletion, manifest=None):
     """One row of draw_figure: the query (name `query`) and its ranked images with their maps; labels
-    and paths start with the query's, colours are the ranked images' borders."""
-    panels = [{"path": paths[0], "map": maps[0].cpu().numpy(), "title": "query", "color": "black",
-               "caption": f"id {labels[0]}\nmap vs rank 1"}]
-    panels += [{"path": paths[r + 1], "map": maps[r + 1].cpu().numpy(), "title": str(r + 1), "color": colour,
-                "caption": f"id {labels[r + 1]}\ncos {float(similarity[r]):.3f}"} for r, colour in enumerate(colours)]
-    return {"query": query, "label": labels[0], "deletion": deletion, "panels": panels}
+    and paths start with the query's, colours are the ranked images' borders; `manifest` (the split
+    root's) names distractors by where they come from."""
+    panels = [{"path": paths[0], "map": maps[0].cpu().numpy(), "title": "query", "color": figures.QUERY,
+               "caption": f"{identity_caption(labels[0], manifest)}\nmap vs rank 1"}]
+    panels += [{"path": paths[r + 1], "map": maps[r + 1].cpu().numpy(), "title": f"rank {r + 1}", "color": colour,
+                "caption": f"{identity_caption(labels[r + 1], manifest)}\ncos {float(similarity[r]):.2f}"}
+               for r, colour in enumerate(colours)]
+    return {"query": query, "label": labels[0], "path": paths[0], "deletion": deletion, "panels": panels}
 
 
 def load_part_mask(folder, image_path, rec):
@@ -273,24 +276,48 @@ def load_part_mask(folder, image_path, rec):
     return np.asarray(data.load_image(path).convert("L").resize((size[1], size[0]), 0)) >= 128
 
 
-def draw_figure(rows, top_k, out_png, rec):
-    """One row per explained query (query, then its top-k with their maps); saves PNG and PDF."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def thumbnail(path, longest=400):
+    photo = data.load_image(path)
+    photo.thumbnail((longest, longest))  # keeps the aspect; full-size photos would bloat the PDF
+    return photo
 
-    fig = plt.figure(figsize=(1.6 * (top_k + 1), 2.2 * len(rows)), layout="constrained")
-    subfigs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0]
-    for subfig, row in zip(subfigs, rows):
-        auc = row["deletion"]["auc"]
-        subfig.suptitle(f"query {row['query']}, identity {row['label']}: deletion AUC map {auc['map']:.3f} / "
-                        f"random {auc['random']:.3f} / reverse {auc['reverse']:.3f}", fontsize=9, x=0.01, ha="left")
-        for ax, panel in zip(subfig.subplots(1, len(row["panels"])), row["panels"]):
-            photo = shown_region(panel["path"], rec)
-            ax.imshow(explanation.overlay(np.asarray(photo), panel["map"]))
-            ax.set_xlabel(panel["caption"], fontsize=7)
-            style_panel(ax, panel["title"], panel["color"])
-    return save_png_and_pdf(fig, out_png)
+
+BORDERS = ((figures.QUERY, "query"), (figures.SAME_IDENTITY, "same identity"), (figures.OTHER_IDENTITY, "another identity"))
+
+
+def draw_figure(rows, top_k, out_png, rec=None, legend=None, width=figures.DOUBLE_COLUMN):
+    """One row per explained query (the query, then its top-k, each overlaid with its map, the photo
+    as the model saw it under the preprocessing record `rec`, else whole), a colour bar of the maps and
+    a legend of the borders below (legend: (colour, meaning) pairs; default: those of BORDERS the rows
+    use); saves PNG and PDF. Returns the paths."""
+    used = {item["color"] for row in rows for item in row["panels"]}
+    legend = legend or [(colour, meaning) for colour, meaning in BORDERS if colour in used]
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Patch
+    panel = width / (top_k + 1)
+    with figures.paper_style() as plt:
+        fig = plt.figure(figsize=(width, (panel * 0.75 + 0.85) * len(rows) + 0.75))
+        subfigs = fig.subfigures(len(rows) + 1, 1, squeeze=False, height_ratios=[1] * len(rows) + [0.7 / (
+            panel * 0.75 + 0.85)])[:, 0]
+        for subfig, row in zip(subfigs, rows):
+            auc = row["deletion"]["auc"]
+            subfig.suptitle(f"query {os.path.basename(row['path'])}, id {row['label']}; deletion AUC (lower = more "
+                            f"faithful): map {auc['map']:.2f}, random {auc['random']:.2f}, reverse {auc['reverse']:.2f}",
+                            x=0.01, ha="left", fontsize=figures.FONT_SIZE)
+            for ax, item in zip(subfig.subplots(1, top_k + 1, squeeze=False)[0], row["panels"]):
+                photo = shown_region(item["path"], rec) if rec else thumbnail(item["path"])
+                ax.imshow(explanation.overlay(np.asarray(photo), item["map"], colormap=figures.HEATMAP))
+                style_panel(ax, item["title"], item["color"], wrap_caption(item["caption"], panel))
+        key = subfigs[-1]
+        legend_ax, bar_ax = key.subplots(1, 2, width_ratios=[1.2, 1])
+        legend_ax.axis("off")
+        bar_ax.set_label("<colorbar>")  # as matplotlib names the colour bars it places itself
+        legend_ax.legend(handles=[Patch(facecolor="none", edgecolor=c, linewidth=2, label=t) for c, t in legend],
+                         loc="center", ncols=len(legend), handlelength=1.5, columnspacing=1.0)
+        key.colorbar(ScalarMappable(Normalize(0, 1), figures.HEATMAP), cax=bar_ax, orientation="horizontal",
+                     label="relevance to the similarity (each map scaled to 0-1)")
+    return figures.save(fig, os.path.splitext(out_png)[0], ("png", "pdf"))
 
 
 def explanation_bytes(num_rows, top_k, num_queries):
@@ -333,6 +360,7 @@ def explain(args, out):
         raise SystemExit(f"image {missing[0]} named in {args.mat} does not exist ({len(missing)} missing); "
                          f"the split folders moved or were deleted since the evaluation")
 
+    manifest = split_manifest_of(result)
     notes = differences_from_evaluation(evaluated)
     for note in notes:
         print(f"note: {note}")
@@ -357,8 +385,8 @@ def explain(args, out):
             record["mass_on_parts"] = [{"path": p, "map_mass": mass, "area": area} for p, (mass, area) in zip(paths, shares)]
             parts += [s for s in shares if s[0] is not None]
         records.append(record)
-        rows.append(figure_row(q, paths, labels, [CORRECT if is_match[r] else WRONG for r in range(top_k)], maps,
-                               similarity, deletion))
+        rows.append(figure_row(q, paths, labels, [figures.SAME_IDENTITY if is_match[r] else figures.OTHER_IDENTITY
+                                                  for r in range(top_k)], maps, similarity, deletion, manifest))
     seconds = (time.perf_counter() - start) / len(queries)
 
     aucs = {name: float(np.mean([r["deletion"]["auc"][name] for r in records])) for name in ("map", "random", "reverse")}

@@ -13,14 +13,15 @@ import argparse
 import json
 import os
 import re
+import textwrap
 
 import numpy as np
 
-from utils import data, errors, evaluation
-from utils.outputs import check_writable, output_errors
+from utils import data, display, errors, evaluation, figures, splits
+from utils.outputs import check_writable
 
-CORRECT, WRONG = "#1a9641", "#d7191c"
-LEGEND = ((CORRECT, "same identity"), (WRONG, "different identity"))
+CORRECT, WRONG = figures.SAME_IDENTITY, figures.OTHER_IDENTITY  # border colours (figures.py's, one style)
+LEGEND = ((CORRECT, "same identity as the query"), (WRONG, "another identity"))
 
 
 def parse_args(argv=None):
@@ -75,24 +76,34 @@ def rank_gallery(result, query_index):
     return order, result["gallery_label"][order] == result["query_label"][query_index], scores
 
 
-def default_title(mat_path):
-    """'method, backbone, split i, gallery own|all' from the .mat's name and the results.json /
-    config.json next to it (each part left out when unknown)."""
+def evaluation_info(mat_path):
+    """results.json (over config.json) of the evaluation beside a .mat ({} when neither is there)."""
     folder = os.path.dirname(os.path.abspath(mat_path))
     info = {}
     for name in ("config.json", "results.json"):  # results.json wins
         try:
             with open(os.path.join(folder, name)) as f:
-                info.update(json.load(f))
+                found = json.load(f)
+            info.update(found if isinstance(found, dict) else {})
         except (OSError, ValueError):
             pass
-    backbone = str(info.get("backbone") or "")
-    if backbone.endswith((".pt", ".pth")):  # a checkpoint file: its stem, as the evaluators name folders
-        backbone = os.path.splitext(os.path.basename(backbone))[0]
-    parts = [info.get("method"), backbone and f"backbone {backbone}"]
+    return info
+
+
+def default_title(mat_path):
+    """'Zero-shot ViT-B/16 on 11k dorsal right, split 1, gallery with distractors' from the .mat's
+    name and the results.json / config.json beside it (each part left out when unknown)."""
+    info = evaluation_info(mat_path)
+    method = display.method_name(display.results_method(info)) if info.get("method") else None
+    backbone = display.backbone_name(info["backbone"]) if info.get("backbone") else None
+    test_dir = info.get("test_dir") or (info.get("args") or {}).get("test_dir")
+    parts = [" ".join(p for p in (method, backbone) if p) or None]
+    if test_dir:
+        parts[0] = f"{parts[0] or 'ranking'} on {display.test_set_name(test_dir, info.get('dataset'))}"
     found = re.fullmatch(r"result_split(\d+)(_all)?\.mat", os.path.basename(mat_path))
     if found:
-        parts += [f"split {found.group(1)}", "gallery all (with distractors)" if found.group(2) else "gallery own"]
+        variant = "all" if found.group(2) else "own"
+        parts += [f"split {found.group(1)}", f"gallery {display.gallery_name(variant, info.get('dataset'))}"]
     return ", ".join(p for p in parts if p) or os.path.basename(mat_path)
 
 
@@ -107,94 +118,115 @@ def choose_queries(args, num_queries):
     return sorted(rng.choice(num_queries, size=min(args.num_queries, num_queries), replace=False).tolist())
 
 
-def ranking_rows(result, query_indices, top_k):
-    """The rows draw_rankings draws for queries of an evaluator's result (see draw_rankings)."""
+def split_manifest_of(result):
+    """The manifest (splits.json) of the split root the .mat's gallery images lie in
+    (<split root>/<set>/<identity>/<file>), or None."""
+    for path in result["gallery_path"][:1]:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+        try:
+            return splits.read_manifest(root)
+        except errors.ClipFHError:
+            return None
+    return None
+
+
+def identity_caption(label, manifest):
+    """'id 1058' for the split root's own identities; a distractor by where it comes from and its
+    original id on two lines ('dorsal left' / 'id 1039', 'HD 502-712' / 'id 560'), not by its relabelled
+    number."""
+    origin = splits.distractor_origin(label, manifest)
+    if origin is None:
+        return f"id {label}"
+    where, original = origin
+    return f"{'HD ' if where[:1].isdigit() else ''}{where}\nid {original}"
+
+
+def ranking_rows(result, query_indices, top_k, manifest=None):
+    """The rows draw_rankings draws for the queries of an evaluation: the query, then its top-k with
+    identity (a distractor by where it comes from, see identity_caption) and similarity (two decimals;
+    the re-ranked distance when the .mat holds one), bordered by whether it is the query's identity."""
     score_name = "dist" if result.get("rerank_dist") is not None else "sim"
     rows = []
     for q in query_indices:
         order, is_match, scores = rank_gallery(result, q)
         hits = np.flatnonzero(is_match)
         first = f"first correct match at rank {hits[0] + 1}" if len(hits) else "no correct match in the gallery"
-        rows.append({"title": f"query {os.path.basename(result['query_path'][q])} (identity "
-                              f"{result['query_label'][q]}): {first}",
-                     "query": (result["query_path"][q], f"id {result['query_label'][q]}"),
-                     "matches": [(result["gallery_path"][g], f"id {result['gallery_label'][g]}\n{score_name} "
-                                  f"{scores[rank]:.3f}", CORRECT if is_match[rank] else WRONG)
+        rows.append({"title": f"query {os.path.basename(result['query_path'][q])}, id {result['query_label'][q]}: "
+                              f"{first}",
+                     "query": (result["query_path"][q], identity_caption(result["query_label"][q], manifest)),
+                     "matches": [(result["gallery_path"][g], f"{identity_caption(result['gallery_label'][g], manifest)}"
+                                  f"\n{score_name} {scores[rank]:.2f}", CORRECT if is_match[rank] else WRONG)
                                  for rank, g in enumerate(order[:top_k])]})
     return rows
 
 
 def draw_figure(result, query_indices, top_k, out_png, title, pdf=False):
-    """Draw the ranking rows of an evaluator's result and save the PNG (and a PDF with `pdf`). Returns
-    the paths written."""
+    """The ranking figure of an evaluation's queries, saved as out_png (and with `pdf` the PDF beside
+    it); returns the paths written."""
     top_k = min(top_k, len(result["gallery_label"]))
-    return draw_rankings(ranking_rows(result, query_indices, top_k), out_png, title, pdf)
+    return draw_rankings(ranking_rows(result, query_indices, top_k, split_manifest_of(result)), out_png, title, pdf)
 
 
 def draw_rankings(rows, out_png, title, pdf=False, legend=LEGEND):
-    """One figure row per query: the query photo, then its ranked gallery photos with a caption under
-    each and a border of the given colour. rows: [{"title", "query": (path, caption), "matches":
-    [(path, caption, colour), ...]}]; legend: (colour, meaning) pairs. Saves the PNG (and a PDF with
-    `pdf`); returns the paths written."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
+    """A ranking figure for any ranked photos (evaluations, identify_hands.py): rows = [{"title",
+    "query": (path, caption), "matches": [(path, caption, border colour), ...]}], legend = (colour,
+    meaning) pairs. Saves the PNG (and a PDF with `pdf`); returns the paths written."""
+    fig = ranking_figure(rows, title, legend)
+    return figures.save(fig, os.path.splitext(out_png)[0], ("png", "pdf") if pdf else ("png",))
 
-    top_k = max(len(row["matches"]) for row in rows)
-    fig = plt.figure(figsize=(1.6 * (top_k + 1), 2.0 * len(rows) + 0.5 + 0.3 * title.count("\n")),
-                     layout="constrained")
-    fig.suptitle(title, fontsize=11)
-    fig.legend(handles=[Patch(facecolor="none", edgecolor=colour, linewidth=3, label=meaning)
-                        for colour, meaning in legend],
-               loc="outside lower center", ncols=len(legend), fontsize=9, frameon=False)
-    subfigs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0]
-    for subfig, row in zip(subfigs, rows):
-        subfig.suptitle(row["title"], fontsize=9, x=0.01, ha="left")
-        panels = [(row["query"][0], "query", row["query"][1], "black")]
-        panels += [(path, f"rank {rank + 1}", caption, colour)
-                   for rank, (path, caption, colour) in enumerate(row["matches"])]
-        axes = subfig.subplots(1, top_k + 1)
-        for ax in axes[len(panels):]:  # a row with fewer matches than the others
-            ax.axis("off")
-        for ax, (path, header, caption, color) in zip(axes, panels):
-            img = data.load_image(path)
-            img.thumbnail((400, 400))  # keeps the aspect; full-size photos would bloat the PDF
-            ax.imshow(img)
-            style_panel(ax, header, color, caption)
-    return save_png_and_pdf(fig, out_png, pdf)
+
+def ranking_figure(rows, title, legend=LEGEND, width=figures.DOUBLE_COLUMN):
+    """The figure draw_rankings saves: one row per query (its title, the query photo, then the ranked
+    photos with "rank n" above, the caption under and the border colour), the legend below; a
+    double column wide, text of at least 8 pt. Returns the figure."""
+    from matplotlib.patches import Patch
+    columns = 1 + max(len(row["matches"]) for row in rows)
+    panel = width / columns
+    lines = max(caption.count("\n") + 1 for row in rows for _, caption, *_ in [row["query"], *row["matches"]])
+    title = "\n".join(textwrap.fill(line, int(width / 0.075)) for line in title.split("\n"))  # 9 pt
+    row_height = panel * 0.75 + 0.45 + 0.14 * lines
+    with figures.paper_style() as plt:
+        fig = plt.figure(figsize=(width, row_height * len(rows) + 0.45 + 0.16 * (title.count("\n") + 1)))
+        fig.suptitle(title)
+        fig.legend(handles=[Patch(facecolor="none", edgecolor=colour, linewidth=2, label=meaning)
+                            for colour, meaning in legend], loc="outside lower center", ncols=len(legend))
+        for subfig, row in zip(fig.subfigures(len(rows), 1, squeeze=False)[:, 0], rows):
+            subfig.suptitle(row["title"], x=0.01, ha="left", fontsize=figures.FONT_SIZE)
+            panels = [(row["query"][0], "query", row["query"][1], figures.QUERY)]
+            panels += [(path, f"rank {rank + 1}", caption, colour)
+                       for rank, (path, caption, colour) in enumerate(row["matches"])]
+            axes = subfig.subplots(1, columns, squeeze=False)[0]
+            for ax in axes[len(panels):]:  # a row with fewer matches than the others
+                ax.set_visible(False)
+            for ax, (image, header, caption, colour) in zip(axes, panels):
+                image = data.load_image(image) if isinstance(image, str) else image
+                image.thumbnail((400, 400))  # keeps the aspect; full-size photos would bloat the PDF
+                ax.imshow(image)
+                style_panel(ax, header, colour, wrap_caption(caption, panel))
+    return fig
+
+
+def wrap_caption(caption, panel_width):
+    """Captions of narrow panels (under 0.9 in) put each word of a place name on its own line."""
+    if not caption or panel_width >= 0.9:
+        return caption
+    return "\n".join("\n".join(line.split(" ")) if not line.startswith(("id ", "sim ", "dist ")) else line
+                     for line in caption.split("\n"))
+
+
 
 
 def style_panel(ax, title, color, caption=None):
-    """Title (and caption below) and border in `color` (green: same identity, red: another, black: the
-    query), no ticks."""
-    ax.set_title(title, color=color, fontsize=8)
+    """Title (and caption below) and border in `color` (the query's black, same identity green,
+    another identity red), no ticks."""
+    ax.set_title(title, color=color, fontsize=figures.FONT_SIZE)
     if caption:
-        ax.set_xlabel(caption, color=color, fontsize=7)
+        ax.set_xlabel(caption, color=color, fontsize=figures.FONT_SIZE)
     ax.set_xticks([])
     ax.set_yticks([])
     for spine in ax.spines.values():
         spine.set_edgecolor(color)
-        spine.set_linewidth(3 if color != "black" else 1)
-
-
-def save_png_and_pdf(fig, out_png, pdf=True):
-    """Save `fig` as out_png (and with `pdf` as the PDF beside it), each via a temporary name, and close
-    it; returns the paths written."""
-    import matplotlib.pyplot as plt
-    paths = [out_png] + ([os.path.splitext(out_png)[0] + ".pdf"] if pdf else [])
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    for path in paths:
-        tmp = f"{path}.tmp"
-        try:
-            with output_errors(path):  # a full disk or read-only folder: one line
-                fig.savefig(tmp, format=os.path.splitext(path)[1][1:], dpi=150)
-                os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    plt.close(fig)
-    return paths
+        spine.set_linewidth(2.5 if color != figures.QUERY else 1)
 
 
 def main(argv=None):

@@ -1,93 +1,305 @@
-"""collect_results.py: one table (Markdown, LaTeX, CSV) and overlaid CMC/ROC plots from results.json files."""
-import csv
+"""collect_results.py: rows with display names, seeds aggregated, the Wilcoxon test against the best row,
+labels that tell rows apart, the table in Markdown / LaTeX / CSV / JSON, and the CMC/ROC figures."""
 import json
 import os
+import re
+import shutil
+import subprocess
 
 import numpy as np
+import pandas as pd
 import pytest
+from scipy import stats
 
 import collect_results
-from utils import verification
+from utils import figures, protocols, significance, verification
+
+METRICS = ("rank1", "rank5", "rank10", "mAP_hand", "mAP_standard", "mINP")
+TEST_DIR = "/data/11k/train_val_test_split_dorsal_r"
 
 
-def write_results(folder, method, seed, protocol=None, variants=("own", "all"), with_verification=True):
-    """A results.json in the evaluators' layout with random per-split metrics; returns it as a dict."""
-    rng = np.random.default_rng(seed)
+def write_results(folder, method="zero-shot", seed=0, protocol="clip-handid", variants=("own", "all"),
+                  with_verification=True, num_splits=3, run_dir=None, kind=None, explicit=None, shift=0.0,
+                  backbone="ViT-B/16", eval_args=None, split_seed=0, test_dir=TEST_DIR, spread=0.4):
+    """A results.json in the evaluators' layout with random per-split metrics (and config.json beside it);
+    returns the results dict."""
+    rng = np.random.default_rng(seed + int(1000 * shift))
     rows = []
     for variant in variants:
-        for split in range(3):
-            row = {"split": split, "gallery": variant}
-            row.update({k: float(rng.uniform(0.1, 0.9)) for k in ("rank1", "rank5", "rank10", "mAP_hand",
-                                                                  "mAP_standard", "mINP")})
+        for split in range(num_splits):
+            row = {"split": split, "gallery": variant, "num_query": 50, "num_gallery": 20,
+                   "num_genuine_pairs": 50, "num_impostor_pairs": 950}
+            row.update({k: float(np.clip(0.5 + shift + rng.uniform(-spread, spread), 0, 1)) for k in METRICS})
             if with_verification:
-                row.update(EER=float(rng.uniform(0.05, 0.3)), **{"TAR@1e-3": float(rng.uniform(0.2, 0.6))})
+                row.update(EER=float(rng.uniform(0.05, 0.3)), **{"TAR@1e-3": None, "TAR@1e-2": float(rng.uniform(0.2, 0.6))})
             rows.append(row)
     far = verification.ROC_FAR_GRID.tolist()
     summary = {v: {"cmc_mean": sorted(rng.uniform(0, 1, 50).tolist()),
                    "roc_mean": {"far": far, "tar": [None] * 10 + sorted(rng.uniform(0, 1, len(far) - 10).tolist())}}
                for v in variants}
-    results = {"method": method, "backbone": "ViT-B/16", "dataset": "11k",
-               "test_dir": "/data/11k/train_val_test_split_dorsal_r", "gallery_variants": list(variants),
-               "rows": rows, "summary": summary, "pretrained": True}
-    if protocol:
-        results["protocol"] = protocol
+    setting = protocols.settings(protocol, kind, available=variants, cuda=False, **(explicit or {}))
+    results = {"method": method, "backbone": backbone, "dataset": "11k", "test_dir": test_dir,
+               "gallery_variants": list(variants), "rows": rows, "summary": summary, "pretrained": True,
+               "protocol": setting, "table_mAP": setting["mAP"], "split_seed": split_seed}
+    if run_dir:
+        results.update(run_dir=str(run_dir), model_kind=kind, which_epoch="best")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump(results, f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"args": {"test_dir": test_dir, "device": "cpu", "seed": 0, **(eval_args or {})}}, f)
     return results
 
 
+def write_run(root, name, kind="finetune", seed=0, lr=5e-6, data_dir=TEST_DIR, **kwargs):
+    """A trained run's config.json and one evaluation of it in <run>/eval_best; returns the results."""
+    run_dir = os.path.join(root, name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"method": kind, "args": {"seed": seed, "lr": lr, "epochs": 70, "data_dir": data_dir,
+                                            "m_name": name, "num_workers": 4}}, f)
+    return write_results(os.path.join(run_dir, "eval_best"), method=f"{name} ({kind}, net_best)", seed=seed,
+                         run_dir=run_dir, kind=kind, **kwargs)
+
+
+def split_values(results, variant, key):
+    return [r[key] for r in results["rows"] if r["gallery"] == variant]
+
+
 def expected_cell(results, variant, key):
-    values = [100 * r[key] for r in results["rows"] if r["gallery"] == variant]
+    values = [100 * v for v in split_values(results, variant, key)]
     return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"  # sample std over the splits
 
 
-def test_table_from_globs_and_run_folders(tmp_path):
-    zero_shot = write_results(tmp_path / "runs" / "clip_zero_shot" / "ViT-B-16", "zero-shot", 0)
-    tuned = write_results(tmp_path / "runs" / "finetune" / "eval_best", "fine-tuned", 1, with_verification=False)
+def same_value(read, written):
+    """A CSV cell as pandas read it equals the JSON value it was written from."""
+    if written is None:
+        return pd.isna(read)
+    if isinstance(written, bool) or isinstance(read, (bool, np.bool_)):
+        return bool(read) == written
+    if isinstance(written, (int, float)) or isinstance(read, (int, float, np.number)):
+        return float(read) == pytest.approx(float(written), rel=1e-12, abs=0)
+    return str(read) == str(written)
+
+
+def table_lines(path):
+    return [line for line in path.read_text().splitlines() if line.startswith("|")]
+
+
+def test_table_names_cells_and_files_agree(tmp_path):
+    zero_shot = write_results(tmp_path / "runs" / "clip_zero_shot" / "ViT-B-16", "CLIP ViT-B/16 zero-shot", 0)
+    tuned = write_run(tmp_path / "runs", "finetune", seed=1, with_verification=False, shift=0.05)
     out = tmp_path / "tables" / "t"
     rows = collect_results.main([str(tmp_path / "runs" / "clip_*" / "*"), str(tmp_path / "runs" / "finetune"),
-                                 "--out", str(out)])
-    assert [(r["method"], r["gallery"]) for r in rows] == [("zero-shot", "own"), ("zero-shot", "all"),
-                                                           ("fine-tuned", "own"), ("fine-tuned", "all")]
-    markdown = (tmp_path / "tables" / "t.md").read_text().splitlines()
-    assert "| method | backbone | test set | gallery | protocol | Rank-1 |" in markdown[0]
-    zero_shot_all = markdown[3].split(" | ")
-    assert zero_shot_all[1:5] == ["ViT-B/16", "11k train_val_test_split_dorsal_r", "all", "unspecified"]
-    assert zero_shot_all[5] == expected_cell(zero_shot, "all", "rank1")
-    assert zero_shot_all[8] == expected_cell(zero_shot, "all", "mAP_hand")
-    assert zero_shot_all[11] == expected_cell(zero_shot, "all", "EER")
-    assert markdown[4].split(" | ")[11:] == ["n/a", "n/a |"]  # no verification metrics in that results.json
+                                 "--out", str(out), "--columns", "rank1", "rank5", "rank10", "mAP", "EER"])
+    assert [(r["labels"]["method"], r["labels"]["gallery"]) for r in rows] == [
+        ("Zero-shot", "without distractors"), ("Zero-shot", "with distractors"), ("Fine-tuned", "without distractors"),
+        ("Fine-tuned", "with distractors")]
+    markdown = table_lines(tmp_path / "tables" / "t.md")
+    assert markdown[0] == "| Method | Gallery | Rank-1 | Rank-5 | Rank-10 | mAP | EER |"
+    cells = [c.strip() for c in markdown[3].split("|")[1:-1]]  # zero-shot, gallery{i}_all
+    assert cells[:2] == ["Zero-shot", "with distractors"]
+    assert cells[2].strip("*† ") == expected_cell(zero_shot, "all", "rank1")
+    assert cells[5].strip("*† ") == expected_cell(zero_shot, "all", "mAP_hand")  # clip-handid's mAP
+    assert table_lines(tmp_path / "tables" / "t.md")[4].split(" | ")[-1] == "n/a |"  # no EER in that results.json
+    notes = (tmp_path / "tables" / "t.md").read_text()
+    assert "trained on: 11k dorsal right" in notes and "backbone: ViT-B/16" in notes and "test set: 11k dorsal right" in notes and "protocol: clip-handid" in notes
     latex = (tmp_path / "tables" / "t.tex").read_text()
-    assert "\\toprule" in latex and "\\midrule" in latex and "\\bottomrule" in latex
-    assert expected_cell(tuned, "own", "mINP").replace("±", "$\\pm$") in latex and "ViT-B/16" in latex
-    with open(tmp_path / "tables" / "t.csv") as f:
-        records = list(csv.DictReader(f))
-    values = [100 * r["rank10"] for r in tuned["rows"] if r["gallery"] == "own"]
-    assert float(records[2]["rank10_mean"]) == pytest.approx(np.mean(values), abs=1e-4)
-    assert float(records[2]["rank10_std"]) == pytest.approx(np.std(values, ddof=1), abs=1e-4)
-    assert records[2]["EER_mean"] == ""
+    assert "\\toprule" in latex and "\\midrule" in latex and "\\bottomrule" in latex and "Fine-tuned" in latex
+    assert expected_cell(tuned, "own", "mINP").replace("±", "$\\pm$") not in latex  # mINP is not a default column
+    # the CSV (pandas) equals the JSON it comes from, and both equal the per-split numbers
+    frame = pd.read_csv(tmp_path / "tables" / "t.csv")
+    with open(tmp_path / "tables" / "t.json") as f:
+        records = json.load(f)["rows"]
+    assert list(frame["method"]) == [r["method"] for r in records]
+    for column in frame.columns:
+        for value, record in zip(frame[column], records):
+            assert same_value(value, record[column]), (column, value, record[column])
+    values = [100 * v for v in split_values(tuned, "own", "rank10")]
+    assert frame.loc[2, "rank10_mean"] == pytest.approx(np.mean(values), abs=1e-4)
+    assert frame.loc[2, "rank10_std_splits"] == pytest.approx(np.std(values, ddof=1), abs=1e-4)
+    per_split = records[2]["per_split"]["rank10"]["1"]  # seed 1: {split: value}
+    assert [per_split[str(i)] for i in range(3)] == split_values(tuned, "own", "rank10")
     with pytest.raises(SystemExit, match="t.md already exists.*--force"):
         collect_results.main([str(tmp_path / "runs"), "--out", str(out)])
     only_own = collect_results.main([str(tmp_path / "runs"), "--out", str(out), "--gallery", "own", "--force"])
-    assert {r["gallery"] for r in only_own} == {"own"} and len(only_own) == 2
+    assert {r["labels"]["gallery"] for r in only_own} == {"without distractors"} and len(only_own) == 2
+
+
+def test_seeds_form_one_row_with_mean_and_stds(tmp_path):
+    seeded = [write_run(tmp_path, f"ft_seed{s}", seed=s, variants=("all",)) for s in (0, 1, 2)]
+    other_lr = write_run(tmp_path, "ft_lr", seed=0, lr=1e-5, variants=("all",))
+    rows = collect_results.main([str(tmp_path), "--out", str(tmp_path / "t")])
+    assert [r["labels"]["method"] for r in rows] == ["Fine-tuned (lr 1e-05)", "Fine-tuned (lr 5e-06)"]  # as found
+    row = next(r for r in rows if r["labels"]["method"] == "Fine-tuned (lr 5e-06)")
+    assert row["seeds"] == [0, 1, 2]
+    per_seed = np.array([split_values(r, "all", "rank1") for r in seeded])  # (seeds, splits)
+    stats_ = row["metrics"]["rank1"]
+    assert stats_["mean"] == pytest.approx(per_seed.mean())
+    assert stats_["std_seeds"] == pytest.approx(np.std(per_seed.mean(axis=1), ddof=1))
+    assert stats_["std_splits"] == pytest.approx(np.mean(np.std(per_seed, axis=1, ddof=1)))
+    single = next(r for r in rows if r is not row)
+    assert single["seeds"] == [0] and single["metrics"]["rank1"]["std_seeds"] is None
+    assert single["metrics"]["rank1"]["mean"] == pytest.approx(np.mean(split_values(other_lr, "all", "rank1")))
+    text = (tmp_path / "t.md").read_text()
+    cell = (f"{100 * stats_['mean']:.2f} ± {100 * stats_['std_seeds']:.2f} [{100 * stats_['std_splits']:.2f}]")
+    assert cell in text and "in brackets the std over the 3 splits" in text
+
+
+def test_wilcoxon_p_values_equal_scipy(tmp_path):
+    """Each row against the best: pairs by (seed, split) for rows with the same seeds, by split of the
+    seed means otherwise; the p-values are scipy's on those numbers."""
+    kwargs = dict(variants=("all",), num_splits=10)
+    zero_shot = write_results(tmp_path / "zs", "CLIP ViT-B/16 zero-shot", 7, **kwargs)
+    good = [write_run(tmp_path, f"good{s}", seed=s, shift=0.3, **kwargs) for s in (0, 1)]
+    rows = collect_results.main([str(tmp_path), "--out", str(tmp_path / "t"), "--columns", "rank1", "mAP"])
+    by_name = {r["labels"]["method"]: r for r in rows}
+    best, zs = by_name["Fine-tuned"], by_name["Zero-shot"]
+    for column, key in (("rank1", "rank1"), ("mAP", "mAP_hand")):
+        assert best["metrics"][column]["best"] and best["metrics"][column]["p"] is None
+        seed_means = np.mean([split_values(r, "all", key) for r in good], axis=0)  # zero-shot has no seeds
+        expected = stats.wilcoxon(split_values(zero_shot, "all", key), seed_means).pvalue
+        assert zs["metrics"][column]["p"] == pytest.approx(expected, rel=1e-12)
+        assert zs["metrics"][column]["pairs"] == 10
+        assert zs["metrics"][column]["tied"] == (expected >= 0.05)
+    # rows trained with the same seeds pair on (seed, split): 2 x 10 pairs
+    worse = [write_run(tmp_path, f"worse{s}", seed=s, lr=1e-5, **kwargs) for s in (0, 1)]
+    rows = collect_results.main([str(tmp_path), "--out", str(tmp_path / "t"), "--columns", "rank1", "--force"])
+    row = next(r for r in rows if r["labels"]["method"] == "Fine-tuned (lr 1e-05)")
+    expected = stats.wilcoxon(np.concatenate([split_values(r, "all", "rank1") for r in worse]),
+                              np.concatenate([split_values(r, "all", "rank1") for r in good]))
+    assert row["metrics"]["rank1"]["p"] == pytest.approx(expected.pvalue, rel=1e-12)
+    assert row["metrics"]["rank1"]["pairs"] == 20
+    assert expected.pvalue < 0.05 and not row["metrics"]["rank1"]["tied"]
+    frame = pd.read_csv(tmp_path / "t.csv")
+    assert frame.loc[frame["method"] == "Fine-tuned (lr 1e-05)", "rank1_p_vs_best"].item() == \
+        pytest.approx(expected.pvalue, rel=1e-12)
+
+
+def test_few_pairs_are_said_and_identical_rows_tie():
+    x = np.array([0.5, 0.6, 0.7])
+    assert significance.wilcoxon_p(x, x) == 1.0
+    assert significance.wilcoxon_p(x, x + 0.1) == pytest.approx(0.25)  # the smallest p with 3 pairs
+    assert significance.smallest_p_value(10) == pytest.approx(2 / 1024)
+    rows = [{"values": {0: {0: 0.5, 1: 0.6, 2: 0.7}}, "mean": 0.6},
+            {"values": {0: {0: 0.6, 1: 0.7, 2: 0.8}}, "mean": 0.7}]
+    found = significance.compare_with_best(rows, "rank1")
+    assert [f["best"] for f in found] == [False, True] and found[0]["tied"] and found[0]["pairs"] == 3
+    assert [f["best"] for f in significance.compare_with_best(rows, "EER")] == [True, False]  # lower is better
+
+
+def test_labels_tell_rows_apart_and_overrides_are_marked(tmp_path):
+    write_run(tmp_path, "run", seed=0, variants=("all",))
+    run_dir = tmp_path / "run"
+    write_results(run_dir / "eval_noflip", "run (finetune, net_best)", 0, variants=("all",), run_dir=run_dir,
+                  kind="finetune", explicit={"flip": False})
+    write_results(run_dir / "eval_composed", "run (finetune, net_best)", 0, variants=("all",), run_dir=run_dir,
+                  kind="finetune", eval_args={"inference_prompt": "composed"})
+    write_results(run_dir / "eval_flip", "run (finetune, net_best)", 0, variants=("all",), run_dir=run_dir,
+                  kind="finetune", explicit={"flip": True})  # given, but what the protocol implies anyway
+    write_results(run_dir / "eval_concat", "run (finetune, net_best)", 0, variants=("all",), run_dir=run_dir,
+                  kind="finetune", explicit={"feature": "concat"})
+    rows = collect_results.main([str(tmp_path), "--out", str(tmp_path / "t")])
+    labels = [(r["labels"]["method"], r["labels"]["protocol"]) for r in rows]
+    assert len(set(labels)) == len(labels) == 5
+    protocols_ = [p for _, p in labels]
+    assert "clip-handid (flip off)" in protocols_ and "clip-handid (feature concat)" in protocols_
+    assert sum(any(m.startswith("Fine-tuned (inference_prompt composed") for m, _ in labels) for _ in [0]) == 1
+    markdown = table_lines(tmp_path / "t.md")
+    assert markdown[0].startswith("| Method | Protocol |") and len(markdown) == 2 + 5
 
 
 def test_protocols_are_not_mixed_without_flag(tmp_path):
     write_results(tmp_path / "a", "zero-shot", 0, protocol="clip-handid")
-    write_results(tmp_path / "b", "fine-tuned", 1, protocol="clip-reid")
+    write_results(tmp_path / "b", "zero-shot", 1, protocol="clip-reid", backbone="RN50")
     with pytest.raises(SystemExit, match="different protocols \\(clip-handid, clip-reid\\).*--mixed"):
         collect_results.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "t")])
     rows = collect_results.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "t"), "--mixed"])
-    assert [r["protocol"] for r in rows] == ["clip-handid"] * 2 + ["clip-reid"] * 2
+    assert [r["labels"]["protocol"] for r in rows] == ["clip-handid"] * 2 + ["clip-reid"] * 2
     with pytest.raises(SystemExit, match="nothing.*does not exist"):
         collect_results.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "t2")])
 
 
-def test_plots(tmp_path):
-    write_results(tmp_path / "a", "zero-shot", 0)
-    write_results(tmp_path / "b", "fine-tuned", 1, variants=("own",))
-    collect_results.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "t"), "--plot"])
-    for kind in ("cmc", "roc"):
-        assert (tmp_path / f"t_{kind}.png").stat().st_size > 10_000
-        assert (tmp_path / f"t_{kind}.pdf").read_bytes().startswith(b"%PDF")
+def test_grouped_layout_has_test_sets_as_column_groups(tmp_path):
+    for backbone in ("ViT-B/16", "RN50"):
+        for aspect in ("dorsal_r", "dorsal_l"):
+            write_results(tmp_path / backbone.replace("/", "-") / aspect, "zero-shot", len(aspect), variants=("all",),
+                          backbone=backbone, test_dir=f"/data/11k/train_val_test_split_{aspect}")
+    collect_results.main([str(tmp_path), "--out", str(tmp_path / "t"), "--layout", "grouped", "--columns", "rank1",
+                          "mAP"])
+    markdown = table_lines(tmp_path / "t.md")
+    assert markdown[0] == ("| Method | Backbone | 11k dorsal right: Rank-1 | 11k dorsal right: mAP | "
+                           "11k dorsal left: Rank-1 | 11k dorsal left: mAP |")
+    assert [line.split(" | ")[:2] for line in markdown[2:]] == [["| Zero-shot", "RN50"], ["| Zero-shot", "ViT-B/16"]]  # as found
+    latex = (tmp_path / "t.tex").read_text()
+    assert "\\multicolumn{4}{c}{11k}" in latex and "\\multicolumn{2}{c}{dorsal right}" in latex
+
+
+def latex_widths(tex, tmp_path):
+    """(table width, \\textwidth, shrunk?) in pt of a table file compiled in an article page."""
+    (tmp_path / "table.tex").write_text(tex)
+    (tmp_path / "doc.tex").write_text(
+        "\\documentclass{article}\\usepackage{booktabs}\\usepackage{graphicx}\n"
+        "\\let\\realresizebox\\resizebox\\renewcommand{\\resizebox}{\\typeout{SHRUNK}\\realresizebox}\n"
+        "\\begin{document}\\newsavebox{\\probe}\\sbox{\\probe}{\\input{table.tex}}\n"
+        "\\typeout{WIDTH=\\the\\wd\\probe}\\typeout{TEXTWIDTH=\\the\\textwidth}\\usebox{\\probe}\\end{document}\n")
+    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "doc.log").read_text(errors="replace")
+    assert done.returncode == 0, log[-3000:]
+    width = float(re.search(r"WIDTH=([\d.]+)pt", log).group(1))
+    textwidth = float(re.search(r"TEXTWIDTH=([\d.]+)pt", log).group(1))
+    return width, textwidth, "SHRUNK" in log
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
+def test_latex_compiles_no_wider_than_textwidth(tmp_path):
+    for kind, name in (("finetune", "ft"), ("clipreid", "reid"), ("handid", "handid")):
+        for backbone in ("ViT-B/16", "RN50"):
+            write_run(tmp_path / "runs", f"{name}_{backbone[:3]}", kind=kind, variants=("all",), backbone=backbone,
+                      shift=0.05 * len(name), spread=0.03)
+    write_results(tmp_path / "runs" / "zs", "CLIP zero-shot", 3, variants=("all",), spread=0.03)
+    collect_results.main([str(tmp_path / "runs"), "--out", str(tmp_path / "t")])
+    width, textwidth, shrunk = latex_widths((tmp_path / "t.tex").read_text(), tmp_path)
+    assert width <= textwidth and not shrunk  # the default columns fit as they are
+    # a wide custom table is scaled down to the text width
+    collect_results.main([str(tmp_path / "runs"), "--out", str(tmp_path / "t"), "--force", "--columns",
+                          *collect_results.COLUMN_CHOICES[:12]])
+    width, textwidth, shrunk = latex_widths((tmp_path / "t.tex").read_text(), tmp_path)
+    assert width <= textwidth + 0.01 and shrunk  # (scaling rounds to a few thousandths of a point)
+
+
+def test_figures_keep_legends_off_the_data(tmp_path):
+    for s, (kind, backbone) in enumerate([("finetune", "ViT-B/16"), ("finetune", "RN50"), ("clipreid", "ViT-B/16")]):
+        write_run(tmp_path / "runs", f"run{s}", kind=kind, seed=s, backbone=backbone)
+    write_results(tmp_path / "runs" / "zs", "CLIP zero-shot", 3)
+    paths = []
+    original = figures.save
+
+    def keep(fig, prefix, formats=("pdf", "png")):
+        assert fig.get_figwidth() in (figures.SINGLE_COLUMN, figures.DOUBLE_COLUMN)
+        assert figures.overlapping_legends(fig) == []
+        assert fig.legends and all(t.get_fontsize() >= figures.FONT_SIZE for t in fig.findobj(
+            lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text") and a.get_text()))
+        labels = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert "Fine-tuned ViT-B/16" in labels and "Zero-shot ViT-B/16" in labels
+        paths.extend(original(fig, prefix, formats))
+        return paths[-len(formats):]
+
+    figures.save, saved = keep, figures.save
+    try:
+        collect_results.main([str(tmp_path / "runs"), "--out", str(tmp_path / "t"), "--plot"])
+    finally:
+        figures.save = saved
+    assert sorted(os.path.basename(p) for p in paths) == ["t_cmc.pdf", "t_cmc.png", "t_roc.pdf", "t_roc.png"]
+    for path in paths:
+        assert os.path.getsize(path) > 5_000
+    assert (tmp_path / "t_cmc.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_roc_only_where_enough_impostor_pairs(tmp_path):
+    results = write_results(tmp_path / "a", "zero-shot", 0, variants=("all",))
+    entry = collect_results.evaluation_entries(str(tmp_path / "a" / "results.json"), "both")[0]
+    points = collect_results.measurable_roc([entry])
+    assert points and min(f for f, _ in points) * 950 >= verification.MIN_FALSE_ACCEPTS
+    assert len(points) < sum(t is not None for t in results["summary"]["all"]["roc_mean"]["tar"])

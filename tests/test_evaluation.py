@@ -12,7 +12,7 @@ import scipy.io
 import torch
 from PIL import Image
 
-from utils import errors, splits, data, metrics, evaluation
+from utils import errors, splits, data, metrics, evaluation, figures
 
 
 COLOURS = {"0001": (220, 30, 30), "0002": (30, 200, 40), "0003": (40, 60, 230), "0004": (230, 220, 40),
@@ -220,8 +220,8 @@ def test_zero_shot_end_to_end_and_ranking_figure(synthetic_11k, tiny_vit_checkpo
     figure = tmp_path / "fig" / "ranking.png"
     demo.main(["--mat", str(out_dir / "result_split2_all.mat"), "--query_index", "0", "3", "--top_k", "5",
                "--out", str(figure), "--pdf"])
-    with Image.open(figure) as img:
-        assert img.size[0] > 2 * img.size[1] > 0  # two rows of six panels
+    with Image.open(figure) as img:  # double-column width, two rows of six panels
+        assert img.size[0] == 7 * figures.PNG_DPI and img.size[0] > img.size[1] > img.size[0] / 3
     assert (tmp_path / "fig" / "ranking.pdf").stat().st_size > 1000
     with pytest.raises(SystemExit, match="--force"):
         demo.main(["--mat", str(out_dir / "result_split2_all.mat"), "--out", str(figure)])

@@ -1,12 +1,14 @@
 """Paper-ready figures: the ranking figure's captions, title and --pdf; the training curves' panels."""
 import json
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import explain_matches
 import query_ranking_result_demo as ranking
-from utils import io, runs
+from utils import figures, io, runs, splits
 
 
 @pytest.fixture
@@ -35,8 +37,10 @@ def result_mat(tmp_path):
 
 def test_ranking_figure_title_scores_and_pdf(result_mat, tmp_path):
     mat, features = result_mat
-    assert ranking.default_title(str(mat)) == ("CLIP zero-shot (ViT-B/16), backbone ViT-B/16, split 1, "
-                                               "gallery all (with distractors)")
+    title = ranking.default_title(str(mat))
+    assert title == "Zero-shot ViT-B/16, split 1, gallery with distractors"
+    words = title.replace(",", "").split()
+    assert len(words) == len(set(words))  # no word twice (the backbone was named twice)
     from utils import evaluation
     order, is_match, scores = ranking.rank_gallery(evaluation.load_result_mat(str(mat)), 1)
     expected = features[2:] @ features[1]
@@ -59,3 +63,62 @@ def test_training_curve_panels(tmp_path):
     with Image.open(tmp_path / "stage1_curve.png") as a, Image.open(tmp_path / "training_curve.png") as b:
         assert a.size[0] * 4 == b.size[0] * 3  # no validation panel without val values: 3 panels, not 4
 
+
+
+def text_sizes(fig):
+    fig.canvas.draw()
+    return [t.get_fontsize() for t in fig.findobj(lambda a: hasattr(a, "get_text") and hasattr(a, "get_fontsize"))
+            if t.get_text().strip() and t.get_visible()]
+
+
+def test_ranking_names_distractors_by_aspect_and_original_id(result_mat):
+    """A distractor of gallery{i}_all is shown by its aspect and original id (the manifest's offsets),
+    an HD distractor by its folder; similarities with two decimals; every text at least 8 pt."""
+    offsets = {"distractor_offsets": {"dorsal left": 11_000_000, "palmar right": 21_000_000, "palmar left": 31_000_000}}
+    assert ranking.identity_caption(1045, offsets) == "id 1045"
+    assert ranking.identity_caption(11_001_045, offsets) == "dorsal left\nid 1045"
+    assert ranking.identity_caption(31_000_007, offsets) == "palmar left\nid 7"
+    assert ranking.identity_caption(1560, {"distractor_offsets": {"502-712": 1000}}) == "HD 502-712\nid 560"
+    assert splits.distractor_origin(1045, None) is None
+    from utils import evaluation
+    mat, _ = result_mat
+    result = evaluation.load_result_mat(str(mat))
+    result["gallery_label"] = np.array([0, 1, 21_000_002, 21_000_002])
+    rows = ranking.ranking_rows(result, [0, 1], 4, {"distractor_offsets": {"palmar right": 21_000_000}})
+    captions = [caption for _, caption, _ in rows[0]["matches"]]
+    assert sum(c.startswith("palmar right\nid 2\nsim ") for c in captions) == 2
+    assert all(re.search(r"\nsim -?\d\.\d\d$", c) for c in captions)  # two decimals, e.g. 0.87
+    fig = ranking.ranking_figure(rows, "title")
+    assert fig.get_figwidth() == figures.DOUBLE_COLUMN and min(text_sizes(fig)) >= figures.FONT_SIZE
+    assert figures.overlapping_legends(fig) == []
+    figures.pyplot().close(fig)
+
+
+def test_explanation_figure_has_a_colour_bar_and_a_border_legend(result_mat, tmp_path, monkeypatch):
+    mat, _ = result_mat
+    from utils import evaluation
+    result = evaluation.load_result_mat(str(mat))
+    rng = np.random.default_rng(0)
+    rows = [{"query": q, "label": result["query_label"][q], "path": result["query_path"][q],
+             "deletion": {"auc": {"map": 0.4, "random": 0.5, "reverse": 0.6}},
+             "panels": [{"path": p, "map": rng.random((8, 8)), "title": t, "color": c, "caption": "id 1\ncos 0.50"}
+                        for p, t, c in [(result["query_path"][q], "query", figures.QUERY),
+                                        (result["gallery_path"][0], "rank 1", figures.SAME_IDENTITY),
+                                        (result["gallery_path"][1], "rank 2", figures.OTHER_IDENTITY)]]}
+            for q in range(2)]
+    kept = {}
+
+    def keep(fig, prefix, formats=("pdf", "png")):
+        kept["fig"] = fig
+        return [f"{prefix}.{ext}" for ext in formats]
+
+    monkeypatch.setattr(figures, "save", keep)
+    explain_matches.draw_figure(rows, 2, str(tmp_path / "explain.png"))
+    fig = kept["fig"]
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 1 and "relevance" in bars[0].get_xlabel()
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert [t.get_text() for t in legends[0].get_texts()] == ["query", "same identity", "another identity"]
+    assert figures.overlapping_legends(fig) == [(legends[0], legends[0].axes)]  # only its own empty axes
+    assert min(text_sizes(fig)) >= figures.FONT_SIZE and fig.get_figwidth() == figures.DOUBLE_COLUMN
+    figures.pyplot().close(fig)

@@ -45,6 +45,11 @@ class OutputWriteError(ClipFHError, OSError):
     the message names the path."""
 
 
+class RecipeError(ClipFHError, ValueError):
+    """A recipe of reproduce.py that cannot be read or run (a missing field, an unknown method or
+    script, a split root outside the data folders it lists)."""
+
+
 class InputFileError(ClipFHError, ValueError):
     """A file we read (config.json, results.json, a .mat result file) that is missing, truncated, not
     of the expected kind, lacks a key or disagrees with itself; the message names the file and what is

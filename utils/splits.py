@@ -473,3 +473,19 @@ def read_split_sets(test_dir, split_names):
             raise SplitInputError(f"split folder {folder} holds no images (expected {folder}/<identity>/<image>)")
         sets[name] = entries
     return sets
+
+
+def distractor_origin(label, manifest):
+    """Where a relabelled distractor of a gallery comes from: (the manifest's distractor_offsets key,
+    i.e. the 11k aspect or the HD folder 502-712, original id) for a label at or above one of its
+    offsets; None for the split root's own identities (or without a manifest)."""
+    offsets = (manifest or {}).get("distractor_offsets") or {}
+    try:
+        value = int(label)
+    except (TypeError, ValueError):
+        return None
+    found = [(offset, origin) for origin, offset in offsets.items() if isinstance(offset, int) and value >= offset]
+    if not found:
+        return None
+    offset, origin = max(found)
+    return origin, value - offset
