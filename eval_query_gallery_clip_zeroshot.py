@@ -52,23 +52,13 @@ def parse_args(argv=None):
     parser.add_argument("--fast_decode", action="store_true",
                         help="decode JPEGs in PIL's draft mode (faster on large photos, pixels differ slightly; "
                              "results.json records it); the default full decoding is what the references do")
-    parser.add_argument("--protocol", choices=list(protocols.PROTOCOLS), default=protocols.DEFAULT_PROTOCOL,
-                        help="the reference whose preprocessing, flip, precision, galleries and mAP convention to "
-                             "use (README 'Protocols'); a flag given explicitly wins")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                        help="feature = f(image) + f(mirrored image) (default: the protocol's)")
-    parser.add_argument("--gallery", choices=["own", "all", "both"], default=None,
-                        help="own: gallery{i}; all: gallery{i}_all with the other aspects as distractors "
-                             "(11k only); both: every variant the split root has (default: the protocol's)")
+    protocols.add_protocol_args(parser)
     parser.add_argument("--stride", type=int, default=None,
                         help="ViT patch stride; default: the backbone's own patch size")
     parser.add_argument("--pos_interp", choices=list(clip.POS_INTERPOLATIONS), default="bilinear",
                         help="how positional embeddings are resized for another input size (bilinear, as "
                              "CLIP-ReID and CLIP-HandID)")
     parser.add_argument("--max_rank", type=int, default=50, help="length of the stored CMC curves")
-    parser.add_argument("--amp", choices=io.AMP_CHOICES, default=None,
-                        help="autocast on CUDA (default: the protocol's precision, fp16 for clip-handid as its "
-                             "zero-shot CLIP; none = fp32)")
     parser.add_argument("--force", action="store_true", help="overwrite an earlier result in the output folder")
     parser.add_argument("--allow_mixed_seeds", action="store_true",
                         help="accept a split root whose sibling aspect roots were prepared with another --seed")

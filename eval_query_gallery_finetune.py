@@ -43,18 +43,11 @@ def parse_args(argv=None):
     p.add_argument("--inference_prompt", default=None, choices=models.INFERENCE_PROMPTS,
                    help="PromptSG runs: the prompt that guides the attention, fixed (encoded once) or composed "
                         "(each image's own pseudo-word); default: the run's --inference_prompt")
-    p.add_argument("--protocol", choices=list(protocols.PROTOCOLS), default=protocols.DEFAULT_PROTOCOL,
-                   help="the reference whose checkpoint, feature, flip, precision, galleries and mAP convention to "
-                        "use (README 'Protocols'); a flag given explicitly wins")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="feature = f(image) + f(mirrored image) (default: the protocol's)")
+    protocols.add_protocol_args(p)
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (Zhong et al. 2017)")
     p.add_argument("--k1", type=int, default=20, help="re-ranking k1")
     p.add_argument("--k2", type=int, default=6, help="re-ranking k2")
     p.add_argument("--lambda_value", type=float, default=0.3, help="re-ranking weight of the original distance")
-    p.add_argument("--gallery", choices=["own", "all", "both"], default=None,
-                   help="own: gallery{i}; all: gallery{i}_all (11k, other aspects as distractors); both "
-                        "(default: the protocol's)")
     p.add_argument("--fast_decode", action="store_true",
                    help="decode JPEGs in PIL's draft mode (faster on large photos, pixels differ slightly; "
                         "results.json records it); the default full decoding is what the references do")
@@ -62,8 +55,6 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader workers that decode images (default: up to 4, one per CPU core)")
     p.add_argument("--max_rank", type=int, default=50, help="length of the stored CMC curves")
-    p.add_argument("--amp", choices=io.AMP_CHOICES, default=None,
-                   help="autocast on CUDA, faster (default: the protocol's precision, fp32 for clip-handid)")
     io.add_compile_arg(p)
     p.add_argument("--out_dir", default=None, help="output folder (default: inside the run folder, see above)")
     p.add_argument("--force", action="store_true", help="overwrite earlier results in the output folder")

@@ -67,14 +67,7 @@ def parse_args(argv=None):
                        metavar="FAMILY", help=f"corruption families (default: all: {', '.join(corruptions.FAMILIES)})")
     bench.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5],
                        help="severities 1-5 to run (default all; the clean images are always evaluated)")
-    p.add_argument("--protocol", choices=list(protocols.PROTOCOLS), default=protocols.DEFAULT_PROTOCOL,
-                   help="the reference whose flip, feature, precision, galleries and mAP convention to use "
-                        "(README 'Protocols'); a flag given explicitly wins")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="feature = f(image) + f(mirrored image) (default: the protocol's)")
-    p.add_argument("--gallery", choices=["own", "all", "both"], default=None,
-                   help="gallery variants (default: the protocol's)")
-    p.add_argument("--amp", choices=io.AMP_CHOICES, default=None, help="autocast on CUDA (default: the protocol's)")
+    protocols.add_protocol_args(p)
     io.add_compile_arg(p)
     p.add_argument("--batch_size", type=int, default=64, help="images per encoding batch")
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),

@@ -65,14 +65,10 @@ def parse_args(argv=None):
                         help="zero-shot CLIP: official name (ViT-B/16, RN50, ...) or checkpoint path")
     model.add_argument("--which_epoch", default=None,
                        help="--run_dir checkpoint: best, last or an epoch number (default: the one --protocol reports)")
-    model.add_argument("--protocol", choices=list(protocols.PROTOCOLS), default=protocols.DEFAULT_PROTOCOL,
-                       help="whose test-time settings to use (README 'Protocols'); a flag given explicitly wins")
-    model.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                       help="feature = f(photo) + f(mirrored photo) (default: the protocol's)")
+    protocols.add_protocol_args(model, galleries=False)
     model.add_argument("--feature", default=None,
                        choices=list(dict.fromkeys(models.FEATURE_CHOICES + models.PROMPTSG_FEATURES)),
                        help="retrieval feature of a trained run (default: the protocol's, else the run's)")
-    model.add_argument("--amp", choices=io.AMP_CHOICES, default=None, help="precision (default: the protocol's)")
     model.add_argument("--inference_prompt", choices=models.INFERENCE_PROMPTS, default=None,
                        help="PromptSG runs: fixed or composed prompt (default: the run's)")
     model.add_argument("--aspect", default=None,
@@ -471,7 +467,7 @@ def ranking_row(query):
         colour = ({True: ranking_figure.CORRECT, False: ranking_figure.WRONG}.get(m["same_identity"], UNKNOWN)
                   if query["identity"] else {True: ABOVE, False: BELOW, None: UNKNOWN}[m["match"]])
         verdict = {True: "\nmatch", False: "", None: ""}[m["match"]]
-        matches.append((m["path"], f"id {m['identity'] or 'unknown'}\nsim {m['similarity']:.3f}{verdict}", colour))
+        matches.append((m["path"], f"id {m['identity'] or 'unknown'}\nsim {m['similarity']:.2f}{verdict}", colour))
     hits = [m["rank"] for m in query["matches"] if m["match"]]
     verdict = (f"{len(hits)} match{'es' if len(hits) > 1 else ''} above the threshold, best at rank {hits[0]}"
                if hits else

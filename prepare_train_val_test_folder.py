@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 from utils import data, flags, interrupts, splits
-from utils.errors import ImageLoadError, SplitInputError
+from utils.errors import ClipFHError, SplitInputError
 
 SPLIT_ROOT = "train_val_test_split"
 DATASET = "folder"
@@ -166,7 +166,7 @@ def main(argv=None):
         root, = splits.write_split_roots(args.data_dir, {SPLIT_ROOT: (manifest, {"dataset": DATASET, "counts":
                                                                                 counts[header["name"]]})},
                                          linker, args)
-    except (SplitInputError, ImageLoadError) as e:
+    except ClipFHError as e:
         raise SystemExit(f"error: {e}") from None
     print(splits.format_split_counts(counts, first_column="dataset"))
     print(f"Wrote {args.num_splits} query/gallery splits (files by {linker.mode}) to {os.path.abspath(root)}")

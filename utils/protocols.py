@@ -3,8 +3,11 @@ tables (see README "Protocols"). An evaluator flag given explicitly wins over it
 
 test_settings() resolves everything a test needs for a model under a protocol (feature, flip,
 precision, galleries, mAP, preprocessing, which checkpoint); every script that reports a number
-calls it. Depends only on utils.preprocessing."""
+calls it; add_protocol_args() gives those scripts the same flags."""
+import argparse
+
 from . import preprocessing
+from .io import AMP_CHOICES
 
 # neck: the retrieval feature of a fine-tuned model, after or before its BNNeck; amp: the precision
 # of fine-tuned models and of zero-shot CLIP ("none" = fp32); gallery: the gallery variants ("all"
@@ -33,6 +36,24 @@ NECK_FEATURES = {"finetune": {"after": "concat_bn", "before": "concat"},
                  "clipreid": {"after": "concat_bn", "before": "concat"},
                  "handid": {"after": "concat_bn", "before": "concat"},
                  "promptsg": {"after": "fused_bn", "before": "fused"}}
+
+
+def add_protocol_args(parser, galleries=True):
+    """--protocol and the flags that override one of its settings (--flip, --amp and, with
+    `galleries`, --gallery), as every script that reports a number under a protocol takes them."""
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default=DEFAULT_PROTOCOL,
+                        help="the reference whose test-time settings to use: preprocessing, checkpoint, feature, "
+                             "flip, precision, galleries and mAP convention (README 'Protocols'); a flag given "
+                             "explicitly wins")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="feature = f(image) + f(mirrored image) (default: the protocol's)")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default=None,
+                        help="autocast on CUDA; none = fp32 (default: the protocol's precision; fp32 on a CPU)")
+    if galleries:
+        parser.add_argument("--gallery", choices=["own", "all", "both"], default=None,
+                            help="own: gallery{i}; all: gallery{i}_all with the other aspects as distractors "
+                                 "(11k only); both: every variant the split root has (default: the protocol's)")
+    return parser
 
 
 def headline_gallery(gallery_variants):
