@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import clip
-from clip.model import CLIP, ModifiedResNet, build_model, infer_config, random_state_dict
+from clip.model import CLIP, ModelBuildError, ModifiedResNet, build_model, infer_config, random_state_dict
 from losses import ArcFace
 from prompt_models import (PROMPTSG_FIXED_PROMPT, PROMPTSG_TEMPLATE, InversionNetwork, MultimodalInteraction,
                            check_text_tower, composed_prompt_tokens, encode_spliced_prompt,
@@ -186,17 +186,18 @@ def load_clip_model(spec, weights="pretrained", download_root=None, text_tower=T
     elif spec["patch_stride"] is None:  # no --stride: the backbone's own patch size, no overlap
         spec["patch_stride"] = int(arch["vision_patch_size"])
     geometry = _geometry(spec, spec["arch"])
-    if weights == "empty":
-        with torch.device("meta"):
-            model = CLIP(**arch, **geometry)
-        if not text_tower:
-            return model.visual.to_empty(device="cpu")
-        return model.to_empty(device="cpu").eval()
-    if weights == "random":
-        state_dict = random_state_dict(arch, seed=0)
-    elif weights != "pretrained":
-        raise TrainingInputError(f"weights must be pretrained, random or empty, got {weights!r}")
-    model = build_model(state_dict, **geometry, interpolation=spec.get("pos_interp", "bilinear")).float()
+    try:
+        if weights == "empty":
+            with torch.device("meta"):
+                model = CLIP(**arch, **geometry)
+            return model.visual.to_empty(device="cpu") if not text_tower else model.to_empty(device="cpu").eval()
+        if weights == "random":
+            state_dict = random_state_dict(arch, seed=0)
+        elif weights != "pretrained":
+            raise TrainingInputError(f"weights must be pretrained, random or empty, got {weights!r}")
+        model = build_model(state_dict, **geometry, interpolation=spec.get("pos_interp", "bilinear")).float()
+    except ModelBuildError as err:
+        raise TrainingInputError(f"backbone {spec['name']}: {err} (--input_size, --stride, --last_stride)") from None
     return model if text_tower else model.visual
 
 

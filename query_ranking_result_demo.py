@@ -17,7 +17,7 @@ import textwrap
 
 import numpy as np
 
-from utils import data, display, errors, evaluation, figures, splits
+from utils import data, display, errors, evaluation, figures, io, splits
 from utils.outputs import check_writable
 
 CORRECT, WRONG = figures.SAME_IDENTITY, figures.OTHER_IDENTITY  # border colours (figures.py's, one style)
@@ -33,7 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("--top_k", type=int, default=10, help="gallery images per row")
     parser.add_argument("--out", default="ranking.png", help="output PNG")
     parser.add_argument("--pdf", action="store_true", help="also write a vector PDF next to the PNG")
-    parser.add_argument("--seed", type=int, default=0, help="picks the random queries")
+    parser.add_argument("--seed", type=io.seed_value, default=0, help="picks the random queries")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out figure (and its PDF)")
     parser.add_argument("--title", default=None, help="figure title (default: method, backbone, split and gallery)")
     parser.add_argument("--image_root", action="append", default=[], metavar="OLD=NEW",

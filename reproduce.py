@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="./reproduce",
                    help="output root: runs/ (trainings and their evaluations), zero-shot/, logs/ and <recipe>/ (the "
                         "table and figures); recipes sharing it share the runs they have in common")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; each trained run once per seed")
+    p.add_argument("--seeds", type=io.seed_value, nargs="+", default=[0], help="training seeds; each trained run once per seed")
     p.add_argument("--only", nargs="+", default=[], metavar="KEY=VALUES",
                    help="a subset: method=, backbone=, train=, test= or seed= with comma-separated values (split roots "
                         "by short name: dorsal_r, dorsal_l, palmar_r, palmar_l, HD); several filters all apply; zero-shot "
@@ -63,7 +63,7 @@ def parse_args(argv=None):
                    help="run each step as its own Python process (default: a crash, a leak of GPU memory or a global "
                         "setting of one run cannot touch the next) or in this process (default with --tiny, where "
                         "importing torch per step would take longer than the step)")
-    p.add_argument("--device", default=None, help="passed to every step (default: each script's own, CUDA when present)")
+    p.add_argument("--device", default=None, type=io.device_value, help="passed to every step (default: each script's own, CUDA when present)")
     p.add_argument("--num_workers", type=int, default=None, help="passed to every step (default: each script's own)")
     p.add_argument("--force", action="store_true",
                    help="redo outputs that record other flags than the recipe asks for (default: refuse)")

@@ -13,8 +13,8 @@ from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 from tqdm import tqdm
 
-from .model import (MODEL_CONFIGS, POS_INTERPOLATIONS, TOKENIZER_VOCAB_SIZE, TokenizerMismatchError, build_model,
-                    checkpoint_geometry, random_state_dict)
+from .model import (MODEL_CONFIGS, POS_INTERPOLATIONS, TOKENIZER_VOCAB_SIZE, ModelBuildError, TokenizerMismatchError,
+                    build_model, checkpoint_geometry, random_state_dict)
 from .simple_tokenizer import SimpleTokenizer
 
 __all__ = ["available_models", "load", "tokenize", "check_tokenizer", "checkpoint_geometry", "random_state_dict",
@@ -46,7 +46,8 @@ class ModelDownloadError(RuntimeError):
 
 
 class CheckpointError(RuntimeError):
-    """A name that is neither an official model nor a readable checkpoint file."""
+    """A name that is neither an official model nor a readable checkpoint file, or a checkpoint that
+    cannot be built (not an OpenAI-layout CLIP, or not at the requested input geometry)."""
 
 
 def available_models():
@@ -218,8 +219,12 @@ def load(name_or_path, device=None, jit=False, download_root="~/.cache/clip", in
     else:
         raise CheckpointError(f"Model {name_or_path} not found: it is neither an official name "
                               f"{available_models()} nor an existing checkpoint file (--backbone_name)")
-    model = build_model(read_state_dict(path), input_size=input_size, patch_stride=patch_stride,
-                        last_stride=last_stride, interpolation=pos_interp).to(device)
+    try:
+        model = build_model(read_state_dict(path), input_size=input_size, patch_stride=patch_stride,
+                            last_stride=last_stride, interpolation=pos_interp).to(device)
+    except ModelBuildError as err:
+        raise CheckpointError(f"cannot build CLIP from {name_or_path}: {err} (--backbone_name, --input_size, "
+                              f"--stride, --last_stride)") from None
     return model, _transform(model.visual.input_size)
 
 

@@ -143,12 +143,17 @@ class Transformer(nn.Module):
         return self.resblocks(x)
 
 
+class ModelBuildError(ValueError):
+    """A state dict that is not an OpenAI-layout CLIP, or an input geometry (size, patch stride, last
+    stride) its architecture cannot take; the message says which."""
+
+
 def vit_grid_size(input_size, patch_size, patch_stride=None):
     """Number of patch rows and columns: (H - patch) // stride + 1 per side."""
     stride = patch_size if patch_stride is None else patch_stride
     height, width = _pair(input_size)
     if height < patch_size or width < patch_size:
-        raise ValueError(f"input size {(height, width)} is smaller than the patch size {patch_size}")
+        raise ModelBuildError(f"input size {(height, width)} is smaller than the patch size {patch_size}")
     return ((height - patch_size) // stride + 1, (width - patch_size) // stride + 1)
 
 
@@ -161,7 +166,7 @@ def resnet_grid_size(input_size, last_stride=2):
     height, width = _pair(input_size)
     grid = (side(height), side(width))
     if min(grid) < 1:
-        raise ValueError(f"input size {(height, width)} is too small for a ResNet (need at least 32 pixels a side)")
+        raise ModelBuildError(f"input size {(height, width)} is too small for a ResNet (need at least 32 pixels a side)")
     return grid
 
 
@@ -277,7 +282,7 @@ class ModifiedResNet(nn.Module):
     def __init__(self, layers, output_dim, heads, input_resolution=224, width=64, input_size=None, last_stride=2):
         super().__init__()
         if last_stride not in (1, 2):
-            raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
+            raise ModelBuildError(f"last_stride must be 1 or 2, got {last_stride}")
         self.input_size = _pair(input_size if input_size is not None else input_resolution)
         self.input_resolution = _resolution_attr(self.input_size)
         self.output_dim = output_dim
@@ -342,7 +347,7 @@ class VisionTransformer(nn.Module):
         self.patch_size = patch_size
         self.patch_stride = patch_size if patch_stride is None else patch_stride
         if not 1 <= self.patch_stride <= patch_size:
-            raise ValueError(f"patch_stride must be between 1 and the patch size {patch_size}, got {patch_stride}")
+            raise ModelBuildError(f"patch_stride must be between 1 and the patch size {patch_size}, got {patch_stride}")
         self.grid_size = vit_grid_size(self.input_size, patch_size, self.patch_stride)
 
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=self.patch_stride, bias=False)
@@ -401,13 +406,13 @@ class CLIP(nn.Module):
 
         if isinstance(vision_layers, (tuple, list)):
             if patch_stride is not None:
-                raise ValueError("patch_stride applies to ViT models only, not to ResNets")
+                raise ModelBuildError("patch_stride applies to ViT models only, not to ResNets")
             self.visual = ModifiedResNet(layers=vision_layers, output_dim=embed_dim, heads=vision_width * 32 // 64,
                                          input_resolution=image_resolution, width=vision_width,
                                          input_size=input_size, last_stride=last_stride)
         else:
             if last_stride != 2:
-                raise ValueError("last_stride applies to ResNet models only; use patch_stride for ViTs")
+                raise ModelBuildError("last_stride applies to ResNet models only; use patch_stride for ViTs")
             self.visual = VisionTransformer(input_resolution=image_resolution, patch_size=vision_patch_size,
                                             width=vision_width, layers=vision_layers,
                                             heads=max(1, vision_width // 64), output_dim=embed_dim,
@@ -543,7 +548,7 @@ def infer_config(state_dict):
                       transformer_width=width, transformer_heads=max(1, width // 64),
                       transformer_layers=count("transformer.resblocks."))
     except KeyError as err:
-        raise ValueError(f"not an OpenAI-layout CLIP state dict: missing key {err}") from None
+        raise ModelBuildError(f"not an OpenAI-layout CLIP state dict: missing key {err}") from None
     config["image_resolution"] = checkpoint_layout(state_dict)["input_size"]
     if config["image_resolution"][0] == config["image_resolution"][1]:
         config["image_resolution"] = config["image_resolution"][0]
@@ -567,10 +572,10 @@ def checkpoint_layout(state_dict):
             return dict(layout, input_size=size, grid=grid)
     side = math.isqrt(rows)
     if side * side != rows:
-        raise ValueError(f"{pos_key} has {rows + 1} rows, which is not 1 + a square grid, and the state dict has "
+        raise ModelBuildError(f"{pos_key} has {rows + 1} rows, which is not 1 + a square grid, and the state dict has "
                          f"no matching input_resolution entry")
     if is_vit and patch_stride != patch:
-        raise ValueError("a patch_stride entry needs a matching input_resolution entry")
+        raise ModelBuildError("a patch_stride entry needs a matching input_resolution entry")
     size = (patch * side, patch * side) if is_vit else (32 // (2 // last_stride) * side,) * 2
     return dict(layout, input_size=size, grid=(side, side))
 

@@ -375,3 +375,27 @@ def test_an_unreadable_image_inside_a_worker_is_one_line(tmp_path):
     assert "Original Traceback" in str(info.value)
     message = runs.one_line(info.value)
     assert message.startswith(f"cannot read image {bad}: ") and "\n" not in message
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--input_size", "7", "7"], "input size (7, 7) is smaller than the patch size"),
+    (["--input_size", "32", "32", "--stride", "40"], "patch_stride must be between 1 and the patch size"),
+])
+def test_a_geometry_the_backbone_cannot_take_is_one_line(prepared_11k, tmp_path, tiny_vit_checkpoint, flags, message):
+    root = os.path.join(prepared_11k, "train_val_test_split_dorsal_r")
+    with pytest.raises(SystemExit) as info:
+        zero_shot.main(["--test_dir", root, "--f_name", str(tmp_path / "zs"), "--backbone_name", tiny_vit_checkpoint,
+                        "--device", "cpu", *flags])
+    text = str(info.value.code)
+    assert text.startswith("error: cannot build CLIP from") and message in text and "\n" not in text
+    assert not os.path.exists(tmp_path / "zs")
+
+
+def test_a_state_dict_that_is_not_clip_is_one_line(prepared_11k, tmp_path):
+    import torch
+    path = str(tmp_path / "not_clip.pt")
+    torch.save({"weight": torch.zeros(3)}, path)
+    root = os.path.join(prepared_11k, "train_val_test_split_dorsal_r")
+    with pytest.raises(SystemExit) as info:
+        zero_shot.main(["--test_dir", root, "--f_name", str(tmp_path / "zs"), "--backbone_name", path, "--device", "cpu"])
+    assert "not an OpenAI-layout CLIP state dict" in str(info.value.code)

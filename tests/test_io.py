@@ -31,3 +31,22 @@ def test_autocast_off_for_none_and_bf16_on_request():
             assert (x @ x).dtype == torch.float32
     with io.autocast("bf16", "cpu"):
         assert (x @ x).dtype == torch.bfloat16
+
+
+def test_seed_flag_takes_only_seeds_every_library_accepts():
+    import argparse
+    parser = io.add_common_args(argparse.ArgumentParser())
+    assert parser.parse_args(["--seed", "4294967295"]).seed == 2 ** 32 - 1
+    for bad in ("-1", str(2 ** 32), "1.5"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--seed", bad])
+
+
+def test_device_flag_names_a_device_this_machine_has():
+    import argparse
+    parser = io.add_common_args(argparse.ArgumentParser())
+    assert parser.parse_args(["--device", "cpu"]).device == "cpu"
+    bad = ["foo", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--device", device])

@@ -25,9 +25,41 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def seed_value(text):
+    """argparse type of --seed: an integer that Python, numpy and torch all accept (0 to 2**32 - 1)."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32 - 1, got {value}")
+    return value
+
+
+def device_value(text):
+    """argparse type of --device: a torch device this machine has (cpu, cuda, cuda:N, mps)."""
+    import argparse
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is usable on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                                             f"numbered from 0")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text}: CLIP-FH runs on cpu, cuda or mps devices")
+    return text
+
+
 def add_common_args(parser):
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--device", default=default_device(),
+    parser.add_argument("--seed", type=seed_value, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", default=default_device(), type=device_value,
                         help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda when available)")
     return parser
 
