@@ -43,8 +43,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=64, help="images per encoding batch (default 64)")
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="DataLoader workers that decode images (default: up to 4, one per CPU core)")
-    parser.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
-                        help="network input height and width (default 224 224)")
+    parser.add_argument("--input_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="network input height and width (default: the backbone's own, as CLIP's preprocess: "
+                             "224 224; 288 for RN50x4, 384 RN50x16, 448 RN50x64, 336 ViT-L/14@336px)")
     parser.add_argument("--resize", choices=["crop", "squash"], default=None,
                         help="crop: shorter side to the input size (bicubic), centre crop (CLIP's own preprocess, "
                              "clip-handid's); squash: the whole photo resized to H x W, nothing cut off (clip-reid's "
@@ -65,6 +66,7 @@ def parse_args(argv=None):
     io.add_compile_arg(parser)
     io.add_common_args(parser)
     args = parser.parse_args(argv)
+    args.input_size = list(args.input_size or clip.native_input_size(args.backbone_name))
     flags.exit_on_problems(flags.bound_problems(args, at_least={"input_size": 1, "batch_size": 1, "max_rank": 1,
                                                                 "num_workers": 0, "stride": 1}))
     return args

@@ -56,7 +56,8 @@ def parse_args(argv=None):
                        help=f"zero-shot CLIP: an official name {clip.available_models()} or a local checkpoint")
     model.add_argument("--download_root", default="~/.cache/clip", help="zero-shot: where official weights are cached")
     model.add_argument("--input_size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                       help="zero-shot: input size (default 224 224); a run uses its own")
+                       help="zero-shot: input size (default: the backbone's own, 224 224 for ViT-B/16 and RN50); "
+                            "a run uses its own")
     model.add_argument("--stride", type=int, default=None, help="zero-shot ViT patch stride (default: the patch size)")
     model.add_argument("--pos_interp", choices=list(clip.POS_INTERPOLATIONS), default="bilinear",
                        help="zero-shot: resizing of the positional embeddings to another input size")
@@ -117,7 +118,7 @@ def test_time_settings(args, run_config, input_size, layout):
 def load_model(args, layout):
     """The model to evaluate: {"encode" (normalised batch -> features), "setting", "method", "record"}."""
     if args.backbone_name is not None:
-        input_size = tuple(args.input_size or (224, 224))
+        input_size = tuple(args.input_size or clip.native_input_size(args.backbone_name))
         setting = test_time_settings(args, None, input_size, layout)
         model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
                              input_size=input_size, patch_stride=args.stride, pos_interp=args.pos_interp)

@@ -74,8 +74,9 @@ def parse_args(argv=None):
     model.add_argument("--aspect", default=None,
                        help="CLIP-ReID --sie runs: the 11k aspect of the photos, e.g. 'dorsal right' (default: the "
                             "mean side-information embedding)")
-    model.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
-                       help="zero-shot input size (default 224 224; runs use their own)")
+    model.add_argument("--input_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                       help="zero-shot input size (default: the backbone's own, 224 224 for ViT-B/16 and RN50; "
+                            "runs use their own)")
     model.add_argument("--stride", type=int, default=None, help="zero-shot ViT patch stride (default: the patch size)")
     model.add_argument("--pos_interp", choices=list(clip.POS_INTERPOLATIONS), default="bilinear",
                        help="zero-shot: how positional embeddings are resized (as the zero-shot evaluator)")
@@ -176,7 +177,7 @@ def load_model(args):
         return model, model.visual, fingerprint, settings
     if args.feature or args.inference_prompt or args.aspect:
         raise IdentifyError("--feature, --inference_prompt and --aspect apply to trained runs (--run_dir)")
-    size = tuple(args.input_size)
+    size = tuple(args.input_size or clip.native_input_size(args.backbone_name))
     clip_model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
                               input_size=size, patch_stride=args.stride, pos_interp=args.pos_interp)
     sha = clip.release_sha256(args.backbone_name) or gallery.file_sha256(os.path.expanduser(args.backbone_name))

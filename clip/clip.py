@@ -19,7 +19,7 @@ from .simple_tokenizer import SimpleTokenizer
 
 __all__ = ["available_models", "load", "tokenize", "check_tokenizer", "checkpoint_geometry", "random_state_dict",
            "save_tiny_checkpoint", "tiny_config", "TINY_KINDS", "ModelDownloadError", "TokenizerMismatchError", "CheckpointError",
-           "MODEL_CONFIGS", "POS_INTERPOLATIONS", "CLIP_MEAN", "CLIP_STD", "release_sha256"]
+           "MODEL_CONFIGS", "POS_INTERPOLATIONS", "CLIP_MEAN", "CLIP_STD", "release_sha256", "native_input_size"]
 
 _URL_ROOT = "https://openaipublic.azureedge.net/clip/models"
 # name -> (SHA-256 of the released file, file name); the URL is <root>/<sha256>/<file name>
@@ -35,6 +35,8 @@ _RELEASES = {
     "ViT-L/14@336px": ("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px.pt"),
 }
 _MODELS = {name: f"{_URL_ROOT}/{sha}/{file}" for name, (sha, file) in _RELEASES.items()}
+# the input side each released model was trained at (its own preprocess resizes to it); 224 otherwise
+_NATIVE_SIDE = {"RN50x4": 288, "RN50x16": 384, "RN50x64": 448, "ViT-L/14@336px": 336}
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -53,6 +55,13 @@ class CheckpointError(RuntimeError):
 def available_models():
     """Names of the nine released CLIP models, in OpenAI's order."""
     return list(_MODELS)
+
+
+def native_input_size(name_or_path):
+    """(H, W) that CLIP's own preprocess gives `name_or_path`: the released model's resolution
+    (288 for RN50x4, 336 for ViT-L/14@336px, ...), 224 x 224 for the others and for local files."""
+    side = _NATIVE_SIDE.get(name_or_path, 224)
+    return (side, side)
 
 
 def release_sha256(name):

@@ -126,3 +126,13 @@ def test_zero_shot_evaluator_follows_the_protocol_preprocessing(synthetic_11k, t
     assert squashed["preprocessing"]["resize"] == "squash" and squashed["protocol"]["explicit"] == ["gallery"]
     draft = zero_shot.main([*base, "--f_name", str(tmp_path / "draft"), "--fast_decode"])
     assert draft["preprocessing"]["decode"] == "draft" and "decode" in draft["protocol"]["explicit"]
+
+
+def test_zero_shot_input_size_defaults_to_the_backbones_own():
+    # CLIP's preprocess resizes to the model's own resolution; the evaluators' default follows it
+    assert clip.native_input_size("ViT-B/16") == clip.native_input_size("RN50") == (224, 224)
+    assert clip.native_input_size("RN50x4") == (288, 288) and clip.native_input_size("ViT-L/14@336px") == (336, 336)
+    assert clip.native_input_size("/some/local/checkpoint.pt") == (224, 224)
+    import eval_query_gallery_clip_zeroshot as evaluator
+    assert evaluator.parse_args(["--backbone_name", "RN50x16"]).input_size == [384, 384]
+    assert evaluator.parse_args(["--backbone_name", "RN50x16", "--input_size", "224", "224"]).input_size == [224, 224]

@@ -9,7 +9,8 @@ import argparse
 from . import preprocessing
 from .io import AMP_CHOICES
 
-# neck: the retrieval feature of a fine-tuned model, after or before its BNNeck; amp: the precision
+# neck: the retrieval feature of a fine-tuned model, after or before its BNNeck ("proj": before it, the
+# projected CLIP embedding alone, as encode_image gives it); amp: the precision
 # of fine-tuned models and of zero-shot CLIP ("none" = fp32); gallery: the gallery variants ("all"
 # = 11k gallery{i}_all, own gallery on HD, which has no other); mAP: which AP is the table's mAP;
 # zero_shot_resize: how zero-shot CLIP's input is made (trained models are tested with the resize they
@@ -25,17 +26,18 @@ PROTOCOLS = {
     # (no validation split, no selection); it has no zero-shot evaluation: squashed like its test images
     "clip-reid": dict(flip=False, neck="before", amp={"finetuned": "none", "zero-shot": "none"}, gallery="all",
                       mAP="mAP_standard", zero_shot_resize="squash", checkpoint="last"),
-    # CLIP-FH thesis: no flip, pre-BN feature, fp16 backbone, own gallery{i} (no distractors), standard
-    # AP, photos squashed to H x W at test time, the BEST checkpoint (best val Rank-1) re-loaded
-    "clip-fh": dict(flip=False, neck="before", amp={"finetuned": "fp16", "zero-shot": "fp16"}, gallery="own",
+    # CLIP-FH thesis: no flip, the projected pre-BN embedding (its Stage 2 tests encode_image's output;
+    # Stage 3 the fusion output), fp16 backbone, own gallery{i} (no distractors), standard AP, photos
+    # squashed to H x W at test time, the BEST checkpoint (best val Rank-1) re-loaded
+    "clip-fh": dict(flip=False, neck="proj", amp={"finetuned": "fp16", "zero-shot": "fp16"}, gallery="own",
                     mAP="mAP_standard", zero_shot_resize="squash", checkpoint="best"),
 }
 DEFAULT_PROTOCOL = "clip-handid"
 # the retrieval feature each neck setting names, per model kind (every kind of models.MODEL_BUILDERS)
-NECK_FEATURES = {"finetune": {"after": "concat_bn", "before": "concat"},
-                 "clipreid": {"after": "concat_bn", "before": "concat"},
-                 "handid": {"after": "concat_bn", "before": "concat"},
-                 "promptsg": {"after": "fused_bn", "before": "fused"}}
+NECK_FEATURES = {"finetune": {"after": "concat_bn", "before": "concat", "proj": "proj"},
+                 "clipreid": {"after": "concat_bn", "before": "concat", "proj": "proj"},
+                 "handid": {"after": "concat_bn", "before": "concat", "proj": "proj"},
+                 "promptsg": {"after": "fused_bn", "before": "fused", "proj": "fused"}}
 
 
 def add_protocol_args(parser, galleries=True):
