@@ -256,6 +256,9 @@ def encode(argv):
 
 def child(argv):
     """`script <module> [--off switch ...] -- <its arguments>` or `encode [--off ...] -- <arguments>`."""
+    if not argv or argv[0] not in ("script", "encode") or "--" not in argv:
+        raise SystemExit("benchmark_fast_paths.py is the child process of `python benchmark.py --fast_paths` "
+                         "(see its --help); run that instead")
     kind, rest = argv[0], argv[1:]
     split = rest.index("--")
     options, arguments = rest[:split], rest[split + 1:]

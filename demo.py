@@ -20,6 +20,7 @@ training runs are short (--epochs); on a CPU the input size defaults to 112x112 
 import argparse
 import os
 import sys
+import textwrap
 import time
 
 import clip
@@ -103,12 +104,12 @@ def resolve_backbone(args):
             clip.load(args.backbone_name, device="cpu", download_root=args.download_root)
             return args.backbone_name, True
         except (RuntimeError, OSError) as err:
-            reason = str(err).splitlines()[0]
+            reason = " ".join(str(err).split())
     path = os.path.join(args.out, f"small_vit_random_init_seed{args.seed}.pt")
     if not os.path.isfile(path):
         os.makedirs(args.out, exist_ok=True)
         io.atomic_torch_save(clip.random_state_dict(SMALL_VIT, seed=args.seed), path)
-    banner([f"PRETRAINED {args.backbone_name} WEIGHTS ARE NOT AVAILABLE ({reason[:90]})",
+    banner([f"PRETRAINED {args.backbone_name} WEIGHTS ARE NOT AVAILABLE:", *textwrap.wrap(reason, 92, break_long_words=False, break_on_hyphens=False),
             "This demo runs a SMALL CLIP-FORMAT ViT with RANDOMLY INITIALISED weights built by the",
             "project (patch 8, width 128, 4 layers, 64x64 inputs): the numbers below say nothing",
             "about CLIP. Every output records \"pretrained\": false.",
@@ -185,6 +186,9 @@ def main(argv=None):
     result_dirs = [zs_dir]
     for method in args.methods:
         own = SMALL_RECIPE.get(method, []) if small and args.epochs is None and args.lr is None else []
+        if method != "clipreid" and epochs <= 20:
+            # the recipes' first LR step (epoch 20 or 40) lies past a demo run: say so, constant LR after warm-up
+            own = own + ["--milestones"]
         m_name, name = run_method(method, train_common + own, epochs, SMALL_RECIPE["pk_batch"] if small else PK_BATCH)
         result_dirs.append(os.path.join(args.out, m_name, "eval_best"))
         print(f"[6/7] evaluating {name}", flush=True)

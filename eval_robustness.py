@@ -21,7 +21,6 @@ under every family and severity) and config.json.
 """
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
@@ -196,7 +195,7 @@ class DecodedImages(torch.utils.data.Dataset):
 def decode_all(paths, rec, num_workers, batch_size=64):
     loader = torch.utils.data.DataLoader(DecodedImages(paths, rec), batch_size=batch_size, num_workers=num_workers)
     return torch.cat(list(tqdm(loader, desc=f"decode {len(paths)} images", unit="batch", leave=False,
-                               disable=not sys.stderr.isatty())))
+                               disable=io.bars_off())))
 
 
 def degraded_batches(images, identities, family, severity, seed, rec, device, batch_size):
@@ -234,7 +233,7 @@ def run_benchmark(model, args, layout):
     images = decode_all([encoded["paths"][r] for r in rows], rec, args.num_workers)
     _, hand_found = corruptions.hand_mask(images)
     runs = [(f, s) for f in args.families for s in args.severities]
-    for family, severity in tqdm(runs, desc="families x severities", unit="run", disable=not sys.stderr.isatty()):
+    for family, severity in tqdm(runs, desc="families x severities", unit="run", disable=io.bars_off()):
         features = encoded["features"].copy()
         features[rows] = encode_degraded(model["encode"], images, identities, family, severity, args, setting)
         roles = ("query", "gallery") if args.degrade == "both" else (args.degrade,)

@@ -72,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=64, help="images per forward pass of the deletion test")
     p.add_argument("--out_dir", default="./explain", help="output folder")
     p.add_argument("--force", action="store_true", help="overwrite an earlier explanation in --out_dir")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm bar (default: only when the output is a terminal)")
     io.add_common_args(p)
     args = p.parse_args(argv)
     flags.exit_on_problems(flags.bound_problems(args, at_least={
@@ -367,7 +368,7 @@ def explain(args, out):
     recorder = SimilarityMaps(visual)
     rows, records, parts = [], [], []
     start = time.perf_counter()
-    for q in tqdm(queries, desc="explain", unit="query", disable=not args.progress):
+    for q in tqdm(queries, desc="explain", unit="query", disable=io.bars_off(args.progress)):
         order, is_match, _ = rankings[q]
         paths = [result["query_path"][q], *result["gallery_path"][order[:top_k]]]
         images = load_inputs(paths, rec, args.device)

@@ -307,7 +307,7 @@ def check_photos(paths, settings, args, what, hint="replace or remove them"):
     """Decode every photo once before the work (one line listing the unreadable ones)."""
     size = tuple(settings["preprocessing"]["size"]) if settings else None
     try:
-        data.check_images(paths, size, args.num_workers if settings else 0, what=what, progress=bool(settings))
+        data.check_images(paths, size, args.num_workers if settings else 0, what=what, progress=None if settings else False)
     except ImageLoadError as err:
         raise IdentifyError(f"{str(err).split('; replace these files')[0]}; {hint}") from None
 

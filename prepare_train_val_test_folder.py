@@ -71,7 +71,8 @@ def read_train_ids(path, identities):
     wanted = sorted({w for w in wanted if w})
     unknown = [w for w in wanted if w not in identities]
     if unknown:
-        raise SplitInputError(f"--train_ids {path} names {len(unknown)} identit(ies) without photos in --data_dir, "
+        noun = "identity" if len(unknown) == 1 else "identities"
+        raise SplitInputError(f"--train_ids {path} names {len(unknown)} {noun} without photos in --data_dir, "
                               f"e.g. {unknown[0]!r}")
     return wanted
 
@@ -124,7 +125,8 @@ def build_sets(args):
               f"e.g. {flat[0]}", file=sys.stderr)
     single = sorted(i for i, files in by_id.items() if len(files) < 2)
     if single:
-        print(f"note: {len(single)} identit(ies) with a single photo are left out (they give no val or "
+        noun = "identity" if len(single) == 1 else "identities"
+        print(f"note: {len(single)} {noun} with a single photo left out (they give no val or "
               f"query/gallery pair), e.g. {single[0]}", file=sys.stderr)
     images = {i: [f"{i}/{f}" for f in files] for i, files in by_id.items() if len(files) >= 2}
     if len(images) < 2:

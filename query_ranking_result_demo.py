@@ -10,6 +10,7 @@ images are read from the paths stored in the .mat, so they always belong to the 
 Writes the PNG, and with --pdf also a vector PDF (same name, .pdf) for papers.
 """
 import argparse
+import math
 import json
 import os
 import re
@@ -178,13 +179,20 @@ def draw_rankings(rows, out_png, title, pdf=False, legend=LEGEND):
 def ranking_figure(rows, title, legend=LEGEND, width=figures.DOUBLE_COLUMN):
     """The figure draw_rankings saves: one row per query (its title, the query photo, then the ranked
     photos with "rank n" above, the caption under and the border colour), the legend below; a
-    double column wide, text of at least 8 pt. Returns the figure."""
+    double column wide, text of at least 8 pt. Captions too wide for one line of panels (long
+    identity names) put the panels of a query on several lines instead. Returns the figure."""
     from matplotlib.patches import Patch
     columns = 1 + max(len(row["matches"]) for row in rows)
-    panel = width / columns
+    captions = [wrap_caption(caption, width / columns) for row in rows
+                for _, caption, *_ in [row["query"], *row["matches"]]]
+    widest = max((figures.text_width(line) for caption in captions for line in (caption or "").split("\n")),
+                 default=0.0)
+    per_line = max(2, min(columns, int(width // (widest + 0.08))))
+    grid_rows = math.ceil(columns / per_line)
+    panel = width / per_line
     lines = max(caption.count("\n") + 1 for row in rows for _, caption, *_ in [row["query"], *row["matches"]])
     title = "\n".join(textwrap.fill(line, int(width / 0.075)) for line in title.split("\n"))  # 9 pt
-    row_height = panel * 0.75 + 0.45 + 0.14 * lines
+    row_height = (panel * 0.75 + 0.45 + 0.16 * lines) * grid_rows
     with figures.paper_style() as plt:
         fig = plt.figure(figsize=(width, row_height * len(rows) + 0.45 + 0.16 * (title.count("\n") + 1)))
         fig.suptitle(title)
@@ -195,14 +203,14 @@ def ranking_figure(rows, title, legend=LEGEND, width=figures.DOUBLE_COLUMN):
             panels = [(row["query"][0], "query", row["query"][1], figures.QUERY)]
             panels += [(path, f"rank {rank + 1}", caption, colour)
                        for rank, (path, caption, colour) in enumerate(row["matches"])]
-            axes = subfig.subplots(1, columns, squeeze=False)[0]
+            axes = subfig.subplots(grid_rows, per_line, squeeze=False).ravel()
             for ax in axes[len(panels):]:  # a row with fewer matches than the others
                 ax.set_visible(False)
             for ax, (image, header, caption, colour) in zip(axes, panels):
                 image = data.load_image(image) if isinstance(image, str) else image
                 image.thumbnail((400, 400))  # keeps the aspect; full-size photos would bloat the PDF
                 ax.imshow(image)
-                style_panel(ax, header, colour, wrap_caption(caption, panel))
+                style_panel(ax, header, colour, wrap_caption(caption, width / columns))
     return fig
 
 

@@ -424,7 +424,7 @@ def run_stage2(args, run, model, text_features, train_set, sampler, val_sets, lo
         with runs.stop_on_nonfinite_loss(log, last_path, history, "stage 2"):
             result = training.train_one_epoch(train_module, loader, training.module_loss, [optimizer], scaler, amp,
                                               device, number, args.grad_clip, dist_info,
-                                              progress=args.progress and dist_info.is_main)
+                                              progress=args.progress if dist_info.is_main else False)
         scheduler.step()
         row = runs.epoch_row(number, lrs, result, lr_names=("lr", "lr_bias"))
         validated = number % args.eval_every == 0 or number == args.epochs

@@ -155,7 +155,7 @@ def train(args, dist_info):
         with runs.stop_on_nonfinite_loss(log, last_path, history):
             result = training.train_one_epoch(train_module, loader, training.module_loss, [optimizer], scaler, amp,
                                               device, number, args.grad_clip, dist_info,
-                                              progress=args.progress and dist_info.is_main)
+                                              progress=args.progress if dist_info.is_main else False)
         scheduler.step()
         row = runs.epoch_row(number, lrs, result)
         validated = number % args.eval_every == 0 or number == args.epochs

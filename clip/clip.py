@@ -117,7 +117,7 @@ def _download(url, root):
             with source:
                 size = source.headers.get("Content-Length")
                 with tqdm(total=int(size) if size else None, unit="iB", unit_scale=True, unit_divisor=1024,
-                          desc=os.path.basename(url)) as bar:
+                          desc=os.path.basename(url), disable=None) as bar:
                     try:
                         for chunk in iter(lambda: source.read(_CHUNK), b""):
                             out.write(chunk)

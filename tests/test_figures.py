@@ -62,6 +62,9 @@ def test_training_curve_panels(tmp_path):
     runs.plot_training_curve(str(tmp_path / "training_curve.png"), stage2)
     with Image.open(tmp_path / "stage1_curve.png") as a, Image.open(tmp_path / "training_curve.png") as b:
         assert a.size[0] * 4 == b.size[0] * 3  # no validation panel without val values: 3 panels, not 4
+    fig = runs.plot_training_curve(str(tmp_path / "curve.png"), stage2, return_figure=True)
+    assert not figures.overlapping_legends(fig)  # every legend below its panel
+    assert min(text_sizes(fig)) >= figures.FONT_SIZE
 
 
 
@@ -122,3 +125,19 @@ def test_explanation_figure_has_a_colour_bar_and_a_border_legend(result_mat, tmp
     assert figures.overlapping_legends(fig) == [(legends[0], legends[0].axes)]  # only its own empty axes
     assert min(text_sizes(fig)) >= figures.FONT_SIZE and fig.get_figwidth() == figures.DOUBLE_COLUMN
     figures.pyplot().close(fig)
+
+
+def test_ranking_captions_never_run_into_each_other(tmp_path):
+    photo = tmp_path / "hand.png"
+    Image.new("RGB", (40, 30), (200, 150, 120)).save(photo)
+    for name in ("id person_000", "id 1039"):  # identify_hands' folder names; the benchmark's numbers
+        rows = [{"title": "query", "query": (str(photo), "id unknown"),
+                 "matches": [(str(photo), f"{name}\nsim 0.91", figures.OTHER_IDENTITY) for _ in range(10)]}]
+        fig = ranking.ranking_figure(rows, "a ranking")
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        boxes = [ax.xaxis.label.get_window_extent(renderer) for ax in fig.axes if ax.get_visible()]
+        assert len(boxes) == 11
+        inside = fig.bbox
+        assert all(b.x0 >= inside.x0 and b.x1 <= inside.x1 for b in boxes)  # nothing cut off at the edges
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

@@ -50,3 +50,13 @@ def test_device_flag_names_a_device_this_machine_has():
     for device in bad:
         with pytest.raises(SystemExit):
             parser.parse_args(["--device", device])
+
+
+def test_progress_bars_only_on_a_terminal_unless_asked(monkeypatch):
+    import sys
+    from utils import io as project_io
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert project_io.bars_off() is True and project_io.bars_off(None) is True  # a log or a pipe: quiet
+    assert project_io.bars_off(True) is False and project_io.bars_off(False) is True
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert project_io.bars_off() is False and project_io.bars_off(False) is True

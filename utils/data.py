@@ -12,6 +12,7 @@ from tqdm import tqdm
 from clip import CLIP_MEAN, CLIP_STD
 from .errors import ImageLoadError, TrainingInputError
 from . import preprocessing
+from . import io as _io
 from .io import _atomic_write, set_seed
 from .splits import IMAGE_EXTENSIONS
 
@@ -58,7 +59,7 @@ class _DecodeCheck(torch.utils.data.Dataset):
             return str(err)
 
 
-def check_images(paths, size=None, num_workers=0, what="images", progress=True):
+def check_images(paths, size=None, num_workers=0, what="images", progress=None):
     """Pre-flight check: decode every image of `paths` once (as load_image(path, size) will),
     over `num_workers` DataLoader workers, so that a bad file stops a run before any work instead of
     hours into it. Raises one ImageLoadError listing the first 10 unreadable files and their count;
@@ -67,7 +68,7 @@ def check_images(paths, size=None, num_workers=0, what="images", progress=True):
     loader = torch.utils.data.DataLoader(_DecodeCheck(paths, size), batch_size=16, num_workers=num_workers,
                                          collate_fn=list)
     bad = [message for batch in tqdm(loader, desc=f"checking {len(paths)} {what}", unit="batch", leave=False,
-                                     disable=not progress) for message in batch if message]
+                                     disable=_io.bars_off(progress)) for message in batch if message]
     if bad:
         raise ImageLoadError(f"{len(bad)} of {len(paths)} {what} cannot be read: " + "; ".join(bad[:10])
                              + ("; ..." if len(bad) > 10 else "") + "; replace these files, or remove them from "
@@ -217,7 +218,7 @@ class ResizedImageCache:
     def _build(self, desc):
         height, width = self.size
         array = np.empty((len(self.paths), height, width, 3), dtype=np.uint8)
-        for i, path in enumerate(tqdm(self.paths, desc=desc, leave=False)):
+        for i, path in enumerate(tqdm(self.paths, desc=desc, leave=False, disable=_io.bars_off())):
             array[i] = np.asarray(load_image(path, size=self.size, decode=self.decode), dtype=np.uint8)
         _atomic_write(self.file, lambda f: np.save(f, array), mode="wb")
 

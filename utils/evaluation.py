@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import metrics, outputs, preprocessing as preprocessing_records, verification
 from .errors import EvaluationInputError, InputFileError
-from .io import (atomic_savemat, atomic_write_json, autocast, format_results_table, resolve_amp,
+from .io import (atomic_savemat, bars_off, atomic_write_json, autocast, format_results_table, resolve_amp,
                  write_metrics_csv, write_run_config)
 from .splits import GALLERY_VARIANTS, gallery_set_name, read_split_layout, read_split_sets, result_mat_name
 from .data import CLIP_MEAN, CLIP_STD, ImageListDataset, eval_transform
@@ -38,12 +38,12 @@ def metric_names():
 
 
 @torch.no_grad()
-def extract_features(forward_fn, loader, device, amp="none", flip=False, progress=False, desc="features"):
+def extract_features(forward_fn, loader, device, amp="none", flip=False, progress=None, desc="features"):
     """forward_fn(images) over a loader of (images, labels), concatenated as fp32 on the CPU, and the
     labels: (outputs, labels). Runs under autocast `amp`. With flip the output is
     f(x) + f(mirror(x)), each term in fp32."""
     outputs, labels = [], []
-    for images, batch_labels in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+    for images, batch_labels in tqdm(loader, desc=desc, unit="batch", leave=False, disable=bars_off(progress)):
         images = images.to(device, non_blocking=True)
         with autocast(amp, device):
             out = forward_fn(images).float()
@@ -64,7 +64,7 @@ def encode_images(encode_fn, paths, size=(224, 224), batch_size=64, num_workers=
     dataset = ImageListDataset(paths, size, eval_transform(size, mean, std), preprocessing=preprocessing)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          pin_memory=str(device).startswith("cuda"))
-    features, _ = extract_features(encode_fn, loader, device, amp, flip, progress=True, desc=desc)
+    features, _ = extract_features(encode_fn, loader, device, amp, flip, progress=None, desc=desc)
     return torch.nn.functional.normalize(features, dim=1).numpy()
 
 

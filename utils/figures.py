@@ -177,6 +177,13 @@ def matrix_figure(matrices, metric_label, width=DOUBLE_COLUMN):
     return fig
 
 
+def text_width(text, size=FONT_SIZE):
+    """Inches that one line of `text` takes at `size` points in the figures' font."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextPath
+    return TextPath((0, 0), str(text), size=size, prop=FontProperties(family=["sans-serif"])).get_extents().width / 72
+
+
 def wrap(text):
     """'11k dorsal right' -> '11k dorsal\nright': tick labels of at most two short lines."""
     words = str(text).split()

@@ -157,7 +157,8 @@ def add_run_control_args(parser, resume_help, final_test_help, amp=None, eval_ev
     g.add_argument("--protocol", choices=list(protocols.PROTOCOLS), default=protocols.DEFAULT_PROTOCOL,
                    help="the protocol of the final test (README 'Protocols'): its checkpoint (net_best or net_last), "
                         "feature, flip, precision, galleries and mAP")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm bars (default: only when the output is a terminal)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic GPU kernels, cuDNN autotuning off (slower): a resumed GPU run then ends "
                         "with the same weights as an uninterrupted one")

@@ -25,6 +25,12 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def bars_off(progress=None):
+    """tqdm's `disable` for a --progress setting: None (the default) shows bars only when stderr is a
+    terminal, so logs and pipes stay clean; True always; False never."""
+    return not sys.stderr.isatty() if progress is None else not progress
+
+
 def seed_value(text):
     """argparse type of --seed: an integer that Python, numpy and torch all accept (0 to 2**32 - 1)."""
     import argparse

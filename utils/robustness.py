@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from . import corruptions, verification
+from . import corruptions, display, verification
 from .evaluation import metric_names
 from .io import atomic_write_json, write_metrics_csv
 from .outputs import output_errors
@@ -151,14 +151,15 @@ def plot_severity_curves(path, results, pdf=False):
     ax.set_xticks(severities)
     ax.set_xticklabels(["clean" if s == 0 else str(s) for s in severities])
     ax.set_xlabel("corruption severity (parameters: README, 'Robustness')")
-    gallery = "gallery{i}_all" if results["headline_gallery"] == "all" else "gallery{i}"
+    gallery = "gallery " + display.gallery_name(results["headline_gallery"], results.get("dataset"))
     ax.set_ylabel(f"{MAP_LABELS.get(key, key)}, %")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     side = {"query": "queries degraded, gallery clean", "gallery": "gallery degraded, queries clean",
             "both": "queries and gallery degraded"}[results["degrade"]]
-    ax.set_title(f"{results['method']}\n{os.path.basename(results['test_dir'])}, {gallery}: {side}; "
-                 f"mean over {results['num_splits']} split(s)", fontsize=10)
+    splits_text = "1 split" if results["num_splits"] == 1 else f"mean over {results['num_splits']} splits"
+    ax.set_title(f"{results['method']}\n{display.test_set_name(results['test_dir'], results.get('dataset'))}, "
+                 f"{gallery}: {side}; {splits_text}", fontsize=10)
     ax.legend(title="corruption", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=9)
     fig.savefig(path, dpi=150, bbox_inches="tight")
     if pdf:

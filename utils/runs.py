@@ -8,7 +8,6 @@ import sys
 import traceback
 from contextlib import contextmanager
 
-import torch
 
 import clip
 from .errors import ClipFHError, NonFiniteLossError, SplitInputError, TrainingInputError
@@ -50,14 +49,12 @@ def close_logger(logger):
         logger.removeHandler(handler)
 
 
-def plot_training_curve(path, rows):
+def plot_training_curve(path, rows, return_figure=False):
     """training_curve.png (or stage1_curve.png): losses, accuracy, val Rank-1/mAP (only when the rows
     have val values) and learning rate per epoch, titled with the method and backbone of the
-    config.json next to it."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    config.json next to it; each panel's legend below it, in the project's figure style."""
     from matplotlib.ticker import MaxNLocator
+    from . import figures
     stage1 = os.path.basename(path).startswith("stage1")
     names = {"loss": "total", "loss_id": "ID (cross-entropy)", "loss_id_proj": "ID, projected feature",
              "loss_triplet": "triplet", "loss_center": "center", "loss_supcon": "image-text supervised contrastive",
@@ -77,27 +74,31 @@ def plot_training_curve(path, rows):
               ("learning rate", "learning rate", ["lr"])]
     panels = [(t, y, [k for k in keys if series(k)[0]]) for t, y, keys in panels]
     panels = [p for p in panels if p[2]]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 4), squeeze=False)
-    for ax, (title, ylabel, keys) in zip(axes[0], panels):
-        for key in keys:
-            ax.plot(*series(key), marker="." if key != "lr" and not key.startswith("loss") else None,
-                    label=names.get(key, ("prompt tokens" if stage1 else "encoder") if key == "lr" else key))
-        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if rows:
-            ax.set_xlim(rows[0]["epoch"] - 0.5, rows[-1]["epoch"] + 0.5)
-        ax.legend(fontsize=8)
-    try:
-        config = io.read_json(os.path.join(os.path.dirname(path), "config.json"))
-        backbone = str(config.get("model", {}).get("backbone", {}).get("name") or config.get("backbone", ""))
-        if backbone.endswith((".pt", ".pth")):
-            backbone = os.path.splitext(os.path.basename(backbone))[0]
-        fig.suptitle(f"{config.get('method', '?')}{', stage 1 (prompt learning)' if stage1 else ''}, backbone {backbone}")
-    except ClipFHError:
-        pass  # no title from a missing or broken config.json
-    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.14, top=0.84, wspace=0.3)  # tight_layout is slow
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=72), mode="wb")
-    plt.close(fig)
+    with figures.paper_style() as plt:
+        fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(2.6 * max(1, len(panels)), 2.9), squeeze=False)
+        for ax, (title, ylabel, keys) in zip(axes[0], panels):
+            for key in keys:
+                xs, ys = series(key)
+                ax.plot(xs, ys, marker="." if key != "lr" and (len(xs) == 1 or not key.startswith("loss")) else None,
+                        label=names.get(key, ("prompt tokens" if stage1 else "encoder") if key == "lr" else key))
+            ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if rows:
+                ax.set_xlim(rows[0]["epoch"] - 0.5, rows[-1]["epoch"] + 0.5)
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=1, handlelength=1.8)
+        try:
+            config = io.read_json(os.path.join(os.path.dirname(path), "config.json"))
+            backbone = str(config.get("model", {}).get("backbone", {}).get("name") or config.get("backbone", ""))
+            if backbone.endswith((".pt", ".pth")):
+                backbone = os.path.splitext(os.path.basename(backbone))[0]
+            fig.suptitle(f"{config.get('method', '?')}{', stage 1 (prompt learning)' if stage1 else ''}, "
+                         f"backbone {backbone}")
+        except ClipFHError:
+            pass  # no title from a missing or broken config.json
+        if return_figure:
+            return fig
+        _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), mode="wb")
+        plt.close(fig)
 
 
 def parse_pretrained(value, backbone_name):

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import NonFiniteLossError, TrainingInputError
-from .io import atomic_torch_save, autocast
+from .io import atomic_torch_save, autocast, bars_off
 
 
 class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
@@ -152,7 +152,7 @@ def module_loss(module, images, labels):
 
 
 def train_one_epoch(model, loader, compute_loss, optimizers, scaler, amp, device, epoch, grad_clip=None,
-                    dist_info=None, check_every=20, progress=True):
+                    dist_info=None, check_every=20, progress=None):
     """Generic training epoch.
 
     compute_loss(model, images, labels) -> (total loss, {term name: loss tensor}, logits or None)
@@ -165,7 +165,7 @@ def train_one_epoch(model, loader, compute_loss, optimizers, scaler, amp, device
     names, recorded, offset = None, [], 0
     sums, correct, seen, steps = None, torch.zeros((), device=device), 0, 0
     start = time.perf_counter()
-    batches = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress)
+    batches = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=bars_off(progress))
     for images, labels in batches:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
