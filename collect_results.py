@@ -25,12 +25,19 @@ import argparse
 import glob
 import json
 import os
+import shutil
+from contextlib import contextmanager
 
-from utils import display, figures, outputs, protocols, significance, splits, tables, verification
-from utils.errors import ClipFHError, EvaluationInputError, OutputExistsError
+from utils import (display, figures, interrupts, outputs, protocols, result_files, significance, splits, tables,
+                   verification)
+from utils.errors import ClipFHError, EvaluationInputError, InputFileError, OutputExistsError, OutputWriteError
+from utils.io import atomic_write_json, read_json
 
 CMC_RANKS = 20
 COLUMN_CHOICES = tuple(tables.METRIC_HEADINGS)
+SPLIT_METRICS = tuple(k for k in tables.METRIC_HEADINGS if k != "mAP")  # the per-split keys of results.json
+FIGURES = ("cmc", "roc", "matrix")
+SET_MANIFEST = "set.json"  # in a staged set: the names of the files it holds
 # arguments that do not change a number (paths, workers, devices, bookkeeping): never a row's setting
 IGNORED_ARGS = frozenset({
     "seed", "f_name", "m_name", "data_dir", "test_dir", "out_dir", "num_workers", "device", "progress", "force",
@@ -45,7 +52,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="results.json files, result folders or run folders (globs welcome)")
     p.add_argument("--out", default="results_table",
-                   help="output prefix: writes PREFIX.md, .tex, .csv, .json (and PREFIX_cmc/_roc/_matrix.pdf/.png)")
+                   help="output prefix (a file name without extension, not a folder): writes PREFIX.md, .tex, .csv, "
+                        ".json (and PREFIX_cmc/_roc/_matrix.pdf/.png), all replaced together")
     p.add_argument("--columns", nargs="+", default=list(tables.DEFAULT_COLUMNS), choices=COLUMN_CHOICES,
                    metavar="METRIC", help=f"metric columns (default: %(default)s; mAP is each row's protocol "
                                           f"convention); choices: {', '.join(COLUMN_CHOICES)}")
@@ -58,7 +66,8 @@ def parse_args(argv=None):
                    help="figure width: a journal's single column (3.5 in) or double column (7 in); auto: single for one "
                         "panel, double for several")
     p.add_argument("--mixed", action="store_true", help="allow rows evaluated under different protocols")
-    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing table of --out, its figures included (kept until the new set is complete)")
     return p.parse_args(argv)
 
 
@@ -82,23 +91,17 @@ def find_results(patterns):
     return found
 
 
-def read_json(path, what):
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise EvaluationInputError(f"cannot read {what} {path}: {err}") from None
-    if not isinstance(value, dict):
-        raise EvaluationInputError(f"{path} is not a JSON object; it is not a {what} of this repository")
-    return value
-
-
-def optional_config(folder):
-    """config.json of a folder, or {} when it has none or it cannot be read."""
+def optional_config(folder, strict=True):
+    """config.json of a folder (checked: utils/result_files), or {} when it has none; one that cannot
+    be read is an error, or {} when not `strict` (a folder that may not be ours)."""
     path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return {}
     try:
-        return read_json(path, "config.json") if os.path.isfile(path) else {}
-    except EvaluationInputError:
+        return result_files.check_run_config(read_json(path), path)
+    except InputFileError:
+        if strict:
+            raise
         return {}
 
 
@@ -155,18 +158,17 @@ def protocol_covered(record):
     return explicit | ({"fast_decode"} if "decode" in explicit else set())
 
 
-def evaluation_entries(path, galleries):
-    """One entry per gallery variant of a results.json: labels, seed, settings and per-split values."""
-    results = read_json(path, "results.json")
-    if not isinstance(results.get("rows"), list) or not isinstance(results.get("gallery_variants"), list):
-        raise EvaluationInputError(f"{path} is not a results.json of this repository's evaluators (no rows / "
-                                   f"gallery_variants)")
+def evaluation_entries(path, galleries, results=None):
+    """One entry per gallery variant of a results.json (read and checked unless given): labels, seed,
+    settings and per-split values."""
+    if results is None:
+        results = result_files.read_results(path, SPLIT_METRICS)
     folder = os.path.dirname(os.path.abspath(path))
     eval_config = optional_config(folder)
     run_dir = results.get("run_dir")
     run_config = optional_config(run_dir) if run_dir else {}
     if not run_config and not run_dir:  # a trainer's final_test/ folder: the run is its parent
-        parent = optional_config(os.path.dirname(folder))
+        parent = optional_config(os.path.dirname(folder), strict=False)
         run_config = parent if parent.get("method") in display.METHOD_NAMES else {}
     kind = display.results_method(results, run_config)
     train_args = run_config.get("args", {}) if isinstance(run_config.get("args"), dict) else {}
@@ -185,7 +187,7 @@ def evaluation_entries(path, galleries):
     for variant in results["gallery_variants"]:
         if galleries != "both" and variant != galleries:
             continue
-        splits = [r for r in results["rows"] if isinstance(r, dict) and r.get("gallery") == variant]
+        splits = [r for r in results["rows"] if r["gallery"] == variant]
         summary = (results.get("summary") or {}).get(variant) or {}
         impostors = [r.get("num_impostor_pairs") for r in splits]
         entries.append({
@@ -301,11 +303,17 @@ def compare(rows, columns):
 
 
 def collect(paths, columns, galleries="both", mixed=False):
-    """The table's rows from the results.json files the paths name."""
-    files = find_results(paths)
-    entries = [entry for path in files for entry in evaluation_entries(path, galleries)]
+    """The table's rows from the results.json files the paths name (robustness benchmarks skipped)."""
+    files, entries = find_results(paths), []
+    for path in files:
+        results = read_json(path)
+        if result_files.is_robustness(results):
+            print(f"skipped {path}: a robustness benchmark (eval_robustness.py), not an evaluation")
+            continue
+        entries += evaluation_entries(path, galleries, result_files.check_results(results, path, SPLIT_METRICS))
     if not entries:
-        raise EvaluationInputError(f"no rows for --gallery {galleries} in {len(files)} results.json file(s)")
+        raise EvaluationInputError(f"no rows for --gallery {galleries} in {len(files)} results.json file(s)"
+                                   + (" (robustness benchmarks do not go in this table)" if files else ""))
     names = sorted({e["protocol_name"] for e in entries})
     if len(names) > 1 and not mixed:
         raise EvaluationInputError(f"the results were evaluated under different protocols ({', '.join(names)}); "
@@ -399,29 +407,115 @@ def matrix(rows, column, width=None):
     return figures.matrix_figure(matrices, tables.METRIC_HEADINGS.get(column, column), width or figures.DOUBLE_COLUMN)
 
 
+def set_names(base):
+    """Every file of the table set with prefix name `base`, figures included."""
+    return [f"{base}.{ext}" for ext in ("md", "tex", "csv", "json")] + [
+        f"{base}_{kind}.{ext}" for kind in FIGURES for ext in ("pdf", "png")]
+
+
+def check_out(out):
+    """--out is a file prefix in a folder that exists or can be made (nothing is written here)."""
+    base = os.path.basename(out)
+    if not base or base in (".", "..") or os.path.isdir(out):
+        example = os.path.join(out or ".", "table")
+        raise EvaluationInputError(f"--out {out!r} is a folder; --out takes a file prefix: --out {example} writes "
+                                   f"table.md, table.tex, table.csv and table.json in it")
+    outputs.check_writable(os.path.dirname(os.path.abspath(out)), "--out")
+
+
+def check_existing(out, force):
+    """Under the lock: an earlier set with this prefix is kept unless --force; a set name taken by a
+    folder is refused either way."""
+    folder = os.path.dirname(os.path.abspath(out))
+    existing = [os.path.join(folder, n) for n in set_names(os.path.basename(out))
+                if os.path.lexists(os.path.join(folder, n))]
+    for path in existing:
+        if not os.path.isfile(path) or os.path.islink(path):
+            raise OutputExistsError(f"{path} is not a file this program wrote; move it away or choose another --out")
+    if existing and not force:
+        raise OutputExistsError(f"{existing[0]} already exists; pass --force to replace the table and figures of "
+                                f"--out {out} (kept until the new ones are complete) or choose another --out")
+
+
+@contextmanager
+def staged_set(out):
+    """Yield a prefix inside `.<name>.tmp-<pid>/` beside the outputs; when the block ends normally its
+    files replace the whole set of --out (swap_set). An error or interrupt removes the staging folder
+    and leaves the old set as it was."""
+    folder, base = os.path.split(os.path.abspath(out))
+    tmp = outputs.staging_name(out, "tmp")
+    with outputs.output_errors(tmp):
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    try:
+        with outputs.output_errors(out):
+            yield os.path.join(tmp, base)
+        atomic_write_json(os.path.join(tmp, SET_MANIFEST), sorted(set(os.listdir(tmp)) & set(set_names(base))))
+    except OutputWriteError as err:  # name the output, not its staged twin
+        with outputs.signals_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputWriteError(str(err).replace(tmp, folder)) from err
+    except BaseException:
+        with outputs.signals_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    new = outputs.staging_name(out, "new")
+    with outputs.signals_deferred(), outputs.output_errors(out):
+        os.rename(tmp, new)  # the new set is complete: from here on a crash is finished by the next run
+        swap_set(new, out)
+
+
+def swap_set(new, out):
+    """Put the staged set `new` in place of the set of --out: first remove the old files the new set
+    does not have, then rename each new file over its old one, then remove `new`. Idempotent, so that
+    the next holder of the lock can finish a swap a killed process began (recover_set)."""
+    folder, base = os.path.split(os.path.abspath(out))
+    with open(os.path.join(new, SET_MANIFEST)) as f:
+        written = json.load(f)
+    for name in set(set_names(base)) - set(written):
+        if os.path.lexists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    for name in written:
+        if os.path.lexists(os.path.join(new, name)):
+            os.replace(os.path.join(new, name), os.path.join(folder, name))
+    shutil.rmtree(new)
+
+
+def recover_set(out):
+    """Under the lock: remove a staging folder a dead process left, and finish a swap it began."""
+    folder, base = os.path.split(os.path.abspath(out))
+    for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        for kind in ("tmp", "new"):
+            start = f".{base}.{kind}-"
+            if entry.startswith(start) and entry[len(start):].isdigit():
+                path = os.path.join(folder, entry)
+                with outputs.signals_deferred(), outputs.output_errors(out):
+                    if kind == "new" and os.path.isfile(os.path.join(path, SET_MANIFEST)):
+                        swap_set(path, out)
+                    else:
+                        shutil.rmtree(path, ignore_errors=True)
+
+
 def run(args):
-    rows = collect(args.paths, args.columns, args.gallery, args.mixed)
-    if args.plot and not all(row["cmc"] for row in rows):
-        missing = next(row["sources"][0] for row in rows if not row["cmc"])
-        raise EvaluationInputError(f"{missing}/results.json holds no mean CMC curve; re-run its evaluation to plot it")
-    planned = [f"{args.out}.{ext}" for ext in ("md", "tex", "csv", "json")]
-    if args.plot:
-        planned += [f"{args.out}_{kind}.{ext}" for kind in ("cmc", "roc", "matrix") for ext in ("pdf", "png")]
-    existing = [p for p in planned if os.path.exists(p)]
-    if existing and not args.force:
-        raise OutputExistsError(f"{existing[0]} already exists; pass --force to overwrite it or choose another --out")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    with outputs.output_errors(folder):
-        os.makedirs(folder, exist_ok=True)
-    outputs.check_writable(folder, "--out")
-    written, markdown = tables.write(args.out, rows, args.columns, args.layout)
-    if args.plot:
-        width = {"single": figures.SINGLE_COLUMN, "double": figures.DOUBLE_COLUMN}.get(args.figure_width)
-        written += plot(rows, args.out, args.columns, width)
-        for stale in set(existing) - set(written):  # a figure of an earlier call this one did not draw
-            os.remove(stale)
+    """Check --out, lock it, read and check every results.json, build the table set (and figures) in a
+    staging folder and swap it in whole."""
+    check_out(args.out)
+    with outputs.FolderLock(args.out, "another collect_results.py"):
+        recover_set(args.out)
+        check_existing(args.out, args.force)
+        rows = collect(args.paths, args.columns, args.gallery, args.mixed)
+        if args.plot and not all(row["cmc"] for row in rows):
+            missing = next(row["sources"][0] for row in rows if not row["cmc"])
+            raise EvaluationInputError(f"{missing}/results.json holds no mean CMC curve; re-run its evaluation to "
+                                       f"plot it")
+        with staged_set(args.out) as staged:
+            written, markdown = tables.write(staged, rows, args.columns, args.layout)
+            if args.plot:
+                width = {"single": figures.SINGLE_COLUMN, "double": figures.DOUBLE_COLUMN}.get(args.figure_width)
+                written += plot(rows, staged, args.columns, width)
     print(markdown)
-    return rows, written
+    return rows, [os.path.join(os.path.dirname(args.out), os.path.basename(p)) for p in written]
 
 
 def main(argv=None):
@@ -435,4 +529,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    interrupts.sigterm_as_ctrl_c(main)()  # as a script only: reproduce.py and demo.py see the KeyboardInterrupt

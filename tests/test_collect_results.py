@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 import collect_results
-from utils import figures, protocols, significance, verification
+from utils import figures, outputs, protocols, significance, verification
 
 METRICS = ("rank1", "rank5", "rank10", "mAP_hand", "mAP_standard", "mINP")
 TEST_DIR = "/data/11k/train_val_test_split_dorsal_r"
@@ -39,7 +39,7 @@ def write_results(folder, method="zero-shot", seed=0, protocol="clip-handid", va
                for v in variants}
     setting = protocols.settings(protocol, kind, available=variants, cuda=False, **(explicit or {}))
     results = {"method": method, "backbone": backbone, "dataset": "11k", "test_dir": test_dir,
-               "gallery_variants": list(variants), "rows": rows, "summary": summary, "pretrained": True,
+               "num_splits": num_splits, "gallery_variants": list(variants), "rows": rows, "summary": summary, "pretrained": True,
                "protocol": setting, "table_mAP": setting["mAP"], "split_seed": split_seed}
     if run_dir:
         results.update(run_dir=str(run_dir), model_kind=kind, which_epoch="best")
@@ -75,6 +75,8 @@ def same_value(read, written):
     """A CSV cell as pandas read it equals the JSON value it was written from."""
     if written is None:
         return pd.isna(read)
+    if isinstance(written, list):  # the seeds: a JSON list in both files
+        return json.loads(read) == written
     if isinstance(written, bool) or isinstance(read, (bool, np.bool_)):
         return bool(read) == written
     if isinstance(written, (int, float)) or isinstance(read, (int, float, np.number)):
@@ -118,6 +120,8 @@ def test_table_names_cells_and_files_agree(tmp_path):
     values = [100 * v for v in split_values(tuned, "own", "rank10")]
     assert frame.loc[2, "rank10_mean"] == pytest.approx(np.mean(values), abs=1e-4)
     assert frame.loc[2, "rank10_std_splits"] == pytest.approx(np.std(values, ddof=1), abs=1e-4)
+    assert [r["seeds"] for r in records] == [[], [], [1], [1]]  # whole numbers (zero-shot has no training seed)
+    assert list(frame["seeds"]) == ["[]", "[]", "[1]", "[1]"]
     per_split = records[2]["per_split"]["rank10"]["1"]  # seed 1: {split: value}
     assert [per_split[str(i)] for i in range(3)] == split_values(tuned, "own", "rank10")
     with pytest.raises(SystemExit, match="t.md already exists.*--force"):
@@ -292,8 +296,8 @@ def test_figures_keep_legends_off_the_data(tmp_path):
     finally:
         figures.save = saved
     assert sorted(os.path.basename(p) for p in paths) == ["t_cmc.pdf", "t_cmc.png", "t_roc.pdf", "t_roc.png"]
-    for path in paths:
-        assert os.path.getsize(path) > 5_000
+    for path in paths:  # drawn in the staging folder, then swapped in
+        assert os.path.getsize(tmp_path / os.path.basename(path)) > 5_000
     assert (tmp_path / "t_cmc.pdf").read_bytes().startswith(b"%PDF")
 
 
@@ -303,3 +307,179 @@ def test_roc_only_where_enough_impostor_pairs(tmp_path):
     points = collect_results.measurable_roc([entry])
     assert points and min(f for f, _ in points) * 950 >= verification.MIN_FALSE_ACCEPTS
     assert len(points) < sum(t is not None for t in results["summary"]["all"]["roc_mean"]["tar"])
+
+
+def one_line(info):
+    message = str(info.value)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+def snapshot(folder):
+    """{name: bytes} of every entry of a folder, hidden ones included."""
+    return {n: (folder / n).read_bytes() for n in sorted(os.listdir(folder)) if (folder / n).is_file()} | {
+        n: None for n in os.listdir(folder) if not (folder / n).is_file()}
+
+
+@pytest.fixture
+def five_rows(tmp_path):
+    """runs/ with five rows (zero-shot and two fine-tuned learning rates, both galleries; one seed-less
+    row of one gallery) and their table set `out/allruns` drawn with --plot."""
+    write_results(tmp_path / "runs" / "zs", "CLIP zero-shot", 0)
+    write_run(tmp_path / "runs", "ft", seed=0)
+    write_run(tmp_path / "runs", "ft_lr", seed=0, lr=1e-5, variants=("all",))
+    out = tmp_path / "out"
+    rows = collect_results.main([str(tmp_path / "runs"), "--out", str(out / "allruns"), "--plot"])
+    assert len(rows) == 5
+    return tmp_path / "runs", out
+
+
+def test_an_interrupted_rewrite_leaves_the_old_set_as_it_was(five_rows, monkeypatch):
+    """Defect 7: Ctrl-C while the figures of a --force rewrite are drawn left a new 1-row table beside
+    the old figures."""
+    runs, out = five_rows
+    before = snapshot(out)
+    assert sorted(before) == sorted(collect_results.set_names("allruns")[:8])  # md tex csv json, cmc and roc
+    real_save = figures.save
+
+    def interrupted(fig, prefix, formats=("pdf", "png")):
+        if prefix.endswith("_roc"):
+            raise KeyboardInterrupt
+        return real_save(fig, prefix, formats)
+    monkeypatch.setattr(figures, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        collect_results.main([str(runs / "zs"), "--gallery", "all", "--out", str(out / "allruns"), "--plot", "--force"])
+    assert snapshot(out) == before  # every file as it was, no staging folder, no lock left
+    monkeypatch.setattr(figures, "save", real_save)
+    rows = collect_results.main([str(runs / "zs"), "--gallery", "all", "--out", str(out / "allruns"), "--force"])
+    assert len(rows) == 1 and sorted(os.listdir(out)) == ["allruns.csv", "allruns.json", "allruns.md", "allruns.tex"]
+    assert len(table_lines(out / "allruns.md")) == 3  # the old figures went with the old table, at the swap
+
+
+def test_one_writer_per_table(five_rows):
+    runs, out = five_rows
+    before = snapshot(out)
+    with outputs.FolderLock(str(out / "allruns"), "a test"):
+        with pytest.raises(SystemExit, match="allruns is being written by another collect_results.py") as info:
+            collect_results.main([str(runs / "zs"), "--out", str(out / "allruns"), "--force"])
+        one_line(info)
+    assert snapshot(out) == before
+
+
+def test_a_swap_killed_half_way_is_finished_by_the_next_run(five_rows, monkeypatch):
+    runs, out = five_rows
+    real_replace, moved = os.replace, []
+
+    def killed(src, dst):
+        if os.path.dirname(os.path.abspath(dst)) == str(out):  # a staged file put in place
+            if len(moved) == 2:
+                raise KeyboardInterrupt  # stands for SIGKILL: nothing after this line runs
+            moved.append(dst)
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        collect_results.main([str(runs / "zs"), "--gallery", "all", "--out", str(out / "allruns"), "--force"])
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert [n for n in os.listdir(out) if n.startswith(".allruns.new-")]  # the swap is half done
+    with pytest.raises(SystemExit, match="allruns.md already exists"):  # finishes the swap, then refuses
+        collect_results.main([str(runs / "zs"), "--out", str(out / "allruns")])
+    assert sorted(os.listdir(out)) == ["allruns.csv", "allruns.json", "allruns.md", "allruns.tex"]
+    assert len(table_lines(out / "allruns.md")) == 3 and len(pd.read_csv(out / "allruns.csv")) == 1
+
+
+def edit_results(folder, change):
+    with open(folder / "results.json") as f:
+        results = json.load(f)
+    change(results)
+    with open(folder / "results.json", "w") as f:
+        json.dump(results, f)
+
+
+BAD_RESULTS = {  # defects 8 and 9: what was broken -> the field the one line names
+    "binary": (None, "cannot read .*results.json .*utf-8"),
+    "nested": ("[" * 100_000, "cannot read .*results.json"),
+    "rank1 text": (lambda r: r["rows"][1].update(rank1="abc"), '"rank1" of rows\\[1\\] is \'abc\', not a number'),
+    "summary list": (lambda r: r.update(summary=[1]), '"summary" is \\[1\\], not an object'),
+    "cmc text": (lambda r: r["summary"]["all"].update(cmc_mean="abc"), '"summary.all.cmc_mean" is \'abc\''),
+    "no rows": (lambda r: r.update(rows=[]), "holds 0 split rows, not 3 splits x 2 gallery variant"),
+    "missing split": (lambda r: r["rows"].pop(), "holds 5 split rows, not 3 splits x 2"),
+    "repeated split": (lambda r: r["rows"][1].update(split=0), "rows\\[1\\] repeats split 0 of gallery own"),
+    "NaN": (lambda r: r["rows"][0].update(mAP_hand=float("nan")), '"mAP_hand" of rows\\[0\\] is nan'),
+    "above 1": (lambda r: r["rows"][0].update(rank5=85.2), '"rank5" of rows\\[0\\] is 85.2'),
+    "table_mAP": (lambda r: r.update(table_mAP="nosuch"), '"table_mAP" is \'nosuch\', not mAP_hand or mAP_standard'),
+    "num_splits": (lambda r: r.update(num_splits="3"), '"num_splits" is \'3\''),
+    "explicit": (lambda r: r["protocol"].update(explicit=3), '"protocol.explicit" is 3'),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RESULTS))
+def test_a_bad_results_json_is_one_line_naming_the_field(tmp_path, case):
+    change, expected = BAD_RESULTS[case]
+    folder = tmp_path / "zs"
+    write_results(folder, "zero-shot", 0)
+    if change is None:
+        (folder / "results.json").write_bytes(bytes(range(256)))
+    elif isinstance(change, str):
+        (folder / "results.json").write_text(change)
+    else:
+        edit_results(folder, change)
+    with pytest.raises(SystemExit, match=expected) as info:
+        collect_results.main([str(folder), "--out", str(tmp_path / "out" / "t")])
+    assert str(folder / "results.json") in one_line(info)
+    assert not os.path.exists(tmp_path / "out")  # nothing written, not even the lock's folder
+
+
+def test_a_bad_run_config_is_one_line(tmp_path):
+    write_run(tmp_path / "runs", "ft")
+    config = tmp_path / "runs" / "ft" / "config.json"
+    config.write_text(json.dumps({"method": "finetune", "args": {"seed": "0", "data_dir": TEST_DIR}}))
+    with pytest.raises(SystemExit, match='config.json: "args.seed" is \'0\', not a whole number') as info:
+        collect_results.main([str(tmp_path / "runs"), "--out", str(tmp_path / "t")])
+    one_line(info)
+
+
+def test_a_one_split_row_has_no_std_and_is_never_bold_over_more_splits(tmp_path):
+    """Defect 9: one split printed '± 0.00' and took the bold from rows over three splits."""
+    write_results(tmp_path / "zs", "zero-shot", 0, variants=("all",), num_splits=1, shift=0.45, spread=0.01)
+    write_run(tmp_path, "ft", variants=("all",), shift=0.2, spread=0.05)
+    rows = collect_results.main([str(tmp_path), "--out", str(tmp_path / "t"), "--columns", "rank1"])
+    one, three = rows  # zero-shot first
+    assert one["num_splits"] == 1 and three["num_splits"] == 3
+    assert one["metrics"]["rank1"]["mean"] > three["metrics"]["rank1"]["mean"]
+    assert not one["metrics"]["rank1"]["best"] and three["metrics"]["rank1"]["best"]
+    assert one["metrics"]["rank1"]["std_splits"] is None and one["metrics"]["rank1"]["pairs"] == 1
+    markdown = table_lines(tmp_path / "t.md")
+    assert markdown[2].endswith(f"| {100 * one['metrics']['rank1']['mean']:.2f} ± n/a † |")
+    assert markdown[3].split(" | ")[-1].startswith("**")
+    text = (tmp_path / "t.md").read_text()
+    assert "over the 1-3 splits" in text and "a row measured on one split has no std over splits" in text
+    assert "fewer splits than others of their test set" in text
+    assert "\\,$\\pm$\\,n/a" in (tmp_path / "t.tex").read_text()
+    frame = pd.read_csv(tmp_path / "t.csv")
+    assert pd.isna(frame.loc[0, "rank1_std_splits"]) and not frame.loc[0, "rank1_best"]
+
+
+@pytest.mark.parametrize("where", ["separator", "folder", "under a file", "empty"])
+def test_out_must_be_a_file_prefix(tmp_path, monkeypatch, where):
+    """Defect 10: --out DIR/ wrote the hidden files DIR/.md, .tex, .csv, .json."""
+    monkeypatch.chdir(tmp_path)  # --out "": the current folder
+    write_results(tmp_path / "zs", "zero-shot", 0)
+    (tmp_path / "co").mkdir()
+    (tmp_path / "afile").write_text("mine")
+    out, expected = {"separator": (str(tmp_path / "new") + os.sep, "is a folder; --out takes a file prefix"),
+                     "folder": (str(tmp_path / "co"), "is a folder; --out takes a file prefix"),
+                     "under a file": (str(tmp_path / "afile" / "x"), "afile is a file, not a folder"),
+                     "empty": ("", "is a folder")}[where]
+    with pytest.raises(SystemExit, match=expected) as info:
+        collect_results.main([str(tmp_path / "zs"), "--out", out])
+    one_line(info)
+    assert sorted(os.listdir(tmp_path)) == ["afile", "co", "zs"] and os.listdir(tmp_path / "co") == []
+
+
+def test_robustness_benchmarks_below_a_run_are_skipped(tmp_path, capsys):
+    write_run(tmp_path, "ft")
+    folder = tmp_path / "ft" / "robustness_best_dorsal_r"
+    write_results(folder, "ft", 0)
+    edit_results(folder, lambda r: r.update(families=["blur"], degrade="query", rows=[{"family": "blur"}]))
+    rows = collect_results.main([str(tmp_path / "ft"), "--out", str(tmp_path / "t")])
+    assert len(rows) == 2 and f"skipped {folder / 'results.json'}: a robustness benchmark" in capsys.readouterr().out

@@ -252,7 +252,7 @@ def read_json(path, required=(), error=InputFileError, kind=dict):
     except json.JSONDecodeError as err:
         raise error(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); it is "
                     f"truncated or was edited by hand: restore it or write it again") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # not UTF-8, a number too long, nesting too deep
         raise error(f"cannot read {path} ({getattr(err, 'strerror', None) or err}); it is damaged or not a JSON "
                     f"file") from None
     if not isinstance(value, kind):

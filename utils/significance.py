@@ -30,17 +30,17 @@ def smallest_p_value(num_pairs):
 def aggregate(per_seed):
     """per_seed: {seed: [value per split]} (a value None where the split could not measure it).
     Returns {"mean", "std_seeds" (sample std of the per-seed means; None for one seed), "std_splits"
-    (mean over the seeds of the sample std over splits), "num_seeds", "num_splits"}; mean and stds
-    are None when any value is None."""
+    (mean over the seeds of the sample std over splits; None for one split), "num_seeds", "num_splits"};
+    mean and stds are None when any value is None."""
     values = list(per_seed.values())
     out = {"num_seeds": len(values), "num_splits": len(values[0]) if values else 0}
     if not values or any(v is None for split_values in values for v in split_values):
         return dict(out, mean=None, std_seeds=None, std_splits=None)
     seed_means = [float(np.mean(v)) for v in values]
-    split_stds = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in values]
+    one_split = any(len(v) < 2 for v in values)
     return dict(out, mean=float(np.mean(seed_means)),
                 std_seeds=float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else None,
-                std_splits=float(np.mean(split_stds)))
+                std_splits=None if one_split else float(np.mean([np.std(v, ddof=1) for v in values])))
 
 
 def paired_values(a, b):
@@ -75,9 +75,10 @@ def wilcoxon_p(x, y):
 
 
 def compare_with_best(rows, metric, alpha=ALPHA):
-    """rows: [{"values": {seed: {split: value}}, "mean": float or None}] of one comparison group (the
-    same test set and splits). Finds the best row (highest mean; lowest for LOWER_IS_BETTER) and tests
-    every other row against it. Returns one dict per row: {"best": bool, "p": p-value against the best
+    """rows: [{"values": {seed: {split: value}}, "mean": float or None, "num_splits": n}] of one comparison
+    group (the same test set and splits). Finds the best row (highest mean; lowest for LOWER_IS_BETTER)
+    among those measured on the group's most splits (a mean over fewer splits is not comparable) and
+    tests every other row against it. Returns one dict per row: {"best": bool, "p": p-value against the best
     (None for the best row and where nothing pairs), "pairs": n, "tied": True when the row is not
     significantly below the best (p >= alpha; the best row too)}."""
     means = [r["mean"] for r in rows]
@@ -86,7 +87,9 @@ def compare_with_best(rows, metric, alpha=ALPHA):
     if not measured:
         return out
     sign = -1 if metric in LOWER_IS_BETTER else 1
-    best = max(measured, key=lambda i: sign * means[i])  # the first of equal means
+    most = max(rows[i].get("num_splits", 0) for i in measured)
+    eligible = [i for i in measured if rows[i].get("num_splits", 0) == most]
+    best = max(eligible, key=lambda i: sign * means[i])  # the first of equal means
     out[best].update(best=True, tied=True)
     for i in measured:
         if i == best:

@@ -5,9 +5,12 @@ each with its metric columns). Percent with two decimals; the best value of each
 rows not significantly below it marked with a dagger (utils/significance.py).
 
 A row: {"labels": {key: text}, "seeds": [...], "num_splits": n, "metrics": {metric: {"mean",
-"std_seeds", "std_splits", "p", "pairs", "best", "tied"}}, "sources": [...]}.
+"std_seeds", "std_splits", "p", "pairs", "best", "tied"}}, "sources": [...], "group": the key of the rows
+it is compared with}.
 
 Depends on utils/io (the CSV writer) and utils/significance."""
+import json
+
 from . import significance
 from .io import atomic_write_json, atomic_write_text, write_metrics_csv
 
@@ -52,19 +55,25 @@ def constant_labels(rows, keys=tuple(LABEL_HEADINGS)):
     return found
 
 
+def percent(value):
+    """A fraction in percent with two decimals; 'n/a' for None (a std over one split)."""
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
 def cell_text(stats, latex=False):
     """'85.20 ± 1.30' (one seed: ± std over splits) or '85.20 ± 0.40 [1.30]' (seeds: ± std over seeds,
-    [std over splits]), percent; 'n/a' when not measured; bold when best, a dagger when tied."""
+    [std over splits]), percent; 'n/a' when not measured (as a std: one split); bold when best, a
+    dagger when tied."""
     if stats is None:
         return MISSING
     if stats["mean"] is None:
         return "n/a"
     pm = "\\,$\\pm$\\," if latex else " ± "
-    text = f"{100 * stats['mean']:.2f}"
+    text = percent(stats["mean"])
     if stats.get("std_seeds") is not None:
-        text += f"{pm}{100 * stats['std_seeds']:.2f} [{100 * stats['std_splits']:.2f}]"
+        text += f"{pm}{percent(stats['std_seeds'])} [{percent(stats['std_splits'])}]"
     else:
-        text += f"{pm}{100 * stats['std_splits']:.2f}"
+        text += f"{pm}{percent(stats['std_splits'])}"
     if stats.get("best"):
         return f"\\textbf{{{text}}}" if latex else f"**{text}**"
     if stats.get("tied"):
@@ -92,6 +101,14 @@ def notes(rows, columns, shown_labels):
                      f"in brackets the std over the {split_text}.")
     else:
         lines.append(f"Percent, mean ± std over the {split_text}.")
+    if splits[0] == 1:
+        lines.append("n/a as a std: a row measured on one split has no std over splits.")
+    counts = {}
+    for row in rows:
+        counts.setdefault(row.get("group"), set()).add(row["num_splits"])
+    if any(len(c) > 1 for c in counts.values()):
+        lines.append("Rows measured on fewer splits than others of their test set are compared with the best on the "
+                     "splits they share and are never bold.")
     if "mAP" in columns:
         conventions = sorted({r.get("table_mAP") or "mAP_hand" for r in rows})
         lines.append(f"mAP: {', '.join(conventions)} (the protocol's convention, see README 'Metrics').")
@@ -245,12 +262,12 @@ def render(rows, columns, layout="rows", group_key="test_set"):
 
 def records(rows, columns):
     """One flat record per row (the CSV's rows, the JSON's "rows" without the per-split values):
-    labels, seeds, split count, and per metric the mean, the std over seeds and over splits (percent,
+    labels, seeds (a list of whole numbers; in the CSV its JSON text), split count, and per metric the mean, the std over seeds and over splits (percent,
     4 decimals), the p-value against the best row, the number of pairs, best and tied."""
     out = []
     for row in rows:
         record = {k: row["labels"].get(k) for k in LABEL_HEADINGS}
-        record.update(settings=row.get("settings") or None, seeds=" ".join(str(s) for s in row["seeds"]) or None,
+        record.update(settings=row.get("settings") or None, seeds=list(row["seeds"]),
                       num_seeds=len(row["seeds"]), num_splits=row["num_splits"], pretrained=row.get("pretrained"))
         for column in columns:
             stats = row["metrics"].get(column) or {}
@@ -273,7 +290,8 @@ def write(prefix, rows, columns, layout="rows", group_key="test_set"):
     paths = [f"{prefix}.{ext}" for ext in ("md", "tex", "csv", "json")]
     atomic_write_text(paths[0], markdown)
     atomic_write_text(paths[1], latex)
-    write_metrics_csv(paths[2], flat, float_format="")  # shortest text that reads back as the same float
+    # floats as the shortest text that reads back as the same float; the seeds as their JSON list
+    write_metrics_csv(paths[2], [dict(r, seeds=json.dumps(r["seeds"])) for r in flat], float_format="")
     per_split = [{"per_split": {c: {str(seed): values for seed, values in (row["metrics"].get(c) or {}).get(
         "values", {}).items()} for c in columns}} for row in rows]
     atomic_write_json(paths[3], {"columns": list(columns), "layout": layout, "notes": note_lines,
