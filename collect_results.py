@@ -498,13 +498,18 @@ def recover_set(out):
 
 
 def run(args):
-    """Check --out, lock it, read and check every results.json, build the table set (and figures) in a
-    staging folder and swap it in whole."""
+    """Check --out, lock it, read and check every results.json, refuse an --out in a folder it reads or
+    an existing set without --force, build the table set (and figures) in a staging folder and swap it
+    in whole."""
     check_out(args.out)
     with outputs.FolderLock(args.out, "another collect_results.py"):
         recover_set(args.out)
-        check_existing(args.out, args.force)
         rows = collect(args.paths, args.columns, args.gallery, args.mixed)
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if any(os.path.realpath(folder) == os.path.realpath(s) for row in rows for s in row["sources"]):
+            raise EvaluationInputError(f"--out {args.out} lies in an evaluation folder it reads ({folder}); its "
+                                       f"files would mix with the evaluation's: choose another folder")
+        check_existing(args.out, args.force)
         if args.plot and not all(row["cmc"] for row in rows):
             missing = next(row["sources"][0] for row in rows if not row["cmc"])
             raise EvaluationInputError(f"{missing}/results.json holds no mean CMC curve; re-run its evaluation to "

@@ -476,6 +476,18 @@ def test_out_must_be_a_file_prefix(tmp_path, monkeypatch, where):
     assert sorted(os.listdir(tmp_path)) == ["afile", "co", "zs"] and os.listdir(tmp_path / "co") == []
 
 
+def test_out_never_lands_in_an_evaluation_folder(tmp_path):
+    """--out EVAL/results --force replaced the evaluation's results.json and results.csv with the table."""
+    write_results(tmp_path / "zs", "zero-shot", 0)
+    before = snapshot(tmp_path / "zs")
+    with pytest.raises(SystemExit, match="lies in an evaluation folder it reads") as info:
+        collect_results.main([str(tmp_path / "zs"), "--out", str(tmp_path / "zs" / "results"), "--force"])
+    one_line(info)
+    with pytest.raises(SystemExit, match="lies in an evaluation folder it reads"):  # not "pass --force"
+        collect_results.main([str(tmp_path / "zs"), "--out", str(tmp_path / "zs" / "table")])
+    assert snapshot(tmp_path / "zs") == before
+
+
 def test_robustness_benchmarks_below_a_run_are_skipped(tmp_path, capsys):
     write_run(tmp_path, "ft")
     folder = tmp_path / "ft" / "robustness_best_dorsal_r"
