@@ -1,5 +1,6 @@
 """Speed benchmarks of CLIP-FH's building blocks. Each part prints its figures; all of them are saved
-(merged with earlier runs of other parts) in --out.
+(merged with earlier runs of other parts) in --out, a JSON file that benchmark.py wrote or a new one
+(--force replaces any other file).
 
     python benchmark.py                      # every part
     python benchmark.py --only decode metrics
@@ -38,10 +39,10 @@ the 11k dorsal-right size (1600x1200 photos), prepares 10 splits, fine-tunes a r
 for 70 epochs with --cache_resized and the speed options (bf16, --fast_decode, validation every 5
 epochs) and evaluates it with eval_query_gallery_finetune.py (full decoding), and reports the wall
 time of each step. --tiny makes each run in seconds on a CPU (tiny models and images; the
-figures mean nothing then, the JSON has the same structure).
+figures mean nothing then, the JSON has the same structure): it changes the defaults of the sizes
+and counts, and a flag given on the command line keeps its value.
 """
 import argparse
-import itertools
 import os
 import tempfile
 import time
@@ -50,9 +51,11 @@ import numpy as np
 
 import benchmark_fast_paths
 import benchmark_protocol
+import benchmark_throughput as throughput
+import clip
 import models
-from utils import io, data, gallery, gpu_augment, interrupts, metrics, outputs, training, verification
-from utils.errors import ClipFHError
+from utils import io, data, flags, gallery, interrupts, metrics, outputs, verification
+from utils.errors import ClipFHError, InputFileError, OutputExistsError, TrainingInputError
 
 
 def best_time(fn, repeats):
@@ -67,28 +70,6 @@ def best_time(fn, repeats):
 
 # ---- decode -----------------------------------------------------------------------------------
 
-def write_test_photos(folder, count, size, seed):
-    """JPEGs that compress like photos: smooth colour fields, a few shapes and sensor-like noise."""
-    from PIL import Image, ImageDraw, ImageFilter
-    rng = np.random.default_rng(seed)
-    width, height = size
-    paths = []
-    for i in range(count):
-        small = rng.integers(0, 256, size=(height // 40, width // 40, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize((width, height), Image.BICUBIC)
-        draw = ImageDraw.Draw(img)
-        for _ in range(12):
-            x, y = rng.integers(0, width), rng.integers(0, height)
-            r = int(rng.integers(40, 300))
-            draw.ellipse([x - r, y - r // 2, x + r, y + r // 2], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-        img = img.filter(ImageFilter.GaussianBlur(2))
-        noisy = np.asarray(img).astype(np.int16) + rng.normal(0, 6, size=(height, width, 3)).astype(np.int16)
-        path = os.path.join(folder, f"photo_{i:03d}.jpg")
-        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=92)
-        paths.append(path)
-    return paths
-
-
 def full_decode_resize(path, size):
     from PIL import Image
     with Image.open(path) as img:
@@ -99,7 +80,7 @@ def bench_decode(args):
     from PIL import Image
     size = tuple(args.input_size)
     with tempfile.TemporaryDirectory() as folder:
-        paths = write_test_photos(folder, args.decode_images, tuple(args.photo_size), args.seed)
+        paths = throughput.write_test_photos(folder, args.decode_images, tuple(args.photo_size), args.seed)
         full, _ = best_time(lambda: [full_decode_resize(p, size) for p in paths], args.repeats)
         draft, _ = best_time(lambda: [data.load_image(p, size, decode="draft") for p in paths], args.repeats)
         with Image.open(paths[0]) as img:
@@ -168,186 +149,6 @@ def bench_metrics(args):
     return figures
 
 
-# ---- training / inference throughput ----------------------------------------------------------
-
-def image_flops(visual, input_size):
-    """FLOPs of one image through the encoder (linear, conv and attention matmuls; 1 MAC = 2 FLOPs),
-    counted on the meta device."""
-    import copy
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-    meta = copy.deepcopy(visual).to("meta")
-    with FlopCounterMode(display=False) as counter:
-        meta.forward_features(torch.zeros(1, 3, *input_size, device="meta"))
-    return counter.get_total_flops()
-
-
-def throughput_model(backbone, args, num_classes):
-    """A random-weight model of --method and its training objective (from losses.py): the fine-tuning
-    model (models.HandReIDModel) or PromptSG's (both CLIP towers, inference with the fixed prompt)."""
-    import clip
-    import losses
-    spec = models.backbone_spec(backbone, tuple(args.input_size), args.stride, args.last_stride)
-    spec["arch"] = dict(clip.model.MODEL_CONFIGS[backbone])
-    if args.tiny:  # the same kind of encoder, a few layers wide
-        spec["arch"] = clip.clip.tiny_config("rn" if models.is_resnet_arch(spec["arch"]) else "vit",
-                                        image_resolution=spec["arch"]["image_resolution"])
-    if args.method == "promptsg":
-        clip_model = models.load_clip_model(spec, weights="random")
-        model = models.build_promptsg_model(models.promptsg_model_config(spec), num_classes, clip_model=clip_model)
-        return model, losses.PromptSGLoss(model)
-    model = models.HandReIDModel(models.load_backbone(spec, weights="random"), num_classes)
-    return model, losses.FinetuneLoss(model, ls=0.1)
-
-
-def benchmark_photos(args, folder):
-    """(paths, labels) of --bench_photos generated photos (the 11k size), written once into `folder`."""
-    count = args.bench_photos
-    marker = os.path.join(folder, f"photos_{count}_{args.photo_size[0]}x{args.photo_size[1]}.json")
-    if os.path.isfile(marker):
-        paths = io.read_json(marker, kind=list)
-    else:
-        paths = write_test_photos(folder, count, tuple(args.photo_size), args.seed)
-        io.atomic_write_json(marker, paths)
-    return paths, [i % 72 for i in range(len(paths))]
-
-
-def batches_source(kind, dataset, batch_size, steps, args, device):
-    """An iterable of `steps` (images, labels) batches: the same tensors on the device ("memory"),
-    or a DataLoader reading `dataset` with --bench_workers workers (samples drawn with replacement)."""
-    import torch
-    if kind == "memory":
-        images = torch.randn(batch_size, 3, *args.input_size, device=device)
-        labels = torch.arange(batch_size, device=device) % 72
-        return [(images, labels)] * steps
-    if kind == "device":
-        return device_batches(dataset, batch_size, steps, args, device)
-    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batch_size * steps)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=args.bench_workers,
-                                       pin_memory=device.startswith("cuda"), drop_last=True,
-                                       persistent_workers=False, prefetch_factor=4 if args.bench_workers else None)
-
-
-def device_batches(dataset, batch_size, steps, args, device):
-    """Batches drawn with replacement from the cache held on the device: augmented there as the
-    trainers' --gpu_augment does for training (dataset at the load size), normalised only for inference."""
-    import torch
-    if not hasattr(dataset, "device_cache"):
-        dataset.device_cache = gpu_augment.DeviceImageCache(dataset, device)
-    cache = dataset.device_cache
-    train = tuple(dataset.size) != tuple(args.input_size)
-    augmenter = gpu_augment.BatchAugmenter(args.input_size, flip_p=0.5 if train else 0.0)
-    generator = torch.Generator().manual_seed(args.seed)
-    for _ in range(steps):
-        index = torch.randint(len(cache.labels), (batch_size,), generator=generator).to(device)
-        yield augmenter(cache.images[index], generator), cache.labels[index]
-
-
-def throughput_datasets(args, folder, train):
-    """{"jpeg": ..., "cache": ...} datasets of the benchmark photos with the training or eval pipeline."""
-    paths, labels = benchmark_photos(args, folder)
-    size = data.train_load_size(args.input_size) if train else tuple(args.input_size)
-    transform = data.build_train_transform(args.input_size) if train else data.eval_transform(args.input_size)
-    items = list(zip(paths, labels))
-    cache = data.ResizedImageCache(paths, size, os.path.join(folder, "cache"), desc="building the resized cache")
-    return {"jpeg": data.LabeledImageDataset(items, size, transform),
-            "cache": data.LabeledImageDataset(items, size, transform, cache=cache),
-            "device": data.LabeledImageDataset(items, size, transform, cache=cache)}
-
-
-def time_training(loss_module, source_fn, args, device, amp):
-    model = loss_module.model
-    optimizer = training.make_optimizer("adam", training.param_groups(model, 5e-6, 5e-4), 5e-6, 5e-4)
-    scaler = training.make_grad_scaler(amp, device)
-
-    def step(module, images, labels):
-        return module(images, labels)
-
-    training.train_one_epoch(loss_module, source_fn(args.warmup), step, [optimizer], scaler, amp, device, 0,
-                          progress=False)
-    result = training.train_one_epoch(loss_module, source_fn(args.iters), step, [optimizer], scaler, amp, device, 1,
-                                   progress=False)
-    return result.images_per_s
-
-
-def time_inference(model, source_fn, args, device, amp):
-    import torch
-    model.eval()
-
-    def run(source):
-        seen = 0
-        start = time.perf_counter()
-        with torch.no_grad(), io.autocast(amp, device):
-            for images, _ in source:
-                model(images.to(device, non_blocking=True))
-                seen += images.shape[0]
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-        return seen / (time.perf_counter() - start)
-
-    run(source_fn(args.warmup))
-    return run(source_fn(args.iters))
-
-
-def bench_throughput(args, train):
-    import torch
-    device = args.device
-    if device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True  # as train_finetune.py on CUDA
-    mode = "train" if train else "infer"
-    batch_size = args.train_batch if train else args.infer_batch
-    if batch_size is None:
-        batch_size = (128 if train else 512) if device.startswith("cuda") else 4
-    amps = args.amps or (["none", "bf16"] if device.startswith("cuda") else ["none"])
-    compile_modes = [False, True] if args.compile and device.startswith("cuda") else [False]
-    if args.compile and not device.startswith("cuda"):
-        print("--compile ignored: torch.compile of the encoder is only timed on CUDA")
-    figures = {"device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
-               "batch_size": batch_size, "input_size": list(args.input_size), "iters": args.iters,
-               "workers": args.bench_workers, "peak_tflops": args.peak_tflops}
-    folder = args.photo_dir or os.path.join(tempfile.gettempdir(), "clipfh_benchmark_photos")
-    os.makedirs(folder, exist_ok=True)
-    datasets = throughput_datasets(args, folder, train) if set(args.data_paths) - {"memory"} else {}
-    for backbone in args.backbones:
-        model, loss_module = throughput_model(backbone, args, num_classes=72)
-        flops = image_flops(model.visual, args.input_size) * (3 if train else 1)
-        ceilings = {f"{peak:g}": peak * 1e12 / flops for peak in args.peak_tflops}
-        model.to(device)
-        loss_module.to(device)
-        models.speed_up_image_encoder(model.visual, device, compile=False, for_training=train)  # channels_last
-        entry = {"gflop_per_image": flops / 1e9, "ceiling_images_per_s": ceilings}
-        for compiled in compile_modes:
-            if compiled:
-                models.speed_up_image_encoder(model.visual, device, compile=True, for_training=train)
-            for amp, kind in itertools.product(amps, args.data_paths):
-                def source_fn(steps, kind=kind):
-                    return batches_source(kind, datasets.get(kind), batch_size, steps, args, device)
-                if train:
-                    rate = time_training(loss_module, source_fn, args, device, amp)
-                else:
-                    rate = time_inference(model, source_fn, args, device, amp)
-                entry[f"{amp}/{kind}" + ("/compiled" if compiled else "")] = rate
-                share = ", ".join(f"{c:,.0f} at {p} TF/s ({100 * rate / c:.2f}%)" for p, c in ceilings.items())
-                print(f"{mode} {backbone} {args.input_size[0]}x{args.input_size[1]} amp {amp:4s} {kind:6s} "
-                      f"compile {'on ' if compiled else 'off'}: {rate:10.1f} img/s (batch {batch_size}); "
-                      f"ceiling img/s {share}")
-        figures[backbone] = entry
-        del model, loss_module
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    for dataset in datasets.values():
-        dataset.__dict__.pop("device_cache", None)
-    return figures
-
-
-def bench_train(args):
-    return bench_throughput(args, train=True)
-
-
-def bench_infer(args):
-    return bench_throughput(args, train=False)
-
-
 def bench_verification(args):
     num_q, num_g = args.metrics_shape
     rng = np.random.default_rng(args.seed)
@@ -369,62 +170,22 @@ def bench_search(args):
     return {"rows": rows}
 
 
-# issue 14's targets (img/s on one GPU, bf16, 224x224, data loading included) and the whole-protocol row
-TARGETS = {"train": {"ViT-B/16": 4000, "RN50": 6000}, "infer": {"ViT-B/16": 12000, "RN50": 20000}}
-TARGET_PEAK_TFLOPS = 790.0
-TARGET_PATH = "device"  # the trainers' default on CUDA with --cache_resized
-
-
-def gpu_table(figures, measured):
-    """One row per (train | infer, backbone) of the measured figures: eager and compiled img/s of every
-    data path, the target path's share of the FLOP ceiling at 790 TFLOP/s, and whether the target is met
-    (None unless `measured`: full-size models on a CUDA GPU)."""
-    rows = []
-    for mode in ("train", "infer"):
-        for backbone, entry in figures.get(mode, {}).items():
-            if not isinstance(entry, dict) or "gflop_per_image" not in entry:
-                continue
-            ceiling = entry["ceiling_images_per_s"][f"{TARGET_PEAK_TFLOPS:g}"]
-            rates = {key: value for key, value in entry.items() if key.startswith("bf16/")}
-            best = max((v for k, v in rates.items() if k.split("/")[1] == TARGET_PATH), default=None)
-            target = TARGETS[mode].get(backbone)
-            rows.append({"mode": mode, "backbone": backbone, "images_per_s": rates,
-                         "eager": rates.get(f"bf16/{TARGET_PATH}"), "compiled": rates.get(f"bf16/{TARGET_PATH}/compiled"),
-                         "best": best, "target_path": TARGET_PATH, "ceiling_images_per_s": ceiling,
-                         "fraction_of_peak": None if best is None else best / ceiling,
-                         "target_images_per_s": target,
-                         "target_met": None if best is None or target is None or not measured else best >= target})
-    return rows
-
-
-def bench_gpu(args):
-    """Issue 14's table: train and infer parts for ViT-B/16 and RN50, bf16, every data path, eager and
-    compiled (compiled only on CUDA), and the summary rows."""
-    import torch
-    if not args.device.startswith("cuda") and not args.tiny:
-        raise SystemExit("error: --gpu measures a CUDA GPU; pass --device cuda (or --tiny for a CPU smoke run)")
-    args.backbones, args.amps, args.data_paths = ["ViT-B/16", "RN50"], ["bf16"], list(DATA_PATHS)
-    args.compile = args.device.startswith("cuda")
-    figures = {"device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
-               "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-               "tiny": args.tiny, "input_size": list(args.input_size), "peak_tflops": TARGET_PEAK_TFLOPS,
-               "train": bench_train(args), "infer": bench_infer(args)}
-    figures["rows"] = gpu_table(figures, measured=args.device.startswith("cuda") and not args.tiny)
-    for row in figures["rows"]:
-        met = {True: "met", False: "MISSED", None: "not measured"}[row["target_met"]]
-        compiled = "n/a" if row["compiled"] is None else f"{row['compiled']:,.0f}"
-        print(f"{row['mode']} {row['backbone']}: eager {row['eager']:,.0f}, compiled {compiled} "
-              f"img/s ({row['target_path']} path); {100 * (row['fraction_of_peak'] or 0):.1f}% of the "
-              f"{row['ceiling_images_per_s']:,.0f} img/s ceiling; target {row['target_images_per_s']:,} {met}")
-    return figures
-
-
-DATA_PATHS = ["memory", "jpeg", "cache", "device"]
 PARTS = {"decode": bench_decode, "metrics": bench_metrics, "verification": bench_verification,
-         "train": bench_train, "infer": bench_infer, "search": bench_search,
-         "gpu": bench_gpu, "protocol_run": benchmark_protocol.bench_protocol,
+         "train": throughput.bench_train, "infer": throughput.bench_infer, "search": bench_search,
+         "gpu": throughput.bench_gpu, "protocol_run": benchmark_protocol.bench_protocol,
          "fast_paths": benchmark_fast_paths.bench_fast_paths}
 CPU_PARTS = ["decode", "metrics", "verification", "train", "infer", "search"]  # --only; the GPU parts have flags
+# flags whose default depends on --tiny: (default, --tiny default); set only where the command line left them out
+SCALED_DEFAULTS = {
+    "input_size": ([224, 224], [32, 32]), "photo_size": ([1600, 1200], [64, 48]), "bench_photos": (64, 4),
+    "iters": (30, 1), "warmup": (5, 1), "bench_workers": (min(16, os.cpu_count() or 1), 0),
+    "train_batch": (None, 2), "infer_batch": (None, 2),  # None: decided by the device (bench_throughput)
+    "search_sizes": ([10_000, 100_000, 1_000_000], [1000, 5000]), "search_queries": (256, 8),
+    "protocol_ids": (290, 8), "protocol_epochs": (70, 1),
+    "fast_paths_epochs": (benchmark_fast_paths.PROTOCOL_EPOCHS, 2), "fast_paths_encode": ([1000, 10000], [8]),
+}
+# the key that marks a JSON file as benchmark.py's (--out merges only into such a file)
+MARKER = {"program": "benchmark.py", "format": 1}
 
 
 def parse_args(argv=None):
@@ -435,26 +196,34 @@ def parse_args(argv=None):
     parser.add_argument("--fast_paths", action="store_true",
                         help="each CUDA fast path on and off, end to end (benchmark_fast_paths.py)")
     parser.add_argument("--tiny", action="store_true",
-                        help="tiny models, images and counts: a CPU check of the outputs' structure in seconds")
-    parser.add_argument("--protocol_ids", type=int, default=290,
-                        help="--protocol_run identities per aspect (half train, half test; 6-8 photos each)")
-    parser.add_argument("--protocol_epochs", type=int, default=70, help="fine-tuning epochs of --protocol_run")
+                        help="tiny models, images and counts (the defaults of the flags left out): a CPU check of "
+                             "the outputs' structure in seconds")
+    parser.add_argument("--protocol_ids", type=int, default=None,
+                        help="--protocol_run identities per aspect, at least 3 (half train, half test; 6-8 "
+                             "photos each, --tiny 3-4; default 290, --tiny 8)")
+    parser.add_argument("--protocol_epochs", type=int, default=None,
+                        help="fine-tuning epochs of --protocol_run (default 70, --tiny 1)")
     parser.add_argument("--out", default="benchmark_results.json",
-                        help="JSON file the figures are merged into (earlier parts are kept)")
+                        help="JSON file the figures are merged into (earlier parts are kept); a file that "
+                             "benchmark.py did not write is refused unless --force")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an --out file that holds something other than benchmark figures (a "
+                             "benchmark file is always merged into)")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs is reported")
     parser.add_argument("--decode_images", type=int, default=20, help="photos timed in the decoding benchmark (default 20)")
-    parser.add_argument("--photo_size", type=int, nargs=2, default=[1600, 1200], metavar=("W", "H"),
-                        help="size of the synthetic photos (default 1600 1200, as 11k)")
-    parser.add_argument("--input_size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
-                        help="network input size (default 224 224)")
+    parser.add_argument("--photo_size", type=int, nargs=2, default=None, metavar=("W", "H"),
+                        help="size of the synthetic photos (default 1600 1200, as 11k; --tiny 64 48)")
+    parser.add_argument("--input_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="network input size (default 224 224, --tiny 32 32)")
     parser.add_argument("--metrics_shape", type=int, nargs=2, default=[2000, 10000], metavar=("Q", "G"),
                         help="queries and gallery size of the metrics benchmark (default 2000 10000)")
     parser.add_argument("--matches_per_query", type=int, nargs="+", default=[1, 5],
                         help="gallery images per identity in the metrics part (1 = the hand protocol)")
-    parser.add_argument("--search_sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
-                        help="gallery sizes of the search part (default 10k 100k 1M)")
+    parser.add_argument("--search_sizes", type=int, nargs="+", default=None,
+                        help="gallery sizes of the search part (default 10k 100k 1M, --tiny 1000 5000)")
     parser.add_argument("--search_dim", type=int, default=512, help="feature size of the search part (default 512)")
-    parser.add_argument("--search_queries", type=int, default=256, help="queries per timed search (default 256)")
+    parser.add_argument("--search_queries", type=int, default=None,
+                        help="queries per timed search (default 256, --tiny 8)")
     g = parser.add_argument_group("train / infer throughput")
     g.add_argument("--backbones", nargs="+", default=["ViT-B/16", "RN50"], help="official names, random weights")
     g.add_argument("--method", choices=["finetune", "promptsg"], default="finetune",
@@ -464,14 +233,17 @@ def parse_args(argv=None):
                    help="AMP settings to time (default: none and bf16 on CUDA, none on CPU)")
     g.add_argument("--compile", action="store_true",
                    help="also time every case with the image encoder's forward_features torch.compiled (CUDA only)")
-    g.add_argument("--data_paths", nargs="+", choices=DATA_PATHS, default=DATA_PATHS,
+    g.add_argument("--data_paths", nargs="+", choices=throughput.DATA_PATHS, default=throughput.DATA_PATHS,
                    help="where training images come from in the timed runs (default: all four)")
-    g.add_argument("--iters", type=int, default=30, help="timed batches per measurement")
-    g.add_argument("--warmup", type=int, default=5, help="untimed batches before each measurement")
-    g.add_argument("--train_batch", type=int, default=None, help="default 128 on CUDA, 4 on CPU")
-    g.add_argument("--infer_batch", type=int, default=None, help="default 512 on CUDA, 4 on CPU")
-    g.add_argument("--bench_workers", type=int, default=min(16, os.cpu_count() or 1), help="DataLoader workers")
-    g.add_argument("--bench_photos", type=int, default=64, help="generated photos for the jpeg/cache paths")
+    g.add_argument("--iters", type=int, default=None, help="timed batches per measurement (default 30, --tiny 1)")
+    g.add_argument("--warmup", type=int, default=None,
+                   help="untimed batches before each measurement (default 5, --tiny 1)")
+    g.add_argument("--train_batch", type=int, default=None, help="default 128 on CUDA, 4 on CPU, 2 with --tiny")
+    g.add_argument("--infer_batch", type=int, default=None, help="default 512 on CUDA, 4 on CPU, 2 with --tiny")
+    g.add_argument("--bench_workers", type=int, default=None,
+                   help="DataLoader workers (default: one per CPU core up to 16, --tiny 0)")
+    g.add_argument("--bench_photos", type=int, default=None,
+                   help="generated photos for the jpeg/cache paths (default 64, --tiny 4)")
     g.add_argument("--photo_dir", default=None, help="where the photos and their cache go (default: a temp folder)")
     g.add_argument("--stride", type=int, default=None, help="ViT patch stride (default: the backbone's patch size)")
     g.add_argument("--last_stride", type=int, default=1, choices=[1, 2], help="RN layer4 stride (1 as in training)")
@@ -482,13 +254,79 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.gpu or args.protocol_run or args.fast_paths:
         args.only = ["gpu"] * args.gpu + ["protocol_run"] * args.protocol_run + ["fast_paths"] * args.fast_paths
-    if args.tiny:
-        args.input_size, args.photo_size, args.bench_photos = [32, 32], [64, 48], 4
-        args.iters, args.warmup, args.bench_workers = 1, 1, 0
-        args.train_batch, args.infer_batch = args.train_batch or 2, args.infer_batch or 2
-        args.fast_paths_epochs, args.fast_paths_encode = min(args.fast_paths_epochs, 2), [8]
-        args.search_sizes, args.search_queries = [1000, 5000], 8
+    for flag, (full, tiny) in SCALED_DEFAULTS.items():  # only flags left out: a value given always wins
+        if getattr(args, flag) is None:
+            setattr(args, flag, tiny if args.tiny else full)
+    flags.exit_on_problems(flag_problems(args))
     return args
+
+
+def flag_problems(args):
+    """One message per flag that no part could run with (every flag is checked, whichever parts run)."""
+    problems = flags.bound_problems(args, at_least={
+        "repeats": 1, "decode_images": 1, "photo_size": 1, "input_size": 1, "matches_per_query": 1,
+        "search_sizes": 1, "search_dim": 1, "search_queries": 1, "protocol_ids": 3, "protocol_epochs": 1,
+        "iters": 1, "warmup": 0, "train_batch": 1, "infer_batch": 1, "bench_workers": 0, "bench_photos": 1,
+        "stride": 1, "fast_paths_epochs": 1, "fast_paths_encode": 1, "fast_paths_timeout": 1},
+        positive=("peak_tflops",))
+    num_q, num_g = args.metrics_shape
+    if num_q < 1 or num_g < 5:
+        problems.append(f"--metrics_shape Q G needs at least 1 query and 5 gallery entries (the verification part "
+                        f"draws G/5 identities), got {num_q} {num_g}")
+    elif max(args.matches_per_query) > num_g:
+        problems.append(f"--matches_per_query {max(args.matches_per_query)} is more than the gallery of "
+                        f"--metrics_shape ({num_g}); give at most {num_g}")
+    for flag in ("backbones", "fast_paths_backbones"):
+        unknown = [name for name in getattr(args, flag) if name not in clip.model.MODEL_CONFIGS]
+        if unknown:
+            problems.append(f"--{flag}: {' '.join(unknown)} is not an official CLIP name; choose from "
+                            f"{' '.join(clip.model.MODEL_CONFIGS)}")
+    if not problems:
+        problems += geometry_problems(args)
+    for part, flag in (("gpu", "--gpu"), ("fast_paths", "--fast_paths")):
+        if part in args.only and not args.device.startswith("cuda") and not args.tiny:
+            problems.append(f"{flag} measures a CUDA GPU; pass --device cuda (or --tiny for a CPU smoke run)")
+    out = os.path.abspath(args.out)
+    if os.path.isdir(out):
+        problems.append(f"--out {args.out} is a folder; name a JSON file, e.g. "
+                        f"{os.path.join(args.out, 'benchmark_results.json')}")
+    elif os.path.lexists(out) and not os.path.isfile(out):
+        problems.append(f"--out {args.out} is not a regular file; name a JSON file")
+    elif not os.path.isdir(os.path.dirname(out)):
+        problems.append(f"--out {args.out}: the folder {os.path.dirname(out)} does not exist; create it or choose "
+                        f"another --out")
+    return problems
+
+
+def geometry_problems(args):
+    """One message per encoder the chosen parts build that cannot take --input_size (--stride,
+    --last_stride), found by building it without weights, before any part runs."""
+    built = []  # (backbone spec, tiny checkpoint kind or None)
+    if {"train", "infer", "gpu"} & set(args.only):
+        names = ["ViT-B/16", "RN50"] if "gpu" in args.only else []
+        names += [n for n in args.backbones if n not in names and {"train", "infer"} & set(args.only)]
+        built += [(throughput.throughput_spec(name, args), None) for name in names]
+    if {"protocol_run", "fast_paths"} & set(args.only):  # the trainer's geometry: the patch size, last stride 1
+        names = ["ViT-B/16"] + [n for n in args.fast_paths_backbones if n != "ViT-B/16" and "fast_paths" in args.only]
+        for name in names:
+            kind = "rn" if name.startswith("RN") else "vit"
+            spec = models.backbone_spec(name, tuple(args.input_size))
+            spec["arch"] = (clip.clip.tiny_config(kind, image_resolution=args.input_size[0]) if args.tiny
+                            else dict(clip.model.MODEL_CONFIGS[name]))
+            built.append((spec, kind if args.tiny else None))
+    problems = []
+    for spec, tiny_kind in built:
+        unit = 32 if tiny_kind == "rn" else 16
+        if tiny_kind and args.input_size[0] % unit:
+            problems.append(f"--input_size {args.input_size[0]} {args.input_size[1]}: the tiny {spec['name']} "
+                            f"checkpoint of --tiny --protocol_run / --fast_paths needs a height that is a multiple of "
+                            f"{unit}")
+            continue
+        try:
+            models.load_backbone(spec, weights="empty")
+        except TrainingInputError as err:
+            problems.append(str(err))
+    return list(dict.fromkeys(problems))
 
 
 def folders_to_write(args):
@@ -506,11 +344,32 @@ def folders_to_write(args):
         need[folder] = need.get(folder, 0) + args.bench_photos * (jpeg + cached)
     if {"protocol_run", "fast_paths"} & set(args.only):
         folder = args.photo_dir or temp
-        photos = 8 * 4 * 4 if args.tiny else args.protocol_ids * 4 * 8
+        photos = args.protocol_ids * 4 * (4 if args.tiny else 8)
         need[folder] = need.get(folder, 0) + photos * (jpeg + cached) + (0 if args.tiny else 4 * 2 ** 30)
         if "fast_paths" in args.only and not args.tiny:  # a run of each backbone kept (checkpoints), evaluations
             need[folder] += len(args.fast_paths_backbones) * 2 * 2 ** 30
     return need
+
+
+def earlier_figures(path, force):
+    """The figures already in --out, to merge the new ones into: {} where there is no file, or where
+    `force` replaces one that holds something else. Any other file is refused, so another program's
+    output (an evaluation's results.json) is never merged into."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        found = io.read_json(path)
+    except InputFileError:
+        found = None
+    if isinstance(found, dict):
+        marked = isinstance(found.get("benchmark"), dict) and found["benchmark"].get("program") == MARKER["program"]
+        # before the marker, a benchmark file held only parts and their "runs"
+        if marked or ("runs" in found and set(found) <= set(PARTS) | {"runs"}):
+            return found
+    if force:
+        return {}
+    raise OutputExistsError(f"--out {path} holds something benchmark.py did not write (no \"benchmark\" key); "
+                            f"choose another --out, or pass --force to replace it")
 
 
 @interrupts.sigterm_as_ctrl_c
@@ -524,11 +383,11 @@ def main(argv=None):
             outputs.check_writable(folder, flag)
             outputs.check_space(folder, need, flag)
         with outputs.FolderLock(args.out, "another benchmark"):  # one writer merges into --out at a time
-            previous = io.read_json(args.out) if os.path.isfile(args.out) else {}
+            previous = earlier_figures(args.out, args.force)
             figures = {}
             for name in args.only:
                 figures[name] = PARTS[name](args)
-            previous.update(figures)
+            previous.update(figures, benchmark=MARKER)
             previous.setdefault("runs", {}).update({name: io.run_info() for name in figures})
             io.atomic_write_json(args.out, previous)
     except ClipFHError as err:

@@ -31,8 +31,9 @@ def upscale_photo(path, photo_size):
 
 def protocol_data(args):
     """The synthetic 11k data set of the dorsal-right protocol's size (1600x1200 photos), its split
-    root and a random-weight ViT-B/16 checkpoint (tiny: a few identities, a tiny ViT), made once per
-    invocation. Returns {"root", "split_root", "checkpoint", "info", "photos", "num_splits", "seconds"}."""
+    root and a random-weight ViT-B/16 checkpoint (tiny: fewer photos per identity, 2 splits, a tiny ViT),
+    made once per invocation (--protocol_ids identities per aspect). Returns {"root", "split_root",
+    "checkpoint", "info", "photos", "num_splits", "seconds"}."""
     import clip
     import torch
     import prepare_train_val_test_11k_r_l as prepare
@@ -42,7 +43,7 @@ def protocol_data(args):
     root = os.path.join(args.photo_dir or os.path.join(tempfile.gettempdir(), "clipfh_protocol_run"), "11k")
     seconds = {}
     start = time.perf_counter()
-    num_ids, per_id = (8, (3, 4)) if tiny else (args.protocol_ids, (6, 8))
+    num_ids, per_id = args.protocol_ids, (3, 4) if tiny else (6, 8)
     info = synthetic.make_synthetic_11k(root, num_ids_per_aspect=num_ids, images_per_id=per_id,
                                         image_size=(80, 60), seed=args.seed)
     photos = write_protocol_photos(root, args.photo_size, args.seed, os.cpu_count() or 1)
@@ -72,7 +73,7 @@ def bench_protocol(args):
     root, split_root, checkpoint = made["root"], made["split_root"], made["checkpoint"]
     num_ids, num_splits, info, photos = made["num_ids"], made["num_splits"], made["info"], made["photos"]
     seconds = dict(made["seconds"])
-    epochs = 1 if tiny else args.protocol_epochs
+    epochs = args.protocol_epochs
     out_root = os.path.join(root, "runs")
     common = ["--device", args.device, "--seed", str(args.seed)]
     train_args = ["--data_dir", split_root, "--f_name", out_root, "--m_name", "protocol", "--backbone_name",
@@ -104,3 +105,8 @@ def bench_protocol(args):
           f"{args.photo_size[1]}, {epochs} epochs + {num_splits}-split evaluation: train {seconds['train']:.1f} s, "
           f"evaluate {seconds['evaluate']:.1f} s -> {end_to_end:.1f} s end to end (target <= {PROTOCOL_TARGET_S} s)")
     return figures
+
+
+if __name__ == "__main__":
+    raise SystemExit("benchmark_protocol.py is run by `python benchmark.py --protocol_run` (see its --help); "
+                     "run that instead")

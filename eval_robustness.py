@@ -80,21 +80,24 @@ def parse_args(argv=None):
     io.add_common_args(p)  # --seed: the corruptions' random choices, --device
     args = p.parse_args(argv)
     run = args.run_dir is not None or args.m_name is not None
+    problems = flags.bound_problems(args, at_least={"batch_size": 1, "num_workers": 0, "input_size": 1})
     if run == (args.backbone_name is not None):
-        p.error("name one model: --run_dir (or --f_name and --m_name) for a trained run, or --backbone_name for "
-                "zero-shot CLIP")
+        problems.append("name one model: --run_dir (or --f_name and --m_name) for a trained run, or --backbone_name "
+                        "for zero-shot CLIP")
     if args.run_dir is not None and (args.m_name is not None or args.f_name is not None):
-        p.error("--run_dir names the run; --f_name/--m_name name it too: give one or the other")
+        problems.append("--run_dir names the run; --f_name/--m_name name it too: give one or the other")
     if run and (args.input_size or args.stride):
-        p.error("--input_size and --stride are for zero-shot backbones; a run is evaluated at its own input size")
+        problems.append("--input_size and --stride are for zero-shot backbones; a run is evaluated at its own input "
+                        "size")
     if not run and args.feature:
-        p.error("--feature chooses a trained run's feature; zero-shot CLIP has one (encode_image)")
+        problems.append("--feature chooses a trained run's feature; zero-shot CLIP has one (encode_image)")
     if sorted(set(args.severities)) != sorted(args.severities) or not all(
             1 <= s <= corruptions.MAX_SEVERITY for s in args.severities):
-        p.error(f"--severities must be distinct numbers from 1 to {corruptions.MAX_SEVERITY}, got {args.severities}")
+        problems.append(f"--severities must be distinct numbers from 1 to {corruptions.MAX_SEVERITY}, got "
+                        f"{' '.join(map(str, args.severities))}")
     if len(set(args.families)) != len(args.families):
-        p.error("--families lists a family twice")
-    flags.exit_on_problems(flags.bound_problems(args, at_least={"batch_size": 1, "num_workers": 0, "input_size": 1}))
+        problems.append("--families lists a family twice")
+    flags.exit_on_problems(problems)
     args.severities, args.families = sorted(args.severities), list(args.families)
     if run and args.run_dir is None:
         args.run_dir = os.path.join(args.f_name or "./model_11k_d_r", args.m_name)
@@ -151,6 +154,15 @@ def load_model(args, layout):
         print(note)
     args.compile = models.use_compile(args.compile, args.device)  # config.json records what ran
     return {"encode": encode, "setting": setting, "method": method, "record": record}
+
+
+ROBUSTNESS_FILES = ("robustness.json", "robustness.csv", "robustness_mAP.png", "robustness_mAP.pdf", "corruptions.png",
+                    "corruptions.pdf", "config.json")
+
+
+def is_robustness_file(name):
+    """A file main() writes into its output folder (anything else there is the user's)."""
+    return name in ROBUSTNESS_FILES
 
 
 def default_out_dir(args):
@@ -272,7 +284,10 @@ def main(argv=None):
             raise errors.EvaluationInputError(f"--backbone_name {args.backbone_name} is neither an official CLIP name "
                                               f"({', '.join(clip.available_models())}) nor a checkpoint file")
         out_dir = args.out_dir or default_out_dir(args)
-        with outputs.OutputFolder(out_dir, overwrite=args.force, what="another robustness benchmark") as out:
+        outputs.refuse_overlap("--out_dir", out_dir, {"--run_dir": args.run_dir, "--test_dir": args.test_dir},
+                               may_hold=("--run_dir",))
+        with outputs.OutputFolder(out_dir, overwrite=args.force, what="another robustness benchmark",
+                                  ours=is_robustness_file) as out:
             out.check_space(8 * 2 ** 20)  # two figures, JSON and CSV: a few MB
             model = load_model(args, layout)
             data.check_images(splits.query_gallery_paths(args.test_dir),

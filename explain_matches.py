@@ -76,6 +76,8 @@ def parse_args(argv=None):
                    help="tqdm bar (default: only when the output is a terminal)")
     io.add_common_args(p)
     args = p.parse_args(argv)
+    if args.run_dir and args.input_size:
+        p.error("--input_size is for zero-shot backbones; a run is explained at the input size it was trained with")
     flags.exit_on_problems(flags.bound_problems(args, at_least={
         "top_k": 1, "num_queries": 1, "num_random": 1, "batch_size": 1, "draw": 1, "input_size": 1}))
     return args
@@ -137,7 +139,11 @@ def load_model(args, evaluated):
     if evaluated.get("backbone") and evaluated["backbone"] != args.backbone_name:
         raise SystemExit(f"error: {args.mat} was computed with backbone {evaluated['backbone']}, not "
                          f"--backbone_name {args.backbone_name}")
-    size = tuple(args.input_size or evaluated.get("args", {}).get("input_size") or (224, 224))
+    recorded = evaluated.get("args", {}).get("input_size")
+    if args.input_size and recorded and list(args.input_size) != list(recorded):
+        raise SystemExit(f"error: --input_size {' '.join(map(str, args.input_size))}: {args.mat} was ranked at "
+                         f"{' '.join(map(str, recorded))}; drop --input_size to explain what ranked the gallery")
+    size = tuple(args.input_size or recorded or clip.native_input_size(args.backbone_name))
     try:
         clip_model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
                                   input_size=size)

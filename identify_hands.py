@@ -29,6 +29,7 @@ verify: the similarity of two photos and the decision at --far (threshold from -
 """
 import argparse
 import csv
+import re
 import os
 import textwrap
 import time
@@ -78,8 +79,9 @@ def parse_args(argv=None):
                        help="zero-shot input size (default: the backbone's own, 224 224 for ViT-B/16 and RN50; "
                             "runs use their own)")
     model.add_argument("--stride", type=int, default=None, help="zero-shot ViT patch stride (default: the patch size)")
-    model.add_argument("--pos_interp", choices=list(clip.POS_INTERPOLATIONS), default="bilinear",
-                       help="zero-shot: how positional embeddings are resized (as the zero-shot evaluator)")
+    model.add_argument("--pos_interp", choices=list(clip.POS_INTERPOLATIONS), default=None,
+                       help="zero-shot: how positional embeddings are resized (default bilinear, as the zero-shot "
+                            "evaluator)")
     model.add_argument("--download_root", default="~/.cache/clip", help="where official CLIP weights are cached")
     model.add_argument("--batch_size", type=int, default=64, help="photos per encoding batch")
     model.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
@@ -99,7 +101,7 @@ def parse_args(argv=None):
     enroll.add_argument("--gallery", required=True, help="gallery folder to write (e.g. my_hands.gallery)")
     enroll.add_argument("--append", action="store_true", help="add the photos to an existing gallery")
     enroll.add_argument("--force", action="store_true", help="replace an existing gallery")
-    enroll.add_argument("--storage", choices=gallery.DTYPES, default="float16",
+    enroll.add_argument("--storage", choices=gallery.DTYPES, default=None,
                         help="how features are stored: float16 (default; 1 GB per million 512-d entries, "
                              "similarities within 5e-4) or float32 (exact, twice the size); --append keeps the "
                              "gallery's")
@@ -125,6 +127,11 @@ def parse_args(argv=None):
         problems.append(f"--far must be between 0 and 1, got {args.far}")
     if args.command == "search":
         problems += flags.bound_problems(args, at_least={"top_k": 1, "explain_k": 1, "num_random": 1, "figures": 0})
+    if args.run_dir is not None:
+        problems += [f"--{flag} is for zero-shot CLIP (--backbone_name); a run uses the settings it was trained with"
+                     for flag in ("input_size", "stride", "pos_interp") if getattr(args, flag) is not None]
+    if args.command == "search" and args.explain and args.figures == 0:
+        problems.append("--explain draws the maps of the queries that get figures; give --figures of at least 1")
     if args.command == "enroll" and args.append and args.force:
         problems.append("--append adds to a gallery, --force replaces it: give one of them")
     flags.exit_on_problems(problems)
@@ -179,11 +186,11 @@ def load_model(args):
         raise IdentifyError("--feature, --inference_prompt and --aspect apply to trained runs (--run_dir)")
     size = tuple(args.input_size or clip.native_input_size(args.backbone_name))
     clip_model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
-                              input_size=size, patch_stride=args.stride, pos_interp=args.pos_interp)
+                              input_size=size, patch_stride=args.stride, pos_interp=args.pos_interp or "bilinear")
     sha = clip.release_sha256(args.backbone_name) or gallery.file_sha256(os.path.expanduser(args.backbone_name))
     name = args.backbone_name if clip.release_sha256(args.backbone_name) else os.path.basename(args.backbone_name)
     fingerprint = {"kind": "zero-shot", "backbone": name, "sha256": sha, "stride": args.stride,
-                   "pos_interp": args.pos_interp}
+                   "pos_interp": args.pos_interp or "bilinear"}
     settings = test_time_settings(args, None, size)
     return clip_model.encode_image, clip_model.visual, fingerprint, settings
 
@@ -244,6 +251,10 @@ def read_labels(csv_path):
             return labels
     except OSError as err:
         raise IdentifyError(f"cannot read {csv_path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise IdentifyError(f"{csv_path} is not UTF-8 text; save it as a UTF-8 CSV with the columns file,identity") from None
+    except csv.Error as err:
+        raise IdentifyError(f"{csv_path} is not a readable CSV ({err}); save it with the columns file,identity") from None
 
 
 def is_photo(name):
@@ -259,6 +270,8 @@ def scan_photos(path, labels_csv=None, flag="--images"):
             raise IdentifyError(f"{flag} {path} is not a photo ({', '.join(IMAGE_EXTENSIONS)})")
         name = os.path.basename(path)
         labels = read_labels(labels_csv) if labels_csv else {}
+        if labels_csv and name not in labels:
+            raise IdentifyError(f"{labels_csv} has no row for {name}; add it, or leave out the labels CSV")
         return [(os.path.abspath(path), labels.get(name, ""))]
     if not os.path.isdir(path):
         raise IdentifyError(f"{flag} {path} does not exist")
@@ -320,8 +333,10 @@ def enroll(args):
     if os.path.isdir(target) and os.listdir(target) and not gallery.is_gallery(target):
         raise IdentifyError(f"--gallery {args.gallery} is a folder that is not a gallery; choose another path "
                             f"(nothing there is replaced)")
+    outputs.refuse_overlap("--gallery", args.gallery, {"--images": args.images, "--run_dir": args.run_dir})
     with outputs.OutputFolder(target, overwrite=args.append or args.force, flag="--append (add photos) or --force "
-                              "(replace it)", what="another enrolment", exists=gallery.is_gallery) as out:
+                              "(replace it)", what="another enrolment", exists=gallery.is_gallery,
+                              ours=gallery.is_gallery_file) as out:
         encode_fn, _, fingerprint, settings = load_model(args)
         old = gallery.Gallery(target) if args.append and gallery.is_gallery(target) else None
         if old is not None:
@@ -338,7 +353,10 @@ def enroll(args):
             return {"gallery": target, "added": 0, "skipped": len(duplicates), "num_entries": len(old)}
         check_photos([p for p, _, _ in new], settings, args, f"photos of {args.images}")
         dim = encode(encode_fn, [new[0][0]], settings, args, "probe").shape[1]
-        storage = old.header["dtype"] if old is not None else args.storage
+        if old is not None and args.storage not in (None, old.header["dtype"]):
+            raise IdentifyError(f"--storage {args.storage}: {args.gallery} stores {old.header['dtype']}, which "
+                                f"--append keeps; drop --storage, or enrol into a new gallery")
+        storage = old.header["dtype"] if old is not None else args.storage or "float16"
         out.check_space(gallery.gallery_bytes(len(new), dim, storage))
         history = (old.header.get("history", []) if old else []) + [{
             "images": os.path.abspath(args.images), "labels": args.labels and os.path.abspath(args.labels),
@@ -507,11 +525,21 @@ def write_explanations(tmp, records, encode_fn, visual, settings, args):
     return aucs
 
 
+SEARCH_FILE = re.compile(r"(search\.(csv|json)|(ranking|explain)_\d+\.(png|pdf))$")
+
+
+def is_search_file(name):
+    """A file search writes into --out_dir (anything else there is the user's and is never replaced)."""
+    return SEARCH_FILE.fullmatch(name) is not None
+
+
 def search(args):
     found = gallery.Gallery(args.gallery)
     queries = scan_photos(args.query, args.query_labels, flag="--query")
-    with outputs.OutputFolder(args.out_dir, overwrite=args.force, flag="--force", what="another search") as out:
-        out.check_space(len(queries) * args.top_k * 400 + min(len(queries), args.figures) * 2 ** 21)
+    outputs.refuse_overlap("--out_dir", args.out_dir, {"--gallery": args.gallery, "--query": args.query, "--run_dir": args.run_dir})
+    with outputs.OutputFolder(args.out_dir, overwrite=args.force, flag="--force", what="another search",
+                              ours=is_search_file) as out:
+        out.check_space(len(queries) * min(args.top_k, len(found)) * 400 + min(len(queries), args.figures) * 2 ** 21)
         encode_fn, visual, fingerprint, settings = load_model(args)
         check_gallery_fits(found, fingerprint, settings)
         check_photos([p for p, _ in queries], settings, args, f"query photos of {args.query}")

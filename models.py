@@ -108,8 +108,8 @@ def read_run_config(run_dir):
     """config.json of a trainer's run folder, checked for the entries a model is rebuilt from
     (TrainingInputError when there is none, InputFileError when it is damaged)."""
     if not os.path.isfile(os.path.join(run_dir, "config.json")):
-        raise TrainingInputError(f"{os.path.join(run_dir, 'config.json')} does not exist: --f_name/--m_name must "
-                                 f"name a folder written by a CLIP-FH trainer")
+        raise TrainingInputError(f"{os.path.join(run_dir, 'config.json')} does not exist: the run folder (--run_dir, "
+                                 f"or --f_name/--m_name) must be one a CLIP-FH trainer wrote")
     return io.read_config(run_dir, required=RUN_CONFIG_KEYS)
 
 

@@ -178,6 +178,32 @@ def dry_run(plan, start):
     return {"steps": plan.steps, "counts": counts}
 
 
+def check_locations(plan):
+    """Every folder the recipe writes must be a folder or be free to become one: a file in the way is one
+    line before any step runs, not a traceback after them."""
+    folders = [plan.out, *(os.path.join(plan.out, name) for name in (*recipes.OUT_FOLDERS, plan.recipe["name"]))]
+    folders += [step["out"] for step in plan.steps if "out" in step]
+    if plan.args.tiny:
+        folders += [os.path.join(plan.data_root, "checkpoints"), *map(plan.data_dir, plan.recipe["data"])]
+    for folder in folders:
+        blocker = file_in_the_way(folder)
+        if blocker:
+            raise RecipeError(f"--out {plan.args.out}: {blocker} is a file where reproduce.py needs a folder; move it "
+                              f"away or choose another --out")
+
+
+def file_in_the_way(folder):
+    """The path at or above `folder` that exists and is not a folder (None when the folder can be made)."""
+    while not os.path.isdir(folder):
+        if os.path.lexists(folder):
+            return folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+    return None
+
+
 def check_stale(plan, force):
     """Refuse, before anything runs, output that records other flags than the recipe asks for."""
     stale = [(step, why) for step in plan.steps for state, why in [status(step)] if state == "stale"]
@@ -233,6 +259,7 @@ def reproduce(args):
     plan = Plan(recipe, args, profile)
     if not plan.steps:
         raise RecipeError(f"--only {' '.join(args.only)} selects nothing of recipe {recipe['name']}")
+    check_locations(plan)
     if args.dry_run:
         return dry_run(plan, start)
     check_stale(plan, args.force)

@@ -1,11 +1,16 @@
 """benchmark.py --gpu and --protocol_run with --tiny on the CPU: the JSON has every row of issue 14's
-table, with figures, FLOP fractions and targets (met is None off a GPU)."""
+table, with figures, FLOP fractions and targets (met is None off a GPU). Bad flags and a foreign --out
+file are refused in one line each, before any part runs."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 import benchmark
 import benchmark_fast_paths
+from benchmark_throughput import DATA_PATHS, TARGETS
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -18,16 +23,16 @@ def test_gpu_table_json_has_every_row(tmp_path):
     rows = {(row["mode"], row["backbone"]): row for row in figures["rows"]}
     assert set(rows) == {(m, b) for m in ("train", "infer") for b in ("ViT-B/16", "RN50")}
     for (mode, backbone), row in rows.items():
-        assert set(row["images_per_s"]) == {f"bf16/{path}" for path in benchmark.DATA_PATHS}  # no compile on a CPU
+        assert set(row["images_per_s"]) == {f"bf16/{path}" for path in DATA_PATHS}  # no compile on a CPU
         assert row["eager"] == row["images_per_s"]["bf16/device"] > 0 and row["compiled"] is None
         assert row["fraction_of_peak"] == pytest.approx(row["eager"] / row["ceiling_images_per_s"])
-        assert row["target_images_per_s"] == benchmark.TARGETS[mode][backbone]
+        assert row["target_images_per_s"] == TARGETS[mode][backbone]
         assert row["target_met"] is None  # tiny models on a CPU measure nothing
 
 
-def test_gpu_refuses_a_cpu_without_tiny(tmp_path):
-    with pytest.raises(SystemExit, match="CUDA"):
-        benchmark.main(["--gpu", "--device", "cpu", "--out", str(tmp_path / "bench.json")])
+def test_gpu_refuses_a_cpu_without_tiny(tmp_path, capsys):
+    assert refused(["--gpu", "--device", "cpu", "--out", str(tmp_path / "bench.json")], capsys) == [
+        "error: --gpu measures a CUDA GPU; pass --device cuda (or --tiny for a CPU smoke run)"]
 
 
 def test_protocol_run_times_training_and_evaluation(tmp_path):
@@ -71,6 +76,126 @@ def test_fast_path_decisions_compare_on_with_off():
     assert found["compile (inductor cache warm)"]["on_wins"] and found["gpu_augment"]["on_wins"]
 
 
-def test_fast_paths_refuses_a_cpu_without_tiny(tmp_path):
-    with pytest.raises(SystemExit, match="CUDA"):
-        benchmark.main(["--fast_paths", "--device", "cpu", "--out", str(tmp_path / "bench.json")])
+def test_fast_paths_refuses_a_cpu_without_tiny(tmp_path, capsys):
+    assert refused(["--fast_paths", "--device", "cpu", "--out", str(tmp_path / "bench.json")], capsys) == [
+        "error: --fast_paths measures a CUDA GPU; pass --device cuda (or --tiny for a CPU smoke run)"]
+
+
+# ---- bad input ----
+
+def no_work(args):
+    raise AssertionError("a part ran before the input was checked")
+
+
+def refused(argv, capsys):
+    """The error lines of a command line benchmark.py refuses with exit status 2 before any part runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in benchmark.PARTS:
+            patch.setitem(benchmark.PARTS, name, no_work)
+        with pytest.raises(SystemExit) as info:
+            benchmark.main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err.splitlines()
+
+
+def test_each_bad_number_is_its_own_line_before_any_work(tmp_path, capsys):
+    out = str(tmp_path / "bench.json")
+    lines = refused(["--out", out, "--repeats", "0", "--metrics_shape", "-5", "100", "--search_sizes", "-10",
+                     "--search_queries", "0", "--decode_images", "0", "--tiny", "--iters", "0",
+                     "--protocol_ids", "1", "--peak_tflops", "0", "--bench_workers", "-1"], capsys)
+    assert lines == ["error: --repeats must be at least 1, got 0", "error: --decode_images must be at least 1, got 0",
+                     "error: --search_sizes must be at least 1, got -10",
+                     "error: --search_queries must be at least 1, got 0",
+                     "error: --protocol_ids must be at least 3, got 1", "error: --iters must be at least 1, got 0",
+                     "error: --bench_workers must be at least 0, got -1",
+                     "error: --peak_tflops must be positive, got 0.0",
+                     "error: --metrics_shape Q G needs at least 1 query and 5 gallery entries (the verification "
+                     "part draws G/5 identities), got -5 100"]
+    assert refused(["--out", out, "--matches_per_query", "0"], capsys) == [
+        "error: --matches_per_query must be at least 1, got 0"]
+    assert refused(["--out", out, "--metrics_shape", "10", "20", "--matches_per_query", "1", "30"], capsys) == [
+        "error: --matches_per_query 30 is more than the gallery of --metrics_shape (20); give at most 20"]
+    assert not os.listdir(tmp_path)
+
+
+def test_backbones_are_checked_before_any_work(tmp_path, capsys):
+    out = str(tmp_path / "bench.json")
+    [line] = refused(["--only", "infer", "--backbones", "ViT-X/99", "--out", out], capsys)
+    assert line.startswith("error: --backbones: ViT-X/99 is not an official CLIP name; choose from RN50 ")
+    [line] = refused(["--only", "infer", "--tiny", "--backbones", "ViT-B/16", "--input_size", "8", "8", "--out", out],
+                     capsys)
+    assert line == ("error: backbone ViT-B/16: input size (8, 8) is smaller than the patch size 16 (--input_size, "
+                    "--stride, --last_stride)")
+    assert refused(["--protocol_run", "--tiny", "--input_size", "40", "40", "--out", out], capsys) == [
+        "error: --input_size 40 40: the tiny ViT-B/16 checkpoint of --tiny --protocol_run / --fast_paths needs a "
+        "height that is a multiple of 16"]
+
+
+def test_out_is_checked_before_any_work(tmp_path, capsys):
+    assert refused(["--only", "metrics", "--out", str(tmp_path)], capsys) == [
+        f"error: --out {tmp_path} is a folder; name a JSON file, e.g. {tmp_path / 'benchmark_results.json'}"]
+    missing = tmp_path / "no" / "bench.json"
+    assert refused(["--only", "metrics", "--out", str(missing)], capsys) == [
+        f"error: --out {missing}: the folder {missing.parent} does not exist; create it or choose another --out"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_tiny_fills_only_the_flags_left_out():
+    full, tiny = benchmark.parse_args([]), benchmark.parse_args(["--tiny"])
+    assert full.search_sizes == [10_000, 100_000, 1_000_000] and tiny.search_sizes == [1000, 5000]
+    assert (full.protocol_ids, full.input_size, full.fast_paths_epochs) == (290, [224, 224], 70)
+    assert (tiny.protocol_ids, tiny.input_size, tiny.fast_paths_epochs) == (8, [32, 32], 2)
+    given = benchmark.parse_args(["--tiny", "--search_sizes", "7", "--protocol_ids", "5", "--input_size", "64", "48",
+                                  "--fast_paths_epochs", "3", "--iters", "4", "--protocol_epochs", "2"])
+    assert given.search_sizes == [7] and given.protocol_ids == 5 and given.input_size == [64, 48]
+    assert (given.fast_paths_epochs, given.iters, given.protocol_epochs) == (3, 4, 2)
+    assert given.search_queries == 8 and given.photo_size == [64, 48]  # the ones left out: --tiny's
+
+
+def test_out_of_another_program_is_refused_unless_force(tmp_path, monkeypatch):
+    results = tmp_path / "results.json"  # an evaluation's
+    results.write_text(json.dumps({"metrics": {"Rank-1": 91.5}, "config": {"seed": 0}}))
+    before = results.read_bytes()
+    argv = ["--only", "verification", "--metrics_shape", "20", "50", "--out", str(results)]
+    with monkeypatch.context() as patch:
+        patch.setitem(benchmark.PARTS, "verification", no_work)
+        with pytest.raises(SystemExit) as info:
+            benchmark.main(argv)
+    assert str(info.value) == (f"error: --out {results} holds something benchmark.py did not write (no "
+                               f"\"benchmark\" key); choose another --out, or pass --force to replace it")
+    assert results.read_bytes() == before
+    broken = tmp_path / "notes.json"
+    broken.write_text("not JSON at all")
+    with pytest.raises(SystemExit, match="pass --force to replace it"):
+        benchmark.main(["--only", "verification", "--metrics_shape", "20", "50", "--out", str(broken)])
+    assert broken.read_text() == "not JSON at all"
+
+    benchmark.main(argv + ["--force"])
+    replaced = json.loads(results.read_text())
+    assert set(replaced) == {"benchmark", "verification", "runs"}
+    assert replaced["benchmark"] == {"program": "benchmark.py", "format": 1}
+    benchmark.main(["--only", "metrics", "--metrics_shape", "20", "50", "--out", str(results)])  # ours: merged
+    merged = json.loads(results.read_text())
+    assert merged["verification"] == replaced["verification"] and merged["metrics"]["shape_QxG"] == [20, 50]
+    assert set(merged["runs"]) == {"verification", "metrics"}
+
+
+def test_a_benchmark_file_from_before_the_marker_is_merged_into(tmp_path):
+    out = tmp_path / "bench.json"
+    out.write_text(json.dumps({"decode": {"speedup": 3.2}, "runs": {"decode": {"git_commit": "abc"}}}))
+    benchmark.main(["--only", "verification", "--metrics_shape", "20", "50", "--out", str(out)])
+    found = json.loads(out.read_text())
+    assert found["decode"] == {"speedup": 3.2} and found["verification"]["shape_QxG"] == [20, 50]
+    assert found["benchmark"]["program"] == "benchmark.py"
+
+
+@pytest.mark.parametrize("module, line", [
+    ("benchmark_protocol", "benchmark_protocol.py is run by `python benchmark.py --protocol_run` (see its --help); "
+                           "run that instead"),
+    ("benchmark_fast_paths", "benchmark_fast_paths.py is the child process of `python benchmark.py --fast_paths` "
+                             "(see its --help); run that instead")])
+def test_a_part_module_run_alone_says_what_to_run(module, line):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(repo, f"{module}.py"), "--help"], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr.splitlines()) == (1, "", [line])

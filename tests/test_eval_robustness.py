@@ -181,3 +181,12 @@ def test_refusals(run_dir, hand_data, tmp_path, tiny_vit_checkpoint):
     assert read_json(out / "robustness.json")["families"] == ["rotation"]
     with pytest.raises(SystemExit, match="is not a folder"):
         eval_robustness.main(["--run_dir", run_dir, "--test_dir", str(tmp_path / "missing"), *QUIET])
+    one = ["--families", "contrast", "--severities", "1", "--force"]
+    for out_dir, flag in ((run_dir, "--run_dir"), (hand_data, "--test_dir"), (os.path.join(hand_data, "x"), "--test_dir")):
+        with pytest.raises(SystemExit, match=f"--out_dir .* overlaps {flag}"):
+            eval_robustness.main(base + ["--out_dir", out_dir, *one])
+    assert os.path.isfile(os.path.join(run_dir, "config.json"))
+    (out / "my_notes.txt").write_text("mine")  # --force replaces our files, never a user's
+    with pytest.raises(SystemExit, match="holds files this program did not write"):
+        eval_robustness.main(base + ["--out_dir", str(out), *one])
+    assert (out / "my_notes.txt").read_text() == "mine"

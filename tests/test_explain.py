@@ -174,3 +174,7 @@ def test_zero_shot_cli_and_bad_input(hand_data, tiny_vit_checkpoint, tiny_rn_che
                               str(tmp_path / "missing.mat")])
     with pytest.raises(SystemExit, match="--query_index 999"):
         explain_matches.main(["--backbone_name", tiny_vit_checkpoint, *common, "--force", "--query_index", "999"])
+    with pytest.raises(SystemExit, match="--input_size 32 32: .* was ranked at 64 64"):
+        explain_matches.main(["--backbone_name", tiny_vit_checkpoint, *common, "--force", "--input_size", "32", "32"])
+    with pytest.raises(SystemExit):  # a run is explained at its own input size: the flag is refused at parsing
+        explain_matches.parse_args(["--run_dir", str(tmp_path), "--mat", mat, "--input_size", "64", "64"])

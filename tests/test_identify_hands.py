@@ -223,3 +223,38 @@ def test_existing_search_is_kept_without_force(evaluated, folder_split, tmp_path
     replaced = run("search", evaluated["model"], *query, "--top_k", "2", "--force")
     assert replaced["top_k"] == 2 and sorted(os.listdir(tmp_path / "s")) == ["search.csv", "search.json"]
     assert sorted(os.listdir(tmp_path)) == ["hands.gallery", "s"]  # no lock or staging folder left
+
+
+def test_force_never_replaces_what_is_not_ours(evaluated, folder_split, tmp_path, capsys):
+    """--force replaces an earlier search or gallery, never a user's files, the gallery, the photos or the run."""
+    g = str(tmp_path / "hands.gallery")
+    run("enroll", evaluated["model"], "--images", os.path.join(folder_split, "gallery0"), "--gallery", g)
+    mine = tmp_path / "hands.gallery" / "my_notes.txt"
+    mine.write_text("mine")
+    with pytest.raises(SystemExit, match="holds files this program did not write .*my_notes.txt"):
+        run("enroll", evaluated["model"], "--images", os.path.join(folder_split, "gallery1"), "--gallery", g, "--append")
+    assert mine.read_text() == "mine"
+    mine.unlink()
+    queries = os.path.join(folder_split, "query0")
+    for out_dir, flag in ((g, "--gallery"), (queries, "--query"), (evaluated["model"][1], "--run_dir"),
+                          (os.path.join(queries, "results"), "--query")):
+        with pytest.raises(SystemExit, match=f"--out_dir .* overlaps {flag}"):
+            run("search", evaluated["model"], "--gallery", g, "--query", queries, "--out_dir", out_dir, "--force")
+    assert gallery.is_gallery(g) and os.listdir(queries)
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("mine")
+    with pytest.raises(SystemExit, match="holds files this program did not write"):
+        run("search", evaluated["model"], "--gallery", g, "--query", queries, "--out_dir", str(thesis), "--force")
+    assert (thesis / "thesis.tex").read_text() == "mine"
+    with pytest.raises(SystemExit, match="--storage float32: .* stores float16"):
+        run("enroll", evaluated["model"], "--images", queries, "--gallery", g, "--append", "--storage", "float32")
+    for extra, message in ((["--stride", "4"], "--stride is for zero-shot CLIP"),
+                           (["--explain", "--figures", "0"], "--explain draws the maps")):
+        with pytest.raises(SystemExit):
+            run("search", evaluated["model"], "--gallery", g, "--query", queries, *extra)
+        assert message in capsys.readouterr().err
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("file,identity\nphoto0.jpg,Jos\xe9\n".encode("latin-1"))
+    with pytest.raises(SystemExit, match="is not UTF-8 text"):
+        run("enroll", evaluated["model"], "--images", queries, "--labels", str(latin), "--gallery", str(tmp_path / "z"))

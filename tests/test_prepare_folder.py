@@ -136,3 +136,124 @@ def test_every_trainer_and_evaluator_runs_on_the_output(folder_split, folder_fin
                                                        "32", "--device", "cpu", "--num_workers", "0"])
     assert os.path.isfile(tmp_path / "zs" / "clip_zero_shot" / "tiny_vit" / "hands" / "result_split1.mat")
     assert zero_shot["rows"][1]["num_query"] == len(manifest_of(folder_split)["sets"]["query1"])
+
+
+def refusal(data_dir, capsys, *extra):
+    """The one line a refused run prints (SystemExit's message or stderr), after checking it wrote nothing."""
+    before = sorted(os.listdir(data_dir))
+    with pytest.raises(SystemExit) as stop:
+        run(data_dir, *extra)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "usage:" not in err
+    lines = [line for line in [str(stop.value)] + err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, lines
+    assert sorted(os.listdir(data_dir)) == before  # nothing written, nothing removed
+    return lines[0]
+
+
+@pytest.mark.parametrize("content", ["José\nperson_000\n".encode("latin-1"), b"\x89PNG\r\n\x1a\n\x00\xff\xfe\x01"],
+                         ids=["latin-1", "binary"])
+def test_train_ids_not_utf8_is_one_line(tmp_path, capsys, content):
+    data_dir = make_data(tmp_path / "hands")
+    (tmp_path / "ids.txt").write_bytes(content)
+    line = refusal(data_dir, capsys, "--train_ids", str(tmp_path / "ids.txt"))
+    assert f"--train_ids {tmp_path / 'ids.txt'} is not UTF-8 text" in line and "save it as UTF-8" in line
+    (tmp_path / "ids.txt").write_bytes("\ufeffperson_000  # José\nperson_001\n".encode("utf-8"))  # a BOM is fine
+    run(data_dir, "--train_ids", str(tmp_path / "ids.txt"))
+    manifest = manifest_of(os.path.join(data_dir, prepare.SPLIT_ROOT))
+    assert labels_of(manifest["sets"]["train_all"]) == {"person_000", "person_001"}
+
+
+def test_distractors_overlapping_the_data_set_are_refused(tmp_path, capsys):
+    data_dir = make_data(tmp_path / "hands", distractor_dir=str(tmp_path / "strangers"), num_distractors=1)
+    run(data_dir)
+    root = os.path.join(data_dir, prepare.SPLIT_ROOT)
+    before = open(os.path.join(root, splits.SPLITS_MANIFEST), "rb").read()
+    line = refusal(data_dir, capsys, "--distractors", data_dir, "--force")
+    assert f"--distractors {data_dir} is --data_dir itself" in line
+    gallery = os.path.join(root, "gallery0")
+    line = refusal(data_dir, capsys, "--distractors", gallery, "--force")
+    assert f"--distractors {gallery} lies inside {root}, the split root this run writes" in line
+    line = refusal(data_dir, capsys, "--distractors", str(tmp_path), "--force")
+    assert f"--distractors {tmp_path} holds " in line and "an identity folder of --data_dir" in line
+    inner = os.path.join(data_dir, "person_001", ".more")  # a hidden folder: not a nested identity
+    os.makedirs(inner)
+    os.rename(str(tmp_path / "strangers" / "stranger_0.jpg"), os.path.join(inner, "x.jpg"))
+    line = refusal(data_dir, capsys, "--distractors", inner, "--force")
+    assert f"--distractors {inner} lies inside {os.path.join(data_dir, 'person_001')}, an identity folder" in line
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    with open(os.path.join(data_dir, "person_003", "2.jpg"), "rb") as f:
+        (copies / "new_name.jpg").write_bytes(f.read())
+    line = refusal(data_dir, capsys, "--distractors", str(copies), "--force")
+    assert "--distractors: 1 photo(s) are byte-identical copies" in line
+    assert f"{copies / 'new_name.jpg'} = {os.path.join(data_dir, 'person_003', '2.jpg')}" in line
+    assert open(os.path.join(root, splits.SPLITS_MANIFEST), "rb").read() == before  # the old split untouched
+
+
+def test_distractor_copies_are_found_by_bytes_not_size(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"0123456789")
+    (tmp_path / "same_size.jpg").write_bytes(b"9876543210")
+    (tmp_path / "other_size.jpg").write_bytes(b"0123")
+    prepare.check_distractor_copies([str(tmp_path / "same_size.jpg"), str(tmp_path / "other_size.jpg")],
+                                    [str(tmp_path / "a.jpg")])
+    (tmp_path / "copy.jpg").write_bytes(b"0123456789")
+    with pytest.raises(prepare.SplitInputError, match="1 photo.* byte-identical.*copy.jpg = .*a.jpg"):
+        prepare.check_distractor_copies([str(tmp_path / "same_size.jpg"), str(tmp_path / "copy.jpg")],
+                                        [str(tmp_path / "a.jpg")])
+
+
+def test_photos_in_sub_folders_of_an_identity_are_refused(tmp_path, capsys):
+    data_dir = make_data(tmp_path / "hands")
+    for session in ("s1", "s2"):
+        os.makedirs(os.path.join(data_dir, "person_100", session))
+        for n in range(1, 5):
+            with open(os.path.join(data_dir, "person_000", f"{n % 3 + 1}.jpg"), "rb") as src, \
+                    open(os.path.join(data_dir, "person_100", session, f"{n}.jpg"), "wb") as dst:
+                dst.write(src.read())
+    line = refusal(data_dir, capsys)
+    assert f"--data_dir {data_dir}: person_100/s1/ holds photos" in line
+    assert "must sit directly in <identity>/" in line
+
+
+def test_train_ids_and_train_fraction_exclude_each_other_and_the_record_says_what_ran(tmp_path, capsys):
+    data_dir = make_data(tmp_path / "hands")
+    (tmp_path / "ids.txt").write_text("person_000\nperson_001\n")
+    line = refusal(data_dir, capsys, "--train_ids", str(tmp_path / "ids.txt"), "--train_fraction", "0.9")
+    assert line == ("error: --train_ids and --train_fraction exclude each other: give the list of train identities "
+                    "or the share to draw, not both")
+    config_path = os.path.join(data_dir, prepare.SPLIT_ROOT, splits.PREPARE_CONFIG)
+    run(data_dir, "--train_ids", str(tmp_path / "ids.txt"))
+    with open(config_path) as f:
+        assert json.load(f)["args"]["train_fraction"] is None  # the list chose the train people
+    run(data_dir, "--force")
+    with open(config_path) as f:
+        assert json.load(f)["args"]["train_fraction"] == 0.5
+    assert manifest_of(os.path.dirname(config_path))["train_split"] == {"train_fraction": 0.5}
+
+
+def test_split_root_that_is_a_file_says_so_with_and_without_force(tmp_path, capsys):
+    data_dir = make_data(tmp_path / "hands")
+    path = os.path.join(data_dir, prepare.SPLIT_ROOT)
+    with open(path, "w") as f:
+        f.write("notes")
+    for extra in ([], ["--force"]):
+        assert refusal(data_dir, capsys, *extra) == f"error: {path} exists and is not a folder; remove it by hand"
+    assert open(path).read() == "notes"
+
+
+def test_train_ids_naming_a_single_photo_identity_says_why(tmp_path, capsys):
+    data_dir = make_data(tmp_path / "hands", single_image_ids=1)
+    (tmp_path / "ids.txt").write_text("person_000\nperson_006\n")
+    line = refusal(data_dir, capsys, "--train_ids", str(tmp_path / "ids.txt"))
+    assert "names 1 identity with a single photo, left out" in line and "'person_006'" in line
+    assert "without photos" not in line
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "nan", "inf"])
+def test_train_fraction_out_of_range_is_one_line_without_usage(tmp_path, capsys, value):
+    data_dir = make_data(tmp_path / "hands")
+    with pytest.raises(SystemExit) as stop:
+        run(data_dir, "--train_fraction", value)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: --train_fraction must be between 0 and 1, got {float(value)}\n"

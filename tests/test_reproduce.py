@@ -3,6 +3,7 @@ that continues where it stopped, --dry_run of every recipe, and recipes that can
 import json
 import os
 import shlex
+import shutil
 
 import pandas as pd
 import pytest
@@ -175,3 +176,106 @@ def test_a_failing_step_is_reported_and_the_rest_goes_on(tmp_path, capsys):
     assert "FAILED (exit 1)" in printed and "error: a failure of this run" in printed
     assert "ran 2 step(s) (1 prepare, 1 evaluate), skipped 0 finished, 1 failed, 1 not run after a failure" in printed
     assert (tmp_path / "out" / "clip-handid" / "table.md").is_file()  # the table of what finished
+
+
+def write_recipe(tmp_path, change, base="clip-fh"):
+    """A copy of a shipped recipe with `change(recipe)` applied, as a file; returns its path."""
+    recipe = json.loads(open(os.path.join(recipes.RECIPE_DIR, f"{base}.json")).read())
+    change(recipe)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(recipe))
+    return str(path)
+
+
+def set_run(key, value):
+    return lambda recipe: recipe["runs"][0].update({key: value})
+
+
+LIST_OF_STRINGS = "must be a string or a non-empty list of strings, got"
+WRONG_FIELDS = {  # id: (change, what the one line says)
+    "data-list": (lambda r: r.update(data=["11k"]), "\"data\" must be a non-empty object {data folder: "),
+    "methods-list": (lambda r: r.update(methods=[]), "\"methods\" must be a non-empty object {method: "),
+    "table-list": (lambda r: r.update(table=["rank1"]), "\"table\" must be an object {\"layout\""),
+    "columns-string": (lambda r: r["table"].update(columns="rank1"),
+                       "table.columns must be a non-empty list of metrics, got \"rank1\""),
+    "protocol-list": (lambda r: r.update(protocol=["clip-fh"]),
+                      "\"protocol\" must be one of clip-handid, clip-reid, clip-fh, got ['clip-fh']"),
+    "nested-method": (set_run("method", [["zero-shot"]]), f"runs[0]: \"method\" {LIST_OF_STRINGS} [[\"zero-shot\"]]"),
+    "backbone-int": (set_run("backbone", 16), f"runs[0]: \"backbone\" {LIST_OF_STRINGS} 16"),
+    "backbone-empty": (set_run("backbone", []), f"runs[0]: \"backbone\" {LIST_OF_STRINGS} []"),
+    "test-int": (set_run("test", 5), f"runs[0]: \"test\" {LIST_OF_STRINGS} 5"),
+    "test-empty": (set_run("test", []), f"runs[0]: \"test\" {LIST_OF_STRINGS} []"),
+    "train-empty": (lambda r: r["runs"][1].update(train=[]), f"runs[1]: \"train\" {LIST_OF_STRINGS} []"),
+    "root-empty-part": (set_run("test", "11k/"), "runs[0]: split root '11k/' must be '<data folder>/<split root>'"),
+    "name-escapes": (lambda r: r.update(name="../escaped"),
+                     "\"name\" must be a plain folder name (no / or \\, not starting with a dot), got '../escaped'"),
+    "name-int": (lambda r: r.update(name=7), "\"name\" must be a plain folder name"),
+    "name-dotdot": (lambda r: r.update(name=".."), "\"name\" must be a plain folder name"),
+    "name-reserved": (lambda r: r.update(name="runs"), "\"name\" 'runs' is a folder reproduce.py keeps under --out"),
+    "backbone-unknown": (set_run("backbone", "ViT-X/99"),
+                         "backbone 'ViT-X/99' is neither one of CLIP's models nor a checkpoint file; use one of RN50"),
+}
+
+
+@pytest.mark.parametrize("change, message", WRONG_FIELDS.values(), ids=WRONG_FIELDS.keys())
+def test_recipe_fields_of_the_wrong_kind_are_one_line_naming_file_and_field(tmp_path, change, message):
+    path = write_recipe(tmp_path, change)
+    with pytest.raises(SystemExit) as refused:
+        reproduce.main(["--recipe", path, "--out", str(tmp_path / "out"), "--dry_run"])
+    assert str(refused.value).startswith(f"error: recipe {path}: ") and "\n" not in str(refused.value)
+    assert message in str(refused.value)
+
+
+def test_unknown_backbone_under_tiny_is_refused_before_any_step(tmp_path):
+    """Before: a traceback (KeyError) from the tiny flags of the zero-shot run, or the other steps first."""
+    path = write_recipe(tmp_path, set_run("backbone", ["ViT-B/16", "ViT-X/99"]))
+    with pytest.raises(SystemExit, match="the tiny profile has no tiny model for backbone 'ViT-X/99' \\(it has ViT-B/16, "
+                                         "RN50"):
+        reproduce.main(["--recipe", path, "--tiny", "--out", str(tmp_path / "out"), "--only", "backbone=ViT-B/16"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_where_an_output_folder_goes_is_one_line_before_any_step(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("a user's file")
+    for out in (blocker, blocker / "sub"):
+        with pytest.raises(SystemExit, match=f"^error: --out {out}: {blocker} is a file where reproduce.py needs a "
+                                             f"folder; move it away or choose another --out$"):
+            run(out, "--only", "method=zero-shot", "backbone=ViT-B/16", "test=dorsal_r")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "clip-handid").write_text("a user's file")
+    with pytest.raises(SystemExit, match="clip-handid is a file where reproduce.py needs a folder"):
+        run(tmp_path / "out", "--only", "method=zero-shot", "backbone=ViT-B/16", "test=dorsal_r")
+    assert sorted(os.listdir(tmp_path / "out")) == ["clip-handid"] and blocker.read_text() == "a user's file"
+
+
+def test_a_copied_out_folder_keeps_its_finished_steps(finished, tmp_path, monkeypatch, capsys):
+    out, _, files = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    again = run(copy, *SUBSET)
+    assert again["ran"] == [] and len(again["skipped"]) == 8
+    copied = table_files(copy)  # the same table (table.csv names its source folders: the copy's)
+    assert copied["table.md"] == files["table.md"] and copied["table.tex"] == files["table.tex"]
+    # a real difference is still refused, naming only that flag
+    profile = recipes.load_tiny_profile()
+    profile["flags"]["train"] = [t if t != "1e-3" else "2e-3" for t in profile["flags"]["train"]]
+    monkeypatch.setattr(recipes, "load_tiny_profile", lambda path=None: profile)
+    capsys.readouterr()
+    run(copy, *SUBSET, "--dry_run")
+    printed = capsys.readouterr().out
+    assert "stale (--lr: 0.002, recorded 0.001)" in printed and "recorded " + str(out) not in printed
+
+
+def test_paths_are_compared_relative_to_a_moved_root_and_by_content(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    for root, content in ((old, b"weights"), (new, b"weights")):
+        (root / "checkpoints").mkdir(parents=True)
+        (root / "checkpoints" / "m.pt").write_bytes(content)
+    want, roots = str(new / "checkpoints" / "m.pt"), [str(new)]
+    assert recipe_steps.same_location(want, str(old / "checkpoints" / "m.pt"), roots)  # a copy
+    assert recipe_steps.same_location(want, str(tmp_path / "gone" / "checkpoints" / "m.pt"), roots)  # moved away
+    assert not recipe_steps.same_location(want, str(old / "checkpoints" / "other.pt"), roots)
+    assert not recipe_steps.same_location(want, str(old / "checkpoints" / "m.pt"), [])  # not below a root
+    (old / "checkpoints" / "m.pt").write_bytes(b"other weights")
+    assert not recipe_steps.same_location(want, str(old / "checkpoints" / "m.pt"), roots)  # another checkpoint

@@ -262,6 +262,14 @@ def test_resume_refuses_a_flag_it_cannot_honour_before_writing_anything(trained,
     with pytest.raises(SystemExit, match="--epochs 1 is below the 2 epochs"):
         train_finetune.main(argv + ["--epochs", "1"])
     assert tree_digest(run_dir) == before
+    elsewhere = tmp_path / "HD_root"  # another data set's split root given as the run's moved --data_dir
+    shutil.copytree(trained["test_dir"], elsewhere)
+    manifest = json.loads((elsewhere / "splits.json").read_text())
+    (elsewhere / "splits.json").write_text(json.dumps(dict(manifest, dataset="HD")))
+    with pytest.raises(SystemExit) as info:
+        train_finetune.main([*argv[:argv.index("--data_dir") + 1], str(elsewhere), *argv[argv.index("--data_dir") + 2:]])
+    assert one_line(info).startswith(f"error: --resume: --data_dir {elsewhere} holds the HD data set"), one_line(info)
+    assert tree_digest(run_dir) == before
 
 
 def test_resume_honours_more_epochs_and_keeps_the_original_settings(trained, tiny_vit_checkpoint, tmp_path):

@@ -24,6 +24,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 
@@ -61,6 +62,11 @@ def shard_name(index):
 
 def is_gallery(path):
     return os.path.isfile(os.path.join(path, HEADER))
+
+
+def is_gallery_file(name):
+    """A file a gallery folder consists of (anything else there is the user's and is kept out of it)."""
+    return name in (HEADER, ENTRIES) or re.fullmatch(r"features-\d{5}\.npy", name) is not None
 
 
 class Gallery:

@@ -206,6 +206,21 @@ def check_space(folder, need_bytes, flag="the output folder"):
                                f"output location")
 
 
+def refuse_overlap(flag, folder, inputs, may_hold=()):
+    """OutputExistsError when the output `folder` (given as `flag`) is, holds or lies inside one of
+    `inputs` ({flag: path}): replacing it would replace what the script reads, --force or not. The
+    flags in `may_hold` may hold the output folder (a run folder keeps its own evaluations)."""
+    out = os.path.realpath(folder)
+    for name, path in inputs.items():
+        if not path:
+            continue
+        path = os.path.realpath(path)
+        inside = out.startswith(path + os.sep) and name not in may_hold
+        if out == path or inside or path.startswith(out + os.sep):
+            raise OutputExistsError(f"{flag} {folder} overlaps {name} {inputs[name]}: writing there would replace "
+                                    f"what it reads; choose a folder of its own")
+
+
 class OutputFolder:
     """The output folder `folder` of one script run: locked on entry (OutputBusyError if another
     process holds it), stale leftovers of dead processes cleaned, existing results refused unless

@@ -7,10 +7,14 @@ whether it is finished, decided from what the folder holds:
   net_last.pth ("resume" when a checkpoint of an unfinished run exists);
 - an evaluation: results.json holds a row for every split and gallery of its split root, and
   config.json records the same flags.
-"stale": the folder records other flags than the recipe asks for (redone only with --force).
+"stale": the folder records other flags than the recipe asks for (redone only with --force). A path
+below the plan's output or data folders counts as the same when it lies at the same place below a root
+that was moved or copied (and, where the recorded one still exists, has the same content), so a copied
+--out or data root keeps its finished work.
 
 Depends on utils/recipes and utils/splits."""
 import contextlib
+import functools
 import hashlib
 import importlib
 import io
@@ -18,6 +22,7 @@ import json
 import os
 import shlex
 
+import clip
 from . import recipes, splits
 from .errors import ClipFHError, RecipeError
 
@@ -93,7 +98,9 @@ class Plan:
         unknown = set(self.data_dirs) - set(recipe["data"])
         if unknown:
             raise RecipeError(f"--data {', '.join(sorted(unknown))}: recipe {recipe['name']} uses {', '.join(recipe['data'])}")
+        self.location_roots = [self.out, self.data_root, *self.data_dirs.values()]
         self.filters = parse_filters(args.only, recipe)
+        self.check_backbones()
         self.steps = []
         self._build()
 
@@ -108,11 +115,20 @@ class Plan:
     def backbone(self, name):
         if not self.args.tiny:
             return name
-        kind = self.profile["backbones"].get(name)
-        if kind is None:
-            raise RecipeError(f"the tiny profile has no tiny model for backbone {name}; add it to "
-                              f"{recipes.TINY_PROFILE} \"backbones\"")
         return os.path.join(self.data_root, "checkpoints", f"{name.replace('/', '-')}-tiny.pt")
+
+    def check_backbones(self):
+        """Every backbone of the recipe, --only or not (the table is built from the whole recipe): one of
+        CLIP's models or a checkpoint file; under --tiny one the tiny profile has a tiny model for."""
+        where = self.recipe.get("path", self.recipe["name"])
+        for name in dict.fromkeys(run["backbone"] for run in recipes.expand(self.recipe)):
+            if self.args.tiny and name not in self.profile["backbones"]:
+                raise RecipeError(f"recipe {where}: the tiny profile has no tiny model for backbone {name!r} (it has "
+                                  f"{', '.join(self.profile['backbones'])}); add it to {recipes.TINY_PROFILE} "
+                                  f"\"backbones\"")
+            if not self.args.tiny and name not in clip.available_models() and not os.path.isfile(name):
+                raise RecipeError(f"recipe {where}: backbone {name!r} is neither one of CLIP's models nor a checkpoint "
+                                  f"file; use one of {', '.join(clip.available_models())} or a checkpoint's path")
 
     def extra_flags(self, role, script, backbone=None):
         """The tiny profile's flags of a step (role: prepare, train or evaluate) and the --device /
@@ -169,7 +185,8 @@ class Plan:
                 "--backbone_name", self.backbone(run["backbone"]), "--seed", str(seed), *run["train_flags"],
                 *self.extra_flags("train", script, run["backbone"])]
         return {"kind": "train", "id": f"train-{name}", "script": script, "argv": argv, "out": os.path.join(f_name, name),
-                "labels": dict(labels, seed=seed), "needs": [prepare_id(run["train"])]}
+                "labels": dict(labels, seed=seed), "needs": [prepare_id(run["train"])],
+                "location_roots": self.location_roots}
 
     def _evaluation(self, run, test, training, protocol, labels):
         script, test_name = run["evaluate_script"], recipes.set_name(test)
@@ -187,7 +204,8 @@ class Plan:
             step_id = f"evaluate-{folder_name(run['method'], run['backbone'])}-on-{test_name}"
         return {"kind": "evaluate", "id": step_id, "script": script, "argv": argv, "out": out, "training": training,
                 "test_dir": self.root(test), "labels": dict(labels, test=test_name),
-                "needs": [prepare_id(test)] + ([training["id"]] if training else [])}
+                "needs": [prepare_id(test)] + ([training["id"]] if training else []),
+                "location_roots": self.location_roots}
 
 
 def check_command(script, argv, recipe_name):
@@ -224,8 +242,9 @@ def read_json_or_none(path):
         return None
 
 
-def flag_differences(script, argv, recorded):
-    """The flags of `argv` whose value differs from what a config.json recorded ("--lr: 1e-05, recorded 5e-06")."""
+def flag_differences(script, argv, recorded, location_roots=()):
+    """The flags of `argv` whose value differs from what a config.json recorded ("--lr: 1e-05, recorded 5e-06");
+    paths below one of `location_roots` are compared with same_location."""
     module = load_script(script)
     given = vars(module.parse_args(argv))
     names = {token[2:].removeprefix("no-").replace("-", "_") for token in argv if token.startswith("--")}
@@ -233,10 +252,50 @@ def flag_differences(script, argv, recorded):
     for name in sorted(names - UNCOMPARED):
         if name not in recorded or name not in given:
             continue
-        want, have = normalise(given[name]), normalise(recorded[name])
-        if want != have:
+        if not same_value(given[name], recorded[name], location_roots):
             found.append(f"--{name}: {display_value(given[name])}, recorded {display_value(recorded[name])}")
     return found
+
+
+def same_value(want, have, location_roots):
+    if isinstance(want, str) and isinstance(have, str) and os.path.isabs(want):
+        return same_location(want, have, location_roots)
+    return normalise(want) == normalise(have)
+
+
+def same_location(want, have, location_roots):
+    """Whether a recorded path names what the path `want` names: the same path, or the same place below
+    the innermost of `location_roots` holding `want` (an --out or data root moved or copied since), with
+    the same content where the recorded one still exists."""
+    want, have = os.path.normpath(want), os.path.abspath(have)
+    if want == have:
+        return True
+    roots = [r for r in location_roots if os.path.commonpath([want, r]) == r and want != r]
+    if not roots:
+        return False
+    below = os.path.relpath(want, max(roots, key=len))
+    if not have.endswith(os.sep + below):
+        return False
+    return not os.path.exists(have) or fingerprint(have) == fingerprint(want)
+
+
+def fingerprint(path):
+    """SHA-256 of a file (a checkpoint), or of a folder's splits.json (a split root); None when absent."""
+    target = os.path.join(path, splits.SPLITS_MANIFEST) if os.path.isdir(path) else path
+    try:
+        stat = os.stat(target)
+        return file_sha256(target, stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def file_sha256(path, size, mtime_ns):  # size and mtime in the key: a file that changed is hashed again
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2 ** 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def normalise(value):
@@ -265,7 +324,7 @@ def training_status(step):
     config = read_json_or_none(os.path.join(run_dir, "config.json"))
     if config is None:
         return ("run", "") if not os.path.isdir(run_dir) else ("run", "a run folder without config.json")
-    differences = flag_differences(step["script"], step["argv"], config.get("args") or {})
+    differences = flag_differences(step["script"], step["argv"], config.get("args") or {}, step["location_roots"])
     if differences:
         return "stale", "; ".join(differences)
     epochs = (config.get("args") or {}).get("epochs")
@@ -290,7 +349,7 @@ def evaluation_status(step):
     if len(results["rows"]) != num_splits * len(results["gallery_variants"]) or results.get("num_splits") != num_splits:
         return "run", f"results.json holds {len(results['rows'])} split rows, the split root has {num_splits} splits"
     config = read_json_or_none(os.path.join(os.path.dirname(results_file(step)), "config.json")) or {}
-    differences = flag_differences(step["script"], step["argv"], config.get("args") or {})
+    differences = flag_differences(step["script"], step["argv"], config.get("args") or {}, step["location_roots"])
     if differences:
         return "stale", "; ".join(differences)
     return "done", f"{num_splits} splits"

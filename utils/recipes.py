@@ -2,6 +2,8 @@
 runs for reproduce.py.
 
 A recipe holds:
+- "name" (optional; default: the file's stem): the folder of its table under reproduce.py's --out, a
+  plain folder name;
 - "data": {dataset folder: {"prepare": script}}: the raw data set of each split root's first path
   component and the script that prepares its splits;
 - "methods": {name: {"train": trainer script (absent for zero-shot), "evaluate": evaluator script,
@@ -30,6 +32,7 @@ RECIPE_DIR = os.path.join(REPO_DIR, "recipes")
 TINY_PROFILE = os.path.join(RECIPE_DIR, "tiny.json")
 RUN_KEYS = {"method", "backbone", "train", "test", "train_flags", "evaluate_flags"}
 SPLIT_PREFIX = "train_val_test_split"
+OUT_FOLDERS = ("runs", "zero-shot", "logs", "tiny_data")  # what reproduce.py keeps under --out besides <recipe name>/
 
 
 def available():
@@ -82,13 +85,19 @@ def check(recipe):
     for key in ("data", "methods", "runs", "protocol", "table"):
         if key not in recipe:
             raise RecipeError(f"recipe {where} lacks \"{key}\"")
-    if recipe["protocol"] not in protocols.PROTOCOLS:
-        raise RecipeError(f"recipe {where}: protocol {recipe['protocol']!r} is not one of {', '.join(protocols.PROTOCOLS)}")
-    for folder, spec in recipe["data"].items():
+    check_folder_name(recipe["name"], f"recipe {where}: \"name\"")
+    if recipe["name"] in OUT_FOLDERS:
+        raise RecipeError(f"recipe {where}: \"name\" {recipe['name']!r} is a folder reproduce.py keeps under --out "
+                          f"({', '.join(OUT_FOLDERS)}); choose another name")
+    if not isinstance(recipe["protocol"], str) or recipe["protocol"] not in protocols.PROTOCOLS:
+        raise RecipeError(f"recipe {where}: \"protocol\" must be one of {', '.join(protocols.PROTOCOLS)}, "
+                          f"got {recipe['protocol']!r}")
+    for folder, spec in _object(recipe["data"], f"recipe {where}: \"data\"", "{data folder: {\"prepare\": script}}"):
+        check_folder_name(folder, f"recipe {where}: data folder")
         if not isinstance(spec, dict):
             raise RecipeError(f"recipe {where}: data.{folder} must be an object with \"prepare\"")
         _script(spec.get("prepare"), f"recipe {where}: data.{folder}.prepare")
-    for name, spec in recipe["methods"].items():
+    for name, spec in _object(recipe["methods"], f"recipe {where}: \"methods\"", "{method: {\"evaluate\": script, ...}}"):
         if not isinstance(spec, dict) or "evaluate" not in spec:
             raise RecipeError(f"recipe {where}: methods.{name} must be an object with \"evaluate\" (and \"train\")")
         _script(spec["evaluate"], f"recipe {where}: methods.{name}.evaluate")
@@ -96,19 +105,47 @@ def check(recipe):
             _script(spec["train"], f"recipe {where}: methods.{name}.train")
         for key in ("train_flags", "evaluate_flags"):
             _strings(spec.get(key, []), f"recipe {where}: methods.{name}.{key}")
-    table = recipe["table"]
-    if table.get("layout", "rows") not in ("rows", "grouped"):
-        raise RecipeError(f"recipe {where}: table.layout must be rows or grouped, got {table.get('layout')!r}")
-    bad = [c for c in table.get("columns", []) if c not in tables.METRIC_HEADINGS]
-    if bad:
-        raise RecipeError(f"recipe {where}: table.columns {bad} are not metrics ({', '.join(tables.METRIC_HEADINGS)})")
+    check_table(recipe["table"], where)
     if not isinstance(recipe["runs"], list) or not recipe["runs"]:
         raise RecipeError(f"recipe {where}: \"runs\" must be a non-empty list")
     expand(recipe)  # checks every run
 
 
-def _listed(value):
-    return value if isinstance(value, list) else [value]
+def check_folder_name(name, where):
+    """A name reproduce.py makes a folder of: one plain path component that stays where it is put."""
+    if (not isinstance(name, str) or not name or name.startswith(".") or "\0" in name
+            or any(sep in name for sep in ("/", "\\", os.sep))):
+        raise RecipeError(f"{where} must be a plain folder name (no / or \\, not starting with a dot), got {name!r}")
+
+
+def _object(value, where, shape):
+    """The items of a non-empty JSON object."""
+    if not isinstance(value, dict) or not value:
+        raise RecipeError(f"{where} must be a non-empty object {shape}, got {json.dumps(value)}")
+    return value.items()
+
+
+def check_table(table, where):
+    if not isinstance(table, dict):
+        raise RecipeError(f"recipe {where}: \"table\" must be an object {{\"layout\": rows | grouped, \"columns\": "
+                          f"[metric, ...]}}, got {json.dumps(table)}")
+    if table.get("layout", "rows") not in ("rows", "grouped"):
+        raise RecipeError(f"recipe {where}: table.layout must be rows or grouped, got {table.get('layout')!r}")
+    columns = table.get("columns", tables.DEFAULT_COLUMNS)
+    if not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns):
+        raise RecipeError(f"recipe {where}: table.columns must be a non-empty list of metrics, got {json.dumps(columns)}")
+    bad = [c for c in columns if c not in tables.METRIC_HEADINGS]
+    if bad:
+        raise RecipeError(f"recipe {where}: table.columns {bad} are not metrics ({', '.join(tables.METRIC_HEADINGS)})")
+
+
+def _one_or_more(entry, key, label):
+    """A run field holding a string or a non-empty list of strings, as a list (one run per element)."""
+    value = entry[key]
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, str) and v for v in values):
+        raise RecipeError(f"{label}: \"{key}\" must be a string or a non-empty list of strings, got {json.dumps(value)}")
+    return values
 
 
 def expand(recipe):
@@ -123,16 +160,17 @@ def expand(recipe):
         unknown = set(entry) - RUN_KEYS
         if unknown:
             raise RecipeError(f"{label}: unknown field(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(RUN_KEYS))})")
-        for method, backbone, train in itertools.product(_listed(entry["method"]), _listed(entry["backbone"]),
-                                                         _listed(entry.get("train"))):
+        trains = [None] if entry.get("train") is None else _one_or_more(entry, "train", label)
+        for method, backbone, train in itertools.product(_one_or_more(entry, "method", label),
+                                                         _one_or_more(entry, "backbone", label), trains):
             spec = recipe["methods"].get(method)
             if spec is None:
                 raise RecipeError(f"{label}: method {method!r} is not in \"methods\" ({', '.join(recipe['methods'])})")
             if ("train" in spec) != (train is not None):
                 raise RecipeError(f"{label}: method {method} " + ("trains: give \"train\" (a split root)" if "train" in spec
                                                                  else "has no trainer: drop \"train\""))
-            tests = _listed(entry.get("test", train))
-            if not tests or tests == [None]:
+            tests = [train] if entry.get("test") is None else _one_or_more(entry, "test", label)
+            if tests == [None]:
                 raise RecipeError(f"{label}: method {method} needs \"test\" (split roots to evaluate on)")
             for root in [train, *tests]:
                 if root is not None:
@@ -147,8 +185,8 @@ def expand(recipe):
 
 
 def check_root(root, recipe, label):
-    parts = root.split("/")
-    if not isinstance(root, str) or os.path.isabs(root) or ".." in parts or len(parts) != 2:
+    parts = root.split("/") if isinstance(root, str) else []
+    if len(parts) != 2 or os.path.isabs(root) or {"", ".", ".."} & set(parts):
         raise RecipeError(f"{label}: split root {root!r} must be '<data folder>/<split root>' relative to --data_root")
     if parts[0] not in recipe["data"]:
         raise RecipeError(f"{label}: split root {root} lies in {parts[0]}/, which \"data\" does not list "

@@ -21,6 +21,7 @@ import os
 
 from .errors import TrainingInputError
 from .io import atomic_write_json, read_config, run_info
+from .splits import SPLITS_MANIFEST, dataset_of_roots
 
 LOCATION = {"f_name", "m_name", "resume", "force"}  # where the run is and how it was claimed: never recorded
 RUN_FLAGS = LOCATION | {"device", "num_workers", "progress", "compile", "gpu_augment", "cache_resized", "download_root",
@@ -52,6 +53,14 @@ def take_run_settings(args, out_dir, epochs_done):
         elif new != old and flag not in HONOURED:
             problems.append(f"--resume: --{flag} {_shown(new)} disagrees with {path}, which records {_shown(old)}; "
                             f"drop --{flag} to continue with the run's own value, or start a new --m_name")
+    moved = as_recorded(getattr(args, "data_dir", None))
+    if moved is not None and moved != recorded.get("data_dir") and recorded.get("data_type"):
+        roots = moved if isinstance(moved, list) else [moved]
+        dataset = dataset_of_roots(roots)
+        if dataset not in ("unknown", recorded["data_type"]):
+            problems.append(f"--resume: --data_dir {_shown(moved)} holds the {dataset} data set (its "
+                            f"{SPLITS_MANIFEST}), {path} was trained on {recorded['data_type']}; a moved split "
+                            f"root must be the run's own: give its new place, or start a new --m_name")
     if getattr(args, "amp", None) is None and config.get("amp"):
         args.amp = config["amp"]  # the precision the run chose on its device, not this device's default
     if args.epochs is not None and args.epochs < epochs_done:

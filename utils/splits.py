@@ -193,11 +193,11 @@ def split_script_parser(doc, data_dir, data_dir_help, force_help):
 def check_split_roots_free(paths, force):
     """Refuse before doing any work when an output split root exists and --force is not given."""
     for path in paths:
+        if os.path.lexists(path) and not os.path.isdir(path):  # --force would not help: say so first
+            raise SplitInputError(f"{path} exists and is not a folder; remove it by hand")
         if os.path.lexists(path) and not force:
             raise SplitInputError(f"{path} already exists; pass --force to replace it "
                                   f"(it is left untouched otherwise)")
-        if os.path.lexists(path) and not os.path.isdir(path):
-            raise SplitInputError(f"{path} exists and is not a folder; remove it by hand")
 
 
 def build_split_root(folder, data_dir, manifest, linker, args, extra=None, desc=None):
