@@ -382,6 +382,8 @@ def main(argv=None):
             flag = "--out" if folder == out_folder else "--photo_dir" if args.photo_dir else "the temporary folder"
             outputs.check_writable(folder, flag)
             outputs.check_space(folder, need, flag)
+        if {"protocol_run", "fast_paths"} & set(args.only):
+            benchmark_protocol.check_protocol_root(args)
         with outputs.FolderLock(args.out, "another benchmark"):  # one writer merges into --out at a time
             previous = earlier_figures(args.out, args.force)
             figures = {}

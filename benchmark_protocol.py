@@ -6,7 +6,8 @@ import os
 import tempfile
 import time
 
-from utils import synthetic
+from utils import io, synthetic
+from utils.errors import OutputExistsError
 
 PROTOCOL_TARGET_S = 180  # issue 14: the whole protocol in 3 minutes on one GPU
 
@@ -29,6 +30,23 @@ def upscale_photo(path, photo_size):
     big.save(path, quality=90)
 
 
+PROTOCOL_MARKER = "BENCHMARK_PROTOCOL_DATA.json"  # marks a data set this module made (and may remake)
+
+
+def protocol_root(args):
+    return os.path.join(args.photo_dir or os.path.join(tempfile.gettempdir(), "clipfh_protocol_run"), "11k")
+
+
+def check_protocol_root(args):
+    """Before any work: the data folder the protocol run writes is new, empty or its own earlier one;
+    a data set of the user's (a real 11k, a synthetic one of reproduce.py) is never rewritten."""
+    root = protocol_root(args)
+    if os.path.lexists(root) and not (os.path.isdir(root) and (not os.listdir(root) or
+                                                              os.path.isfile(os.path.join(root, PROTOCOL_MARKER)))):
+        raise OutputExistsError(f"--photo_dir: {root} holds something benchmark.py did not make; the protocol run "
+                                f"writes its own photos and splits there: choose another --photo_dir")
+
+
 def protocol_data(args):
     """The synthetic 11k data set of the dorsal-right protocol's size (1600x1200 photos), its split
     root and a random-weight ViT-B/16 checkpoint (tiny: fewer photos per identity, 2 splits, a tiny ViT),
@@ -40,12 +58,14 @@ def protocol_data(args):
     if getattr(args, "protocol_data", None):
         return args.protocol_data
     tiny = args.tiny
-    root = os.path.join(args.photo_dir or os.path.join(tempfile.gettempdir(), "clipfh_protocol_run"), "11k")
+    root = protocol_root(args)
+    check_protocol_root(args)
     seconds = {}
     start = time.perf_counter()
     num_ids, per_id = args.protocol_ids, (3, 4) if tiny else (6, 8)
     info = synthetic.make_synthetic_11k(root, num_ids_per_aspect=num_ids, images_per_id=per_id,
                                         image_size=(80, 60), seed=args.seed)
+    io.atomic_write_json(os.path.join(root, PROTOCOL_MARKER), {"made_by": "benchmark.py --protocol_run"})
     photos = write_protocol_photos(root, args.photo_size, args.seed, os.cpu_count() or 1)
     seconds["generate"] = time.perf_counter() - start
     start = time.perf_counter()

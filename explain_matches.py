@@ -136,7 +136,10 @@ def load_model(args, evaluated):
     if evaluated.get("run_dir"):
         raise SystemExit(f"error: {args.mat} was computed with the trained model of {evaluated['run_dir']}; pass "
                          f"--run_dir {evaluated['run_dir']} instead of --backbone_name")
-    if evaluated.get("backbone") and evaluated["backbone"] != args.backbone_name:
+    recorded_backbone = evaluated.get("backbone")
+    same_file = recorded_backbone and os.path.isfile(str(recorded_backbone)) and os.path.isfile(args.backbone_name) \
+        and same_path(recorded_backbone, args.backbone_name)
+    if recorded_backbone and recorded_backbone != args.backbone_name and not same_file:
         raise SystemExit(f"error: {args.mat} was computed with backbone {evaluated['backbone']}, not "
                          f"--backbone_name {args.backbone_name}")
     recorded = evaluated.get("args", {}).get("input_size")
@@ -144,9 +147,11 @@ def load_model(args, evaluated):
         raise SystemExit(f"error: --input_size {' '.join(map(str, args.input_size))}: {args.mat} was ranked at "
                          f"{' '.join(map(str, recorded))}; drop --input_size to explain what ranked the gallery")
     size = tuple(args.input_size or recorded or clip.native_input_size(args.backbone_name))
+    geometry = {k: evaluated.get("args", {}).get(k) for k in ("stride", "pos_interp")}  # as the evaluator built it
     try:
         clip_model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
-                                  input_size=size)
+                                  input_size=size, patch_stride=geometry["stride"],
+                                  pos_interp=geometry["pos_interp"] or "bilinear")
     except RuntimeError as err:  # clip reports an unknown name, a bad file and a failed download this way
         raise SystemExit(f"cannot load --backbone_name {args.backbone_name}: {err}") from None
     return clip_model.encode_image, clip_model.visual, size, f"zero-shot {args.backbone_name}"

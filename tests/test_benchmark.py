@@ -47,6 +47,22 @@ def test_protocol_run_times_training_and_evaluation(tmp_path):
     with open(f"{run['run_dir']}/config.json") as f:
         args = json.load(f)["args"]
     assert args["cache_resized"] == "" and args["gpu_augment"] is False  # the CPU default; on CUDA it is on
+    again = benchmark.main(["--protocol_run", "--tiny", "--device", "cpu", "--out", str(out),  # its own data: remade
+                            "--photo_dir", str(tmp_path / "protocol")])
+    assert again["protocol_run"]["num_splits"] == 2
+
+
+def test_protocol_run_never_rewrites_a_users_data_set(tmp_path, monkeypatch):
+    mine = tmp_path / "photos" / "11k" / "HandInfo.csv"  # a data set the benchmark did not make
+    mine.parent.mkdir(parents=True)
+    mine.write_text("id,age\n")
+    with monkeypatch.context() as patch:
+        patch.setitem(benchmark.PARTS, "protocol_run", no_work)
+        with pytest.raises(SystemExit) as info:
+            benchmark.main(["--protocol_run", "--tiny", "--device", "cpu", "--out", str(tmp_path / "b.json"),
+                            "--photo_dir", str(tmp_path / "photos")])
+    assert str(info.value).startswith(f"error: --photo_dir: {mine.parent} holds something benchmark.py did not make")
+    assert mine.read_text() == "id,age\n" and not (tmp_path / "b.json").exists()
 
 
 def test_fast_paths_runs_each_configuration_as_its_own_process(tmp_path):

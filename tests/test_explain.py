@@ -178,3 +178,19 @@ def test_zero_shot_cli_and_bad_input(hand_data, tiny_vit_checkpoint, tiny_rn_che
         explain_matches.main(["--backbone_name", tiny_vit_checkpoint, *common, "--force", "--input_size", "32", "32"])
     with pytest.raises(SystemExit):  # a run is explained at its own input size: the flag is refused at parsing
         explain_matches.parse_args(["--run_dir", str(tmp_path), "--mat", mat, "--input_size", "64", "64"])
+
+
+def test_zero_shot_explains_the_model_that_ranked(hand_data, tiny_vit_checkpoint, tmp_path, monkeypatch):
+    """A relative path to the evaluated checkpoint is the same backbone; the evaluation's --stride
+    (overlapping patches) is rebuilt, so the explained similarities are the ranked ones."""
+    import eval_query_gallery_clip_zeroshot
+    eval_query_gallery_clip_zeroshot.main(["--test_dir", hand_data, "--f_name", str(tmp_path), "--backbone_name",
+                                           tiny_vit_checkpoint, "--input_size", "64", "64", "--stride", "12",
+                                           "--gallery", "own", "--no-flip", "--num_workers", "0", "--device", "cpu"])
+    mat = str(next((tmp_path / "clip_zero_shot").glob("*/*/result_split0.mat")))
+    monkeypatch.chdir(os.path.dirname(tiny_vit_checkpoint))
+    result = explain_matches.main(["--backbone_name", os.path.basename(tiny_vit_checkpoint), "--mat", mat,
+                                   "--query_index", "0", "--top_k", "2", "--num_random", "1",
+                                   "--out_dir", str(tmp_path / "explain"), *QUIET[2:]])
+    for match in result["queries"][0]["matches"]:
+        assert match["similarity"] == pytest.approx(match["mat_similarity"], abs=1e-4)
