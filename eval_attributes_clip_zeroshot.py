@@ -189,7 +189,8 @@ def load_encoders(args):
         return model.encode_image, model, tuple(args.input_size), {
             "backbone": args.backbone_name, "pretrained": pretrained, "image_feature": "CLIP encode_image",
             "text_tower": args.backbone_name}
-    model, config, checkpoint = models.load_trained_model(args.model, args.which_epoch, device=args.device)
+    model, config, checkpoint = models.load_trained_model(args.model, args.which_epoch, device=args.device,
+                                                          flag="--model")
     if hasattr(model, "set_test_dir") and not os.path.isfile(os.path.join(args.data_dir, "HandInfo.csv")):
         note = model.set_test_dir(args.data_dir)  # CLIP-ReID --sie: the split root's aspect
         if note:

@@ -101,7 +101,7 @@ def evaluate(args):
     run_dir = os.path.join(args.f_name, args.m_name)
     image_paths = splits.query_gallery_paths(args.test_dir)
     layout = splits.read_split_layout(args.test_dir)
-    config = models.read_run_config(run_dir)
+    config = models.read_run_config(run_dir, "--f_name/--m_name")
     setting = protocols.test_settings(args.protocol, config, flip=args.flip, feature=args.feature, amp=args.amp,
                                       gallery=args.gallery, which_epoch=args.which_epoch, fast_decode=args.fast_decode,
                                       available=layout["gallery_variants"], cuda=str(args.device).startswith("cuda"))

@@ -130,7 +130,7 @@ def load_model(args, layout):
         record = {"backbone": args.backbone_name, "model_kind": "zero-shot", "feature": "CLIP encode_image"}
         encode, visual, method = model.encode_image, model.visual, f"CLIP {name} zero-shot"
     else:
-        config = models.read_run_config(args.run_dir)
+        config = models.read_run_config(args.run_dir, "--run_dir (or --f_name/--m_name)")
         input_size = tuple(config["model"]["backbone"]["input_size"])
         setting = test_time_settings(args, config, input_size, layout)
         model, config, checkpoint = models.load_trained_model(args.run_dir, setting["which_epoch"], device=args.device)

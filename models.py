@@ -104,19 +104,20 @@ def checkpoint_record(kind, model, spec, epoch, metrics):
 RUN_CONFIG_KEYS = ("model.backbone.name", "model.backbone.input_size", "model.backbone.arch", "num_classes")
 
 
-def read_run_config(run_dir):
+def read_run_config(run_dir, flag="--run_dir"):
     """config.json of a trainer's run folder, checked for the entries a model is rebuilt from
-    (TrainingInputError when there is none, InputFileError when it is damaged)."""
+    (TrainingInputError naming `flag`, the script's way to name the run, when there is none;
+    InputFileError when it is damaged)."""
     if not os.path.isfile(os.path.join(run_dir, "config.json")):
-        raise TrainingInputError(f"{os.path.join(run_dir, 'config.json')} does not exist: the run folder (--run_dir, "
-                                 f"or --f_name/--m_name) must be one a CLIP-FH trainer wrote")
+        raise TrainingInputError(f"{os.path.join(run_dir, 'config.json')} does not exist: {flag} must name a run "
+                                 f"folder a CLIP-FH trainer wrote")
     return io.read_config(run_dir, required=RUN_CONFIG_KEYS)
 
 
-def load_trained_model(run_dir, which_epoch="best", device="cpu"):
+def load_trained_model(run_dir, which_epoch="best", device="cpu", flag="--run_dir"):
     """Rebuild the model of a run folder (config.json + net_<which_epoch>.pth) without any pretrained
     download. Returns (model in eval mode on device, config dict, checkpoint dict without weights)."""
-    config = read_run_config(run_dir)
+    config = read_run_config(run_dir, flag)
     path = training.checkpoint_path(run_dir, which_epoch)
     if not os.path.isfile(path):
         saved = sorted(n for n in os.listdir(run_dir) if n.startswith("net_") and n.endswith(".pth"))

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from utils import interrupts, splits
+from utils import flags, interrupts, splits
 from utils.errors import ClipFHError, SplitInputError
 from utils.splits import ASPECT_FOLDERS_11K, ASPECTS_11K, DISTRACTOR_OFFSETS_11K, LAST_TRAIN_ID_11K
 
@@ -25,7 +25,9 @@ def parse_args(argv=None):
                                        "replace existing split folders")
     parser.add_argument("--skip_missing", action="store_true",
                         help="skip images listed in HandInfo.csv but missing from Hands/ (default: error)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    flags.exit_on_problems(flags.bound_problems(args, at_least={"num_splits": 1}))
+    return args
 
 
 def collect_images(data_dir, skip_missing):

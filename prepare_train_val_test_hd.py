@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from utils import interrupts, splits
+from utils import flags, interrupts, splits
 from utils.errors import ClipFHError, SplitInputError
 from utils.splits import HD_DISTRACTOR_FOLDER, HD_DISTRACTOR_OFFSET, HD_IMAGE_DIR, HD_LAST_TRAIN_ID, HD_SUBJECT_FOLDER
 
@@ -21,7 +21,9 @@ SPLIT_ROOT = "train_val_test_split"
 def parse_args(argv=None):
     parser = splits.split_script_parser(__doc__, "./HD", "folder holding 'Original Images/' (default ./HD)",
                                        "replace an existing split folder")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    flags.exit_on_problems(flags.bound_problems(args, at_least={"num_splits": 1}))
+    return args
 
 
 def images_by_subject(data_dir, folder):

@@ -479,7 +479,7 @@ def check_resumed_run(out_dir, args, hands):
 
 @interrupts.sigterm_as_ctrl_c
 def main(argv=None):
-    return runs.run_training(parse_args(argv), check_args, train)
+    return runs.run_training(parse_args(argv), check_args, train, method="clipreid")
 
 
 def train(args, dist_info):

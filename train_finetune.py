@@ -52,7 +52,7 @@ def check_args(args):
 
 @interrupts.sigterm_as_ctrl_c
 def main(argv=None):
-    return runs.run_training(parse_args(argv), check_args, train)
+    return runs.run_training(parse_args(argv), check_args, train, method="finetune")
 
 
 def build_model(args, out_dir, hands, dist_info):

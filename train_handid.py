@@ -77,7 +77,7 @@ def check_args(args):
 
 @interrupts.sigterm_as_ctrl_c
 def main(argv=None):
-    return runs.run_training(parse_args(argv), check_args, train)
+    return runs.run_training(parse_args(argv), check_args, train, method="handid")
 
 
 def model_config_from_args(args, spec):

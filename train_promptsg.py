@@ -131,7 +131,7 @@ def run_final_tests(model, args, out_dir, amp, device, log):
 
 @interrupts.sigterm_as_ctrl_c
 def main(argv=None):
-    return runs.run_training(parse_args(argv), check_args, train)
+    return runs.run_training(parse_args(argv), check_args, train, method="promptsg")
 
 
 def build_model(args, out_dir, num_classes, class_names, dist_info):

@@ -447,3 +447,11 @@ def test_synthetic_refuses_real_data(tmp_path):
     with pytest.raises(FileExistsError, match="real data"):
         synthetic.make_synthetic_11k(str(real), num_ids_per_aspect=4)
     assert filecmp.cmp(real / "HandInfo.csv", REAL_CSV, shallow=False)
+
+
+@pytest.mark.parametrize("script", ["prepare_train_val_test_11k_r_l", "prepare_train_val_test_hd"])
+def test_num_splits_is_checked_before_the_data(script, tmp_path, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as info:
+        module.main(["--data_dir", str(tmp_path / "missing"), "--num_splits", "0"])
+    assert info.value.code == 2 and capsys.readouterr().err == "error: --num_splits must be at least 1, got 0\n"

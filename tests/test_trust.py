@@ -656,3 +656,52 @@ def test_flag_helpers():
     args = argparse.Namespace(a=0, b=[1, 0], c=None, d=-1.0)
     assert flags.bound_problems(args, at_least={"a": 1, "b": 1, "c": 1}, positive=("d",)) == [
         "--a must be at least 1, got 0", "--b must be at least 1, got 1 0", "--d must be positive, got -1.0"]
+
+
+# ---- run folder flags, and what an interrupted or failed run says and leaves ----
+
+def test_run_folder_flags_and_the_trainer_of_a_resumed_run(trained, tiny_vit_checkpoint, tmp_path):
+    import train_handid
+    data_dir = trained["test_dir"]
+    for m_name, shown in (("", "''"), ("../escape", "'../escape'"), ("..", "'..'")):
+        with pytest.raises(SystemExit) as info:
+            train_finetune.main(train_argv(data_dir, tmp_path / "runs", tiny_vit_checkpoint, m_name=m_name))
+        assert one_line(info) == (f"error: --m_name {shown} must be a plain folder name inside --f_name (no "
+                                  f"separators, not '.' or '..')")
+    assert not (tmp_path / "escape").exists()
+    run_dir = copy_run(trained, tmp_path)
+    before = tree_digest(run_dir)
+    with pytest.raises(SystemExit) as info:
+        train_finetune.main(train_argv(data_dir, tmp_path / "runs", tiny_vit_checkpoint, "--resume", "--force"))
+    assert one_line(info) == "error: --resume continues the run and --force replaces it: give one of them"
+    with pytest.raises(SystemExit) as info:
+        train_handid.main(train_argv(data_dir, tmp_path / "runs", tiny_vit_checkpoint, "--resume", "--epochs", "3"))
+    assert one_line(info) == (f"error: --resume: {run_dir} was written by train_finetune.py, not train_handid.py; "
+                              f"resume it with train_finetune.py, or start a new --m_name")
+    assert tree_digest(run_dir) == before
+
+
+def test_ctrl_c_in_the_final_test_says_the_epochs_are_done(data_11k, tiny_vit_checkpoint, tmp_path, monkeypatch,
+                                                           capsys):
+    from utils import runs
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runs, "final_test", interrupted)
+    with pytest.raises(SystemExit) as info:
+        train_finetune.main(train_argv(os.path.join(data_11k, ROOTS_11K[0]), tmp_path, tiny_vit_checkpoint))
+    assert info.value.code == 130
+    assert "interrupted after the last epoch (2), in the final test; finish it with --resume" in capsys.readouterr().err
+
+
+def test_a_clipreid_run_failing_in_stage_1_leaves_no_folder(data_11k, tiny_vit_checkpoint, tmp_path, monkeypatch):
+    import train_clipreid
+    from utils import training
+
+    def diverged(*args, **kwargs):
+        raise errors.NonFiniteLossError("non-finite loss in epoch 1")
+    monkeypatch.setattr(training, "train_one_epoch", diverged)
+    with pytest.raises(SystemExit, match="non-finite loss"):
+        train_clipreid.main(train_argv(os.path.join(data_11k, ROOTS_11K[0]), tmp_path, tiny_vit_checkpoint,
+                                       "--stage1_epochs", "1", "--no-final_test"))
+    assert not (tmp_path / "run").exists()  # its stage-1 feature cache is no progress to keep

@@ -186,7 +186,8 @@ def undo_failed_start(out_dir, existed, err):
         os.rmdir(aside)
     if not os.path.isdir(out_dir):
         return "removed"
-    if not existed and not any(n.endswith(".pth") for n in os.listdir(out_dir)):
+    # a checkpoint is progress worth keeping; a feature cache (stage1_features.pth) is not
+    if not existed and not any(n.endswith(".pth") and not n.endswith("_features.pth") for n in os.listdir(out_dir)):
         shutil.rmtree(out_dir)
         return "removed"
     with open(log_path, "a") as f:
@@ -500,15 +501,38 @@ def final_test(model, args, data_dir, out_dir, folder, method_name, amp, device,
     return results
 
 
-def run_training(args, check_args, train_fn):
+def run_problems(args):
+    """Problems of the run folder flags that every trainer shares."""
+    problems = []
+    if args.m_name in ("", ".", "..") or any(sep in args.m_name for sep in ("/", "\\", os.sep)):
+        problems.append(f"--m_name {args.m_name!r} must be a plain folder name inside --f_name (no separators, "
+                        f"not '.' or '..')")
+    if args.resume and args.force:
+        problems.append("--resume continues the run and --force replaces it: give one of them")
+    return problems
+
+
+def check_trainer_of(out_dir, method):
+    """--resume of a run another trainer wrote is refused, naming that trainer."""
+    recorded = read_config(out_dir).get("method")
+    if recorded and recorded != method:
+        raise TrainingInputError(f"--resume: {out_dir} was written by train_{recorded}.py, not train_{method}.py; "
+                                 f"resume it with train_{recorded}.py, or start a new --m_name")
+
+
+def run_training(args, check_args, train_fn, method=None):
     """main() of a trainer: check_args(args); the run folder <f_name>/<m_name> locked (rank 0; a
     second run on it is refused before anything, and never touches it); with --resume the run's own
-    settings (utils/resume.py); then train_fn(args, dist_info) in this process's share of a torchrun
-    job (or alone). The project's own errors (bad input, unreadable checkpoints, NaN losses) and
-    failed downloads end with one line per problem; anything else is a bug and keeps its traceback."""
+    settings (utils/resume.py), of a run of this trainer (`method`); then train_fn(args, dist_info) in
+    this process's share of a torchrun job (or alone). The project's own errors (bad input, unreadable
+    checkpoints, NaN losses) and failed downloads end with one line per problem; anything else is a
+    bug and keeps its traceback."""
     out_dir = os.path.join(args.f_name, args.m_name)
     undone = "kept"
     try:
+        problems = run_problems(args)
+        if problems:
+            raise TrainingInputError("\n".join(problems))
         check_args(args)
         dist_info = setup_distributed(args.device)
         lock = outputs.FolderLock(out_dir, "another training run")
@@ -517,6 +541,8 @@ def run_training(args, check_args, train_fn):
                 outputs.check_writable(out_dir, "--f_name")
                 lock.acquire()
             if args.resume and os.path.isfile(os.path.join(out_dir, "config.json")):
+                if method is not None:
+                    check_trainer_of(out_dir, method)
                 resume.take_run_settings(args, out_dir, epochs_done(out_dir, stage2_only=True))
             existed = os.path.isdir(out_dir)
             try:
@@ -534,10 +560,15 @@ def run_training(args, check_args, train_fn):
         raise SystemExit("\n".join(f"error: {line}" for line in one_line(err).splitlines())) from None
     except KeyboardInterrupt:
         done = epochs_done(out_dir) if undone == "kept" else 0
-        print(f"interrupted in epoch {done + 1}; continue with --resume" if done else
-              "interrupted before the first checkpoint; nothing was kept"
-              + (f" and the earlier run in {out_dir} is back as it was" if undone == "restored" else ""),
-              file=sys.stderr)
+        trained = epochs_done(out_dir, stage2_only=True) if done else 0  # CLIP-ReID: stage 1 is not the last epochs
+        if trained and trained >= (getattr(args, "epochs", None) or float("inf")):
+            message = f"interrupted after the last epoch ({trained}), in the final test; finish it with --resume"
+        elif done:
+            message = f"interrupted in epoch {done + 1}; continue with --resume"
+        else:
+            message = "interrupted before the first checkpoint; nothing was kept" + (
+                f" and the earlier run in {out_dir} is back as it was" if undone == "restored" else "")
+        print(message, file=sys.stderr)
         raise SystemExit(130) from None
 
 
