@@ -183,6 +183,7 @@ def evaluation_entries(path, galleries, results=None):
     train_dirs = train_args.get("data_dir")
     first_train_dir = train_dirs[0] if isinstance(train_dirs, list) and train_dirs else train_dirs
     train_set = display.training_set_name(train_dirs, dataset_of(first_train_dir, train_args.get("data_type")))
+    root = result_files.split_root(results)
     entries = []
     for variant in results["gallery_variants"]:
         if galleries != "both" and variant != galleries:
@@ -196,7 +197,7 @@ def evaluation_entries(path, galleries, results=None):
                        "protocol": protocol},
             "protocol_name": protocol.split(" (")[0], "kind": kind, "settings": settings,
             "seed": train_args.get("seed") if train_args else None,
-            "split_id": (results.get("test_dir"), results.get("split_seed"), variant),
+            "split_root": root, "split_id": (0, variant),  # (the split root's number under its name, see below)
             "splits": splits, "table_mAP": results.get("table_mAP", "mAP_hand"),
             "cmc": summary.get("cmc_mean"), "roc": summary.get("roc_mean"),
             "min_impostors": None if not impostors or None in impostors else min(impostors),
@@ -240,14 +241,48 @@ def group_rows(entries):
 
 
 def distinguish_split_roots(entries):
-    """Two split roots (or split seeds) shown under one test-set name are told apart in the label."""
-    roots = {}
+    """Entries measured on one split root (the same splits.json content wherever its folder lies now,
+    result_files.same_split_root) share a test set; split roots that really differ under one test-set
+    name are told apart in its label by what differs ("split seed 1", "5 splits", ...)."""
+    by_name = {}
     for entry in entries:
-        roots.setdefault(entry["labels"]["test_set"], set()).add(entry["split_id"][:2])
-    for entry in entries:
-        if len(roots[entry["labels"]["test_set"]]) > 1:
-            test_dir, seed = entry["split_id"][:2]
-            entry["labels"]["test_set"] += f" ({test_dir}, split seed {seed})"
+        roots = by_name.setdefault(entry["labels"]["test_set"], [])
+        number = next((i for i, r in enumerate(roots) if result_files.same_split_root(r, entry["split_root"])), None)
+        if number is None:
+            number = len(roots)
+            roots.append(entry["split_root"])
+        elif entry["split_root"]["digest"] and not roots[number]["digest"]:
+            roots[number] = entry["split_root"]  # the one whose manifest is still there describes it best
+        entry["split_id"] = (number, entry["split_id"][1])
+    for name, roots in by_name.items():
+        if len(roots) > 1:
+            names = split_root_names(roots)
+            for entry in entries:
+                if entry["labels"]["test_set"] == name:
+                    entry["labels"]["test_set"] = f"{name} ({names[entry['split_id'][0]]})"
+
+
+def split_root_names(roots):
+    """Words that tell split roots of one test-set name apart: the fields that differ between them
+    (the split seed, the number of splits, the gallery sizes), numbered where those are the same."""
+    def described(root, key):
+        if key == "split_seed":
+            return f"split seed {root[key]}"
+        if key == "num_splits":
+            return f"{root[key]} splits"
+        if key == "dataset":
+            return f"dataset {root[key]}"
+        gallery = next(iter(root["sizes"].values()), ((None, None),))[0][1]
+        return f"{gallery} gallery images"
+    differing = [k for k in ("split_seed", "num_splits", "dataset", "sizes")
+                 if len({json.dumps(r[k], sort_keys=True) for r in roots}) > 1]
+    names = [", ".join(described(r, k) for k in differing) for r in roots]
+    numbered = []
+    for name in names:  # the same description (other identities, another draw): numbered in reading order
+        same = [n for n in names if n == name]
+        numbered.append(name if len(same) == 1 else ", ".join(filter(None, [
+            name, f"split root {names[:len(numbered) + 1].count(name)} of {len(same)}"])))
+    return numbered
 
 
 def metric_values(entry, column):
