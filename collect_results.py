@@ -459,17 +459,55 @@ def check_out(out):
 
 
 def check_existing(out, force):
-    """Under the lock: an earlier set with this prefix is kept unless --force; a set name taken by a
-    folder is refused either way."""
-    folder = os.path.dirname(os.path.abspath(out))
-    existing = [os.path.join(folder, n) for n in set_names(os.path.basename(out))
-                if os.path.lexists(os.path.join(folder, n))]
+    """Under the lock: an earlier set with this prefix is kept unless --force, and --force replaces only
+    a set this program wrote (its PREFIX.json says so: tables.is_table_json); a set name taken by a
+    folder or by another program's file is refused either way."""
+    folder, base = os.path.split(os.path.abspath(out))
+    existing = [os.path.join(folder, n) for n in set_names(base) if os.path.lexists(os.path.join(folder, n))]
     for path in existing:
         if not os.path.isfile(path) or os.path.islink(path):
             raise OutputExistsError(f"{path} is not a file this program wrote; move it away or choose another --out")
-    if existing and not force:
+    if not existing:
+        return
+    marker = os.path.join(folder, f"{base}.json")
+    try:
+        ours = os.path.isfile(marker) and tables.is_table_json(read_json(marker))
+    except ClipFHError:
+        ours = False
+    if not ours:
+        raise OutputExistsError(f"{existing[0]} is not part of a table written by collect_results.py, so --force does "
+                                f"not replace it; move it away or choose another --out")
+    if not force:
         raise OutputExistsError(f"{existing[0]} already exists; pass --force to replace the table and figures of "
                                 f"--out {out} (kept until the new ones are complete) or choose another --out")
+
+
+def check_out_place(out, paths):
+    """Before the lock (its file goes beside the outputs): --out lies neither in an evaluation or run
+    folder nor in or below a folder whose results.json this call reads."""
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(out)))
+    for results in find_results(paths):
+        source = os.path.realpath(os.path.dirname(os.path.abspath(results)))
+        if folder == source or folder.startswith(source + os.sep):
+            raise EvaluationInputError(f"--out {out} lies in an evaluation folder it reads ({source}); its files "
+                                       f"would mix with the evaluation's: choose another folder")
+    held = evaluation_files(folder)
+    if held:
+        raise EvaluationInputError(f"--out {out} lies in an evaluation or run folder ({folder} holds {held}); its "
+                                   f"files would mix with that folder's: choose another folder")
+
+
+def evaluation_files(folder):
+    """The first file that makes `folder` an evaluation folder (results.json, result_split*.mat, an
+    evaluator's config.json) or a run folder (net_*.pth, a trainer's config.json), or None."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    for name in names:
+        if name == "results.json" or (name.startswith("result_split") and name.endswith(".mat")) or (
+                name.startswith("net_") and name.endswith(".pth")):
+            return name
+    if "config.json" in names and "args" in optional_config(folder, strict=False):
+        return "config.json"
+    return None
 
 
 @contextmanager
@@ -533,17 +571,14 @@ def recover_set(out):
 
 
 def run(args):
-    """Check --out, lock it, read and check every results.json, refuse an --out in a folder it reads or
-    an existing set without --force, build the table set (and figures) in a staging folder and swap it
-    in whole."""
+    """Check --out (refused in an evaluation or run folder, or in a folder it reads), lock it, read and
+    check every results.json, refuse an existing set without --force (or one not ours), build the table
+    set (and figures) in a staging folder and swap it in whole."""
     check_out(args.out)
+    check_out_place(args.out, args.paths)
     with outputs.FolderLock(args.out, "another collect_results.py"):
         recover_set(args.out)
         rows = collect(args.paths, args.columns, args.gallery, args.mixed)
-        folder = os.path.dirname(os.path.abspath(args.out))
-        if any(os.path.realpath(folder) == os.path.realpath(s) for row in rows for s in row["sources"]):
-            raise EvaluationInputError(f"--out {args.out} lies in an evaluation folder it reads ({folder}); its "
-                                       f"files would mix with the evaluation's: choose another folder")
         check_existing(args.out, args.force)
         if args.plot and not all(row["cmc"] for row in rows):
             missing = next(row["sources"][0] for row in rows if not row["cmc"])

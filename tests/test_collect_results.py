@@ -540,3 +540,32 @@ def test_a_moved_split_root_is_one_test_set_and_others_are_named_by_what_differs
         "11k dorsal right (split seed 0, split root 1 of 2)", "11k dorsal right (split seed 0, split root 2 of 2)",
         "11k dorsal right (split seed 1)"]
     assert str(tmp_path) not in (tmp_path / "t.md").read_text()
+
+
+def test_force_never_replaces_another_programs_files(tmp_path):
+    """--out OTHER_EVAL/results --force overwrote another evaluation's results.json and results.csv, and
+    --out EVAL/sub/table was accepted while reading EVAL."""
+    write_results(tmp_path / "a", "zero-shot", 0)
+    write_run(tmp_path, "ft")  # ft/config.json (a run) and ft/eval_best (an evaluation)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "result_split0.mat").write_bytes(b"mat")
+    (tmp_path / "a" / "sub").mkdir()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("my notes")
+    def tree():  # every file and folder below tmp_path, hidden ones (lock files) included
+        return {os.path.join(d, n): open(os.path.join(d, n), "rb").read() if n in files else None
+                for d, folders, files in os.walk(tmp_path) for n in folders + files}
+    before = tree()
+    for out, message in [(tmp_path / "ft" / "eval_best" / "results", "lies in an evaluation or run folder"),
+                         (tmp_path / "ft" / "table", "lies in an evaluation or run folder"),
+                         (tmp_path / "b" / "table", "lies in an evaluation or run folder"),
+                         (tmp_path / "a" / "sub" / "table", "lies in an evaluation folder it reads"),
+                         (tmp_path / "mine" / "notes", "is not part of a table written by collect_results.py")]:
+        for force in ([], ["--force"]):
+            with pytest.raises(SystemExit, match=message) as info:
+                collect_results.main([str(tmp_path / "a"), "--out", str(out), *force])
+            one_line(info)
+    assert tree() == before
+    collect_results.main([str(tmp_path / "a"), "--out", str(tmp_path / "mine" / "t")])
+    assert json.loads((tmp_path / "mine" / "t.json").read_text())["written_by"] == "collect_results.py"
+    collect_results.main([str(tmp_path / "a"), "--out", str(tmp_path / "mine" / "t"), "--force"])  # ours: replaced
