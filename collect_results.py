@@ -256,33 +256,10 @@ def distinguish_split_roots(entries):
         entry["split_id"] = (number, entry["split_id"][1])
     for name, roots in by_name.items():
         if len(roots) > 1:
-            names = split_root_names(roots)
+            names = result_files.split_root_names(roots)
             for entry in entries:
                 if entry["labels"]["test_set"] == name:
                     entry["labels"]["test_set"] = f"{name} ({names[entry['split_id'][0]]})"
-
-
-def split_root_names(roots):
-    """Words that tell split roots of one test-set name apart: the fields that differ between them
-    (the split seed, the number of splits, the gallery sizes), numbered where those are the same."""
-    def described(root, key):
-        if key == "split_seed":
-            return f"split seed {root[key]}"
-        if key == "num_splits":
-            return f"{root[key]} splits"
-        if key == "dataset":
-            return f"dataset {root[key]}"
-        gallery = next(iter(root["sizes"].values()), ((None, None),))[0][1]
-        return f"{gallery} gallery images"
-    differing = [k for k in ("split_seed", "num_splits", "dataset", "sizes")
-                 if len({json.dumps(r[k], sort_keys=True) for r in roots}) > 1]
-    names = [", ".join(described(r, k) for k in differing) for r in roots]
-    numbered = []
-    for name in names:  # the same description (other identities, another draw): numbered in reading order
-        same = [n for n in names if n == name]
-        numbered.append(name if len(same) == 1 else ", ".join(filter(None, [
-            name, f"split root {names[:len(numbered) + 1].count(name)} of {len(same)}"])))
-    return numbered
 
 
 def metric_values(entry, column):
