@@ -183,6 +183,7 @@ def evaluation_entries(path, galleries, results=None):
     train_dirs = train_args.get("data_dir")
     first_train_dir = train_dirs[0] if isinstance(train_dirs, list) and train_dirs else train_dirs
     train_set = display.training_set_name(train_dirs, dataset_of(first_train_dir, train_args.get("data_type")))
+    root = result_files.split_root(results)
     entries = []
     for variant in results["gallery_variants"]:
         if galleries != "both" and variant != galleries:
@@ -196,7 +197,7 @@ def evaluation_entries(path, galleries, results=None):
                        "protocol": protocol},
             "protocol_name": protocol.split(" (")[0], "kind": kind, "settings": settings,
             "seed": train_args.get("seed") if train_args else None,
-            "split_id": (results.get("test_dir"), results.get("split_seed"), variant),
+            "split_root": root, "split_id": (0, variant),  # (the split root's number under its name, see below)
             "splits": splits, "table_mAP": results.get("table_mAP", "mAP_hand"),
             "cmc": summary.get("cmc_mean"), "roc": summary.get("roc_mean"),
             "min_impostors": None if not impostors or None in impostors else min(impostors),
@@ -240,14 +241,25 @@ def group_rows(entries):
 
 
 def distinguish_split_roots(entries):
-    """Two split roots (or split seeds) shown under one test-set name are told apart in the label."""
-    roots = {}
+    """Entries measured on one split root (the same splits.json content wherever its folder lies now,
+    result_files.same_split_root) share a test set; split roots that really differ under one test-set
+    name are told apart in its label by what differs ("split seed 1", "5 splits", ...)."""
+    by_name = {}
     for entry in entries:
-        roots.setdefault(entry["labels"]["test_set"], set()).add(entry["split_id"][:2])
-    for entry in entries:
-        if len(roots[entry["labels"]["test_set"]]) > 1:
-            test_dir, seed = entry["split_id"][:2]
-            entry["labels"]["test_set"] += f" ({test_dir}, split seed {seed})"
+        roots = by_name.setdefault(entry["labels"]["test_set"], [])
+        number = next((i for i, r in enumerate(roots) if result_files.same_split_root(r, entry["split_root"])), None)
+        if number is None:
+            number = len(roots)
+            roots.append(entry["split_root"])
+        elif entry["split_root"]["digest"] and not roots[number]["digest"]:
+            roots[number] = entry["split_root"]  # the one whose manifest is still there describes it best
+        entry["split_id"] = (number, entry["split_id"][1])
+    for name, roots in by_name.items():
+        if len(roots) > 1:
+            names = result_files.split_root_names(roots)
+            for entry in entries:
+                if entry["labels"]["test_set"] == name:
+                    entry["labels"]["test_set"] = f"{name} ({names[entry['split_id'][0]]})"
 
 
 def metric_values(entry, column):
@@ -424,17 +436,55 @@ def check_out(out):
 
 
 def check_existing(out, force):
-    """Under the lock: an earlier set with this prefix is kept unless --force; a set name taken by a
-    folder is refused either way."""
-    folder = os.path.dirname(os.path.abspath(out))
-    existing = [os.path.join(folder, n) for n in set_names(os.path.basename(out))
-                if os.path.lexists(os.path.join(folder, n))]
+    """Under the lock: an earlier set with this prefix is kept unless --force, and --force replaces only
+    a set this program wrote (its PREFIX.json says so: tables.is_table_json); a set name taken by a
+    folder or by another program's file is refused either way."""
+    folder, base = os.path.split(os.path.abspath(out))
+    existing = [os.path.join(folder, n) for n in set_names(base) if os.path.lexists(os.path.join(folder, n))]
     for path in existing:
         if not os.path.isfile(path) or os.path.islink(path):
             raise OutputExistsError(f"{path} is not a file this program wrote; move it away or choose another --out")
-    if existing and not force:
+    if not existing:
+        return
+    marker = os.path.join(folder, f"{base}.json")
+    try:
+        ours = os.path.isfile(marker) and tables.is_table_json(read_json(marker))
+    except ClipFHError:
+        ours = False
+    if not ours:
+        raise OutputExistsError(f"{existing[0]} is not part of a table written by collect_results.py, so --force does "
+                                f"not replace it; move it away or choose another --out")
+    if not force:
         raise OutputExistsError(f"{existing[0]} already exists; pass --force to replace the table and figures of "
                                 f"--out {out} (kept until the new ones are complete) or choose another --out")
+
+
+def check_out_place(out, paths):
+    """Before the lock (its file goes beside the outputs): --out lies neither in an evaluation or run
+    folder nor in or below a folder whose results.json this call reads."""
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(out)))
+    for results in find_results(paths):
+        source = os.path.realpath(os.path.dirname(os.path.abspath(results)))
+        if folder == source or folder.startswith(source + os.sep):
+            raise EvaluationInputError(f"--out {out} lies in an evaluation folder it reads ({source}); its files "
+                                       f"would mix with the evaluation's: choose another folder")
+    held = evaluation_files(folder)
+    if held:
+        raise EvaluationInputError(f"--out {out} lies in an evaluation or run folder ({folder} holds {held}); its "
+                                   f"files would mix with that folder's: choose another folder")
+
+
+def evaluation_files(folder):
+    """The first file that makes `folder` an evaluation folder (results.json, result_split*.mat, an
+    evaluator's config.json) or a run folder (net_*.pth, a trainer's config.json), or None."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    for name in names:
+        if name == "results.json" or (name.startswith("result_split") and name.endswith(".mat")) or (
+                name.startswith("net_") and name.endswith(".pth")):
+            return name
+    if "config.json" in names and "args" in optional_config(folder, strict=False):
+        return "config.json"
+    return None
 
 
 @contextmanager
@@ -498,17 +548,14 @@ def recover_set(out):
 
 
 def run(args):
-    """Check --out, lock it, read and check every results.json, refuse an --out in a folder it reads or
-    an existing set without --force, build the table set (and figures) in a staging folder and swap it
-    in whole."""
+    """Check --out (refused in an evaluation or run folder, or in a folder it reads), lock it, read and
+    check every results.json, refuse an existing set without --force (or one not ours), build the table
+    set (and figures) in a staging folder and swap it in whole."""
     check_out(args.out)
+    check_out_place(args.out, args.paths)
     with outputs.FolderLock(args.out, "another collect_results.py"):
         recover_set(args.out)
         rows = collect(args.paths, args.columns, args.gallery, args.mixed)
-        folder = os.path.dirname(os.path.abspath(args.out))
-        if any(os.path.realpath(folder) == os.path.realpath(s) for row in rows for s in row["sources"]):
-            raise EvaluationInputError(f"--out {args.out} lies in an evaluation folder it reads ({folder}); its "
-                                       f"files would mix with the evaluation's: choose another folder")
         check_existing(args.out, args.force)
         if args.plot and not all(row["cmc"] for row in rows):
             missing = next(row["sources"][0] for row in rows if not row["cmc"])

@@ -23,7 +23,7 @@ import os
 
 import models
 import models_handid  # noqa: F401  (registers the "handid" model kind)
-from utils import data, errors, evaluation, flags, interrupts, io, preprocessing, protocols, splits
+from utils import data, errors, evaluation, flags, interrupts, io, preprocessing, protocols, result_files, splits
 
 
 def parse_args(argv=None):
@@ -138,13 +138,11 @@ def evaluate(args):
         args.compile = models.use_compile(args.compile, args.device)  # config.json records what ran
         if note:
             print(note)
-        backbone = config["model"]["backbone"]
         input_size = tuple(setting["preprocessing"]["size"])
-        extra = {"run_dir": os.path.abspath(run_dir), "model_kind": kind, "which_epoch": which_epoch,
-                 "epoch": checkpoint.get("epoch"), "backbone": backbone["name"], "feature": feature, "rerank": rerank,
+        extra = {**result_files.model_record(run_dir, config, seeds.get(os.path.abspath(args.test_dir))),
+                 "which_epoch": which_epoch, "epoch": checkpoint.get("epoch"), "feature": feature, "rerank": rerank,
                  "protocol": setting, "inference_prompt": getattr(model, "inference_prompt", None),
-                 "trained_on": config.get("args", {}).get("data_dir"), "pretrained": config.get("pretrained"),
-                 "preprocessing": setting["preprocessing"], "split_seed": seeds.get(os.path.abspath(args.test_dir))}
+                 "preprocessing": setting["preprocessing"]}
         data.check_images(image_paths, input_size, args.num_workers, what=f"images of {args.test_dir}")
         method = f"{args.m_name} ({kind}, net_{which_epoch})" + (" + RK" if rerank else "")
         print(f"net_{which_epoch} (epoch {checkpoint.get('epoch')}), feature {feature}, preprocessing: "

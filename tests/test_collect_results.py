@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 import collect_results
-from utils import figures, outputs, protocols, significance, verification
+from utils import figures, outputs, protocols, significance, splits, verification
 
 METRICS = ("rank1", "rank5", "rank10", "mAP_hand", "mAP_standard", "mINP")
 TEST_DIR = "/data/11k/train_val_test_split_dorsal_r"
@@ -495,3 +495,77 @@ def test_robustness_benchmarks_below_a_run_are_skipped(tmp_path, capsys):
     edit_results(folder, lambda r: r.update(families=["blur"], degrade="query", rows=[{"family": "blur"}]))
     rows = collect_results.main([str(tmp_path / "ft"), "--out", str(tmp_path / "t")])
     assert len(rows) == 2 and f"skipped {folder / 'results.json'}: a robustness benchmark" in capsys.readouterr().out
+
+
+def write_split_root(folder, seed=0, identities=range(1, 6)):
+    """A split root's splits.json (3 query/gallery splits of `identities`), nothing else."""
+    sets = {"test": [(str(i), f"Hands/h{i}_{k}.jpg") for i in identities for k in range(3)]}
+    for split in range(3):
+        sets[f"query{split}"] = [(str(i), f"Hands/h{i}_{(split + seed) % 3}.jpg") for i in identities]
+        sets[f"gallery{split}"] = [(str(i), f"Hands/h{i}_{(split + seed + 1) % 3}.jpg") for i in identities]
+        sets[f"gallery{split}_all"] = sets[f"gallery{split}"]
+    os.makedirs(folder, exist_ok=True)
+    manifest = splits.split_manifest(sets, dataset="11k", aspect="dorsal_r", seed=seed, num_splits=3, source_root="..")
+    (folder / "splits.json").write_text(splits.manifest_text(manifest))
+
+
+def test_a_moved_split_root_is_one_test_set_and_others_are_named_by_what_differs(tmp_path):
+    """An --out folder of reproduce.py copied and moved (cp -a rep1 rep2; mv rep2 rep3), a few evaluations
+    re-run: the table had column groups titled with paths, '–' in half of their cells, and a matrix figure."""
+    name = "train_val_test_split_dorsal_r"
+    write_split_root(tmp_path / "rep1" / name)
+    shutil.copytree(tmp_path / "rep1", tmp_path / "rep3")
+    write_results(tmp_path / "rep3" / "zs", "zero-shot", 0, test_dir=str(tmp_path / "rep1" / name))  # before the copy
+    write_run(tmp_path / "rep3", "ft", shift=0.1, data_dir=str(tmp_path / "rep3" / name),
+              test_dir=str(tmp_path / "rep3" / name))  # re-run after the move
+    out = tmp_path / "t"
+    for removed in (False, True):  # the old folder still there, then gone: what results.json records decides
+        if removed:
+            shutil.rmtree(tmp_path / "rep1")
+        rows = collect_results.main([str(tmp_path / "rep3"), "--out", str(out), "--layout", "grouped", "--plot",
+                                     "--force"])
+        assert {r["labels"]["test_set"] for r in rows} == {"11k dorsal right"}
+        assert len({r["group"] for r in rows if r["labels"]["gallery"] == "with distractors"}) == 1
+        text = (tmp_path / "t.md").read_text()
+        assert str(tmp_path) not in text and "–" not in text
+        assert not (tmp_path / "t_matrix.png").exists()
+    # split roots that really differ are told apart by what differs, never by a path
+    write_split_root(tmp_path / "seed1" / name, seed=1)
+    write_results(tmp_path / "rep3" / "zs_seed1", "zero-shot", 1, test_dir=str(tmp_path / "seed1" / name),
+                  split_seed=1)
+    write_split_root(tmp_path / "other" / name, identities=range(6, 11))
+    write_results(tmp_path / "rep3" / "zs_other", "zero-shot", 2, test_dir=str(tmp_path / "other" / name))
+    rows = collect_results.main([str(tmp_path / "rep3"), "--out", str(out), "--force"])
+    assert sorted({r["labels"]["test_set"] for r in rows}) == [
+        "11k dorsal right (split seed 0, split root 1 of 2)", "11k dorsal right (split seed 0, split root 2 of 2)",
+        "11k dorsal right (split seed 1)"]
+    assert str(tmp_path) not in (tmp_path / "t.md").read_text()
+
+
+def test_force_never_replaces_another_programs_files(tmp_path):
+    """--out OTHER_EVAL/results --force overwrote another evaluation's results.json and results.csv, and
+    --out EVAL/sub/table was accepted while reading EVAL."""
+    write_results(tmp_path / "a", "zero-shot", 0)
+    write_run(tmp_path, "ft")  # ft/config.json (a run) and ft/eval_best (an evaluation)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "result_split0.mat").write_bytes(b"mat")
+    (tmp_path / "a" / "sub").mkdir()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("my notes")
+    def tree():  # every file and folder below tmp_path, hidden ones (lock files) included
+        return {os.path.join(d, n): open(os.path.join(d, n), "rb").read() if n in files else None
+                for d, folders, files in os.walk(tmp_path) for n in folders + files}
+    before = tree()
+    for out, message in [(tmp_path / "ft" / "eval_best" / "results", "lies in an evaluation or run folder"),
+                         (tmp_path / "ft" / "table", "lies in an evaluation or run folder"),
+                         (tmp_path / "b" / "table", "lies in an evaluation or run folder"),
+                         (tmp_path / "a" / "sub" / "table", "lies in an evaluation folder it reads"),
+                         (tmp_path / "mine" / "notes", "is not part of a table written by collect_results.py")]:
+        for force in ([], ["--force"]):
+            with pytest.raises(SystemExit, match=message) as info:
+                collect_results.main([str(tmp_path / "a"), "--out", str(out), *force])
+            one_line(info)
+    assert tree() == before
+    collect_results.main([str(tmp_path / "a"), "--out", str(tmp_path / "mine" / "t")])
+    assert json.loads((tmp_path / "mine" / "t.json").read_text())["written_by"] == "collect_results.py"
+    collect_results.main([str(tmp_path / "a"), "--out", str(tmp_path / "mine" / "t"), "--force"])  # ours: replaced

@@ -141,3 +141,50 @@ def test_ranking_captions_never_run_into_each_other(tmp_path):
         inside = fig.bbox
         assert all(b.x0 >= inside.x0 and b.x1 <= inside.x1 for b in boxes)  # nothing cut off at the edges
         assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+LONG_NAMES = ["train_val_test_split_dorsal_r (split seed 0, split root 1 of 2)",
+              "train_val_test_split_dorsal_r (split seed 0, split root 2 of 2)",
+              "my_own_hand_collection_photographed_in_2024 (split seed 1)"]
+
+
+def clashes(fig):
+    """Pairs of titles / tick labels whose boxes overlap, and texts reaching outside the figure, by
+    matplotlib's window extents after drawing."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    def shown(axis):  # the tick labels inside the axis limits (matplotlib keeps one more each side, not drawn)
+        low, high = sorted(axis.get_view_interval())
+        return [t for t, at in zip(axis.get_ticklabels(), axis.get_ticklocs()) if low - 1e-9 <= at <= high + 1e-9]
+    texts = [t for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"
+             for t in [ax.title, *shown(ax.xaxis), *shown(ax.yaxis)] if t.get_text()]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    found = [(a, b) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1:] if box.overlaps(other)]
+    frame = fig.bbox
+    labels = [(t.get_text(), t.get_window_extent(renderer)) for ax in fig.axes if ax.get_visible()
+              for t in [ax.xaxis.label, ax.yaxis.label] if t.get_text()]
+    legends = [(t.get_text(), t.get_window_extent(renderer)) for legend in fig.legends for t in legend.get_texts()]
+    found += [(text, "outside") for text, box in boxes + labels + legends
+              if box.x0 < frame.x0 - 0.5 or box.x1 > frame.x1 + 0.5 or box.y0 < frame.y0 - 0.5 or box.y1 > frame.y1 + 0.5]
+    return found
+
+
+def test_long_test_set_names_wrap_inside_their_panels(tmp_path):
+    """table_cmc.png: panel titles ran into each other and off both edges; table_matrix.png: heat maps
+    shrank to slivers under column labels piled on each other."""
+    curves = [{"panel": name, "label": f"{method} ViT-B/16", "method": method, "backbone": "ViT-B/16",
+               "x": list(range(1, 21)), "y": sorted(np.linspace(20 + i, 90, 20))}
+              for i, name in enumerate(LONG_NAMES) for method in ("Zero-shot", "Fine-tuned")]
+    cmc = figures.curve_figure(curves, "rank", "identification rate (%)", xlim=(0.5, 20.5), integer_x=True)
+    assert clashes(cmc) == [] and figures.overlapping_legends(cmc) == []
+    figures.save(cmc, str(tmp_path / "cmc"))
+    matrices = [{"title": f"{method} ViT-B/16", "rows": ["none (zero-shot)", *LONG_NAMES[:2]], "columns": LONG_NAMES,
+                 "values": [[40.0, 50.0, None], [70.0, 20.0, 30.0], [65.0, 75.0, 10.0]]}
+                for method in ("Fine-tuned", "CLIP-ReID")]
+    matrix = figures.matrix_figure(matrices, "Rank-1")
+    assert clashes(matrix) == []
+    matrix.canvas.draw()
+    for ax in matrix.axes[:2]:  # each heat map keeps a usable size
+        box = ax.get_window_extent(matrix.canvas.get_renderer())
+        assert box.width / matrix.dpi > 1.2 and box.height / matrix.dpi > 0.8
+    figures.save(matrix, str(tmp_path / "matrix"))

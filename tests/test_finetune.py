@@ -12,6 +12,7 @@ import torch
 
 import clip
 import eval_query_gallery_clip_zeroshot
+import collect_results
 import eval_query_gallery_finetune
 import models
 import train_finetune
@@ -235,6 +236,15 @@ def test_eval_script_reproduces_training_final_numbers(finetuned, hand_data, tmp
     assert results["summary"] == final["summary"]
     assert os.path.isfile(os.path.join(out_dir, "result_split1_all.mat"))
     assert os.path.isfile(os.path.join(out_dir, "results.csv"))
+    # the final test records what the evaluator does, so the table pairs the two (it showed Backbone
+    # "unknown" and a test set "... split seed None" of its own)
+    keys = ("run_dir", "model_kind", "backbone", "split_seed", "pretrained", "trained_on", "dataset", "test_dir")
+    assert {k: final.get(k) for k in keys} == {k: results.get(k) for k in keys} and final["split_seed"] == 0
+    rows = collect_results.main([os.path.join(finetuned["run_dir"], "final_test"), out_dir,
+                                 "--out", str(tmp_path / "table")])
+    assert len(rows) == 4 and len({r["labels"]["backbone"] for r in rows} - {"unknown"}) == 1
+    assert {r["labels"]["test_set"] for r in rows} == {"11k dorsal right"}
+    assert len({r["group"] for r in rows}) == 2  # one comparison per gallery, final test beside evaluation
 
 
 def test_pretrained_flag_is_recorded_and_carried_by_the_evaluator(finetuned, hand_data, tiny_vit_checkpoint,

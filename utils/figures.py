@@ -7,6 +7,7 @@ Depends on nothing in the package but utils/io (atomic writes) and utils/display
 import contextlib
 import math
 import os
+import re
 import zlib
 
 from . import display
@@ -28,6 +29,9 @@ SAME_IDENTITY, OTHER_IDENTITY, QUERY = "#1a9641", "#d7191c", "#000000"
 HEATMAP = "inferno"  # explanation maps: perceptually uniform, readable in grey
 VALUES = "viridis"  # value matrices (cross-aspect Rank-1)
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")  # curves of one method and backbone told apart (e.g. training sets)
+LINE_HEIGHT = 0.16  # inches a line of wrapped 8-9 pt text takes
+ROW_LABEL_WIDTH = 1.3  # inches: the widest line of a matrix's row names
+COLOUR_BAR_WIDTH = 0.9  # inches: a matrix figure's colour bar with its label
 
 STYLE = {"font.size": FONT_SIZE, "axes.titlesize": FONT_SIZE + 1, "axes.labelsize": FONT_SIZE,
          "xtick.labelsize": FONT_SIZE, "ytick.labelsize": FONT_SIZE, "legend.fontsize": FONT_SIZE,
@@ -108,15 +112,19 @@ def panel_grid(plt, count, width=None, panel_height=None, max_columns=3, extra_h
 
 def curve_figure(curves, xlabel, ylabel, xscale="linear", xlim=None, ylim=(0, 101), integer_x=False, width=None):
     """Curves drawn in panels: curves = [{"panel", "label", "method", "backbone", "x", "y", "marker"
-    (optional)}]. One panel per distinct "panel" (in order), the method's colour and the backbone's
-    line style, one legend below. Returns the figure."""
+    (optional)}]. One panel per distinct "panel" (in order; its title wrapped to the panel's width),
+    the method's colour and the backbone's line style, one legend below. Returns the figure."""
     from matplotlib.ticker import MaxNLocator
     panels = list(dict.fromkeys(c["panel"] for c in curves))
     labels = list(dict.fromkeys(c["label"] for c in curves))
     width = width or (SINGLE_COLUMN if len(panels) == 1 else DOUBLE_COLUMN)
+    max_columns = 3 if width > SINGLE_COLUMN else 2
+    titles = {p: wrap_to(p, width / min(len(panels), max_columns) - 0.35, FONT_SIZE + 1) for p in panels}
+    extra_lines = max(t.count("\n") for t in titles.values())
     with paper_style() as plt:
         fig, axes = panel_grid(plt, len(panels), width, extra_height=legend_height(width, labels),
-                               max_columns=3 if width > SINGLE_COLUMN else 2)
+                               max_columns=max_columns,
+                               panel_height=(2.3 if len(panels) == 1 else 2.0) + LINE_HEIGHT * extra_lines)
         entries = {}
         for ax, panel in zip(axes, panels):
             for curve in (c for c in curves if c["panel"] == panel):
@@ -124,9 +132,9 @@ def curve_figure(curves, xlabel, ylabel, xscale="linear", xlim=None, ylim=(0, 10
                                 linestyle=backbone_style(curve["backbone"]), marker=curve.get("marker"),
                                 markersize=3.5, markevery=max(1, len(curve["x"]) // 5))
                 entries.setdefault(curve["label"], line)
-            ax.set(xscale=xscale, xlabel=xlabel, ylabel=ylabel if ax in axes[::3] else None)
+            ax.set(xscale=xscale, xlabel=xlabel, ylabel=ylabel if ax in axes[::max_columns] else None)
             if len(panels) > 1 or panel:
-                ax.set_title(panel)
+                ax.set_title(titles[panel])
             if xlim:
                 ax.set_xlim(*xlim)
             ax.set_ylim(*ylim)
@@ -140,17 +148,25 @@ def curve_figure(curves, xlabel, ylabel, xscale="linear", xlim=None, ylim=(0, 10
 def matrix_figure(matrices, metric_label, width=DOUBLE_COLUMN):
     """Value matrices (cross-aspect: training set x test set), one panel each, with one shared colour
     bar on a fixed 0-100 scale: matrices = [{"title", "rows", "columns", "values" (percent or None)}].
-    Returns the figure."""
+    Row and column names are wrapped to the room they have, and each matrix row is tall enough for its
+    name. Returns the figure."""
     import numpy as np
     columns = min(len(matrices), 2 if width > SINGLE_COLUMN else 1)
     rows = math.ceil(len(matrices) / columns)
-    cell = 0.3  # inches per matrix row
-    height = sum(cell * max(len(m["rows"]) for m in matrices[r * columns:(r + 1) * columns]) + 0.95
-                 for r in range(rows)) + 0.3
+    row_names = {r: wrap_to(r, ROW_LABEL_WIDTH) for m in matrices for r in m["rows"]}
+    label_width = max(text_width(line) for name in row_names.values() for line in name.split("\n"))
+    panel_width = (width - COLOUR_BAR_WIDTH - label_width - 0.35) / columns
+    cells = max(len(m["columns"]) for m in matrices)
+    column_names = {c: wrap_to(c, panel_width / cells - 0.08) for m in matrices for c in m["columns"]}
+    titles = [wrap_to(m["title"], panel_width, FONT_SIZE + 1) for m in matrices]
+    cell = max(0.3, 0.06 + LINE_HEIGHT * max(n.count("\n") + 1 for n in row_names.values()))  # inches per row
+    below = LINE_HEIGHT * max(n.count("\n") + 1 for n in column_names.values())
+    above = LINE_HEIGHT * max(t.count("\n") + 1 for t in titles)
+    grid_rows = [max(len(m["rows"]) for m in matrices[r * columns:(r + 1) * columns]) for r in range(rows)]
+    height = sum(cell * n + below + above + 0.45 for n in grid_rows) + 0.2
     with paper_style() as plt:
-        fig, axes = plt.subplots(rows, columns, figsize=(width, height),
-                                 squeeze=False, height_ratios=[max(len(m["rows"]) for m in matrices[r * columns:
-                                                                   (r + 1) * columns]) for r in range(rows)])
+        fig, axes = plt.subplots(rows, columns, figsize=(width, height), squeeze=False,
+                                 height_ratios=[cell * n + below + above for n in grid_rows])
         image = None
         for index, ax in enumerate(axes.flat):
             if index >= len(matrices):
@@ -163,10 +179,11 @@ def matrix_figure(matrices, metric_label, width=DOUBLE_COLUMN):
                 if not np.isnan(value):
                     ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=FONT_SIZE,
                             color="black" if value > 60 else "white")
-            ax.set_xticks(range(len(matrix["columns"])), ["\n".join(str(c).split()) for c in matrix["columns"]])
-            ax.set_yticks(range(len(matrix["rows"])), [wrap(r) for r in matrix["rows"]] if index % columns == 0
-                          else [""] * len(matrix["rows"]))
-            ax.set_title(matrix["title"])
+            ax.set_xticks(range(len(matrix["columns"])), [column_names[c] for c in matrix["columns"]])
+            first = matrices[index - index % columns]  # a panel shows its rows' names unless they are its left one's
+            named = index % columns == 0 or matrix["rows"] != first["rows"]
+            ax.set_yticks(range(len(matrix["rows"])), [row_names[r] if named else "" for r in matrix["rows"]])
+            ax.set_title(titles[index])
             ax.tick_params(length=0)
             if index % columns == 0:
                 ax.set_ylabel("trained on")
@@ -182,6 +199,17 @@ def text_width(text, size=FONT_SIZE):
     from matplotlib.font_manager import FontProperties
     from matplotlib.textpath import TextPath
     return TextPath((0, 0), str(text), size=size, prop=FontProperties(family=["sans-serif"])).get_extents().width / 72
+
+
+def wrap_to(text, inches, size=FONT_SIZE):
+    """`text` in lines of at most `inches` at `size` points, broken after spaces, underscores, slashes and
+    hyphens (a piece wider than that keeps a line of its own)."""
+    lines = [""]
+    for piece in re.split(r"(?<=[ _/-])", str(text)):
+        if lines[-1] and text_width((lines[-1] + piece).rstrip(), size) > inches:
+            lines.append("")
+        lines[-1] += piece
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def wrap(text):

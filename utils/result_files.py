@@ -5,11 +5,19 @@ that do not cover num_splits x gallery variants, an unknown mAP convention are e
 
     results = result_files.read_results(path, metrics)      # collect_results.py
 
-Depends on utils/io and utils/errors."""
-import numbers
+Also what identifies the model and the split root a results.json was measured on (model_record, the
+keys every evaluator records; split_root, the test set wherever its folder lies now).
 
-from .errors import InputFileError
+Depends on utils/io, utils/errors and utils/splits (the manifest reader)."""
+import hashlib
+import json
+import numbers
+import os
+import re
+
+from .errors import ClipFHError, InputFileError
 from .io import read_json
+from .splits import read_manifest
 
 TABLE_MAPS = ("mAP_hand", "mAP_standard")  # the conventions a protocol's "table_mAP" can name
 FIX = "it was edited by hand or damaged: re-run its evaluation"
@@ -171,3 +179,89 @@ def check_run_config(config, path):
     if args.get("data_type") is not None and not isinstance(args["data_type"], str):
         refuse('"args.data_type"', args["data_type"], "a dataset name")
     return config
+
+
+def model_record(run_dir, config, split_seed):
+    """The keys results.json records of a trained model and its test split root, the same for the
+    evaluator (eval_query_gallery_finetune.py) and a trainer's final test (utils/runs.final_test), so
+    that collect_results.py pairs the two: config is the run's config.json."""
+    args = config.get("args") or {}
+    return {"run_dir": os.path.abspath(run_dir), "model_kind": config["model"].get("kind", "finetune"),
+            "backbone": config["model"]["backbone"]["name"], "trained_on": args.get("data_dir"),
+            "pretrained": config.get("pretrained"), "split_seed": split_seed}
+
+
+def split_root(results):
+    """What tells the split root of a (checked) results.json from another, wherever its folder lies now:
+    {"digest": SHA-256 of its splits.json content but the query/gallery splits (identities, train/test
+    sets, seed), "split_digests": one per query/gallery split, both None when the recorded test_dir no
+    longer holds the manifest it was measured on; "dataset", "split_seed", "num_splits": from the
+    manifest, else as results.json records them; "sizes": {gallery variant: ((num_query, num_gallery)
+    per split)}}."""
+    test_dir = results.get("test_dir")
+    try:
+        manifest = read_manifest(test_dir) if isinstance(test_dir, str) and os.path.isdir(test_dir) else None
+    except ClipFHError:
+        manifest = None
+    recorded = {"dataset": results.get("dataset"), "split_seed": results.get("split_seed")}
+    found = {"dataset": (manifest or {}).get("dataset"), "split_seed": (manifest or {}).get("seed")}
+    if any(recorded[k] is not None and recorded[k] != found[k] for k in recorded):
+        manifest = None  # the folder was prepared again since: not the splits that were measured
+    sizes = {}
+    for row in sorted(results["rows"], key=lambda r: (str(r.get("gallery")), r.get("split") if isinstance(
+            r.get("split"), int) else -1)):
+        sizes.setdefault(row.get("gallery"), []).append((row.get("num_query"), row.get("num_gallery")))
+    digest, split_digests = None, None
+    if manifest:
+        sets = manifest["sets"]
+        numbered = {n for n in sets if re.fullmatch(r"(query|gallery)\d+(_all)?", n)}
+        digest = _digest({k: v for k, v in manifest.items() if k != "num_splits"}, sets={
+            n: rows for n, rows in sets.items() if n not in numbered})
+        split_digests = []
+        while f"query{len(split_digests)}" in sets:
+            i = len(split_digests)
+            split_digests.append(_digest({n: sets.get(n) for n in (f"query{i}", f"gallery{i}", f"gallery{i}_all")}))
+    return {"digest": digest, "split_digests": split_digests, "num_splits": results.get("num_splits"),
+            "sizes": {variant: tuple(pairs) for variant, pairs in sizes.items()},
+            **{k: found[k] if manifest else recorded[k] for k in recorded}}
+
+
+def _digest(record, **changes):
+    return hashlib.sha256(json.dumps(dict(record, **changes), sort_keys=True).encode()).hexdigest()
+
+
+def same_split_root(a, b):
+    """True when two split_root records may describe one split root: the same manifest content where
+    both are known, else the same description (an unrecorded dataset or seed matches any). A root with
+    fewer splits of the same draw (prepared with a smaller --num_splits) is the same test set: its
+    splits are the first ones of the other (utils/splits.make_split_sets)."""
+    if a["digest"] and b["digest"]:
+        common = min(len(a["split_digests"]), len(b["split_digests"]))
+        return a["digest"] == b["digest"] and a["split_digests"][:common] == b["split_digests"][:common]
+    if any(a[k] is not None and b[k] is not None and a[k] != b[k] for k in ("dataset", "split_seed")):
+        return False
+    return all(a["sizes"][v][:len(b["sizes"][v])] == b["sizes"][v][:len(a["sizes"][v])]
+               for v in set(a["sizes"]) & set(b["sizes"]))
+
+
+def split_root_names(roots):
+    """Words that tell split roots of one test-set name apart: the fields that differ between them
+    (the split seed, the number of splits, the gallery sizes), numbered where those are the same."""
+    def described(root, key):
+        if key == "split_seed":
+            return f"split seed {root[key]}"
+        if key == "num_splits":
+            return f"{root[key]} splits"
+        if key == "dataset":
+            return f"dataset {root[key]}"
+        gallery = next(iter(root["sizes"].values()), ((None, None),))[0][1]
+        return f"{gallery} gallery images"
+    differing = [k for k in ("split_seed", "num_splits", "dataset", "sizes")
+                 if len({json.dumps(r[k], sort_keys=True) for r in roots}) > 1]
+    names = [", ".join(described(r, k) for k in differing) for r in roots]
+    numbered = []
+    for name in names:  # the same description (other identities, another draw): numbered in reading order
+        same = [n for n in names if n == name]
+        numbered.append(name if len(same) == 1 else ", ".join(filter(None, [
+            name, f"split root {names[:len(numbered) + 1].count(name)} of {len(same)}"])))
+    return numbered

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import clip
 from .errors import ClipFHError, NonFiniteLossError, SplitInputError, TrainingInputError
-from . import io, outputs, preprocessing, protocols, resume, speed
+from . import io, outputs, preprocessing, protocols, result_files, resume, speed
 from .io import _atomic_write, read_config, set_seed, write_run_config
 from . import splits
 from .splits import read_split_layout
@@ -481,15 +481,17 @@ def final_test(model, args, data_dir, out_dir, folder, method_name, amp, device,
     except SplitInputError as err:
         log.info(f"final test skipped: {err}")
         return None
-    setting = protocols.test_settings(args.protocol, io.read_config(out_dir), gallery="both",
-                                      cuda=str(device).startswith("cuda"))
+    config = io.read_config(out_dir)
+    setting = protocols.test_settings(args.protocol, config, gallery="both", cuda=str(device).startswith("cuda"))
+    # the keys the evaluator records of the model and the split root, so that collect_results pairs the two
+    identity = result_files.model_record(out_dir, config, (splits.read_manifest(data_dir) or {}).get("seed"))
     run_feature, model.feature = model.feature, setting["feature"]
     try:
         results = evaluate_query_gallery(
             model, data_dir, os.path.join(out_dir, folder), method_name=method_name, gallery=setting["gallery"],
             batch_size=max(args.batch_size, 64), num_workers=args.num_workers, device=device, amp=setting["amp"],
             flip=setting["flip"], overwrite=True, table_mAP=setting["mAP"], preprocessing=setting["preprocessing"],
-            extra=dict(extra, feature=setting["feature"], protocol=setting, run_dir=os.path.abspath(out_dir)),
+            extra=dict(extra, **identity, feature=setting["feature"], protocol=setting),
             feature_dim=model.feature_dim())
     finally:
         model.feature = run_feature

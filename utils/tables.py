@@ -283,6 +283,15 @@ def records(rows, columns):
     return out
 
 
+WRITTEN_BY, MARKER = "written_by", "collect_results.py"  # PREFIX.json: what tells our table sets from others' files
+EARLIER_KEYS = {"columns", "layout", "notes", "rows"}  # PREFIX.json of a set written before the marker
+
+
+def is_table_json(record):
+    """True for the PREFIX.json of a table set (write), by its marker or, for an earlier set, its keys."""
+    return isinstance(record, dict) and (record.get(WRITTEN_BY) == MARKER or set(record) == EARLIER_KEYS)
+
+
 def write(prefix, rows, columns, layout="rows", group_key="test_set"):
     """PREFIX.md, PREFIX.tex, PREFIX.csv and PREFIX.json; returns (paths, markdown text)."""
     markdown, latex, note_lines = render(rows, columns, layout, group_key)
@@ -294,6 +303,6 @@ def write(prefix, rows, columns, layout="rows", group_key="test_set"):
     write_metrics_csv(paths[2], [dict(r, seeds=json.dumps(r["seeds"])) for r in flat], float_format="")
     per_split = [{"per_split": {c: {str(seed): values for seed, values in (row["metrics"].get(c) or {}).get(
         "values", {}).items()} for c in columns}} for row in rows]
-    atomic_write_json(paths[3], {"columns": list(columns), "layout": layout, "notes": note_lines,
+    atomic_write_json(paths[3], {WRITTEN_BY: MARKER, "columns": list(columns), "layout": layout, "notes": note_lines,
                                  "rows": [dict(r, **p) for r, p in zip(flat, per_split)]})
     return paths, markdown
