@@ -492,7 +492,6 @@ def test_a_text_file_as_backbone_is_one_line(prepared_11k, tmp_path):
     (["--input_size", "33", "30"], "--input_size 33 30 leaves pixels outside the patch grid (patch 16, stride 16: "
                                    "each side must be 16 + a multiple of 16); nearest valid: height 32 or 48, "
                                    "width 16 or 32"),
-    (["--input_size", "64", "60", "--stride", "12"], "nearest valid: width 52 or 64"),
 ])
 def test_an_input_size_the_patches_do_not_cover_is_refused(prepared_11k, tmp_path, tiny_vit_checkpoint, flags,
                                                            message):
@@ -514,3 +513,11 @@ def test_stride_on_a_resnet_is_refused(prepared_11k, tmp_path, tiny_rn_checkpoin
     assert str(info.value.code) == (f"error: --stride 8 applies to ViT backbones only and {tiny_rn_checkpoint} is a "
                                     f"ResNet: leave --stride out (--last_stride sets its layer4 stride)")
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_overlapping_patches_keep_clip_reids_geometry():
+    from clip.model import ModelBuildError, vit_grid_size
+    assert vit_grid_size((256, 128), 16, 12) == (21, 10)  # CLIP-ReID's 256 x 128, stride 12: 4 columns dropped
+    assert vit_grid_size((224, 224), 16) == (14, 14)
+    with pytest.raises(ModelBuildError, match="nearest valid: width 112 or 128"):
+        vit_grid_size((256, 120), 16)
