@@ -24,6 +24,7 @@ import textwrap
 import time
 
 import clip
+from clip.model import MODEL_CONFIGS
 from utils import flags, interrupts, io, outputs, splits, synthetic
 from utils.errors import ClipFHError
 
@@ -58,7 +59,8 @@ def parse_args(argv=None):
                    help="synthetic images per identity and aspect")
     p.add_argument("--num_splits", type=int, default=10, help="Monte-Carlo query/gallery splits")
     p.add_argument("--input_size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="default 224 224 on CUDA, 112 112 on CPU; 64 64 for the small random model")
+                   help="default 224 224 on CUDA, 112 112 on CPU (128 128 for ViT-B/32: whole patches); 64 64 for "
+                        "the small random model")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs of each training run (default 10 on CUDA, 4 on CPU; 20 for the small random model, "
                         "40 for its CLIP-ReID)")
@@ -72,7 +74,7 @@ def parse_args(argv=None):
     io.add_common_args(p)
     args = p.parse_args(argv)
     # a knob given as 0 is an error, not "unset": only a flag left out takes the default
-    problems = flags.bound_problems(args, at_least={"num_ids": 16, "images_per_id": 1, "num_splits": 1,
+    problems = flags.bound_problems(args, at_least={"num_ids": 16, "images_per_id": 2, "num_splits": 1,
                                                     "input_size": 1, "epochs": 1, "num_workers": 0}, positive=("lr",))
     if args.images_per_id[0] > args.images_per_id[1]:
         problems.append(f"--images_per_id MIN MAX needs MIN <= MAX, got {args.images_per_id[0]} {args.images_per_id[1]}")
@@ -117,6 +119,23 @@ def resolve_backbone(args):
     return path, False
 
 
+def cpu_input_size(backbone):
+    """The quick CPU input: 112 x 112, rounded up to whole patches of an official ViT (128 for ViT-B/32)."""
+    patch = MODEL_CONFIGS[backbone]["vision_patch_size"] if backbone in MODEL_CONFIGS else None
+    side = 112 if patch is None else -(-112 // patch) * patch
+    return [side, side]
+
+
+def check_geometry(backbone, input_size, stride, download_root):
+    """Before any data is drawn: the backbone builds at the demo's input size (a ViT's patches cover it
+    whole, a ResNet gets at least 32 pixels a side), so no step fails after the work has begun."""
+    try:
+        clip.load(backbone, device="cpu", download_root=download_root, input_size=tuple(input_size),
+                  patch_stride=stride)
+    except clip.CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def table_rows(results, name):
     variant = results["gallery_variants"][-1]
     rows = [r for r in results["rows"] if r["gallery"] == variant]
@@ -137,6 +156,12 @@ def main(argv=None):
     backbone, pretrained = resolve_backbone(args)
     small = pretrained is False
     num_ids = args.num_ids if args.num_ids is not None else SMALL_RECIPE["num_ids"] if small else 24
+    on_cuda = args.device.startswith("cuda")
+    input_size = args.input_size if args.input_size is not None else (
+        SMALL_RECIPE["input_size"] if small else [224, 224] if on_cuda else cpu_input_size(backbone))
+    epochs = args.epochs if args.epochs is not None else SMALL_RECIPE["epochs"] if small else 10 if on_cuda else 4
+    lr = args.lr if args.lr is not None else SMALL_RECIPE["lr"] if small else None
+    check_geometry(backbone, input_size, SMALL_RECIPE["stride"] if small else None, args.download_root)
     import prepare_train_val_test_11k_r_l as prepare
     import eval_query_gallery_clip_zeroshot as zeroshot
     import query_ranking_result_demo as ranking
@@ -151,11 +176,6 @@ def main(argv=None):
                   "--force"])
     split_root = os.path.join(data_11k, f"train_val_test_split_{ASPECT}")
 
-    on_cuda = args.device.startswith("cuda")
-    input_size = args.input_size if args.input_size is not None else (
-        SMALL_RECIPE["input_size"] if small else [224, 224] if on_cuda else [112, 112])
-    epochs = args.epochs if args.epochs is not None else SMALL_RECIPE["epochs"] if small else 10 if on_cuda else 4
-    lr = args.lr if args.lr is not None else SMALL_RECIPE["lr"] if small else None
     size_args = ["--input_size", str(input_size[0]), str(input_size[1])]
     common = ["--device", args.device, "--seed", str(args.seed), "--num_workers", str(args.num_workers)]
     pretrained_flag = [] if pretrained is None else ["--pretrained", "true" if pretrained else "false"]

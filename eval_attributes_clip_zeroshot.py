@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, metavar="RUN_DIR",
                    help="run folder of any trainer: its image encoder replaces CLIP's, beside the frozen text "
                         "tower of the backbone it was trained from")
-    p.add_argument("--which_epoch", default="best", help="with --model: best, last or an epoch number N")
+    p.add_argument("--which_epoch", default=None, help="with --model: best (default), last or an epoch number N")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="JSON {attribute: {class: [prompt, ...]}} replacing the default ensembles of the "
                         "attributes it lists (see README)")
@@ -61,8 +61,14 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="overwrite an earlier result in the output folder")
     io.add_common_args(p)
     args = p.parse_args(argv)
-    flags.exit_on_problems(flags.bound_problems(args, at_least={"probe_l2": 0, "probe_steps": 1, "input_size": 1,
-                                                                "batch_size": 1, "num_workers": 0}))
+    problems = flags.bound_problems(args, at_least={"probe_l2": 0, "probe_steps": 1, "input_size": 1, "batch_size": 1,
+                                                    "num_workers": 0})
+    if args.which_epoch is not None and args.model is None:
+        problems.append(f"--which_epoch {args.which_epoch} picks a checkpoint of a --model run; zero-shot CLIP has "
+                        f"none: give --model RUN_DIR or leave --which_epoch out")
+    flags.exit_on_problems(problems)
+    if args.model is not None and args.which_epoch is None:
+        args.which_epoch = "best"
     return args
 
 

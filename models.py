@@ -211,7 +211,11 @@ def load_pretrained(spec, download_root, dist_info, text_tower=True):
     """load_clip_model(spec, "pretrained") in every process of a run; rank 0 first, so that only it
     downloads."""
     with distributed.rank0_first(dist_info):
-        return load_clip_model(spec, "pretrained", download_root, text_tower)
+        model = load_clip_model(spec, "pretrained", download_root, text_tower)
+    if is_resnet_arch(spec["arch"]) and spec["patch_stride"] is not None:  # else config.json would record it
+        raise TrainingInputError(f"--stride {spec['patch_stride']} applies to ViT backbones only and {spec['name']} "
+                                 f"is a ResNet: leave --stride out (--last_stride sets its layer4 stride)")
+    return model
 
 
 def resumed_run(out_dir, args, class_names):

@@ -98,10 +98,14 @@ def check_args(args):
     if args.stage1_batch_size < 2:
         problems.append(f"--stage1_batch_size must be at least 2 for the contrastive loss, got "
                         f"{args.stage1_batch_size}")
-    if args.stage1_lr <= 0:
-        problems.append(f"--stage1_lr must be positive, got {args.stage1_lr}")
     problems += flags.bound_problems(args, at_least={"padding": 0, "stage1_warmup_epochs": 0, "id_weight": 0,
-                                                     "triplet_weight": 0, "i2t_weight": 0})
+                                                     "triplet_weight": 0, "i2t_weight": 0, "margin": 0,
+                                                     "stage1_weight_decay": 0, "stage1_warmup_lr": 0,
+                                                     "stage1_min_lr": 0, "sie_coe": 0},
+                                     positive=("stage1_lr", "bias_lr_factor"))
+    if args.warmup_factor is not None and not 0 < args.warmup_factor <= 1:
+        problems.append(f"--warmup_factor must be in (0, 1] (the warm-up starts at that fraction of --lr), got "
+                        f"{args.warmup_factor}")
     if args.stage == "2" and not args.prompts and not args.resume:
         problems.append("--stage 2 needs --prompts PATH (the prompts.pth of a stage-1 run)")
     if args.prompts and args.stage != "2":

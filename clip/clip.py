@@ -1,7 +1,6 @@
 """OpenAI-compatible entry points: available_models, load, tokenize (+ offline helpers)."""
 import hashlib
 import os
-import pickle
 import tempfile
 import urllib.error
 import urllib.request
@@ -179,20 +178,21 @@ def is_torchscript_archive(path):
 
 def read_state_dict(path):
     """State dict from a TorchScript archive or a plain torch.save'd state dict (weights_only)."""
-    if is_torchscript_archive(path):
-        with warnings.catch_warnings():
-            # torch.jit is deprecated but is the only reader of the released archives
-            warnings.filterwarnings("ignore", message=r".*torch\.jit", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", message=r".*torch\.jit", category=FutureWarning)
-            archive = torch.jit.load(path, map_location="cpu")
-        return dict(archive.state_dict())
     try:
+        if is_torchscript_archive(path):
+            with warnings.catch_warnings():
+                # torch.jit is deprecated but is the only reader of the released archives
+                warnings.filterwarnings("ignore", message=r".*torch\.jit", category=DeprecationWarning)
+                warnings.filterwarnings("ignore", message=r".*torch\.jit", category=FutureWarning)
+                archive = torch.jit.load(path, map_location="cpu")
+            return dict(archive.state_dict())
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
-        # what torch.load raises for a file that is not a checkpoint; its message would advise
-        # weights_only=False, which we never do
-        raise CheckpointError(f"{path} is not a CLIP checkpoint: neither a TorchScript archive nor a state dict "
-                              f"file ({type(err).__name__}); pass an official model name {available_models()} "
+    except Exception as err:
+        # a file that is not a checkpoint makes the readers fail in many ways (UnpicklingError, KeyError on
+        # a text file, RuntimeError on a torn zip...); torch's messages would advise weights_only=False,
+        # which we never do
+        raise CheckpointError(f"{path} is not a CLIP checkpoint ({type(err).__name__} reading it as a TorchScript "
+                              f"archive or state dict file); pass an official model name {available_models()} "
                               f"or an OpenAI-format checkpoint file as --backbone_name") from err
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

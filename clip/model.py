@@ -148,12 +148,21 @@ class ModelBuildError(ValueError):
     stride) its architecture cannot take; the message says which."""
 
 
-def vit_grid_size(input_size, patch_size, patch_stride=None):
-    """Number of patch rows and columns: (H - patch) // stride + 1 per side."""
+def vit_grid_size(input_size, patch_size, patch_stride=None, exact=True):
+    """Number of patch rows and columns: (H - patch) // stride + 1 per side. exact: refuse a side that
+    side-by-side patches (stride = patch) do not cover whole, whose last pixels the model would never
+    see. Overlapping patches (stride < patch) keep CLIP-ReID's convention, which drops the remainder
+    (under one stride: 256 x 128 at stride 12 leaves 4 columns), so its geometry stays reproducible."""
     stride = patch_size if patch_stride is None else patch_stride
     height, width = _pair(input_size)
     if height < patch_size or width < patch_size:
         raise ModelBuildError(f"input size {(height, width)} is smaller than the patch size {patch_size}")
+    if exact and stride >= patch_size and ((height - patch_size) % stride or (width - patch_size) % stride):
+        nearest = [f"{name} {low} or {low + stride}" for name, n in (("height", height), ("width", width))
+                   for low in [patch_size + (n - patch_size) // stride * stride] if low != n]
+        raise ModelBuildError(f"--input_size {height} {width} leaves pixels outside the patch grid (patch {patch_size}, "
+                              f"stride {stride}: each side must be {patch_size} + a multiple of {stride}); nearest "
+                              f"valid: {', '.join(nearest)}")
     return ((height - patch_size) // stride + 1, (width - patch_size) // stride + 1)
 
 
@@ -567,7 +576,7 @@ def checkpoint_layout(state_dict):
     if "input_resolution" in state_dict:
         size = torch.as_tensor(state_dict["input_resolution"])
         size = _pair(size.tolist() if size.dim() else int(size))
-        grid = vit_grid_size(size, patch, patch_stride) if is_vit else resnet_grid_size(size, last_stride)
+        grid = vit_grid_size(size, patch, patch_stride, exact=False) if is_vit else resnet_grid_size(size, last_stride)
         if grid[0] * grid[1] == rows:
             return dict(layout, input_size=size, grid=grid)
     side = math.isqrt(rows)

@@ -356,7 +356,7 @@ def test_resnet_backbone_uses_its_reference_defaults(hand_data, tiny_rn_checkpoi
         (3.5e-4, 5e-4, 0.01, [40, 70], 1.0)
     assert config["backbone_kind"] == "rn"
     with pytest.raises(SystemExit, match="--sie needs a ViT backbone"):
-        run_train(hand_data, tmp_path, "rn_sie", tiny_rn_checkpoint, *SMALL, "--sie")
+        run_train(hand_data, tmp_path, "rn_sie", tiny_rn_checkpoint, *SMALL[:3], *SMALL[5:], "--sie")
 
 
 # ---- bad input ----
@@ -384,7 +384,8 @@ def test_prompts_of_other_identities_or_backbone_are_refused(clipreid_run, hand_
     with pytest.raises(SystemExit, match="other identities"):
         run_train(other, tmp_path, "x", tiny_vit_checkpoint, *SMALL, "--stage", "2", "--prompts", prompts)
     with pytest.raises(SystemExit, match="text tower of"):
-        run_train(hand_data, tmp_path, "y", tiny_rn_checkpoint, *SMALL, "--stage", "2", "--prompts", prompts)
+        run_train(hand_data, tmp_path, "y", tiny_rn_checkpoint, *SMALL[:3], *SMALL[5:], "--stage", "2", "--prompts",
+                  prompts)
     with pytest.raises(SystemExit, match="already holds a run"):
         run_train(hand_data, clipreid_run["out_root"], "vit", tiny_vit_checkpoint, *SMALL)
 

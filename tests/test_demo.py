@@ -1,6 +1,7 @@
 """demo.py end to end on a tiny checkpoint, and its loud fallback to random weights."""
 import json
 
+import pytest
 
 import clip
 import demo
@@ -57,3 +58,33 @@ def test_demo_falls_back_to_random_weights_loudly(tmp_path, monkeypatch, capsys)
     assert sorted(p.name for p in (out / "finetune").glob("*.pth")) == ["net_best.pth", "net_last.pth"]
     assert read_json(out / "finetune" / "eval_best" / "results.json")["pretrained"] is False
     assert "RANDOM INIT" in (out / "summary.txt").read_text()
+
+
+@pytest.mark.parametrize("argv, lines", [
+    (["--images_per_id", "1", "1"], ["--images_per_id must be at least 2, got 1 1"]),
+    (["--images_per_id", "5", "3"], ["--images_per_id MIN MAX needs MIN <= MAX, got 5 3"]),
+    (["--lr", "nan"], ["--lr must be a finite number, got nan"]),
+    (["--lr", "inf", "--num_ids", "8"], ["--num_ids must be at least 16, got 8", "--lr must be a finite number, got inf"]),
+])
+def test_demo_refuses_bad_knobs_before_drawing_data(argv, lines, tmp_path, tiny_vit_checkpoint, capsys):
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--data_dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+                   "--backbone_name", tiny_vit_checkpoint, *argv])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {line}" for line in lines]
+    assert not (tmp_path / "data").exists()
+
+
+def test_demo_refuses_an_input_size_the_backbone_cannot_take_before_drawing_data(tmp_path, tiny_vit_checkpoint):
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--data_dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+                   "--backbone_name", tiny_vit_checkpoint, "--input_size", "100", "100", "--device", "cpu"])
+    message = str(info.value.code)
+    assert message.startswith("error: cannot build CLIP from") and "--input_size 100 100" in message
+    assert "nearest valid: height 96 or 112, width 96 or 112" in message and "\n" not in message
+    assert not (tmp_path / "data").exists()
+
+
+def test_demo_cpu_input_size_is_whole_patches():
+    assert demo.cpu_input_size("ViT-B/16") == [112, 112] and demo.cpu_input_size("ViT-B/32") == [128, 128]
+    assert demo.cpu_input_size("RN50") == [112, 112]

@@ -399,3 +399,125 @@ def test_a_state_dict_that_is_not_clip_is_one_line(prepared_11k, tmp_path):
     with pytest.raises(SystemExit) as info:
         zero_shot.main(["--test_dir", root, "--f_name", str(tmp_path / "zs"), "--backbone_name", path, "--device", "cpu"])
     assert "not an OpenAI-layout CLIP state dict" in str(info.value.code)
+
+
+# ---- flag values no range check caught: nan, inf, negative decay and factors ----
+
+def trainer_error(script, *extra, data_dir="missing_root", out_root="runs"):
+    """The SystemExit message of a trainer refused at its flag check (no data is read before it)."""
+    with pytest.raises(SystemExit) as info:
+        script.main(["--data_dir", data_dir, "--f_name", out_root, "--backbone_name", "missing.pt", "--device",
+                     "cpu", "--num_workers", "0", *extra])
+    return str(info.value.code)
+
+
+@pytest.mark.parametrize("extra, line", [
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--gamma", "nan"], "--gamma must be a finite number, got nan"),
+    (["--gamma", "-0.5"], "--gamma must be positive, got -0.5"),
+    (["--grad_clip", "nan"], "--grad_clip must be a finite number, got nan"),
+    (["--center_weight", "nan"], "--center_weight must be a finite number, got nan"),
+    (["--triplet_weight=-inf"], "--triplet_weight must be a finite number, got -inf"),
+    (["--ls", "nan"], "--ls must be in [0, 1), got nan"),
+    (["--weight_decay=-1e-4"], "--weight_decay must be at least 0, got -0.0001"),
+    (["--sampler", "pk", "--num_instances", "0"], "--num_instances must be at least 1, got 0"),
+])
+def test_finetune_refuses_non_finite_and_negative_flags_in_one_line(tmp_path, extra, line):
+    import train_finetune
+    assert trainer_error(train_finetune, *extra, out_root=str(tmp_path)) == f"error: {line}"
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("extra, line", [
+    (["--sc_temperature", "nan"], "--sc_temperature must be a finite number, got nan"),
+    (["--lambda_sc", "inf"], "--lambda_sc must be a finite number, got inf"),
+    (["--weight_decay", "-1"], "--weight_decay must be at least 0, got -1.0"),
+])
+def test_promptsg_refuses_non_finite_and_negative_flags_in_one_line(tmp_path, extra, line):
+    import train_promptsg
+    assert trainer_error(train_promptsg, *extra, out_root=str(tmp_path)) == f"error: {line}"
+
+
+@pytest.mark.parametrize("extra, line", [
+    (["--stage1_lr", "nan"], "--stage1_lr must be a finite number, got nan"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--stage1_weight_decay", "-1"], "--stage1_weight_decay must be at least 0, got -1.0"),
+    (["--margin", "-5"], "--margin must be at least 0, got -5.0"),
+    (["--warmup_factor", "5"], "--warmup_factor must be in (0, 1] (the warm-up starts at that fraction of --lr), "
+                               "got 5.0"),
+    (["--warmup_factor", "nan"], "--warmup_factor must be a finite number, got nan"),
+    (["--sie_coe", "inf"], "--sie_coe must be a finite number, got inf"),
+])
+def test_clipreid_refuses_non_finite_and_out_of_range_flags_in_one_line(tmp_path, extra, line):
+    import train_clipreid
+    assert trainer_error(train_clipreid, *extra, out_root=str(tmp_path)) == f"error: {line}"
+
+
+def test_every_bad_flag_is_named_once(tmp_path):
+    import train_finetune
+    lines = trainer_error(train_finetune, "--lr=-inf", "--triplet_weight=-inf", "--gamma", "0",
+                          out_root=str(tmp_path)).splitlines()
+    assert lines == ["error: --lr must be a finite number, got -inf", "error: --gamma must be positive, got 0.0",
+                     "error: --triplet_weight must be a finite number, got -inf"]
+
+
+def test_attribute_evaluation_refuses_nan_and_a_which_epoch_without_a_model(capsys):
+    import eval_attributes_clip_zeroshot as attributes
+    for argv, line in ((["--probe_l2", "nan"], "--probe_l2 must be a finite number, got nan"),
+                       (["--which_epoch", "5"], "--which_epoch 5 picks a checkpoint of a --model run; zero-shot "
+                                                "CLIP has none: give --model RUN_DIR or leave --which_epoch out")):
+        with pytest.raises(SystemExit) as info:
+            attributes.parse_args(argv)
+        assert info.value.code == 2 and capsys.readouterr().err.splitlines() == [f"error: {line}"]
+    assert attributes.parse_args([]).which_epoch is None
+    assert attributes.parse_args(["--model", "run"]).which_epoch == "best"
+
+
+def test_a_text_file_as_backbone_is_one_line(prepared_11k, tmp_path):
+    text = tmp_path / "txt.pt"
+    text.write_text("hello\n")
+    with pytest.raises(SystemExit) as info:
+        zero_shot.main(["--test_dir", os.path.join(prepared_11k, ROOTS_11K[0]), "--f_name", str(tmp_path / "zs"),
+                        "--backbone_name", str(text), "--device", "cpu"])
+    message = str(info.value.code)
+    assert message.startswith(f"error: {text} is not a CLIP checkpoint (KeyError") and "\n" not in message
+    with pytest.raises(SystemExit) as info:
+        train(os.path.join(prepared_11k, ROOTS_11K[0]), tmp_path / "runs", str(text))
+    assert str(info.value.code).startswith(f"error: {text} is not a CLIP checkpoint (")
+    assert not os.path.exists(tmp_path / "runs" / "run")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--input_size", "33", "30"], "--input_size 33 30 leaves pixels outside the patch grid (patch 16, stride 16: "
+                                   "each side must be 16 + a multiple of 16); nearest valid: height 32 or 48, "
+                                   "width 16 or 32"),
+])
+def test_an_input_size_the_patches_do_not_cover_is_refused(prepared_11k, tmp_path, tiny_vit_checkpoint, flags,
+                                                           message):
+    root = os.path.join(prepared_11k, ROOTS_11K[0])
+    with pytest.raises(SystemExit) as info:
+        zero_shot.main(["--test_dir", root, "--f_name", str(tmp_path / "zs"), "--backbone_name", tiny_vit_checkpoint,
+                        "--device", "cpu", *flags])
+    assert message in str(info.value.code) and "\n" not in str(info.value.code)
+    with pytest.raises(SystemExit) as info:
+        train(root, tmp_path / "runs", tiny_vit_checkpoint, *flags)
+    text = str(info.value.code)
+    assert text.startswith("error: backbone ") and message in text and "\n" not in text
+    assert not os.path.exists(tmp_path / "runs" / "run")
+
+
+def test_stride_on_a_resnet_is_refused(prepared_11k, tmp_path, tiny_rn_checkpoint):
+    with pytest.raises(SystemExit) as info:
+        train(os.path.join(prepared_11k, ROOTS_11K[0]), tmp_path, tiny_rn_checkpoint, "--stride", "8")
+    assert str(info.value.code) == (f"error: --stride 8 applies to ViT backbones only and {tiny_rn_checkpoint} is a "
+                                    f"ResNet: leave --stride out (--last_stride sets its layer4 stride)")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_overlapping_patches_keep_clip_reids_geometry():
+    from clip.model import ModelBuildError, vit_grid_size
+    assert vit_grid_size((256, 128), 16, 12) == (21, 10)  # CLIP-ReID's 256 x 128, stride 12: 4 columns dropped
+    assert vit_grid_size((224, 224), 16) == (14, 14)
+    with pytest.raises(ModelBuildError, match="nearest valid: width 112 or 128"):
+        vit_grid_size((256, 120), 16)

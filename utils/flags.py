@@ -2,7 +2,9 @@
 run control), the help formatter that prints each default once, and their common checks.
 Method-specific flags are declared in each trainer."""
 import argparse
+import math
 import os
+import re
 import sys
 
 from . import io, protocols
@@ -178,32 +180,62 @@ def add_selection_args(group, reference="CLIP-HandID"):
 
 def common_arg_problems(args):
     """Messages for the flags every trainer shares, one per flag (a flag still None takes a backbone
-    default later)."""
-    problems = bound_problems(args, at_least={"batch_size": 1, "epochs": 1, "eval_every": 1, "save_every": 0,
-                                              "warmup_epochs": 0, "input_size": 1, "stride": 1, "num_workers": 0},
-                              positive=("lr",))
+    default later), and for every float flag of the trainer that holds nan or inf."""
+    at_least = {"batch_size": 1, "epochs": 1, "eval_every": 1, "save_every": 0, "warmup_epochs": 0, "input_size": 1,
+                "stride": 1, "num_workers": 0, "weight_decay": 0}
+    if hasattr(args, "num_instances"):  # before the sampler divides --batch_size by it
+        at_least["num_instances"] = 1
+    problems = bound_problems(args, at_least=at_least, positive=("lr", "gamma"))
     if args.grad_clip < 0:
         problems.append(f"--grad_clip must not be negative, got {args.grad_clip}")
     if not 0 <= args.ls < 1:
         problems.append(f"--ls must be in [0, 1), got {args.ls}")
     if not 0 <= args.erasing_p <= 1:
         problems.append(f"--erasing_p must be in [0, 1], got {args.erasing_p}")
-    return problems
+    return problems + finite_problems(args)
 
 
 def bound_problems(args, at_least=None, positive=()):
     """One message per numeric flag out of range: `at_least` {flag: minimum} (a list value: every item),
-    `positive` flags must be > 0. A flag still None is skipped (it takes a default later)."""
+    `positive` flags must be > 0; nan and inf are out of every range. A flag still None is skipped (it
+    takes a default later)."""
     problems = []
-    for flag, minimum in (at_least or {}).items():
+    for flag, minimum in list((at_least or {}).items()) + [(flag, None) for flag in positive]:
         value = getattr(args, flag)
-        if value is not None and min(value if isinstance(value, (list, tuple)) else [value]) < minimum:
-            problems.append(f"--{flag} must be at least {minimum}, got {_shown(value)}")
-    for flag in positive:
-        value = getattr(args, flag)
-        if value is not None and min(value if isinstance(value, (list, tuple)) else [value]) <= 0:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if value is None or not values:
+            continue
+        if not all(math.isfinite(v) for v in values):
+            problems.append(f"--{flag} must be a finite number, got {_shown(value)}")
+        elif minimum is None and min(values) <= 0:
             problems.append(f"--{flag} must be positive, got {_shown(value)}")
+        elif minimum is not None and min(values) < minimum:
+            problems.append(f"--{flag} must be at least {minimum}, got {_shown(value)}")
     return problems
+
+
+def finite_problems(args):
+    """One message per float flag (or list of floats) holding nan or inf: no range check catches them
+    (every comparison with nan is false), and training would only stop at a non-finite loss."""
+    problems = []
+    for flag, value in vars(args).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            problems.append(f"--{flag} must be a finite number, got {_shown(value)}")
+    return problems
+
+
+def _one_per_flag(problems):
+    """The first message about each flag (the flag a message names first); a flag found by two checks,
+    e.g. -inf by a range check and by finite_problems, is reported once."""
+    kept, flags_seen = [], set()
+    for problem in problems:
+        flag = re.search(r"--\w+", problem)
+        if flag is None or flag.group() not in flags_seen:
+            kept.append(problem)
+        if flag is not None:
+            flags_seen.add(flag.group())
+    return kept
 
 
 def _shown(value):
@@ -214,11 +246,11 @@ def refuse_training_flags(problems):
     """Trainers' flag checks: a TrainingInputError with one problem per line (run_training prints each
     as an "error:" line)."""
     if problems:
-        raise TrainingInputError("\n".join(problems))
+        raise TrainingInputError("\n".join(_one_per_flag(problems)))
 
 
 def exit_on_problems(problems):
     """Scripts' flag checks: each problem on its own "error:" line, exit status 2 (as argparse)."""
     if problems:
-        print("\n".join(f"error: {p}" for p in problems), file=sys.stderr)
+        print("\n".join(f"error: {p}" for p in _one_per_flag(problems)), file=sys.stderr)
         raise SystemExit(2)
