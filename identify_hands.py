@@ -28,7 +28,6 @@ explain_<n>.png, the explanation maps of explain_matches.py).
 verify: the similarity of two photos and the decision at --far (threshold from --gallery or --results).
 """
 import argparse
-import csv
 import re
 import os
 import textwrap
@@ -41,10 +40,10 @@ import explain_matches
 import models
 import models_handid  # noqa: F401  (registers the "handid" model kind)
 import query_ranking_result_demo as ranking_figure
-from utils import (data, evaluation, flags, gallery, interrupts, io, outputs, preprocessing, protocols, training,
-                   verification)
+from utils import (data, evaluation, flags, gallery, interrupts, io, outputs, photo_folders, preprocessing, protocols,
+                   training, verification)
 from utils.errors import ClipFHError, EvaluationInputError, ImageLoadError
-from utils.splits import IMAGE_EXTENSIONS, FileLinker
+from utils.splits import FileLinker
 
 ABOVE, BELOW, UNKNOWN = "#2c7bb6", "#969696", "#969696"
 SETTING_NAMES = {"flip": "flip", "feature": "feature", "amp": "precision", "preprocessing": "preprocessing",
@@ -231,80 +230,6 @@ def check_gallery_fits(found, fingerprint, settings):
                             f"flags it was made with (protocol {made_with.get('protocol')}) or enrol a new gallery")
 
 
-# ---- photos ----
-
-def read_labels(csv_path):
-    """{file: identity} of a CSV with columns file,identity."""
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if not {"file", "identity"} <= set(reader.fieldnames or []):
-                raise IdentifyError(f"{csv_path} must have the columns file,identity (found: "
-                                    f"{', '.join(reader.fieldnames or [])})")
-            labels = {}
-            for row in reader:
-                name, identity = (row["file"] or "").strip(), (row["identity"] or "").strip()
-                if not name or not identity:
-                    raise IdentifyError(f"{csv_path} line {reader.line_num}: empty file or identity")
-                if labels.setdefault(name, identity) != identity:
-                    raise IdentifyError(f"{csv_path} line {reader.line_num}: {name} is listed with two identities")
-            return labels
-    except OSError as err:
-        raise IdentifyError(f"cannot read {csv_path}: {err.strerror}") from None
-    except UnicodeDecodeError:
-        raise IdentifyError(f"{csv_path} is not UTF-8 text; save it as a UTF-8 CSV with the columns file,identity") from None
-    except csv.Error as err:
-        raise IdentifyError(f"{csv_path} is not a readable CSV ({err}); save it with the columns file,identity") from None
-
-
-def is_photo(name):
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def scan_photos(path, labels_csv=None, flag="--images"):
-    """[(absolute path, identity or "")] of a photo, or of a folder: identity sub-folders
-    (<folder>/<identity>/<photo>), or flat photos labelled by `labels_csv` (file names relative to
-    the folder) or unlabelled. Sorted."""
-    if os.path.isfile(path):
-        if not is_photo(os.path.basename(path)):
-            raise IdentifyError(f"{flag} {path} is not a photo ({', '.join(IMAGE_EXTENSIONS)})")
-        name = os.path.basename(path)
-        labels = read_labels(labels_csv) if labels_csv else {}
-        if labels_csv and name not in labels:
-            raise IdentifyError(f"{labels_csv} has no row for {name}; add it, or leave out the labels CSV")
-        return [(os.path.abspath(path), labels.get(name, ""))]
-    if not os.path.isdir(path):
-        raise IdentifyError(f"{flag} {path} does not exist")
-    folder = os.path.abspath(path)
-    names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
-    subfolders = [n for n in names if os.path.isdir(os.path.join(folder, n))]
-    flat = [n for n in names if is_photo(n) and os.path.isfile(os.path.join(folder, n))]
-    if labels_csv:
-        labels = read_labels(labels_csv)
-        photos = []
-        for root, dirs, files in os.walk(folder):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            photos += [os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
-                       for f in files if is_photo(f)]
-        unlabelled = [p for p in photos if p not in labels]
-        if unlabelled:
-            raise IdentifyError(f"{len(unlabelled)} photo(s) of {folder} have no row in {labels_csv}, e.g. "
-                                f"{unlabelled[0]}; add them (file names relative to {flag})")
-        unknown = sorted(set(labels) - set(photos))
-        if unknown:
-            raise IdentifyError(f"{labels_csv} names {len(unknown)} file(s) not found in {folder}, e.g. {unknown[0]}")
-        return sorted((os.path.join(folder, *p.split("/")), labels[p]) for p in photos)
-    identity_photos = [(os.path.join(folder, d, f), d) for d in subfolders
-                       for f in sorted(os.listdir(os.path.join(folder, d))) if is_photo(f)]
-    if identity_photos and flat:
-        raise IdentifyError(f"{flag} {folder} holds both photos and identity sub-folders; put every photo in "
-                            f"its identity's folder, or list identities in a CSV (--labels)")
-    found = identity_photos or [(os.path.join(folder, n), "") for n in flat]
-    if not found:
-        raise IdentifyError(f"{flag} {folder} holds no photos ({', '.join(IMAGE_EXTENSIONS)})")
-    return sorted(found)
-
-
 def encode(encode_fn, paths, settings, args, desc):
     """L2-normalised float32 features of the photos at `paths` under `settings`."""
     features = evaluation.encode_images(encode_fn, paths, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -328,7 +253,7 @@ def check_photos(paths, settings, args, what, hint="replace or remove them"):
 # ---- enroll ----
 
 def enroll(args):
-    photos = scan_photos(args.images, args.labels)
+    photos = photo_folders.scan_photos(args.images, args.labels)
     target = os.path.abspath(args.gallery)
     if os.path.isdir(target) and os.listdir(target) and not gallery.is_gallery(target):
         raise IdentifyError(f"--gallery {args.gallery} is a folder that is not a gallery; choose another path "
@@ -535,7 +460,7 @@ def is_search_file(name):
 
 def search(args):
     found = gallery.Gallery(args.gallery)
-    queries = scan_photos(args.query, args.query_labels, flag="--query")
+    queries = photo_folders.scan_photos(args.query, args.query_labels, flag="--query")
     outputs.refuse_overlap("--out_dir", args.out_dir, {"--gallery": args.gallery, "--query": args.query, "--run_dir": args.run_dir})
     with outputs.OutputFolder(args.out_dir, overwrite=args.force, flag="--force", what="another search",
                               ours=is_search_file) as out:
@@ -588,7 +513,7 @@ def verify(args):
     missing = [p for p in args.photos if not os.path.isfile(p)]
     if missing:
         raise IdentifyError(f"photo {missing[0]} does not exist (verify takes two photo files)")
-    photos = [scan_photos(p, flag="photo")[0][0] for p in args.photos]
+    photos = [photo_folders.scan_photos(p, flag="photo")[0][0] for p in args.photos]
     encode_fn, _, fingerprint, settings = load_model(args)
     if found is not None:
         check_gallery_fits(found, fingerprint, settings)
