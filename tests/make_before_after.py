@@ -59,8 +59,12 @@ TRAIN = RUN + ["--no-progress", "--input_size", "64", "64", "--stride", "16", "-
 
 
 def _train(m_name, backbone, *flags):
+    train = TRAIN
+    if backbone == RN:  # --stride is a ViT flag (a ResNet refuses it; it never changed a ResNet's numbers)
+        at = TRAIN.index("--stride")
+        train = TRAIN[:at] + TRAIN[at + 2:]
     return ["--data_dir", SPLIT_ROOT, "--f_name", OUT_ROOT, "--m_name", m_name, "--backbone_name", backbone,
-            *TRAIN, *flags]
+            *train, *flags]
 
 
 FINETUNE = ["--epochs", "3", "--batch_size", "8", "--sampler", "random", "--lr", "3e-4", "--warmup_epochs", "1",
