@@ -372,7 +372,7 @@ def test_existing_run_needs_force_or_resume_and_resume_needs_same_backbone(
     with pytest.raises(SystemExit, match="does not exist"):
         run_train(hand_data, tmp_path, "other", tiny_vit_checkpoint, *tiny, "--resume")
     # a checkpoint of another backbone dropped into the run folder is refused by the evaluator
-    run_train(hand_data, tmp_path, "rn", tiny_rn_checkpoint, *tiny[:2], *tiny[4:], "--force")  # --stride: ViTs only
+    run_train(hand_data, tmp_path, "rn", tiny_rn_checkpoint, *tiny[:3], *tiny[5:], "--force")  # --stride: ViTs only
     shutil.copy(tmp_path / "rn" / "net_last.pth", tmp_path / "run" / "net_best.pth")
     with pytest.raises(SystemExit, match="holds a model of backbone"):
         eval_query_gallery_finetune.main(["--f_name", str(tmp_path), "--m_name", "run", "--test_dir", hand_data,
