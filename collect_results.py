@@ -196,6 +196,7 @@ def evaluation_entries(path, galleries, results=None):
                        "train_set": train_set, "test_set": test_set, "gallery": display.gallery_name(variant, test_dataset),
                        "protocol": protocol},
             "protocol_name": protocol.split(" (")[0], "kind": kind, "settings": settings,
+            "final_test": not eval_config and bool(run_config),
             "seed": train_args.get("seed") if train_args else None,
             "split_root": root, "split_id": (0, variant),  # (the split root's number under its name, see below)
             "splits": splits, "table_mAP": results.get("table_mAP", "mAP_hand"),
@@ -207,13 +208,16 @@ def evaluation_entries(path, galleries, results=None):
 
 def label_settings(entries):
     """Name in each entry's method label every setting that differs between entries of its method and
-    backbone (a setting that changes only with the backbone, e.g. RN50's input size, is the backbone's)."""
+    backbone (a setting that changes only with the backbone, e.g. RN50's input size, is the backbone's).
+    A trainer's final test records no evaluator flags (such as the re-ranking's): a setting it lacks
+    is not a difference of its own."""
     by_method = {}
     for entry in entries:
         by_method.setdefault((entry["labels"]["method"], entry["labels"]["backbone"]), []).append(entry)
     for (method, _), group in by_method.items():
         keys = sorted({k for e in group for k in e["settings"]})
-        differing = [k for k in keys if len({e["settings"].get(k) for e in group}) > 1]
+        differing = [k for k in keys if len({e["settings"].get(k) for e in group
+                                             if k in e["settings"] or not e["final_test"]}) > 1]
         for entry in group:
             entry["settings_label"] = display.settings_label([(k, entry["settings"].get(k)) for k in differing])
             if entry["settings_label"]:

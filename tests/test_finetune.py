@@ -245,6 +245,8 @@ def test_eval_script_reproduces_training_final_numbers(finetuned, hand_data, tmp
     assert len(rows) == 4 and len({r["labels"]["backbone"] for r in rows} - {"unknown"}) == 1
     assert {r["labels"]["test_set"] for r in rows} == {"11k dorsal right"}
     assert len({r["group"] for r in rows}) == 2  # one comparison per gallery, final test beside evaluation
+    labels = {r["labels"]["method"] for r in rows}  # the evaluator's re-ranking flags are no difference
+    assert all("rerank" not in label and "k1" not in label for label in labels), labels
 
 
 def test_pretrained_flag_is_recorded_and_carried_by_the_evaluator(finetuned, hand_data, tiny_vit_checkpoint,
