@@ -160,8 +160,11 @@ ROBUSTNESS_FILES = ("robustness.json", "robustness.csv", "robustness_mAP.png", "
                     "corruptions.pdf", "config.json")
 
 
-def is_robustness_file(name):
-    """A file main() writes into its output folder (anything else there is the user's)."""
+def is_robustness_file(name, folder):
+    """A file main() writes into `folder` (anything else there is the user's); a config.json only
+    beside the robustness.json it describes."""
+    if name == "config.json":
+        return os.path.isfile(os.path.join(folder, "robustness.json"))
     return name in ROBUSTNESS_FILES
 
 
@@ -287,7 +290,7 @@ def main(argv=None):
         outputs.refuse_overlap("--out_dir", out_dir, {"--run_dir": args.run_dir, "--test_dir": args.test_dir},
                                may_hold=("--run_dir",))
         with outputs.OutputFolder(out_dir, overwrite=args.force, what="another robustness benchmark",
-                                  ours=is_robustness_file) as out:
+                                  ours=lambda name: is_robustness_file(name, out_dir)) as out:
             out.check_space(8 * 2 ** 20)  # two figures, JSON and CSV: a few MB
             model = load_model(args, layout)
             data.check_images(splits.query_gallery_paths(args.test_dir),

@@ -190,3 +190,9 @@ def test_refusals(run_dir, hand_data, tmp_path, tiny_vit_checkpoint):
     with pytest.raises(SystemExit, match="holds files this program did not write"):
         eval_robustness.main(base + ["--out_dir", str(out), *one])
     assert (out / "my_notes.txt").read_text() == "mine"
+    lone = tmp_path / "cfgonly"
+    lone.mkdir()
+    (lone / "config.json").write_text('{"mine": 1}')  # a user's own config.json, no robustness.json beside it
+    with pytest.raises(SystemExit, match="holds files this program did not write"):
+        eval_robustness.main(base + ["--out_dir", str(lone), *one])
+    assert (lone / "config.json").read_text() == '{"mine": 1}'
