@@ -179,14 +179,14 @@ def load_model(args):
             raise IdentifyError(f"--aspect {args.aspect!r} was not trained; the run knows {model.sie_aspects}")
         checkpoint = training.checkpoint_path(args.run_dir, which_epoch)
         fingerprint = {"kind": "run", "run_dir": os.path.abspath(args.run_dir), "which_epoch": str(which_epoch),
-                       "checkpoint_sha256": gallery.file_sha256(checkpoint), "model": config["model"]}
+                       "checkpoint_sha256": io.file_sha256(checkpoint), "model": config["model"]}
         return model, model.visual, fingerprint, settings
     if args.feature or args.inference_prompt or args.aspect:
         raise IdentifyError("--feature, --inference_prompt and --aspect apply to trained runs (--run_dir)")
     size = tuple(args.input_size or clip.native_input_size(args.backbone_name))
     clip_model, _ = clip.load(args.backbone_name, device=args.device, download_root=args.download_root,
                               input_size=size, patch_stride=args.stride, pos_interp=args.pos_interp or "bilinear")
-    sha = clip.release_sha256(args.backbone_name) or gallery.file_sha256(os.path.expanduser(args.backbone_name))
+    sha = clip.release_sha256(args.backbone_name) or io.file_sha256(os.path.expanduser(args.backbone_name))
     name = args.backbone_name if clip.release_sha256(args.backbone_name) else os.path.basename(args.backbone_name)
     fingerprint = {"kind": "zero-shot", "backbone": name, "sha256": sha, "stride": args.stride,
                    "pos_interp": args.pos_interp or "bilinear"}
@@ -269,7 +269,7 @@ def enroll(args):
         seen = set(old.hashes) if old else set()
         new, duplicates = [], []
         for path, label in photos:
-            sha = gallery.file_sha256(path)
+            sha = io.file_sha256(path)
             (duplicates if sha in seen else new).append((path, label, sha))
             seen.add(sha)
         if not new:

@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from utils import data, flags, gallery, interrupts, splits
+from utils import data, flags, interrupts, io, splits
 from utils.errors import ClipFHError, SplitInputError
 
 SPLIT_ROOT = "train_val_test_split"
@@ -167,10 +167,10 @@ def check_distractor_copies(distractor_paths, data_paths):
         same_size = by_size.get(os.path.getsize(path), [])
         if not same_size:
             continue
-        digest = gallery.file_sha256(path)
+        digest = io.file_sha256(path)
         for other in same_size:
             if other not in digests:
-                digests[other] = gallery.file_sha256(other)
+                digests[other] = io.file_sha256(other)
             if digests[other] == digest:
                 copies.append((path, other))
                 break

@@ -21,7 +21,6 @@ search() ranks every entry for a batch of queries by cosine similarity, a chunk 
 broken by gallery order, as the evaluators rank.
 """
 import csv
-import hashlib
 import json
 import os
 import re
@@ -46,14 +45,6 @@ MAX_CALIBRATION_ENTRIES = 6000  # impostor pairs among at most this many entries
 
 class GalleryError(ClipFHError, ValueError):
     """A gallery folder that cannot be read or does not fit the request; the message names it."""
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shard_name(index):

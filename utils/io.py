@@ -2,6 +2,7 @@
 atomic writes, run config, mean ± std and the one results-table / CSV formatter."""
 import csv
 import datetime
+import hashlib
 import io as _stdio
 import json
 import os
@@ -23,6 +24,22 @@ REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def is_plain_folder_name(name):
+    """One path component that stays inside the folder it is joined to: not empty, '.' or '..', no
+    separator."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name
+            and not any(sep in name for sep in ("/", "\\", os.sep)))
+
+
+def file_sha256(path):
+    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def bars_off(progress=None):

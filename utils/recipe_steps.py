@@ -25,6 +25,7 @@ import shlex
 import clip
 from . import recipes, splits
 from .errors import ClipFHError, RecipeError
+from .io import file_sha256
 
 SCRIPT_ONLY_FLAGS = {"train": ["--no-progress"]}  # step output goes to log files, not a terminal
 # flags that do not change what a step computes: never a reason to redo it
@@ -284,18 +285,14 @@ def fingerprint(path):
     target = os.path.join(path, splits.SPLITS_MANIFEST) if os.path.isdir(path) else path
     try:
         stat = os.stat(target)
-        return file_sha256(target, stat.st_size, stat.st_mtime_ns)
+        return cached_sha256(target, stat.st_size, stat.st_mtime_ns)
     except OSError:
         return None
 
 
 @functools.lru_cache(maxsize=64)
-def file_sha256(path, size, mtime_ns):  # size and mtime in the key: a file that changed is hashed again
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2 ** 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def cached_sha256(path, size, mtime_ns):  # size and mtime in the key: a file that changed is hashed again
+    return file_sha256(path)
 
 
 def normalise(value):

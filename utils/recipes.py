@@ -26,7 +26,7 @@ import os
 
 from . import protocols, tables
 from .errors import RecipeError
-from .io import REPO_DIR
+from .io import REPO_DIR, is_plain_folder_name
 
 RECIPE_DIR = os.path.join(REPO_DIR, "recipes")
 TINY_PROFILE = os.path.join(RECIPE_DIR, "tiny.json")
@@ -113,8 +113,7 @@ def check(recipe):
 
 def check_folder_name(name, where):
     """A name reproduce.py makes a folder of: one plain path component that stays where it is put."""
-    if (not isinstance(name, str) or not name or name.startswith(".") or "\0" in name
-            or any(sep in name for sep in ("/", "\\", os.sep))):
+    if not is_plain_folder_name(name) or name.startswith("."):
         raise RecipeError(f"{where} must be a plain folder name (no / or \\, not starting with a dot), got {name!r}")
 
 

@@ -506,7 +506,7 @@ def final_test(model, args, data_dir, out_dir, folder, method_name, amp, device,
 def run_problems(args):
     """Problems of the run folder flags that every trainer shares."""
     problems = []
-    if args.m_name in ("", ".", "..") or any(sep in args.m_name for sep in ("/", "\\", os.sep)):
+    if not io.is_plain_folder_name(args.m_name):
         problems.append(f"--m_name {args.m_name!r} must be a plain folder name inside --f_name (no separators, "
                         f"not '.' or '..')")
     if args.resume and args.force:
